@@ -1,0 +1,100 @@
+"""The d x d float64 algebra shared by both engines.
+
+Engines reduce the full-resolution maps to per-(n, c) statistics of the region
+vectors; everything after that is tiny (d = R*R <= 100) and lives here, in
+float64 PyTorch, so autograd differentiates it:
+
+    merge_tiles:     per-tile (count, mean, centred sums) -> Chan's merge
+    half_logdet_posterior:  Sy, Sp, Syp -> h = sum_i log(diag chol(V + aI)_i + 1e-8),
+                     V = Sy - Syp (Sp + aI)^-1 Syp^T
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import LOG_EPS, RIDGE
+
+# A failed factorisation is retried with ridge * RETRY_GROWTH**k, k = 1, 2, ...
+RETRY_GROWTH = 10.0
+MAX_RETRIES = 12
+
+
+def merge_tiles(count: torch.Tensor, mean: torch.Tensor, centred: torch.Tensor):
+    """Merge per-tile moments with Chan's parallel formula, in float64.
+
+    count:   [..., T]        number of region vectors in each tile
+    mean:    [..., T, k]     each tile's mean vector
+    centred: [..., T, k, k]  each tile's sum of (x - mean_t)(x - mean_t)^T
+    returns  (total count [...], mean [..., k], centred sums [..., k, k])
+
+    Tiles are centred on their own mean, so their float32 sums keep the
+    precision the a = 5e-4 ridge needs; only the merge needs float64.
+    """
+    count = count.double()
+    mean = mean.double()
+    total = count.sum(-1)
+    grand = (count.unsqueeze(-1) * mean).sum(-2) / total.clamp_min(1).unsqueeze(-1)
+    delta = mean - grand.unsqueeze(-2)
+    spread = torch.einsum("...t,...ti,...tj->...ij", count, delta, delta)
+    return total, grand, centred.double().sum(-3) + spread
+
+
+def split_blocks(joint: torch.Tensor, d: int):
+    """Split the joint [y; p] covariance [..., 2d, 2d] into Sy, Sp, Syp."""
+    return joint[..., :d, :d], joint[..., d:, d:], joint[..., :d, d:]
+
+
+class CholeskyReport:
+    """How many matrices needed a larger ridge; read by the loss front."""
+
+    __slots__ = ("retried",)
+
+    def __init__(self):
+        self.retried = 0
+
+
+def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) -> torch.Tensor:
+    """Lower Cholesky factor of symmetric PSD matrices [..., k, k].
+
+    `cholesky_ex` never raises; matrices whose factorisation failed
+    (info != 0, e.g. rounding pushed an eigenvalue below zero) are retried
+    with a ridge that grows tenfold each time, from 10 * a. Only the failed
+    ones change, so every healthy matrix gets exactly the published value.
+    """
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    failed = info != 0
+    if not bool(failed.any()):
+        return factor
+    ridge = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
+    ridge = torch.where(failed, RIDGE, ridge)
+    for _ in range(MAX_RETRIES):
+        ridge = torch.where(failed, ridge * RETRY_GROWTH, ridge)
+        factor, info = torch.linalg.cholesky_ex(matrix + ridge[..., None, None] * eye)
+        failed = info != 0
+        if not bool(failed.any()):
+            break
+    if report is not None:
+        report.retried += int((ridge > 0).sum())
+    if bool(failed.any()):  # not finite-valued input: nothing a ridge can repair
+        raise FloatingPointError("Cholesky factorisation failed on non-finite covariance statistics")
+    return factor
+
+
+def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
+                          report: CholeskyReport | None = None) -> torch.Tensor:
+    """h = sum_i log(diag(chol(V + aI))_i + 1e-8), V = Sy - Syp (Sp + aI)^-1 Syp^T.
+
+    sy, sp, syp: [..., d, d] float64 centred sums (not divided by the count)
+    returns:     [...] float64, differentiable with respect to sp and syp
+    """
+    d = sy.shape[-1]
+    eye = torch.eye(d, dtype=sy.dtype, device=sy.device)
+    # (Sp + aI)^-1 through its own factor: Syp M^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T
+    chol_p = robust_cholesky(sp + RIDGE * eye, report)
+    z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
+    posterior = sy - z.transpose(-1, -2) @ z
+    posterior = 0.5 * (posterior + posterior.transpose(-1, -2))  # exact symmetry for the factorisation
+    chol_v = robust_cholesky(posterior + RIDGE * eye, report)
+    return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)

@@ -1,0 +1,339 @@
+"""The PyTorch engine: lean RMI statistics for CPUs and any device without Triton.
+
+One autograd.Function maps logits to the pixel term and the centred
+covariance sums (Sy, Sp, Syp) of the region vectors; `rmi_triton.algebra`
+turns those into the loss. Two stages, each run in chunks so temporaries
+stay small (and in cache):
+
+* full resolution, per group of images: probabilities, mask, pixel term and
+  the pooling of p; the labels are pooled by counting (never a one-hot float
+  copy of the full map). Backward recomputes the sigmoid/softmax from the
+  logits instead of saving it.
+* downsampled, per group of (n, c) planes: the region vectors of a chunk,
+  per-tile float32 sums centred on each tile's mean, merged in float64.
+  Backward applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
+  and folds it back over the R x R windows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..algebra import merge_tiles, split_blocks
+from ..options import PROB_CLIP, RMIOptions
+from ..pooling import kept_regions
+from ..validation import raise_if_nonfinite
+
+FULL_RES_CHUNK = 1 << 20  # elements of logits handled per step of the full-resolution stage
+REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
+TILE = 1024  # region vectors per float32 tile before the float64 merge
+
+
+class Statistics(NamedTuple):
+    """What an engine hands to the shared algebra."""
+
+    pixel: torch.Tensor  # scalar float64 (0 when pixel_loss is None)
+    sy: torch.Tensor  # [N, C, d, d] float64
+    sp: torch.Tensor  # [N, C, d, d] float64, differentiable
+    syp: torch.Tensor  # [N, C, d, d] float64, differentiable
+
+
+def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> Statistics:
+    pixel, sy, sp, syp = _TorchStatistics.apply(logits, labels, opts)
+    return Statistics(pixel, sy, sp, syp)
+
+
+# ----------------------------------------------------------------------------
+# labels: valid mask, safe indices, pooled one-hot by counting
+# ----------------------------------------------------------------------------
+
+def label_maps(labels: torch.Tensor, opts: RMIOptions):
+    """-> valid [N, H, W] bool, safe [N, H, W] int64 (ignored pixels -> class 0)."""
+    labels = labels.long()
+    valid = labels != opts.ignore_index
+    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+
+
+def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOptions) -> torch.Tensor:
+    """The downsampled one-hot labels y' [N, C, H', W'] float32, built from class
+    counts per cell, so that no one-hot copy of the full-resolution map exists."""
+    n, h, w = safe.shape
+    h_low, w_low = opts.pooled_size(h, w)
+    if not opts.downsamples:
+        return _one_hot(safe, valid, c)
+    if opts.pool == "interp":
+        picked = F.interpolate(torch.where(valid, safe, -1).unsqueeze(1).float(), size=(h_low, w_low),
+                               mode="nearest").squeeze(1).long()
+        return _one_hot(picked.clamp_min(0), picked >= 0, c)
+    s, pad = opts.pool_size, opts.pool_size // 2
+    # pixel (i, j) lies in cell ((i + pad) // s, (j + pad) // s) if that cell exists
+    rows = (torch.arange(h, device=safe.device) + pad) // s
+    cols = (torch.arange(w, device=safe.device) + pad) // s
+    inside = (rows < h_low).view(1, h, 1) & (cols < w_low).view(1, 1, w) & valid
+    cell = (rows.clamp_max(h_low - 1) * w_low).view(1, h, 1) + cols.clamp_max(w_low - 1).view(1, 1, w)
+    plane = torch.arange(n, device=safe.device).view(n, 1, 1) * c + safe
+    index = (plane * (h_low * w_low) + cell)[inside]
+    counts = torch.bincount(index, minlength=n * c * h_low * w_low).view(n, c, h_low, w_low)
+    if opts.pool == "max":
+        return (counts > 0).float()
+    return counts.float() / (s * s)
+
+
+def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
+    out = torch.zeros(safe.shape[0], c, *safe.shape[1:], device=safe.device)
+    return out.scatter_(1, safe.unsqueeze(1), valid.unsqueeze(1).float())
+
+
+# ----------------------------------------------------------------------------
+# stage 1: full resolution
+# ----------------------------------------------------------------------------
+
+def _image_groups(logits: torch.Tensor):
+    per_image = logits[0].numel()
+    step = max(1, FULL_RES_CHUNK // per_image)
+    for start in range(0, logits.shape[0], step):
+        yield slice(start, min(start + step, logits.shape[0]))
+
+
+def _pool_probs(p: torch.Tensor, opts: RMIOptions):
+    """-> (pooled p, argmax indices for max pooling or None)."""
+    if not opts.downsamples:
+        return p, None
+    s = opts.pool_size
+    if opts.pool == "avg":
+        return F.avg_pool2d(p, s, s, s // 2), None
+    if opts.pool == "max":
+        return F.max_pool2d(p, s, s, s // 2, return_indices=True)
+    return F.interpolate(p, size=opts.pooled_size(*p.shape[-2:]), mode="bilinear", align_corners=True), None
+
+
+def _unpool_grad(grad_low: torch.Tensor, indices, full_shape, opts: RMIOptions) -> torch.Tensor:
+    """Backward of `_pool_probs`: dL/dp' [n, C, H', W'] -> dL/dp [n, C, H, W]."""
+    if not opts.downsamples:
+        return grad_low.clone()
+    s = opts.pool_size
+    h, w = full_shape[-2:]
+    if opts.pool == "avg":
+        template = grad_low.new_empty(full_shape)
+        return torch.ops.aten.avg_pool2d_backward(grad_low, template, [s, s], [s, s], [s // 2, s // 2],
+                                                  False, True, None)
+    if opts.pool == "max":
+        return F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=(h, w))
+    return torch.ops.aten.upsample_bilinear2d_backward(grad_low, list(grad_low.shape[-2:]),
+                                                       list(full_shape), True, None, None)
+
+
+def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
+    """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices."""
+    n, c, h, w = x.shape
+    h_low, w_low = opts.pooled_size(h, w)
+    p_low = x.new_empty((n, c, h_low, w_low), dtype=torch.float32)
+    indices = torch.empty((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
+        and opts.downsamples else None
+    bce_per_class = torch.zeros(c, dtype=torch.float64, device=x.device)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
+    finite = torch.ones((), dtype=torch.bool, device=x.device)
+    for g in _image_groups(x):
+        xc = x[g].float()
+        vc = valid[g].unsqueeze(1)
+        vf = vc.float()
+        lab = safe[g].unsqueeze(1)
+        if opts.validate:
+            finite &= torch.isfinite(xc).all()
+        lse = None
+        if opts.pixel_loss == "bce":
+            # sum over valid pixels of softplus(x) - x * y, per class
+            bce_per_class += torch.einsum("nchw,nhw->c", F.softplus(xc), vf[:, 0]).double()
+            at_label = xc.gather(1, lab) * vf
+            bce_per_class.scatter_add_(0, lab.flatten(), -at_label.flatten().double())
+        elif opts.pixel_loss == "ce":
+            lse = torch.logsumexp(xc, dim=1, keepdim=True)
+            pw = vf if weights is None else weights.float()[lab] * vf
+            ce_sum += ((lse - xc.gather(1, lab)) * pw).sum().double()
+            ce_weight += pw.sum().double()
+        if opts.probs == "sigmoid":
+            p = torch.sigmoid(xc)
+        else:
+            p = torch.exp(xc - lse) if lse is not None else torch.softmax(xc, dim=1)
+        p.mul_(vf).add_(PROB_CLIP)
+        pooled, idx = _pool_probs(p, opts)
+        p_low[g] = pooled
+        if indices is not None:
+            indices[g] = idx
+    if opts.validate:
+        raise_if_nonfinite(finite)
+    if opts.pixel_loss == "bce":
+        if weights is not None:
+            bce_per_class = bce_per_class * weights
+        pixel = bce_per_class.sum() / (valid.sum() + 1)
+    elif opts.pixel_loss == "ce":
+        pixel = ce_sum / torch.where(ce_weight > 0, ce_weight, torch.ones_like(ce_weight))
+    else:
+        pixel = torch.zeros((), dtype=torch.float64, device=x.device)
+    return pixel, p_low, indices
+
+
+def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices):
+    """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None)."""
+    n, c, h, w = x.shape
+    grad = torch.empty_like(x)
+    if g_pixel is not None and opts.pixel_loss == "bce":
+        coef = (g_pixel.double() / (valid.sum() + 1)) * (weights if weights is not None else 1.0)
+        coef = coef.float().expand(c)
+    elif g_pixel is not None and opts.pixel_loss == "ce":
+        lab_w = valid.double() if weights is None else weights[safe] * valid
+        total = lab_w.sum()
+        coef = (g_pixel.double() / torch.where(total > 0, total, torch.ones_like(total))).float()
+    else:
+        coef = None
+    for g in _image_groups(x):
+        xc = x[g].float()
+        vf = valid[g].unsqueeze(1).float()
+        lab = safe[g].unsqueeze(1)
+        softmax = torch.softmax(xc, dim=1) if "softmax" == opts.probs or (
+            coef is not None and opts.pixel_loss == "ce") else None
+        sigmoid = torch.sigmoid(xc) if opts.probs == "sigmoid" or (
+            coef is not None and opts.pixel_loss == "bce") else None
+        if g_p_low is not None:
+            gp = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
+            if opts.probs == "sigmoid":
+                gp.mul_(sigmoid).mul_(1.0 - sigmoid)
+            else:
+                gp.sub_((gp * softmax).sum(1, keepdim=True)).mul_(softmax)
+        else:
+            gp = torch.zeros_like(xc)
+        if coef is not None and opts.pixel_loss == "bce":
+            # d/dx (softplus(x) - x y) = sigmoid(x) - y
+            gp.addcmul_(sigmoid, coef.view(1, c, 1, 1))
+            gp.mul_(vf)
+            gp.scatter_add_(1, lab, -coef[lab] * vf)
+        elif coef is not None:
+            # d/dx (lse - x_label) = softmax - onehot, weighted per pixel
+            pw = vf * coef if weights is None else weights.float()[lab] * vf * coef
+            gp.mul_(vf)
+            gp.addcmul_(softmax, pw)
+            gp.scatter_add_(1, lab, -pw)
+        else:
+            gp.mul_(vf)
+        grad[g] = gp
+    return grad
+
+
+# ----------------------------------------------------------------------------
+# stage 2: region vectors of the downsampled maps
+# ----------------------------------------------------------------------------
+
+def _plane_groups(num_planes: int, d: int, m: int):
+    step = max(1, REGION_CHUNK // (2 * d * m))
+    for start in range(0, num_planes, step):
+        yield slice(start, min(start + step, num_planes))
+
+
+def _joint_vectors(y_low, p_low, planes: slice, radius: int) -> torch.Tensor:
+    """[B, 2d, M] float32: rows 0..d-1 the label region vectors, d..2d-1 the probabilities'."""
+    hw = y_low.shape[-2:]
+    y = y_low.flatten(0, 1)[planes]
+    p = p_low.flatten(0, 1)[planes]
+    return F.unfold(torch.stack([y, p], dim=1).view(-1, 2, *hw), radius)
+
+
+def _plane_keep(keep, planes: slice, c: int):
+    """[B, 1, M] float32 weights of the planes' region vectors, or None (all kept)."""
+    if keep is None:
+        return None
+    image = torch.arange(planes.start, planes.stop, device=keep.device) // c
+    return keep[image]
+
+
+def region_moments(y_low, p_low, keep, radius: int):
+    """Centred covariance sums of the joint [y; p] region vectors.
+
+    y_low, p_low: [N, C, H', W'] float32;  keep: [N, 1, M] float32 0/1 or None
+    returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64)
+    """
+    n, c, h_low, w_low = y_low.shape
+    d = radius * radius
+    m = (h_low - radius + 1) * (w_low - radius + 1)
+    tiles = -(-m // TILE)
+    means, sums = [], []
+    for planes in _plane_groups(n * c, d, m):
+        vec = F.pad(_joint_vectors(y_low, p_low, planes, radius), (0, tiles * TILE - m))
+        b = vec.shape[0]
+        vec = vec.view(b, 2 * d, tiles, TILE).transpose(1, 2)  # [B, T, 2d, TILE]
+        kept = _plane_keep(keep, planes, c)
+        if kept is None:
+            kept = torch.ones(1, 1, m, device=vec.device)
+        weight = F.pad(kept, (0, tiles * TILE - m)).view(-1, tiles, 1, TILE)
+        count = weight.sum(-1)  # [B or 1, T, 1]
+        tile_mean = (vec * weight).sum(-1) / count.clamp_min(1)  # [B, T, 2d]
+        centred = (vec - tile_mean.unsqueeze(-1)) * weight
+        tile_sums = centred @ centred.transpose(-1, -2)  # [B, T, 2d, 2d] float32
+        _, mean, joint = merge_tiles(count[..., 0].expand(b, tiles), tile_mean, tile_sums)
+        means.append(mean)
+        sums.append(joint)
+    return torch.cat(means).view(n, c, 2 * d), torch.cat(sums).view(n, c, 2 * d, 2 * d)
+
+
+def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int) -> torch.Tensor:
+    """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
+    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows."""
+    n, c, h_low, w_low = y_low.shape
+    d = radius * radius
+    m = (h_low - radius + 1) * (w_low - radius + 1)
+    # one matrix acting on the joint centred vector [y - ybar; p - pbar]
+    g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
+    g_joint = g_joint.float().flatten(0, 1)
+    centre = mean.float().flatten(0, 1)
+    grad = torch.empty_like(p_low).flatten(0, 1)
+    for planes in _plane_groups(n * c, d, m):
+        vec = _joint_vectors(y_low, p_low, planes, radius) - centre[planes].unsqueeze(-1)
+        kept = _plane_keep(keep, planes, c)
+        if kept is not None:
+            vec.mul_(kept)
+        g_vec = g_joint[planes] @ vec  # [B, d, M]
+        grad[planes] = F.fold(g_vec, (h_low, w_low), radius).squeeze(1)
+    return grad.view(n, c, h_low, w_low)
+
+
+# ----------------------------------------------------------------------------
+# the autograd Function
+# ----------------------------------------------------------------------------
+
+class _TorchStatistics(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, opts: RMIOptions):
+        c = logits.shape[1]
+        valid, safe = label_maps(labels, opts)
+        weights = opts.weights_tensor(c, logits.device)
+        pixel, p_low, indices = _full_res_forward(logits, valid, safe, opts, weights)
+        y_low = pooled_labels(valid, safe, c, opts)
+        keep = None
+        if opts.exclude_ignored:
+            keep = kept_regions((~valid).unsqueeze(1).float(), opts).flatten(2).float()
+        mean, joint = region_moments(y_low, p_low, keep, opts.radius)
+        sy, sp, syp = split_blocks(joint, opts.d)
+        ctx.opts = opts
+        ctx.save_for_backward(logits, labels, y_low, p_low, keep, mean, indices)
+        ctx.mark_non_differentiable(sy)
+        return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
+
+    @staticmethod
+    def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
+        logits, labels, y_low, p_low, keep, mean, indices = ctx.saved_tensors
+        opts = ctx.opts
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        g_p_low = None
+        if g_sp is not None or g_syp is not None:
+            g_sp = torch.zeros_like(mean[..., :opts.d, None].expand(*mean.shape[:2], opts.d, opts.d)) \
+                if g_sp is None else g_sp
+            g_syp = torch.zeros_like(g_sp) if g_syp is None else g_syp
+            g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius)
+        valid, safe = label_maps(labels, opts)
+        weights = opts.weights_tensor(logits.shape[1], logits.device)
+        grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low, indices)
+        return grad, None, None

@@ -1,0 +1,175 @@
+"""The front of the library: `RMILoss`, `rmi_loss` and `rmi_terms`.
+
+Options are checked once (`RMIOptions`), inputs are checked here, an engine
+reduces the logits to region statistics, and the shared float64 algebra
+turns those into the loss. No math of the loss lives in this module beyond
+combining the terms.
+
+How ignored pixels enter (DESIGN.md section 1): they get p = 1e-6 and
+y = 0, and take no part in the pixel term. With `exclude_ignored=True` the
+region vectors that touch them leave the statistics as well: a downsampled
+cell counts as ignored when any full-resolution pixel feeding it is ignored
+(any pixel of its s x s window for avg/max pooling; the nearest pixel or any
+bilinearly weighted pixel for "interp"; the pixel itself for "none"), and a
+region vector is left out when any of its R x R cells is ignored.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+
+from .algebra import CholeskyReport, half_logdet_posterior
+from .options import RMIOptions
+from .validation import check_inputs
+
+
+class RMINumericsWarning(RuntimeWarning):
+    """Some covariance matrices needed a larger ridge to factorise."""
+
+
+class RMITerms(NamedTuple):
+    """Everything one evaluation computes, for the optimiser and for logging."""
+
+    loss: torch.Tensor  # scalar, what to call backward() on
+    pixel: torch.Tensor  # scalar pixel term (BCE or CE; 0 when pixel_loss=None)
+    rmi: torch.Tensor  # scalar RMI term after the class reduction
+    rmi_per_class: torch.Tensor  # [C] per-class RMI terms (class weights applied)
+
+
+def _engine(logits: torch.Tensor, backend: str):
+    if backend == "triton" or (backend == "auto" and logits.is_cuda):
+        from .engines import triton_engine
+
+        if backend == "auto" and not triton_engine.available():
+            from .engines import torch_engine
+
+            return torch_engine
+        return triton_engine
+    from .engines import torch_engine
+
+    return torch_engine
+
+
+def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Optional[int] = None,
+              options: Optional[RMIOptions] = None, report: Optional[CholeskyReport] = None,
+              **kwargs) -> RMITerms:
+    """The RMI loss and its parts.
+
+    logits: [N, C, H, W] float32 / float16 / bfloat16 (any memory layout)
+    labels: [N, H, W] int64 / int32 / uint8, values in [0, C) or ignore_index
+    options: an `RMIOptions`, or its fields as keyword arguments
+    returns `RMITerms` with float32 scalars (loss, pixel, rmi) and rmi_per_class [C]
+    """
+    opts = options if options is not None else RMIOptions(**kwargs)
+    if options is not None and kwargs:
+        raise TypeError("pass either options= or keyword options, not both")
+    check_inputs(logits, labels, opts, num_classes)
+    engine = _engine(logits, opts.backend)
+    stats = engine.statistics(logits, labels, opts)
+    local = report if report is not None else CholeskyReport()
+    half_logdet = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local)
+    if report is None and local.retried:
+        warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=2)
+    per_class = half_logdet.mean(0) / opts.d
+    weights = opts.weights_tensor(per_class.shape[0], per_class.device)
+    if weights is not None:
+        per_class = per_class * weights
+    rmi = per_class.sum() if opts.class_reduction == "sum" else per_class.mean()
+    lam = opts.rmi_weight
+    if opts.combine == "weighted":
+        loss = lam * stats.pixel + (1 - lam) * rmi
+    else:
+        loss = stats.pixel + lam * rmi
+    return RMITerms(loss.float(), stats.pixel.float(), rmi.float(), per_class.float())
+
+
+def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
+    """Functional form of `RMILoss`: the scalar loss. Options as in `RMILoss`."""
+    return rmi_terms(logits, labels, **options).loss
+
+
+def _retry_message(count: int) -> str:
+    return (f"RMI: {count} covariance matrices were not positive definite in float64 and were "
+            f"factorised with a larger ridge (the loss stays finite; this is reported once)")
+
+
+class RMILoss(torch.nn.Module):
+    """Region Mutual Information loss (Zhao et al., NeurIPS 2019) with its pixel term.
+
+    Call as ``loss = crit(logits, labels)``: logits [N, C, H, W] (float32,
+    float16 or bfloat16), labels [N, H, W] (int64, int32 or uint8) with
+    values in [0, C) or `ignore_index`; returns a float32 scalar.
+
+    The defaults are the paper's Table-1 setting: sigmoid BCE + RMI with
+    R = 3, 4 x 4 average pooling (stride 4, padding 2), lambda = 0.5,
+    ``loss = 0.5 * bce + 0.5 * rmi``. `terms(logits, labels)` returns the loss
+    together with the pixel term, the RMI term and the per-class RMI terms.
+
+    Args:
+        num_classes: optional; when given, logits must have that many classes.
+        radius: R, region side, 1..10 (d = R*R dimensional region vectors).
+        pool: "avg", "max", "interp" or "none"; pool_size: s, 1..8.
+        pixel_loss: "bce", "ce" or None (RMI term alone).
+        probs: "sigmoid" (paper) or "softmax", the probabilities RMI sees.
+        ignore_index: label of pixels that take no part (default 255).
+        exclude_ignored: also drop the region vectors that touch an ignored
+            pixel from the statistics (see the module docstring for the rule).
+        class_weights: optional [C] factors of each class's pixel and RMI terms
+            (BCE: per class; CE: per pixel by its label, as F.cross_entropy).
+        class_reduction: "sum" (paper) or "mean" over classes of the RMI term.
+        rmi_weight: lambda (default 0.5).
+        combine: "weighted" -> lambda * pixel + (1 - lambda) * rmi (paper);
+            "additive" -> pixel + lambda * rmi.
+        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch", "triton".
+        validate: check label values and finite logits (costs a device sync).
+
+    Attributes:
+        cholesky_retries: how many covariance matrices so far needed a larger
+            ridge; a warning is given the first time it happens.
+    """
+
+    def __init__(self, num_classes: Optional[int] = None, *, radius: int = 3, pool: str = "avg",
+                 pool_size: int = 4, pixel_loss: Optional[str] = "bce", probs: str = "sigmoid",
+                 ignore_index: int = 255, exclude_ignored: bool = False, class_weights=None,
+                 class_reduction: str = "sum", rmi_weight: float = 0.5, combine: str = "weighted",
+                 backend: str = "auto", validate: bool = True):
+        super().__init__()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.options = RMIOptions(radius=radius, pool=pool, pool_size=pool_size, pixel_loss=pixel_loss,
+                                  probs=probs, ignore_index=ignore_index, exclude_ignored=exclude_ignored,
+                                  class_weights=class_weights, class_reduction=class_reduction,
+                                  rmi_weight=rmi_weight, combine=combine, backend=backend,
+                                  validate=validate)
+        if num_classes is not None and self.options.class_weights is not None \
+                and len(self.options.class_weights) != num_classes:
+            raise ValueError(f"class_weights has {len(self.options.class_weights)} entries "
+                             f"but num_classes={num_classes}")
+        self._report = CholeskyReport()
+        self._warned = False
+
+    @property
+    def cholesky_retries(self) -> int:
+        return self._report.retried
+
+    def terms(self, logits: torch.Tensor, labels: torch.Tensor) -> RMITerms:
+        out = rmi_terms(logits, labels, num_classes=self.num_classes, options=self.options,
+                        report=self._report)
+        if self._report.retried and not self._warned:
+            self._warned = True
+            warnings.warn(_retry_message(self._report.retried), RMINumericsWarning, stacklevel=3)
+        return out
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.terms(logits, labels).loss
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (f"num_classes={self.num_classes}, radius={o.radius}, pool={o.pool!r}, pool_size={o.pool_size}, "
+                f"pixel_loss={o.pixel_loss!r}, probs={o.probs!r}, rmi_weight={o.rmi_weight}, "
+                f"combine={o.combine!r}, backend={o.backend!r}")

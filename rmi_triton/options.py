@@ -1,0 +1,149 @@
+"""The options of the RMI loss, checked once, shared by every engine.
+
+`RMIOptions` is a frozen record: the module front builds it from keyword
+arguments (rejecting unknown values with a message that names the allowed
+ones), and the reference and both engines read it. Nothing here touches a
+tensor's values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+POOLS = ("avg", "max", "interp", "none")
+PIXEL_LOSSES = ("bce", "ce", None)
+PROBS = ("sigmoid", "softmax")
+CLASS_REDUCTIONS = ("sum", "mean")
+COMBINES = ("weighted", "additive")
+BACKENDS = ("auto", "torch", "triton")
+MAX_RADIUS = 10
+MAX_POOL_SIZE = 8
+
+# Constants of the published formula (DESIGN.md section 1).
+PROB_CLIP = 1e-6  # added to every probability: p = prob * valid + 1e-6
+RIDGE = 5e-4  # a, the ridge on Sp and on V before the Cholesky factorisation
+LOG_EPS = 1e-8  # inside log(diag(chol) + 1e-8)
+
+
+@dataclass(frozen=True)
+class RMIOptions:
+    """Every knob of the loss. Defaults are the paper's Table-1 setting.
+
+    radius:          R, the side of the square region (d = R*R), 1..10.
+    pool:            how y and p are downsampled before the regions are taken:
+                     "avg" (avg_pool2d, kernel = stride = pool_size,
+                     padding = pool_size // 2, padding counted), "max"
+                     (max_pool2d, same geometry), "interp" (labels nearest,
+                     probabilities bilinear with align_corners=True, to
+                     (H // s, W // s)) or "none".
+    pool_size:       s, 1..8; s = 1 means no downsampling whatever `pool` says.
+    pixel_loss:      "bce" (sigmoid BCE summed over classes / (valid + 1)),
+                     "ce" (cross-entropy, mean over valid pixels) or None.
+    probs:           "sigmoid" or "softmax" (over classes) for the RMI term.
+    ignore_index:    label value of pixels that take no part.
+    exclude_ignored: leave region vectors that touch an ignored pixel out of
+                     the statistics (see `rmi_triton.loss` for the rule).
+    class_weights:   optional per-class factors of the pixel and RMI terms.
+    class_reduction: "sum" (paper) or "mean" of the per-class RMI terms.
+    rmi_weight:      lambda, 0.5 by default.
+    combine:         "weighted": lambda * pixel + (1 - lambda) * rmi (paper);
+                     "additive": pixel + lambda * rmi.
+    backend:         "auto" (Triton for CUDA tensors, torch otherwise),
+                     "torch" or "triton".
+    validate:        run the checks that need a device sync (label range,
+                     finite logits).
+    """
+
+    radius: int = 3
+    pool: str = "avg"
+    pool_size: int = 4
+    pixel_loss: Optional[str] = "bce"
+    probs: str = "sigmoid"
+    ignore_index: int = 255
+    exclude_ignored: bool = False
+    class_weights: Optional[tuple] = None
+    class_reduction: str = "sum"
+    rmi_weight: float = 0.5
+    combine: str = "weighted"
+    backend: str = "auto"
+    validate: bool = True
+
+    def __post_init__(self):
+        _check_int("radius", self.radius, 1, MAX_RADIUS)
+        _check_choice("pool", self.pool, POOLS)
+        _check_int("pool_size", self.pool_size, 1, MAX_POOL_SIZE)
+        _check_choice("pixel_loss", self.pixel_loss, PIXEL_LOSSES)
+        _check_choice("probs", self.probs, PROBS)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if not isinstance(self.exclude_ignored, bool):
+            raise TypeError(f"exclude_ignored must be a bool, got {self.exclude_ignored!r}")
+        _check_choice("class_reduction", self.class_reduction, CLASS_REDUCTIONS)
+        _check_choice("combine", self.combine, COMBINES)
+        _check_choice("backend", self.backend, BACKENDS)
+        if isinstance(self.rmi_weight, bool) or not isinstance(self.rmi_weight, (int, float)):
+            raise TypeError(f"rmi_weight must be a number, got {self.rmi_weight!r}")
+        if not math.isfinite(self.rmi_weight) or self.rmi_weight < 0:
+            raise ValueError(f"rmi_weight must be finite and >= 0, got {self.rmi_weight}")
+        if self.combine == "weighted" and self.rmi_weight > 1:
+            raise ValueError(
+                f"rmi_weight must lie in [0, 1] with combine='weighted' "
+                f"(lambda * pixel + (1 - lambda) * rmi), got {self.rmi_weight}")
+        if self.class_weights is not None:
+            object.__setattr__(self, "class_weights", _as_weights(self.class_weights))
+
+    @property
+    def d(self) -> int:
+        """Dimension of a region vector, R * R."""
+        return self.radius * self.radius
+
+    @property
+    def downsamples(self) -> bool:
+        return self.pool != "none" and self.pool_size > 1
+
+    def pooled_size(self, h: int, w: int) -> tuple:
+        """(H', W') of the map the regions are taken from."""
+        if not self.downsamples:
+            return h, w
+        s = self.pool_size
+        if self.pool == "interp":
+            return h // s, w // s
+        pad = s // 2
+        return (h + 2 * pad - s) // s + 1, (w + 2 * pad - s) // s + 1
+
+    def weights_tensor(self, num_classes: int, device, dtype=torch.float64) -> Optional[torch.Tensor]:
+        if self.class_weights is None:
+            return None
+        return torch.tensor(self.class_weights, device=device, dtype=dtype)
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value}")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {allowed}")
+
+
+def _as_weights(weights: Sequence[float] | torch.Tensor) -> tuple:
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"class_weights must be 1-D [C], got shape {tuple(weights.shape)}")
+        weights = weights.detach().cpu().double().tolist()
+    try:
+        values = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        raise TypeError(f"class_weights must be a sequence of numbers, got {weights!r}") from None
+    if not values:
+        raise ValueError("class_weights must not be empty")
+    if not all(math.isfinite(w) and w >= 0 for w in values):
+        raise ValueError(f"class_weights must be finite and >= 0, got {values}")
+    return values

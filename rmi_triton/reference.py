@@ -1,0 +1,99 @@
+"""The float64 reference: DESIGN.md section 1 written out, step by step.
+
+This is the oracle of every test. It favours being obviously right over
+being fast or light: it materialises one-hot labels and the R*R-fold stacks
+of region vectors in float64, exactly as the published formula reads.
+Its input checks are the front's (`rmi_triton.loss`); call it with valid input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .options import LOG_EPS, PROB_CLIP, RIDGE, RMIOptions
+from .pooling import kept_regions, pool_map
+
+
+class ReferenceTerms(NamedTuple):
+    loss: torch.Tensor  # scalar
+    pixel: torch.Tensor  # scalar (0 when pixel_loss is None)
+    rmi: torch.Tensor  # scalar
+    rmi_per_class: torch.Tensor  # [C]
+
+
+def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions | None = None,
+                  **options) -> ReferenceTerms:
+    """logits [N, C, H, W] (any float dtype; computed in float64), labels [N, H, W]."""
+    opts = opts or RMIOptions(**options)
+    x = logits.double()
+    n, c, h, w = x.shape
+    labels = labels.long()
+
+    # 1. valid pixels and one-hot labels (all zero at ignored pixels)
+    valid = labels != opts.ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    y = F.one_hot(safe, c).permute(0, 3, 1, 2).double() * valid.unsqueeze(1)
+    vmask = valid.unsqueeze(1).double()
+    weights = opts.weights_tensor(c, x.device)
+
+    # 2. pixel term
+    if opts.pixel_loss == "bce":
+        per_element = F.binary_cross_entropy_with_logits(x, y, reduction="none") * vmask
+        if weights is not None:
+            per_element = per_element * weights.view(1, c, 1, 1)
+        pixel = per_element.sum() / (valid.sum() + 1)
+    elif opts.pixel_loss == "ce":
+        nll = F.cross_entropy(x, labels, ignore_index=opts.ignore_index, reduction="none")
+        pixel_weight = valid.double() if weights is None else weights[safe] * valid
+        total = pixel_weight.sum()
+        pixel = (nll * pixel_weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
+    else:
+        pixel = x.new_zeros(())
+
+    # 3. probabilities, masked and clipped
+    probs = torch.sigmoid(x) if opts.probs == "sigmoid" else torch.softmax(x, dim=1)
+    p = probs * vmask + PROB_CLIP
+
+    # 4. downsampling
+    y_low = pool_map(y, opts, labels_like=True)
+    p_low = pool_map(p, opts)
+    h_low, w_low = y_low.shape[-2:]
+    r, d = opts.radius, opts.d
+
+    # 5. region vectors [N, C, d, M], row-major window order
+    y_vec = F.unfold(y_low.reshape(n * c, 1, h_low, w_low), r).view(n, c, d, -1)
+    p_vec = F.unfold(p_low.reshape(n * c, 1, h_low, w_low), r).view(n, c, d, -1)
+    if opts.exclude_ignored:
+        keep = kept_regions((~valid).unsqueeze(1).double(), opts).reshape(n, 1, 1, -1).double()
+    else:
+        keep = torch.ones_like(y_vec[:, :1, :1])
+
+    # 6. centred covariance sums over the kept region vectors
+    count = keep.sum(-1, keepdim=True).clamp_min(1)
+    y_cen = (y_vec - (y_vec * keep).sum(-1, keepdim=True) / count) * keep
+    p_cen = (p_vec - (p_vec * keep).sum(-1, keepdim=True) / count) * keep
+    sy = y_cen @ y_cen.transpose(-1, -2)
+    sp = p_cen @ p_cen.transpose(-1, -2)
+    syp = y_cen @ p_cen.transpose(-1, -2)
+
+    # 7. posterior variance approximation
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    v = sy - syp @ torch.linalg.inv(sp + RIDGE * eye) @ syp.transpose(-1, -2)
+
+    # 8. half log-determinant by Cholesky
+    chol = torch.linalg.cholesky(v + RIDGE * eye)
+    half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)
+
+    # 9. per-class terms and their reduction
+    per_class = half_logdet.mean(0) / d
+    if weights is not None:
+        per_class = per_class * weights
+    rmi = per_class.sum() if opts.class_reduction == "sum" else per_class.mean()
+
+    # 10. total
+    lam = opts.rmi_weight
+    loss = lam * pixel + (1 - lam) * rmi if opts.combine == "weighted" else pixel + lam * rmi
+    return ReferenceTerms(loss, pixel, rmi, per_class)
