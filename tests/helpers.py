@@ -1,0 +1,72 @@
+"""Shared test helpers: fresh random inputs and a relative-error check that says where it fails."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_inputs(n=2, c=3, h=37, w=53, *, scale=2.0, ignore_frac=0.1, ignore_index=255, seed=0,
+                  dtype=torch.float32, label_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, c, h, w, generator=g) * scale).to(dtype)
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[torch.rand(n, h, w, generator=g) < ignore_frac] = ignore_index
+    return logits, labels.to(label_dtype)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "value"):
+    """|actual - expected| / |expected| (norms) <= tol, with a message naming the worst element."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the result"
+    err = (actual - expected).norm().item()
+    ref = expected.norm().item()
+    rel = err / max(ref, 1e-30)
+    if rel > tol:
+        diff = (actual - expected).abs().flatten()
+        worst = int(diff.argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape)) if actual.dim() else ()
+        raise AssertionError(f"{what}: relative error {rel:.3e} > {tol:.1e}; worst at {index}: "
+                             f"{actual.flatten()[worst].item():.9g} vs {expected.flatten()[worst].item():.9g}")
+
+
+def loss_and_grad(fn, logits, labels, scale=3.7, **options):
+    """Loss and d(scale * loss)/dlogits, so grad_output != 1 is exercised."""
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, labels, **options)
+    (loss * scale).backward()
+    return loss.detach(), x.grad
+
+
+# Every option of RMILoss, each varied from the paper's defaults (and a few together).
+OPTION_CASES = [
+    {},
+    {"pool": "max"},
+    {"pool": "interp"},
+    {"pool": "none", "radius": 2},
+    {"pool_size": 1},
+    {"pool_size": 2, "radius": 5},
+    {"pool_size": 3},
+    {"pool_size": 8, "radius": 2},
+    {"radius": 1},
+    {"radius": 10, "pool_size": 2},
+    {"pixel_loss": "ce"},
+    {"pixel_loss": None},
+    {"probs": "softmax"},
+    {"pixel_loss": "ce", "probs": "softmax", "class_weights": [1.0, 2.0, 0.5]},
+    {"class_weights": [0.3, 1.0, 2.0]},
+    {"class_reduction": "mean"},
+    {"combine": "additive", "rmi_weight": 2.0},
+    {"rmi_weight": 0.0},
+    {"rmi_weight": 1.0},
+    {"exclude_ignored": True},
+    {"exclude_ignored": True, "pool": "max"},
+    {"exclude_ignored": True, "pool": "interp"},
+    {"exclude_ignored": True, "pool": "none", "radius": 2},
+    {"ignore_index": -1},
+]
+
+
+def case_id(options: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in options.items()) or "defaults"

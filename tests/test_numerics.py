@@ -1,0 +1,101 @@
+"""Degenerate but valid inputs stay finite; failed factorisations are retried, counted, reported once."""
+
+import warnings
+
+import pytest
+import torch
+
+from rmi_triton import RMILoss, RMINumericsWarning, reference_rmi, rmi_loss
+from rmi_triton.algebra import CholeskyReport, half_logdet_posterior, robust_cholesky
+from rmi_triton.engines import torch_engine
+
+from helpers import assert_close_rel, loss_and_grad, random_inputs
+
+
+def _degenerate_cases():
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = 2, 3, 40, 44
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    logits = torch.randn(n, c, h, w, generator=g)
+    one_hot = torch.nn.functional.one_hot(labels, c).permute(0, 3, 1, 2).float()
+    sparse = torch.zeros(n, h * 10, w * 10, dtype=torch.long)  # binary task, 0.1% foreground
+    sparse.view(-1)[torch.randperm(sparse.numel(), generator=g)[: sparse.numel() // 1000]] = 1
+    return {
+        "all_ignored": (logits, torch.full_like(labels, 255)),
+        "one_class": (logits, torch.zeros_like(labels)),
+        "constant_logits": (torch.full_like(logits, 0.3), labels),
+        "saturated_logits": (60.0 * torch.sign(logits), labels),
+        "huge_logits": (1e4 * logits, labels),
+        "perfect_prediction": (60.0 * (2 * one_hot - 1), labels),
+        "sparse_foreground": (torch.randn(n, 2, h * 10, w * 10, generator=g), sparse),
+        "single_pixel_islands": (logits, torch.where(torch.rand(n, h, w, generator=g) < 0.002, 1, 0)),
+    }
+
+
+CASES = _degenerate_cases()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("options", [{}, {"probs": "softmax", "pixel_loss": "ce"}, {"exclude_ignored": True},
+                                     {"pool": "max"}])
+def test_degenerate_inputs_stay_finite(name, options):
+    logits, labels = CASES[name]
+    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend="torch", **o), logits, labels, **options)
+    assert torch.isfinite(loss), f"{name}: loss {loss}"
+    assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
+
+
+@pytest.mark.parametrize("name", ["all_ignored", "one_class", "constant_logits", "sparse_foreground"])
+def test_degenerate_inputs_match_reference(name):
+    logits, labels = CASES[name]
+    value = rmi_loss(logits, labels, backend="torch")
+    assert_close_rel(value, reference_rmi(logits.double(), labels).loss, 1e-5, name)
+
+
+def test_robust_cholesky_retries_only_failed_matrices():
+    good = torch.eye(3, dtype=torch.float64) * 2
+    bad = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
+    report = CholeskyReport()
+    factor = robust_cholesky(torch.stack([good, bad]), report)
+    assert report.retried == 1
+    assert torch.equal(factor[0], torch.linalg.cholesky(good))  # untouched
+    assert torch.isfinite(factor).all() and (torch.diagonal(factor[1]) > 0).all()
+
+
+def test_half_logdet_gradient_through_retry_is_finite():
+    sy = torch.diag(torch.tensor([-5.0, 1.0], dtype=torch.float64)).expand(2, 2, 2).clone()
+    sp = torch.eye(2, dtype=torch.float64).repeat(2, 1, 1).requires_grad_()
+    syp = torch.zeros(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    report = CholeskyReport()
+    h = half_logdet_posterior(sy, sp, syp, report)
+    h.sum().backward()
+    assert report.retried == 2
+    assert torch.isfinite(h).all() and torch.isfinite(sp.grad).all() and torch.isfinite(syp.grad).all()
+
+
+def _broken_statistics(real):
+    def statistics(logits, labels, opts):
+        stats = real(logits, labels, opts)
+        # an indefinite Sy, as rounding could leave it: V + aI is not positive definite
+        return stats._replace(sy=stats.sy - 10 * torch.eye(opts.d, dtype=torch.float64))
+    return statistics
+
+
+def test_module_counts_retries_and_warns_once(monkeypatch):
+    monkeypatch.setattr(torch_engine, "statistics", _broken_statistics(torch_engine.statistics))
+    logits, labels = random_inputs(2, 3, 32, 32)
+    crit = RMILoss(backend="torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss, grad = loss_and_grad(crit, logits, labels)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert crit.cholesky_retries == 3 * 2 * 3
+    assert sum(issubclass(w.category, RMINumericsWarning) for w in caught) == 1
+
+
+def test_functional_warns(monkeypatch):
+    monkeypatch.setattr(torch_engine, "statistics", _broken_statistics(torch_engine.statistics))
+    logits, labels = random_inputs(1, 2, 32, 32)
+    with pytest.warns(RMINumericsWarning, match="larger ridge"):
+        rmi_loss(logits, labels, backend="torch")

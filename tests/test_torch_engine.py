@@ -1,0 +1,106 @@
+"""The torch engine against the float64 reference: every option, gradients, dtypes, layouts."""
+
+import pytest
+import torch
+
+from rmi_triton import RMILoss, reference_rmi, rmi_loss, rmi_terms
+from rmi_triton.engines import torch_engine
+
+from helpers import OPTION_CASES, assert_close_rel, case_id, loss_and_grad, random_inputs
+
+
+def _ref(x, labels, **options):
+    return reference_rmi(x.double(), labels, **options).loss
+
+
+def _torch(x, labels, **options):
+    return rmi_loss(x, labels, backend="torch", **options)
+
+
+@pytest.mark.parametrize("options", OPTION_CASES, ids=case_id)
+def test_matches_reference_float32(options):
+    ignore = options.get("ignore_index", 255)
+    h, w = (37, 53) if options.get("radius", 3) < 10 else (61, 67)
+    logits, labels = random_inputs(2, 3, h, w, ignore_index=ignore, seed=len(case_id(options)))
+    loss, grad = loss_and_grad(_torch, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert loss.dtype == torch.float32
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"}], ids=case_id)
+def test_half_precision_logits(dtype, options):
+    logits, labels = random_inputs(2, 3, 37, 53, dtype=dtype, seed=3)
+    loss, grad = loss_and_grad(_torch, logits, labels, **options)
+    # the reference sees the same (rounded) half-precision values
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert grad.dtype == dtype
+    assert_close_rel(loss, ref_loss, 1e-2, "loss")
+    assert_close_rel(grad, ref_grad, 1e-2, "gradient")
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8])
+def test_label_dtypes(label_dtype):
+    logits, labels = random_inputs(2, 3, 33, 41, seed=5)
+    expected = _torch(logits, labels)
+    assert _torch(logits, labels.to(label_dtype)).item() == expected.item()
+
+
+def test_channels_last_and_non_contiguous():
+    logits, labels = random_inputs(2, 3, 37, 53, seed=6)
+    loss, grad = loss_and_grad(_torch, logits, labels)
+    cl_loss, cl_grad = loss_and_grad(_torch, logits.to(memory_format=torch.channels_last), labels)
+    assert_close_rel(cl_loss, loss, 1e-6, "channels_last loss")
+    assert_close_rel(cl_grad, grad, 1e-6, "channels_last gradient")
+    wide = torch.randn(2, 3, 37, 60)
+    wide[..., :53] = logits
+    nc_loss, nc_grad = loss_and_grad(_torch, wide[..., :53], labels)
+    assert_close_rel(nc_loss, loss, 1e-6, "sliced loss")
+    assert_close_rel(nc_grad, grad, 1e-6, "sliced gradient")
+
+
+def test_small_chunks_give_the_same_result(monkeypatch):
+    """Chunking of both stages is invisible: tiny chunk sizes change nothing beyond rounding."""
+    logits, labels = random_inputs(3, 4, 45, 47, seed=7)
+    loss, grad = loss_and_grad(_torch, logits, labels, exclude_ignored=True)
+    monkeypatch.setattr(torch_engine, "FULL_RES_CHUNK", 1)
+    monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)
+    monkeypatch.setattr(torch_engine, "TILE", 16)
+    small_loss, small_grad = loss_and_grad(_torch, logits, labels, exclude_ignored=True)
+    assert_close_rel(small_loss, loss, 1e-6, "loss")
+    assert_close_rel(small_grad, grad, 1e-5, "gradient")
+
+
+def test_terms_match_reference_parts():
+    logits, labels = random_inputs(2, 3, 40, 40, seed=8)
+    terms = rmi_terms(logits, labels, backend="torch", class_weights=[1.0, 0.5, 2.0])
+    ref = reference_rmi(logits.double(), labels, class_weights=[1.0, 0.5, 2.0])
+    assert_close_rel(terms.pixel, ref.pixel, 1e-6, "pixel term")
+    assert_close_rel(terms.rmi, ref.rmi, 1e-5, "rmi term")
+    assert_close_rel(terms.rmi_per_class, ref.rmi_per_class, 1e-5, "per-class rmi")
+    assert terms.rmi_per_class.shape == (3,)
+
+
+def test_deterministic_bitwise():
+    logits, labels = random_inputs(2, 3, 37, 53, seed=9)
+    first = loss_and_grad(_torch, logits, labels, exclude_ignored=True)
+    second = loss_and_grad(_torch, logits, labels, exclude_ignored=True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_module_defaults_are_the_paper_setting():
+    logits, labels = random_inputs(2, 4, 64, 64, seed=10)
+    crit = RMILoss()
+    paper = reference_rmi(logits.double(), labels, radius=3, pool="avg", pool_size=4, pixel_loss="bce",
+                          probs="sigmoid", rmi_weight=0.5, combine="weighted", class_reduction="sum")
+    assert_close_rel(crit(logits, labels), paper.loss, 1e-5, "default loss")
+    assert crit.terms(logits, labels).loss.item() == crit(logits, labels).item()
+
+
+def test_no_grad_for_labels_and_works_without_grad():
+    logits, labels = random_inputs(1, 2, 20, 20, seed=11)
+    with torch.no_grad():
+        value = _torch(logits, labels)
+    assert value.requires_grad is False and torch.isfinite(value)

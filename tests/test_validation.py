@@ -1,0 +1,130 @@
+"""Bad input gets a clear ValueError / TypeError that names the problem."""
+
+import pytest
+import torch
+
+from rmi_triton import RMILoss, RMIOptions, rmi_loss
+
+from helpers import random_inputs
+
+
+@pytest.fixture
+def good():
+    return random_inputs(2, 3, 32, 32)
+
+
+def test_logits_not_4d(good):
+    logits, labels = good
+    with pytest.raises(ValueError, match=r"logits must be 4-D \[N, C, H, W\]"):
+        rmi_loss(logits[0], labels)
+
+
+def test_labels_shape_mismatch(good):
+    logits, labels = good
+    with pytest.raises(ValueError, match=r"labels must have shape \[N, H, W\] = \[2, 32, 32\]"):
+        rmi_loss(logits, labels[:, :16])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        rmi_loss(logits, labels.unsqueeze(1))
+
+
+def test_float_labels(good):
+    logits, labels = good
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        rmi_loss(logits, labels.float())
+
+
+def test_integer_logits(good):
+    _, labels = good
+    with pytest.raises(TypeError, match="logits must be float32, float16 or bfloat16"):
+        rmi_loss(torch.zeros(2, 3, 32, 32, dtype=torch.int64), labels)
+
+
+def test_non_tensor_input(good):
+    logits, _ = good
+    with pytest.raises(TypeError, match="must be torch.Tensor"):
+        rmi_loss(logits, [[0]])
+
+
+@pytest.mark.parametrize("value", [3, 7, -1, -5, 254])
+def test_label_out_of_range(good, value):
+    logits, labels = good
+    labels = labels.clone()
+    labels[1, 5, 7] = value
+    with pytest.raises(ValueError, match=rf"outside \[0, 3\).*ignore_index=255.*{value}"):
+        rmi_loss(logits, labels)
+
+
+def test_label_range_check_can_be_skipped(good):
+    logits, labels = good
+    labels = labels.clone()
+    labels[0, 0, 0] = 2  # valid: passes either way
+    assert torch.isfinite(rmi_loss(logits, labels, validate=False))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits(good, bad):
+    logits, labels = good
+    logits = logits.clone()
+    logits[0, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+        rmi_loss(logits, labels)
+    with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+        rmi_loss(logits, labels, pixel_loss=None)
+
+
+def test_num_classes_contradiction(good):
+    logits, labels = good
+    with pytest.raises(ValueError, match=r"logits have 3 classes \(dim 1\) but num_classes=5"):
+        RMILoss(num_classes=5)(logits, labels)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        RMILoss(num_classes=0)
+
+
+def test_map_smaller_than_region():
+    logits, labels = random_inputs(1, 2, 9, 40)
+    with pytest.raises(ValueError, match=r"downsampled map is 3 x 11 .*smaller than the 5 x 5 region"):
+        rmi_loss(logits, labels, radius=5)
+
+
+@pytest.mark.parametrize("options, error, pattern", [
+    ({"pool": "mean"}, ValueError, r"unknown pool 'mean': expected one of \('avg', 'max', 'interp', 'none'\)"),
+    ({"pixel_loss": "focal"}, ValueError, "unknown pixel_loss 'focal'"),
+    ({"probs": "tanh"}, ValueError, "unknown probs 'tanh'"),
+    ({"class_reduction": "max"}, ValueError, "unknown class_reduction"),
+    ({"combine": "mul"}, ValueError, "unknown combine"),
+    ({"backend": "cuda"}, ValueError, "unknown backend"),
+    ({"radius": 0}, ValueError, r"radius must lie in \[1, 10\], got 0"),
+    ({"radius": 11}, ValueError, r"radius must lie in \[1, 10\]"),
+    ({"radius": 2.5}, TypeError, "radius must be an int"),
+    ({"pool_size": 9}, ValueError, r"pool_size must lie in \[1, 8\]"),
+    ({"rmi_weight": -0.1}, ValueError, "rmi_weight must be finite and >= 0"),
+    ({"rmi_weight": 1.5}, ValueError, r"rmi_weight must lie in \[0, 1\] with combine='weighted'"),
+    ({"class_weights": [1.0, -1.0, 1.0]}, ValueError, "class_weights must be finite and >= 0"),
+    ({"class_weights": "abc"}, TypeError, "class_weights must be a sequence of numbers"),
+    ({"ignore_index": 2.0}, TypeError, "ignore_index must be an int"),
+    ({"exclude_ignored": 1}, TypeError, "exclude_ignored must be a bool"),
+])
+def test_unknown_option_values(options, error, pattern):
+    with pytest.raises(error, match=pattern):
+        RMILoss(**options)
+    with pytest.raises(error, match=pattern):
+        RMIOptions(**options)
+
+
+def test_unknown_option_name(good):
+    logits, labels = good
+    with pytest.raises(TypeError, match="radus"):
+        rmi_loss(logits, labels, radus=3)
+
+
+def test_class_weights_length(good):
+    logits, labels = good
+    with pytest.raises(ValueError, match="class_weights has 2 entries but logits have 3 classes"):
+        rmi_loss(logits, labels, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="class_weights has 2 entries but num_classes=3"):
+        RMILoss(3, class_weights=[1.0, 2.0])
+
+
+def test_empty_batch():
+    with pytest.raises(ValueError, match="must not be empty"):
+        rmi_loss(torch.zeros(0, 3, 32, 32), torch.zeros(0, 32, 32, dtype=torch.long))
