@@ -1,0 +1,90 @@
+"""``build_model``: segmentation network by name, plus SyncBatchNorm conversion."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple, Type, Union
+
+from torch import nn
+
+from .common import SegmentationModel
+from .deeplab import DeepLabV3, DeepLabV3Plus
+from .pspnet import PSPNet
+from .resnet import BACKBONES, OUTPUT_STRIDES, NormLayer, build_resnet
+
+_MODELS: Dict[str, Type[SegmentationModel]] = {
+    "deeplabv3": DeepLabV3,
+    "deeplabv3plus": DeepLabV3Plus,
+    "pspnet": PSPNet,
+}
+
+MODEL_NAMES: Tuple[str, ...] = tuple(_MODELS)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    backbone: str = "resnet101",
+    output_stride: int = 16,
+    pretrained: Optional[Union[str, os.PathLike]] = None,
+    norm_layer: Optional[NormLayer] = None,
+    sync_bn: bool = False,
+    aux_head: bool = False,
+) -> SegmentationModel:
+    """Build a segmentation network.
+
+    Args:
+        name: one of :data:`MODEL_NAMES` (``"deeplabv3"``, ``"deeplabv3plus"``,
+            ``"pspnet"``).
+        num_classes: number of output channels (classes), >= 1.
+        backbone: one of :data:`BACKBONES` (``"resnet18"`` .. ``"resnet101"``).
+        output_stride: 16 (dilate ``layer4``) or 8 (dilate ``layer3`` and ``layer4``).
+        pretrained: optional path to a local torchvision-format ImageNet state
+            dict for the backbone (``fc.*`` keys ignored); nothing is downloaded.
+        norm_layer: callable ``channels -> nn.Module`` used for every norm
+            layer (default ``nn.BatchNorm2d``).
+        sync_bn: use ``nn.SyncBatchNorm`` everywhere (needs an initialised
+            ``torch.distributed`` process group to run forward in training);
+            cannot be combined with ``norm_layer``.
+        aux_head: add an auxiliary classifier on ``layer3``; in training mode
+            ``forward`` then returns ``(logits, aux_logits)``.
+
+    Returns:
+        A module mapping ``[N, 3, H, W]`` to logits ``[N, num_classes, H, W]``
+        for any H, W.
+
+    Raises:
+        ValueError: unknown ``name``/``backbone``/``output_stride``, bad
+            ``num_classes``, both ``norm_layer`` and ``sync_bn``, or pretrained
+            weights that do not fit the backbone.
+        FileNotFoundError: ``pretrained`` names no file.
+    """
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(
+            f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if sync_bn and norm_layer is not None:
+        raise ValueError("pass either norm_layer or sync_bn=True, not both")
+
+    if sync_bn:
+        norm_layer = nn.SyncBatchNorm
+    elif norm_layer is None:
+        norm_layer = nn.BatchNorm2d
+    trunk = build_resnet(backbone, output_stride, norm_layer, pretrained)
+    return _MODELS[name](trunk, num_classes, norm_layer=norm_layer, aux_head=aux_head)
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Return ``model`` with every BatchNorm layer replaced by ``nn.SyncBatchNorm``.
+
+    Thin wrapper over ``nn.SyncBatchNorm.convert_sync_batchnorm`` (weights and
+    running statistics are kept) for multi-GPU training where per-GPU batches
+    are too small for reliable batch statistics.
+    """
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)

@@ -1,0 +1,116 @@
+"""Pieces shared by the segmentation networks: conv blocks, upsampling,
+the optional auxiliary head and the backbone-plus-decoder base class."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .resnet import NormLayer, ResNet
+
+
+def conv_bn_relu(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    norm_layer: NormLayer,
+    dilation: int = 1,
+) -> nn.Sequential:
+    """Conv (no bias: the norm layer has one) -> norm -> ReLU, size preserving.
+
+    ``[N, in_channels, H, W]`` -> ``[N, out_channels, H, W]``.
+    """
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(
+            in_channels, out_channels, kernel_size,
+            padding=padding, dilation=dilation, bias=False,
+        ),
+        norm_layer(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def resize_bilinear(x: Tensor, size: Union[Sequence[int], Tuple[int, int]]) -> Tensor:
+    """Bilinear resize of ``[N, C, h, w]`` to ``[N, C, *size]`` (align_corners=False).
+
+    ``size`` is taken from another tensor's ``shape[-2:]`` so it stays symbolic
+    under ONNX export instead of being baked in as constants.
+    """
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def init_head_weights(module: nn.Module) -> None:
+    """He init for the convolutions of a freshly built head; norms start as identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class AuxHead(nn.Sequential):
+    """FCN-style auxiliary classifier on ``layer3`` (deep supervision, as in PSPNet).
+
+    ``[N, in_channels, h, w]`` -> ``[N, num_classes, h, w]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        norm_layer: NormLayer,
+        channels: int = 256,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(
+            conv_bn_relu(in_channels, channels, 3, norm_layer),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(channels, num_classes, kernel_size=1),
+        )
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + decode head, logits resized back to the input resolution.
+
+    ``head`` maps the backbone's feature dict (see :class:`ResNet`) to
+    low-resolution logits ``[N, num_classes, h, w]``.
+
+    ``forward(x)`` with ``x`` ``[N, 3, H, W]`` returns logits
+    ``[N, num_classes, H, W]``.  When built with ``aux_head=True`` the model
+    has an extra classifier on ``layer3`` and, *in training mode only*,
+    ``forward`` returns the pair ``(logits, aux_logits)`` (both
+    ``[N, num_classes, H, W]``) so a trainer can add the auxiliary loss; in
+    eval mode (inference, export) it always returns the single tensor.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNet,
+        head: nn.Module,
+        num_classes: int,
+        norm_layer: NormLayer,
+        aux_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.aux_head: Optional[AuxHead] = None
+        if aux_head:
+            self.aux_head = AuxHead(backbone.channels["layer3"], num_classes, norm_layer)
+            init_head_weights(self.aux_head)
+
+    def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        logits = resize_bilinear(self.head(features), size)
+        if self.aux_head is not None and self.training:
+            aux = resize_bilinear(self.aux_head(features["layer3"]), size)
+            return logits, aux
+        return logits
