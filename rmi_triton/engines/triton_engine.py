@@ -1,0 +1,727 @@
+"""The Triton engine: fused kernels for the RMI statistics and their gradient.
+
+Four kernels, forward then backward, each reading its inputs once:
+
+  A `_pool_forward_kernel`   full resolution, one image and a block of
+      downsampled cells per program, looping over the classes: probabilities
+      (sigmoid, or softmax from a first log-sum-exp loop), valid mask, the
+      s x s pooling of p and of the one-hot labels (by counting), the arg-max
+      of max pooling, the pixel-term partial sums and a non-finite count.
+  B `_region_moments_kernel` downsampled, one (n, c) plane, one tile of
+      region positions and one block of the joint [y; p] covariance per
+      program: float32 moments centred on the tile's own mean (sub-blocks
+      merged in registers with Chan's formula); tiles are merged in float64
+      by `algebra.merge_tiles`.
+  C `_region_grad_kernel`    downsampled, the stencil of the backward:
+      dL/dp'_q = sum over the windows m that hold q at offset k of
+      [G (v_m - vbar)]_k, G = [Gyp^T, Gp + Gp^T] acting on the joint vector.
+  D `_pool_backward_kernel`  full resolution, same blocking as A: the pooling's
+      backward (avg spreads / s^2, max routes to the stored arg-max), the
+      sigmoid/softmax derivative, the valid mask and the BCE/CE gradient,
+      writing dL/dlogits once in the logits' dtype and layout.
+
+Every reduction is a fixed-order sum inside one program or a float64 sum of
+per-program partials in PyTorch: no atomics, so results are bitwise
+reproducible. "interp" pooling runs A and D at full resolution (no pooling)
+and lets PyTorch do the bilinear interpolation and its backward in between.
+
+The two halves are registered as `torch.library` custom ops with fake
+(meta) implementations and an autograd formula, so `torch.compile` keeps the
+loss in its graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..algebra import merge_tiles, split_blocks
+from ..options import PROB_CLIP, RMIOptions
+from ..pooling import kept_regions
+from ..validation import raise_if_nonfinite
+from .torch_engine import Statistics, label_maps, pooled_labels
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    _HAVE_TRITON = False
+
+# ----------------------------------------------------------------------------
+# constants and block-size heuristics
+# ----------------------------------------------------------------------------
+
+POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
+PIXEL_NONE, PIXEL_BCE, PIXEL_CE = 0, 1, 2
+# Block sizes for a GPU (the AOT test compiles these). The interpreter pays per
+# operation rather than per element, so under TRITON_INTERPRET=1 the blocks are
+# larger; tests that need the GPU blocking set these module constants back.
+GPU_BLOCKS = dict(
+    FULL_RES_ELEMENTS=1024,  # pixels per program of kernels A and D (cells x window)
+    MOMENT_BLOCK_M=64,  # region positions per float32 sub-block of kernel B
+    MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
+    STENCIL_ELEMENTS=4096,  # cells x joint-vector entries per step of kernel C
+)
+INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256,
+                          STENCIL_ELEMENTS=1 << 16)
+_BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
+FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
+MOMENT_BLOCK_M = _BLOCKS["MOMENT_BLOCK_M"]
+MOMENT_BD = _BLOCKS["MOMENT_BD"]
+STENCIL_ELEMENTS = _BLOCKS["STENCIL_ELEMENTS"]
+MOMENT_TILE_POSITIONS = 1024  # positions per tile handed to the float64 merge
+MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float32 tile sums per plane
+PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
+
+# Tests set this to pre-fill every internal output buffer with NaN (255 for the
+# uint8 arg-max), so that an element a kernel forgot to write cannot pass.
+FILL_OUTPUTS_WITH_NAN = False
+
+
+def available() -> bool:
+    """Triton importable, and a CUDA device or the Triton interpreter to run on."""
+    return _HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _joint_pad(d: int) -> int:
+    """Padded length of each half of the joint [y; p] vector: a power of two,
+    and at least 8 so that a 2 * pad block is a legal tl.dot operand (>= 16)."""
+    return max(8, _next_pow2(d))
+
+
+# ----------------------------------------------------------------------------
+# forward kernels
+# ----------------------------------------------------------------------------
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _window(pid_block, n_cells, W_cells, H, W, H_low, W_low,
+                S: tl.constexpr, PAD: tl.constexpr, SS: tl.constexpr, BLOCK: tl.constexpr):
+        """Geometry of a block of downsampled cells and their s x s windows.
+
+        Cells tile the image without overlap (kernel = stride = s, shifted by
+        the padding); the cell grid runs one row/column past the pooled map
+        where needed so that every pixel lies in exactly one cell.
+        Returns [BLOCK] cell row/col, [BLOCK] "cell is in the pooled map",
+        [BLOCK, SS] pixel row/col (int64) and [BLOCK, SS] "pixel exists".
+        """
+        cell = pid_block * BLOCK + tl.arange(0, BLOCK)
+        cell_ok = cell < n_cells
+        cell_r = cell // W_cells
+        cell_c = cell % W_cells
+        k = tl.arange(0, SS)
+        row = (cell_r * S - PAD)[:, None] + (k // S)[None, :]
+        col = (cell_c * S - PAD)[:, None] + (k % S)[None, :]
+        pix_ok = (cell_ok[:, None] & (k < S * S)[None, :] & (row >= 0) & (row < H)
+                  & (col >= 0) & (col < W))
+        pooled = cell_ok & (cell_r < H_low) & (cell_c < W_low)
+        return cell_r, cell_c, pooled, row.to(tl.int64), col.to(tl.int64), pix_ok
+
+    @triton.jit
+    def _log_sum_exp(x_ptrs, C, sx_c, pix_ok):
+        """Per-pixel log-sum-exp over the C classes, float32 [BLOCK, SS];
+        x_ptrs [BLOCK, SS] point at class 0, classes are sx_c elements apart."""
+        m = tl.where(pix_ok, -float("inf"), 0.0)
+        total = tl.zeros(pix_ok.shape, dtype=tl.float32)
+        for _ in range(C):
+            x = tl.load(x_ptrs, mask=pix_ok, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+            x_ptrs += sx_c
+        return m + tl.log(total)
+
+    @triton.jit
+    def _pool_forward_kernel(
+        x_ptr,  # [N, C, H, W] logits (float32/16/bf16), strides sx_*
+        lab_ptr,  # [N, H, W] labels (int64/int32/uint8), contiguous
+        w_ptr,  # [C] float32 class weights (read when HAS_WEIGHTS)
+        p_low_ptr,  # [N, C, H', W'] float32 out: pooled probabilities p'
+        y_low_ptr,  # [N, C, H', W'] float32 out: pooled one-hot labels y' (when WRITE_Y)
+        arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
+        part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, non-finite count
+        C, H, W, H_low, W_low, W_cells, n_cells,
+        sx_n, sx_c, sx_h, sx_w,
+        ignore_index,
+        S: tl.constexpr, PAD: tl.constexpr, SS: tl.constexpr, BLOCK: tl.constexpr,
+        POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    ):
+        pid_block = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        cell_r, cell_c, pooled, row, col, pix_ok = _window(
+            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SS, BLOCK)
+        x_ptrs = x_ptr + (n * sx_n + row * sx_h + col * sx_w)  # class 0; classes sx_c apart
+        lab = tl.load(lab_ptr + n * H * W + row * W + col, mask=pix_ok, other=0).to(tl.int32)
+        valid = pix_ok & (lab != ignore_index)
+        vf = valid.to(tl.float32)
+        hw_low = H_low * W_low
+        low = (n * C * H_low + cell_r) * W_low + cell_c  # [BLOCK] int64, class 0; classes hw_low apart
+        k = tl.arange(0, SS)[None, :]
+
+        if SOFTMAX or PIXEL == 2:
+            lse = _log_sum_exp(x_ptrs, C, sx_c, pix_ok)
+        loss = tl.zeros((BLOCK, SS), dtype=tl.float32)
+        nonfinite = tl.zeros((BLOCK, SS), dtype=tl.float32)
+        for c in range(C):
+            x = tl.load(x_ptrs, mask=pix_ok, other=0.0).to(tl.float32)
+            y = (valid & (lab == c)).to(tl.float32)
+            if CHECK_FINITE:
+                nonfinite += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.float32)
+            if PIXEL == 1:  # softplus(x) - x * y, summed over valid pixels
+                bce = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
+                if HAS_WEIGHTS:
+                    bce = bce * tl.load(w_ptr + c)
+                loss += bce * vf
+            if PIXEL == 2:  # lse - x_label
+                loss += tl.where(lab == c, lse - x, 0.0) * vf
+            if SOFTMAX:
+                p = tl.exp(x - lse)
+            else:
+                p = tl.sigmoid(x)
+            p = p * vf + PROB_CLIP_C
+            if POOL == 2:
+                p_win = tl.where(pix_ok, p, -float("inf"))
+                p_max = tl.max(p_win, axis=1)
+                arg = tl.min(tl.where(p_win == p_max[:, None], k, SS), axis=1)
+                tl.store(p_low_ptr + low, p_max, mask=pooled)
+                tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
+                if WRITE_Y:
+                    tl.store(y_low_ptr + low, tl.max(y, axis=1), mask=pooled)
+            elif POOL == 1:  # padding counts as zero in the s * s divisor
+                p_avg = tl.sum(tl.where(pix_ok, p, 0.0), axis=1) / (S * S)
+                tl.store(p_low_ptr + low, p_avg, mask=pooled)
+                if WRITE_Y:
+                    tl.store(y_low_ptr + low, tl.sum(y, axis=1) / (S * S), mask=pooled)
+            else:
+                tl.store(p_low_ptr + low, tl.sum(tl.where(pix_ok, p, 0.0), axis=1), mask=pooled)
+                if WRITE_Y:
+                    tl.store(y_low_ptr + low, tl.sum(y, axis=1), mask=pooled)
+            x_ptrs += sx_c
+            low += hw_low
+
+        if PIXEL == 2:
+            if HAS_WEIGHTS:
+                pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
+            else:
+                pw = vf
+            loss_sum = tl.sum(tl.sum(loss * pw, axis=1), axis=0)
+            denom = tl.sum(tl.sum(pw, axis=1), axis=0)
+        else:
+            loss_sum = tl.sum(tl.sum(loss, axis=1), axis=0)
+            denom = tl.sum(tl.sum(vf, axis=1), axis=0)
+        part = part_ptr + (n * tl.num_programs(0) + pid_block) * 3
+        tl.store(part, loss_sum)
+        tl.store(part + 1, denom)
+        tl.store(part + 2, tl.sum(tl.sum(nonfinite, axis=1), axis=0))
+
+    @triton.jit
+    def _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, W_low,
+                      R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        """Entries J of the joint region vectors [y; p] at positions (mi, mj).
+
+        J indexes the padded joint vector: J < D_PAD the labels' window entry
+        J, else the probabilities' entry J - D_PAD (row-major in the R x R
+        window); padding entries read 0. Returns [B, len(J)] float32.
+        """
+        is_p = J >= D_PAD
+        comp = J % D_PAD
+        ok = comp < D
+        addr = plane_base + (mi[:, None] + (comp // R)[None, :]) * W_low + (mj[:, None] + (comp % R)[None, :])
+        mask = m_ok[:, None] & ok[None, :]
+        vy = tl.load(y_ptr + addr, mask=mask & (~is_p)[None, :], other=0.0)
+        vp = tl.load(p_ptr + addr, mask=mask & is_p[None, :], other=0.0)
+        return vy + vp
+
+    @triton.jit
+    def _region_moments_kernel(
+        y_ptr,  # [P, H', W'] float32 pooled labels y' (P = N * C planes)
+        p_ptr,  # [P, H', W'] float32 pooled probabilities p'
+        keep_ptr,  # [N, M] float32 0/1: region vector enters the statistics (when HAS_KEEP)
+        count_ptr,  # [P, T] float32 out: kept region vectors per tile
+        mean_ptr,  # [P, T, 2d] float32 out: each tile's mean joint vector
+        sums_ptr,  # [P, T, 2d, 2d] float32 out: each tile's centred sums of products
+        C, H_low, W_low, W_v, M, tile_positions, T,
+        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BD: tl.constexpr,
+        BLOCK_M: tl.constexpr, HAS_KEEP: tl.constexpr,
+    ):
+        plane = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1)
+        pair = tl.program_id(2)
+        NB: tl.constexpr = 2 * D_PAD // BD
+        bi = pair // NB
+        bj = pair % NB
+        Jr = bi * BD + tl.arange(0, BD)
+        Jc = bj * BD + tl.arange(0, BD)
+        plane_base = plane * H_low * W_low
+        keep_base = (plane // C) * M
+        lo = tile * tile_positions
+        hi = tl.minimum(lo + tile_positions, M)
+
+        n_a = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.float32), axis=0)
+        mean_r = tl.zeros((BD,), dtype=tl.float32)
+        mean_c = tl.zeros((BD,), dtype=tl.float32)
+        m2 = tl.zeros((BD, BD), dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_M):
+            m = start + tl.arange(0, BLOCK_M)
+            m_ok = m < hi
+            mi = m // W_v
+            mj = m % W_v
+            if HAS_KEEP:
+                keep = tl.load(keep_ptr + keep_base + m, mask=m_ok, other=0.0)
+            else:
+                keep = m_ok.to(tl.float32)
+            vr = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jr, W_low, R, D, D_PAD)
+            vc = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jc, W_low, R, D, D_PAD)
+            n_b = tl.sum(keep, axis=0)
+            inv_b = 1.0 / tl.maximum(n_b, 1.0)
+            mean_rb = tl.sum(vr * keep[:, None], axis=0) * inv_b
+            mean_cb = tl.sum(vc * keep[:, None], axis=0) * inv_b
+            cr = (vr - mean_rb[None, :]) * keep[:, None]
+            cc = (vc - mean_cb[None, :]) * keep[:, None]
+            m2_b = tl.dot(tl.trans(cr), cc, input_precision="ieee")
+            # Chan's merge of the running moments (n_a) with this sub-block's (n_b)
+            n_ab = n_a + n_b
+            f = n_b / tl.maximum(n_ab, 1.0)
+            d_r = mean_rb - mean_r
+            d_c = mean_cb - mean_c
+            m2 += m2_b + (n_a * f) * (d_r[:, None] * d_c[None, :])
+            mean_r += d_r * f
+            mean_c += d_c * f
+            n_a = n_ab
+
+        out = plane * T + tile
+        comp_r = Jr % D_PAD
+        comp_c = Jc % D_PAD
+        jr = (Jr // D_PAD) * D + comp_r  # position in the unpadded joint vector
+        jc = (Jc // D_PAD) * D + comp_c
+        ok_r = comp_r < D
+        ok_c = comp_c < D
+        tl.store(sums_ptr + out * (4 * D * D) + jr[:, None] * (2 * D) + jc[None, :], m2,
+                 mask=ok_r[:, None] & ok_c[None, :])
+        first_col = (Jc * 0 + bj) == 0  # [BD]: this program owns the first column block
+        tl.store(mean_ptr + out * (2 * D) + jr, mean_r, mask=ok_r & first_col)
+        lane = tl.arange(0, BD)
+        tl.store(count_ptr + out + lane, n_a + lane * 0.0, mask=(lane == 0) & ((lane * 0 + pair) == 0))
+
+# ----------------------------------------------------------------------------
+# backward kernels
+# ----------------------------------------------------------------------------
+
+    @triton.jit
+    def _region_grad_kernel(
+        y_ptr,  # [P, H', W'] float32 pooled labels y'
+        p_ptr,  # [P, H', W'] float32 pooled probabilities p'
+        keep_ptr,  # [N, M] float32 0/1 kept region vectors (when HAS_KEEP)
+        mean_ptr,  # [P, 2d] float32 the plane's mean joint vector
+        g_ptr,  # [P, d, 2d] float32 G = [Gyp^T, Gp + Gp^T] acting on the centred joint vector
+        out_ptr,  # [P, H', W'] float32 out: dL/dp'
+        C, H_low, W_low, H_v, W_v, M,
+        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        HAS_KEEP: tl.constexpr,
+    ):
+        plane = tl.program_id(0).to(tl.int64)
+        q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = q < H_low * W_low
+        qi = q // W_low
+        qj = q % W_low
+        J = tl.arange(0, 2 * D_PAD)
+        comp = J % D_PAD
+        ok = comp < D
+        j = (J // D_PAD) * D + comp
+        centre = tl.load(mean_ptr + plane * (2 * D) + j, mask=ok, other=0.0)
+        plane_base = plane * H_low * W_low
+        keep_base = (plane // C) * M
+        acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for k in range(D):
+            # the window at m = q - offset(k) holds q as its k-th entry
+            mi = qi - k // R
+            mj = qj - k % R
+            m_ok = q_ok & (mi >= 0) & (mi < H_v) & (mj >= 0) & (mj < W_v)
+            v = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, W_low, R, D, D_PAD)
+            g = tl.load(g_ptr + (plane * D + k) * (2 * D) + j, mask=ok, other=0.0)
+            term = tl.sum((v - centre[None, :]) * g[None, :], axis=1)
+            if HAS_KEEP:
+                term = term * tl.load(keep_ptr + keep_base + mi * W_v + mj, mask=m_ok, other=0.0)
+            acc += tl.where(m_ok, term, 0.0)
+        tl.store(out_ptr + plane_base + q, acc, mask=q_ok)
+
+    @triton.jit
+    def _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S: tl.constexpr, POOL: tl.constexpr):
+        """dL/dp at full resolution [BLOCK, SS] from dL/dp' of the cells [BLOCK]
+        (zero at ignored pixels and outside the pooled map)."""
+        g = tl.load(g_low_ptr + low, mask=pooled, other=0.0)
+        if POOL == 2:
+            arg = tl.load(arg_ptr + low, mask=pooled, other=0).to(tl.int32)
+            routed = tl.where(k == arg[:, None], g[:, None], 0.0)
+        elif POOL == 1:
+            routed = g[:, None] * (1.0 / (S * S)) + tl.zeros(k.shape, dtype=tl.float32)
+        else:
+            routed = g[:, None] + tl.zeros(k.shape, dtype=tl.float32)
+        return tl.where(rmi_ok, routed, 0.0)
+
+    @triton.jit
+    def _pool_backward_kernel(
+        x_ptr,  # [N, C, H, W] logits, strides sx_*
+        lab_ptr,  # [N, H, W] labels, contiguous
+        w_ptr,  # [C] float32 class weights (read when HAS_WEIGHTS)
+        g_low_ptr,  # [N, C, H', W'] float32 dL/dp' (read when HAS_RMI)
+        arg_ptr,  # [N, C, H', W'] uint8 window index of the max (read when POOL == max)
+        coef_ptr,  # [1] float32 dL/d(pixel term) / its denominator (read when PIXEL != 0)
+        gx_ptr,  # [N, C, H, W] out: dL/dlogits in the logits' dtype, strides sg_*
+        C, H, W, H_low, W_low, W_cells, n_cells,
+        sx_n, sx_c, sx_h, sx_w,
+        sg_n, sg_c, sg_h, sg_w,
+        ignore_index,
+        S: tl.constexpr, PAD: tl.constexpr, SS: tl.constexpr, BLOCK: tl.constexpr,
+        POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr, HAS_RMI: tl.constexpr,
+    ):
+        pid_block = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        cell_r, cell_c, pooled, row, col, pix_ok = _window(
+            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SS, BLOCK)
+        x_ptrs = x_ptr + (n * sx_n + row * sx_h + col * sx_w)  # class 0; classes sx_c apart
+        g_ptrs = gx_ptr + (n * sg_n + row * sg_h + col * sg_w)  # class 0; classes sg_c apart
+        lab = tl.load(lab_ptr + n * H * W + row * W + col, mask=pix_ok, other=0).to(tl.int32)
+        valid = pix_ok & (lab != ignore_index)
+        vf = valid.to(tl.float32)
+        hw_low = H_low * W_low
+        low = (n * C * H_low + cell_r) * W_low + cell_c  # [BLOCK] int64, class 0
+        k = tl.arange(0, SS)[None, :]
+        rmi_ok = pooled[:, None] & valid
+
+        if PIXEL != 0:
+            coef = tl.load(coef_ptr)
+            if PIXEL == 2 and HAS_WEIGHTS:
+                coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
+        if SOFTMAX or PIXEL == 2:
+            lse = _log_sum_exp(x_ptrs, C, sx_c, pix_ok)
+        if SOFTMAX and HAS_RMI:
+            # sum_c dL/dp_c * softmax_c, the softmax Jacobian's shared term
+            dot = tl.zeros((BLOCK, SS), dtype=tl.float32)
+            xs = x_ptrs
+            low_c = low
+            for _ in range(C):
+                x = tl.load(xs, mask=pix_ok, other=0.0).to(tl.float32)
+                gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
+                dot += gp * tl.exp(x - lse)
+                xs += sx_c
+                low_c += hw_low
+
+        for c in range(C):
+            x = tl.load(x_ptrs, mask=pix_ok, other=0.0).to(tl.float32)
+            grad = tl.zeros((BLOCK, SS), dtype=tl.float32)
+            if SOFTMAX:
+                prob = tl.exp(x - lse)
+            else:
+                prob = tl.sigmoid(x)
+            if HAS_RMI:
+                gp = _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S, POOL)
+                if SOFTMAX:
+                    grad += prob * (gp - dot)
+                else:
+                    grad += gp * prob * (1.0 - prob)
+            y = (lab == c).to(tl.float32)
+            if PIXEL == 1:
+                c_coef = coef
+                if HAS_WEIGHTS:
+                    c_coef = coef * tl.load(w_ptr + c)
+                grad += c_coef * (tl.sigmoid(x) - y)
+            if PIXEL == 2:
+                grad += coef * (tl.exp(x - lse) - y)
+            grad = grad * vf
+            tl.store(g_ptrs, grad.to(gx_ptr.dtype.element_ty), mask=pix_ok)
+            x_ptrs += sx_c
+            g_ptrs += sg_c
+            low += hw_low
+
+# ----------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------
+
+
+def _new(shape, dtype, device, fill_nan_value=float("nan")):
+    """An output buffer: uninitialised, or pre-filled when FILL_OUTPUTS_WITH_NAN."""
+    if FILL_OUTPUTS_WITH_NAN:
+        return torch.full(shape, fill_nan_value, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class _Geometry:
+    """How kernels A and D block the full-resolution map for a pooling."""
+
+    def __init__(self, h: int, w: int, pool_code: int, s: int):
+        self.pool = pool_code
+        self.s = s if pool_code != POOL_NONE else 1
+        self.pad = self.s // 2
+        self.h_low = (h + 2 * self.pad - self.s) // self.s + 1
+        self.w_low = (w + 2 * self.pad - self.s) // self.s + 1
+        self.h_cells = (h - 1 + self.pad) // self.s + 1
+        self.w_cells = (w - 1 + self.pad) // self.s + 1
+        self.n_cells = self.h_cells * self.w_cells
+        self.ss = _next_pow2(self.s * self.s)
+        self.block = min(max(1, FULL_RES_ELEMENTS // self.ss), _next_pow2(self.n_cells))
+        self.n_blocks = triton.cdiv(self.n_cells, self.block)
+
+
+def _pool_code(opts: RMIOptions) -> int:
+    if not opts.downsamples or opts.pool == "interp":
+        return POOL_NONE
+    return POOL_AVG if opts.pool == "avg" else POOL_MAX
+
+
+def _pixel_code(pixel_loss: Optional[str]) -> int:
+    return {None: PIXEL_NONE, "bce": PIXEL_BCE, "ce": PIXEL_CE}[pixel_loss]
+
+
+def _ignore_value(ignore_index: int) -> int:
+    """Labels are compared as int32 in the kernels; an ignore_index outside
+    that range can match no label that passes the range check."""
+    return ignore_index if -2**31 <= ignore_index < 2**31 else -2**31
+
+
+def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
+    """Kernel A -> (p' [N,C,H',W'] f32, y' or None, argmax uint8 or None, partials [N, blocks, 3])."""
+    n, c, h, w = x.shape
+    geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
+    dev = x.device
+    p_low = _new((n, c, geo.h_low, geo.w_low), torch.float32, dev)
+    y_low = _new((n, c, geo.h_low, geo.w_low), torch.float32, dev) if write_y else p_low
+    arg = _new((n, c, geo.h_low, geo.w_low), torch.uint8, dev, 255) if geo.pool == POOL_MAX else \
+        torch.empty(1, dtype=torch.uint8, device=dev)
+    parts = _new((n, geo.n_blocks, 3), torch.float32, dev)
+    w_arg = weights if weights is not None else p_low
+    _pool_forward_kernel[(geo.n_blocks, n)](
+        x, labels, w_arg, p_low, y_low, arg, parts,
+        c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
+        *x.stride(), _ignore_value(opts.ignore_index),
+        S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
+        SOFTMAX=opts.probs == "softmax", PIXEL=_pixel_code(opts.pixel_loss),
+        HAS_WEIGHTS=weights is not None, WRITE_Y=write_y, CHECK_FINITE=opts.validate,
+        num_warps=4,
+    )
+    return p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts
+
+
+def _moment_layout(d: int, m: int):
+    """(D_PAD, BD, NB, BLOCK_M, tile positions, T) of kernel B for d-dim regions,
+    m positions. BLOCK_M and BD stay >= 16, the smallest float32 tl.dot."""
+    d_pad = _joint_pad(d)
+    block_m = max(16, min(MOMENT_BLOCK_M, _next_pow2(m)))
+    bd = min(2 * d_pad, MOMENT_BD)
+    nb = 2 * d_pad // bd
+    max_tiles = max(1, MOMENT_BUFFER_PER_PLANE // (4 * d * d))
+    tiles = max(1, min(triton.cdiv(m, MOMENT_TILE_POSITIONS), max_tiles))
+    per_tile = triton.cdiv(triton.cdiv(m, tiles), block_m) * block_m
+    tiles = triton.cdiv(m, per_tile)
+    return d_pad, bd, nb, block_m, per_tile, tiles
+
+
+def _launch_region_moments(y_low, p_low, keep, radius: int):
+    """Kernel B + float64 merge -> (mean [N, C, 2d] f64, joint sums [N, C, 2d, 2d] f64)."""
+    n, c, h_low, w_low = p_low.shape
+    d = radius * radius
+    h_v, w_v = h_low - radius + 1, w_low - radius + 1
+    m = h_v * w_v
+    d_pad, bd, nb, block_m, per_tile, tiles = _moment_layout(d, m)
+    planes = n * c
+    dev = p_low.device
+    count = _new((planes, tiles), torch.float32, dev)
+    mean = _new((planes, tiles, 2 * d), torch.float32, dev)
+    sums = _new((planes, tiles, 2 * d, 2 * d), torch.float32, dev)
+    _region_moments_kernel[(planes, tiles, nb * nb)](
+        y_low, p_low, keep if keep is not None else p_low, count, mean, sums,
+        c, h_low, w_low, w_v, m, per_tile, tiles,
+        R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None,
+        num_warps=4,
+    )
+    _, grand, joint = merge_tiles(count, mean, sums)
+    return grand.view(n, c, 2 * d), joint.view(n, c, 2 * d, 2 * d)
+
+
+def _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius: int):
+    """Kernel C: dL/dp' [N, C, H', W'] f32 from G [N, C, d, 2d] and the joint mean [N, C, 2d]."""
+    n, c, h_low, w_low = p_low.shape
+    d = radius * radius
+    d_pad = _joint_pad(d)
+    h_v, w_v = h_low - radius + 1, w_low - radius + 1
+    block_q = max(16, min(STENCIL_ELEMENTS // (2 * d_pad), _next_pow2(h_low * w_low)))
+    out = _new(p_low.shape, torch.float32, p_low.device)
+    _region_grad_kernel[(n * c, triton.cdiv(h_low * w_low, block_q))](
+        y_low, p_low, keep if keep is not None else p_low,
+        mean.float().contiguous(), g_joint.float().contiguous(), out,
+        c, h_low, w_low, h_v, w_v, h_v * w_v,
+        R=radius, D=d, D_PAD=d_pad, BLOCK_Q=block_q, HAS_KEEP=keep is not None,
+        num_warps=4,
+    )
+    return out
+
+
+def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, coef):
+    """Kernel D: dL/dlogits, same dtype and memory layout as the logits."""
+    n, c, h, w = x.shape
+    geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
+    grad = torch.empty_like(x)
+    if FILL_OUTPUTS_WITH_NAN:
+        grad.fill_(float("nan"))
+    pixel = _pixel_code(opts.pixel_loss) if coef is not None else PIXEL_NONE
+    dummy = torch.empty(1, dtype=torch.float32, device=x.device)
+    _pool_backward_kernel[(geo.n_blocks, n)](
+        x, labels, weights if weights is not None else dummy,
+        g_low if g_low is not None else dummy, arg if arg is not None else dummy,
+        coef if coef is not None else dummy, grad,
+        c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
+        *x.stride(), *grad.stride(), _ignore_value(opts.ignore_index),
+        S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
+        SOFTMAX=opts.probs == "softmax", PIXEL=pixel,
+        HAS_WEIGHTS=weights is not None, HAS_RMI=g_low is not None,
+        num_warps=4,
+    )
+    return grad
+
+
+# ----------------------------------------------------------------------------
+# the two halves as torch.library custom ops, and their autograd formula
+# ----------------------------------------------------------------------------
+
+def _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_ignored, validate):
+    return RMIOptions(radius=radius, pool=pool, pool_size=pool_size, pixel_loss=pixel_loss or None,
+                      probs=probs, ignore_index=ignore_index, exclude_ignored=exclude_ignored,
+                      validate=validate, backend="triton")
+
+
+def _low_shape(logits, opts):
+    n, c, h, w = logits.shape
+    return (n, c, *opts.pooled_size(h, w))
+
+
+@torch.library.custom_op("rmi_triton::triton_statistics", mutates_args=())
+def _statistics_op(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
+                   weights: Optional[torch.Tensor], radius: int, pool: str, pool_size: int,
+                   pixel_loss: str, probs: str, ignore_index: int, exclude_ignored: bool,
+                   validate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor]:
+    """-> pixel term, Sy, Sp, Syp (float64), and what backward needs: the
+    pixel term's denominator, y', p' [N,C,H',W'], the max-pool arg-max (uint8,
+    empty unless pool="max") and the joint mean [N, C, 2d] float64."""
+    opts = _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_ignored, validate)
+    labels = labels.contiguous()
+    interp = opts.pool == "interp" and opts.downsamples
+    p_low, y_low, arg, parts = _launch_pool_forward(logits, labels, weights, opts, write_y=not interp)
+    if interp:
+        size = opts.pooled_size(*logits.shape[-2:])
+        p_low = torch.nn.functional.interpolate(p_low, size=size, mode="bilinear", align_corners=True)
+        valid, safe = label_maps(labels, opts)
+        y_low = pooled_labels(valid, safe, logits.shape[1], opts)
+    if validate:
+        raise_if_nonfinite(parts[..., 2].sum() == 0)
+    totals = parts.double().sum((0, 1))
+    if opts.pixel_loss == "bce":
+        denom = totals[1] + 1
+    else:
+        denom = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
+    pixel = totals[0] / denom if opts.pixel_loss is not None else torch.zeros_like(totals[0])
+    mean, joint = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius)
+    sy, sp, syp = split_blocks(joint, opts.d)
+    if arg is None:
+        arg = torch.empty(0, dtype=torch.uint8, device=logits.device)
+    return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous(), denom, y_low, p_low, arg, mean
+
+
+@_statistics_op.register_fake
+def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pixel_loss, probs,
+                     ignore_index, exclude_ignored, validate):
+    n, c = logits.shape[:2]
+    d = radius * radius
+    opts = _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_ignored, validate)
+    low = _low_shape(logits, opts)
+    f64 = dict(dtype=torch.float64, device=logits.device)
+    arg_shape = low if opts.pool == "max" and opts.downsamples else (0,)
+    return (logits.new_empty((), **f64), logits.new_empty((n, c, d, d), **f64),
+            logits.new_empty((n, c, d, d), **f64), logits.new_empty((n, c, d, d), **f64),
+            logits.new_empty((), **f64), logits.new_empty(low, dtype=torch.float32),
+            logits.new_empty(low, dtype=torch.float32), logits.new_empty(arg_shape, dtype=torch.uint8),
+            logits.new_empty((n, c, 2 * d), **f64))
+
+
+@torch.library.custom_op("rmi_triton::triton_statistics_backward", mutates_args=())
+def _statistics_backward_op(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
+                            weights: Optional[torch.Tensor], y_low: torch.Tensor, p_low: torch.Tensor,
+                            arg: torch.Tensor, mean: torch.Tensor, denom: torch.Tensor,
+                            g_pixel: Optional[torch.Tensor], g_sp: Optional[torch.Tensor],
+                            g_syp: Optional[torch.Tensor], radius: int, pool: str, pool_size: int,
+                            pixel_loss: str, probs: str, ignore_index: int) -> torch.Tensor:
+    """dL/dlogits from dL/d(pixel term) and dL/dSp, dL/dSyp [N, C, d, d]."""
+    opts = _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, False, False)
+    labels = labels.contiguous()
+    g_low = None
+    if g_sp is not None or g_syp is not None:
+        g_sp = torch.zeros_like(g_syp) if g_sp is None else g_sp
+        g_syp = torch.zeros_like(g_sp) if g_syp is None else g_syp
+        g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
+        g_low = _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius)
+        if opts.pool == "interp" and opts.downsamples:
+            g_low = torch.ops.aten.upsample_bilinear2d_backward(
+                g_low, list(g_low.shape[-2:]), list(logits.shape), True, None, None)
+    coef = None
+    if g_pixel is not None and opts.pixel_loss is not None:
+        coef = (g_pixel.double() / denom).float().reshape(1)
+    return _launch_pool_backward(logits, labels, weights, opts, g_low,
+                                 arg if arg.numel() else None, coef)
+
+
+@_statistics_backward_op.register_fake
+def _statistics_backward_fake(logits, labels, keep, weights, y_low, p_low, arg, mean, denom, g_pixel,
+                              g_sp, g_syp, radius, pool, pool_size, pixel_loss, probs, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, keep, weights, radius, pool, pool_size, pixel_loss, probs, ignore_index, _, _ = inputs
+    _, _, _, _, denom, y_low, p_low, arg, mean = output
+    ctx.save_for_backward(logits, labels, keep, weights, y_low, p_low, arg, mean, denom)
+    ctx.config = (radius, pool, pool_size, pixel_loss, probs, ignore_index)
+
+
+def _backward(ctx, g_pixel, _g_sy, g_sp, g_syp, *_unused):
+    logits, labels, keep, weights, y_low, p_low, arg, mean, denom = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _statistics_backward_op(logits, labels, keep, weights, y_low, p_low, arg, mean, denom,
+                                       g_pixel, g_sp, g_syp, *ctx.config)
+    return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+_statistics_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# the engine's entry point
+# ----------------------------------------------------------------------------
+
+def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> Statistics:
+    """The pixel term and Sy, Sp, Syp [N, C, d, d] (float64) of the region
+    vectors, computed by the Triton kernels; differentiable in the logits."""
+    if not available():
+        raise RuntimeError("the Triton engine needs triton and a CUDA device (or TRITON_INTERPRET=1 "
+                           "set before triton is imported); use backend='torch'")
+    keep = None
+    if opts.exclude_ignored:
+        ignored = (labels == opts.ignore_index).unsqueeze(1).float()
+        keep = kept_regions(ignored, opts).flatten(1).float().contiguous()
+    weights = opts.weights_tensor(logits.shape[1], logits.device, dtype=torch.float32)
+    pixel, sy, sp, syp, *_ = _statistics_op(
+        logits, labels, keep, weights, opts.radius, opts.pool, opts.pool_size, opts.pixel_loss or "",
+        opts.probs, opts.ignore_index, opts.exclude_ignored, opts.validate)
+    return Statistics(pixel, sy, sp, syp)
