@@ -1,0 +1,112 @@
+"""Checkpoints: the network's state and build config, written atomically, read safely.
+
+A checkpoint is a plain dict saved with `torch.save` and read back with
+`torch.load(weights_only=True)`, so a file can never make Python run code:
+
+    {"format": "rmi_triton.checkpoint", "version": 1,
+     "model": {name: tensor},            # the segmentation network's state_dict
+     "config": {"name": ..., "num_classes": ..., "backbone": ..., "output_stride": ...},
+     ...}                                # optional training state (tensors, numbers, strings)
+
+No loss state is stored: the RMI loss has no parameters, and the network alone
+is what inference (and export) needs. `build_from_checkpoint` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Dict
+
+import torch
+
+FORMAT = "rmi_triton.checkpoint"
+VERSION = 1
+CONFIG_KEYS = ("name", "num_classes", "backbone", "output_stride")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: corrupt, foreign or unsafe."""
+
+
+def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor], config: Dict[str, Any],
+                    **extra: Any) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash at any moment leaves either the previous file or the new one,
+    never a half-written checkpoint.
+    """
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"checkpoint config lacks {missing}; needs {list(CONFIG_KEYS)}")
+    payload = {"format": FORMAT, "version": VERSION, "model": model_state, "config": dict(config), **extra}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, Any]:
+    """Read and check a checkpoint; never executes anything the file contains."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory sits at the end
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated (not a complete torch.save archive)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path!r} holds objects other than tensors and plain containers and was "
+            f"refused without running it (weights_only=True): {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not an rmi_triton checkpoint (no format={FORMAT!r} entry)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has version {payload.get('version')}, expected {VERSION}")
+    config, state = payload.get("config"), payload.get("model")
+    if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
+        raise CheckpointError(f"checkpoint {path!r} has no complete model config {list(CONFIG_KEYS)}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path!r} has no model state dict of tensors")
+    return payload
+
+
+def build_from_checkpoint(path_or_payload, map_location="cpu") -> torch.nn.Module:
+    """The segmentation network a checkpoint describes, with its weights loaded (eval mode)."""
+    from rmi_triton.models import build_model
+
+    payload = path_or_payload if isinstance(path_or_payload, dict) else load_checkpoint(path_or_payload,
+                                                                                       map_location)
+    config = payload["config"]
+    try:
+        model = build_model(**{k: config[k] for k in CONFIG_KEYS})
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint describes a network that cannot be built: {err}") from None
+    try:
+        result = model.load_state_dict(payload["model"], strict=False)
+    except RuntimeError as err:  # mis-shaped tensors
+        raise CheckpointError(f"checkpoint weights do not fit {config['name']}/{config['backbone']}: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint weights do not fit {config['name']}/{config['backbone']}: "
+                              f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model.eval()

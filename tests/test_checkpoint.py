@@ -1,0 +1,104 @@
+"""Checkpoints: atomic writes, safe reads, clear errors."""
+
+import os
+
+import pytest
+import torch
+
+from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, save_checkpoint
+from rmi_triton.models import build_model
+
+CONFIG = {"name": "deeplabv3plus", "num_classes": 3, "backbone": "resnet18", "output_stride": 16}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(**CONFIG).eval()
+
+
+def test_round_trip_rebuilds_the_network(tmp_path, model):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model.state_dict(), CONFIG, iteration=7)
+    payload = load_checkpoint(path)
+    assert payload["iteration"] == 7 and payload["config"] == CONFIG
+    rebuilt = build_from_checkpoint(path)
+    x = torch.randn(1, 3, 64, 72)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert not rebuilt.training
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_truncated_file(tmp_path, model):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model.state_dict(), CONFIG)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    """Unpickling this would create a file: the marker proves nothing ran."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_object_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+    _Payload.marker = str(marker)
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": {}, "config": CONFIG,
+                "x": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused without running it"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_foreign_or_incomplete_payloads(tmp_path, model):
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="not an rmi_triton checkpoint"):
+        load_checkpoint(path)
+    torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": {}, "config": {"name": "x"}}, path)
+    with pytest.raises(CheckpointError, match="no complete model config"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="config lacks"):
+        save_checkpoint(path, {}, {"name": "deeplabv3"})
+
+
+def test_weights_that_do_not_fit(tmp_path, model):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model.state_dict(), dict(CONFIG, num_classes=5))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        build_from_checkpoint(path)
+    save_checkpoint(path, model.state_dict(), dict(CONFIG, name="unet"))
+    with pytest.raises(CheckpointError, match="cannot be built"):
+        build_from_checkpoint(path)
+
+
+def test_crash_during_save_keeps_the_previous_file(tmp_path, model, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model.state_dict(), CONFIG, iteration=1)
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model.state_dict(), CONFIG, iteration=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
