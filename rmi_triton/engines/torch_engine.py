@@ -29,7 +29,7 @@ from ..validation import raise_if_nonfinite
 
 FULL_RES_CHUNK = 1 << 20  # elements of logits handled per step of the full-resolution stage
 REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
-TILE = 1024  # region vectors per float32 tile before the float64 merge
+TILE = 1024  # about this many region vectors per float32 tile before the float64 merge
 
 
 class Statistics(NamedTuple):
@@ -136,14 +136,14 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
     bce_per_class = torch.zeros(c, dtype=torch.float64, device=x.device)
     ce_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
-    finite = torch.ones((), dtype=torch.bool, device=x.device)
+    checksum = torch.zeros((), dtype=torch.float64, device=x.device)
     for g in _image_groups(x):
         xc = x[g].float()
         vc = valid[g].unsqueeze(1)
         vf = vc.float()
         lab = safe[g].unsqueeze(1)
-        if opts.validate:
-            finite &= torch.isfinite(xc).all()
+        if opts.validate:  # a finite sum proves every value finite, at the cost of one read
+            checksum += xc.sum()
         lse = None
         if opts.pixel_loss == "bce":
             # sum over valid pixels of softplus(x) - x * y, per class
@@ -159,13 +159,13 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
             p = torch.sigmoid(xc)
         else:
             p = torch.exp(xc - lse) if lse is not None else torch.softmax(xc, dim=1)
-        p.mul_(vf).add_(PROB_CLIP)
+        torch.addcmul(p.new_tensor(PROB_CLIP), p, vf, out=p)
         pooled, idx = _pool_probs(p, opts)
         p_low[g] = pooled
         if indices is not None:
             indices[g] = idx
-    if opts.validate:
-        raise_if_nonfinite(finite)
+    if opts.validate and not bool(torch.isfinite(checksum)):
+        raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
     if opts.pixel_loss == "bce":
         if weights is not None:
             bce_per_class = bce_per_class * weights
@@ -190,35 +190,32 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
         coef = (g_pixel.double() / torch.where(total > 0, total, torch.ones_like(total))).float()
     else:
         coef = None
+    needs_softmax = opts.probs == "softmax" or (coef is not None and opts.pixel_loss == "ce")
+    needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
     for g in _image_groups(x):
         xc = x[g].float()
         vf = valid[g].unsqueeze(1).float()
         lab = safe[g].unsqueeze(1)
-        softmax = torch.softmax(xc, dim=1) if "softmax" == opts.probs or (
-            coef is not None and opts.pixel_loss == "ce") else None
-        sigmoid = torch.sigmoid(xc) if opts.probs == "sigmoid" or (
-            coef is not None and opts.pixel_loss == "bce") else None
-        if g_p_low is not None:
-            gp = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
-            if opts.probs == "sigmoid":
-                gp.mul_(sigmoid).mul_(1.0 - sigmoid)
-            else:
-                gp.sub_((gp * softmax).sum(1, keepdim=True)).mul_(softmax)
-        else:
+        # masked probabilities: v in {0, 1}, so every term below carries the mask through them
+        softmax = torch.softmax(xc, dim=1).mul_(vf) if needs_softmax else None
+        sigmoid = torch.sigmoid(xc).mul_(vf) if needs_sigmoid else None
+        if g_p_low is None:
             gp = torch.zeros_like(xc)
+        else:
+            gp = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
+            if opts.probs == "sigmoid":  # v s (1 - s) dL/dp
+                gp = torch.ops.aten.sigmoid_backward(gp, sigmoid)
+            else:  # v s (dL/dp - sum_c s dL/dp)
+                gp = torch.ops.aten._softmax_backward_data(gp, softmax, 1, torch.float32)
         if coef is not None and opts.pixel_loss == "bce":
-            # d/dx (softplus(x) - x y) = sigmoid(x) - y
+            # d/dx (softplus(x) - x y) = sigmoid(x) - y, on valid pixels
             gp.addcmul_(sigmoid, coef.view(1, c, 1, 1))
-            gp.mul_(vf)
             gp.scatter_add_(1, lab, -coef[lab] * vf)
         elif coef is not None:
-            # d/dx (lse - x_label) = softmax - onehot, weighted per pixel
-            pw = vf * coef if weights is None else weights.float()[lab] * vf * coef
-            gp.mul_(vf)
+            # d/dx (lse - x_label) = softmax - onehot, weighted per valid pixel
+            pw = coef if weights is None else weights.float()[lab] * coef
             gp.addcmul_(softmax, pw)
-            gp.scatter_add_(1, lab, -pw)
-        else:
-            gp.mul_(vf)
+            gp.scatter_add_(1, lab, -pw * vf)
         grad[g] = gp
     return grad
 
@@ -227,76 +224,122 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
 # stage 2: region vectors of the downsampled maps
 # ----------------------------------------------------------------------------
 
-def _plane_groups(num_planes: int, d: int, m: int):
-    step = max(1, REGION_CHUNK // (2 * d * m))
-    for start in range(0, num_planes, step):
-        yield slice(start, min(start + step, num_planes))
+class _Tiling(NamedTuple):
+    """Region vectors of a (H'-R+1) x (W'-R+1) valid grid, cut into tiles of whole rows."""
+
+    radius: int
+    rows: int  # valid-grid rows per tile
+    tiles: int  # T; the last tile may hold padding rows past the grid
+    height: int  # valid-grid rows, H' - R + 1
+    width: int  # valid-grid columns, W' - R + 1
+
+    @staticmethod
+    def of(h_low: int, w_low: int, radius: int) -> "_Tiling":
+        height, width = h_low - radius + 1, w_low - radius + 1
+        tiles = -(-height * width // TILE)
+        rows = -(-height // tiles)
+        return _Tiling(radius, rows, -(-height // rows), height, width)
+
+    def padded_rows(self) -> int:
+        return self.tiles * self.rows + self.radius - 1
+
+    def plane_groups(self, num_planes: int):
+        per_plane = 2 * self.radius ** 2 * self.tiles * self.rows * self.width
+        step = max(1, REGION_CHUNK // per_plane)
+        for start in range(0, num_planes, step):
+            yield slice(start, min(start + step, num_planes))
+
+    def windows(self, maps: torch.Tensor) -> torch.Tensor:
+        """[B, K, H', W'] -> view [B, T, K, R, R, rows, W'-R+1] of every region vector
+        (zero rows below the map pad the last tile). No copy of the R*R-fold stack."""
+        b, k, h, w = maps.shape
+        maps = F.pad(maps, (0, 0, 0, self.padded_rows() - h)).contiguous()
+        sb, sk, sh, _ = maps.stride()
+        r = self.radius
+        return maps.as_strided((b, self.tiles, k, r, r, self.rows, self.width),
+                               (sb, self.rows * sh, sk, sh, 1, sh, 1))
+
+    def weights(self, keep: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """0/1 weights [B or 1, T, 1, 1, 1, rows, W'-R+1] of the region vectors, None when all
+        count: the kept-region mask, and zero on the padding rows."""
+        padding = self.tiles * self.rows - self.height
+        if keep is None and padding == 0:
+            return None
+        if keep is None:
+            keep = like.new_ones(1, self.height, self.width)
+        keep = F.pad(keep.to(like.dtype), (0, 0, 0, padding))
+        return keep.view(-1, self.tiles, 1, 1, 1, self.rows, self.width)
 
 
-def _joint_vectors(y_low, p_low, planes: slice, radius: int) -> torch.Tensor:
-    """[B, 2d, M] float32: rows 0..d-1 the label region vectors, d..2d-1 the probabilities'."""
-    hw = y_low.shape[-2:]
-    y = y_low.flatten(0, 1)[planes]
-    p = p_low.flatten(0, 1)[planes]
-    return F.unfold(torch.stack([y, p], dim=1).view(-1, 2, *hw), radius)
+def _joint_maps(y_low, p_low, planes: slice) -> torch.Tensor:
+    """[B, 2, H', W']: the label and probability maps of a group of (n, c) planes."""
+    return torch.stack([y_low.flatten(0, 1)[planes], p_low.flatten(0, 1)[planes]], dim=1)
 
 
-def _plane_keep(keep, planes: slice, c: int):
-    """[B, 1, M] float32 weights of the planes' region vectors, or None (all kept)."""
-    if keep is None:
-        return None
-    image = torch.arange(planes.start, planes.stop, device=keep.device) // c
-    return keep[image]
+def _plane_weights(tiling: _Tiling, keep, planes: slice, c: int, like):
+    if keep is not None:
+        keep = keep[torch.arange(planes.start, planes.stop, device=keep.device) // c]
+    return tiling.weights(keep, like)
 
 
 def region_moments(y_low, p_low, keep, radius: int):
     """Centred covariance sums of the joint [y; p] region vectors.
 
-    y_low, p_low: [N, C, H', W'] float32;  keep: [N, 1, M] float32 0/1 or None
+    y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 or None
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64)
     """
     n, c, h_low, w_low = y_low.shape
-    d = radius * radius
-    m = (h_low - radius + 1) * (w_low - radius + 1)
-    tiles = -(-m // TILE)
+    tiling = _Tiling.of(h_low, w_low, radius)
+    d2 = 2 * radius * radius
     means, sums = [], []
-    for planes in _plane_groups(n * c, d, m):
-        vec = F.pad(_joint_vectors(y_low, p_low, planes, radius), (0, tiles * TILE - m))
+    for planes in tiling.plane_groups(n * c):
+        vec = tiling.windows(_joint_maps(y_low, p_low, planes))
+        weight = _plane_weights(tiling, keep, planes, c, y_low)
+        if weight is not None:
+            vec = vec * weight
+            count = weight.sum((-2, -1)).flatten(1).expand(vec.shape[0], -1)
+        else:
+            count = y_low.new_full((vec.shape[0], tiling.tiles), tiling.rows * tiling.width)
         b = vec.shape[0]
-        vec = vec.view(b, 2 * d, tiles, TILE).transpose(1, 2)  # [B, T, 2d, TILE]
-        kept = _plane_keep(keep, planes, c)
-        if kept is None:
-            kept = torch.ones(1, 1, m, device=vec.device)
-        weight = F.pad(kept, (0, tiles * TILE - m)).view(-1, tiles, 1, TILE)
-        count = weight.sum(-1)  # [B or 1, T, 1]
-        tile_mean = (vec * weight).sum(-1) / count.clamp_min(1)  # [B, T, 2d]
-        centred = (vec - tile_mean.unsqueeze(-1)) * weight
+        tile_mean = vec.sum((-2, -1)) / count.clamp_min(1)[..., None, None, None]  # [B, T, 2, R, R]
+        centred = torch.sub(vec, tile_mean[..., None, None], out=vec.new_empty(vec.shape))
+        if weight is not None:
+            centred.mul_(weight)
+        centred = centred.view(b, tiling.tiles, d2, -1)
         tile_sums = centred @ centred.transpose(-1, -2)  # [B, T, 2d, 2d] float32
-        _, mean, joint = merge_tiles(count[..., 0].expand(b, tiles), tile_mean, tile_sums)
+        _, mean, joint = merge_tiles(count, tile_mean.view(b, tiling.tiles, d2), tile_sums)
         means.append(mean)
         sums.append(joint)
-    return torch.cat(means).view(n, c, 2 * d), torch.cat(sums).view(n, c, 2 * d, 2 * d)
+    return torch.cat(means).view(n, c, d2), torch.cat(sums).view(n, c, d2, d2)
 
 
 def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int) -> torch.Tensor:
     """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
     dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows."""
     n, c, h_low, w_low = y_low.shape
-    d = radius * radius
-    m = (h_low - radius + 1) * (w_low - radius + 1)
+    tiling = _Tiling.of(h_low, w_low, radius)
+    r, d = radius, radius * radius
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
-    g_joint = g_joint.float().flatten(0, 1)
-    centre = mean.float().flatten(0, 1)
-    grad = torch.empty_like(p_low).flatten(0, 1)
-    for planes in _plane_groups(n * c, d, m):
-        vec = _joint_vectors(y_low, p_low, planes, radius) - centre[planes].unsqueeze(-1)
-        kept = _plane_keep(keep, planes, c)
-        if kept is not None:
-            vec.mul_(kept)
-        g_vec = g_joint[planes] @ vec  # [B, d, M]
-        grad[planes] = F.fold(g_vec, (h_low, w_low), radius).squeeze(1)
-    return grad.view(n, c, h_low, w_low)
+    g_joint = g_joint.float().flatten(0, 1).unsqueeze(1)  # [NC, 1, d, 2d]
+    centre = mean.float().flatten(0, 1).view(n * c, 1, 2, r, r, 1, 1)
+    grad = torch.zeros(n * c, tiling.padded_rows(), w_low, device=p_low.device)
+    for planes in tiling.plane_groups(n * c):
+        windows = tiling.windows(_joint_maps(y_low, p_low, planes))
+        vec = torch.sub(windows, centre[planes], out=windows.new_empty(windows.shape))
+        weight = _plane_weights(tiling, keep, planes, c, y_low)
+        if weight is not None:
+            vec.mul_(weight)
+        b = vec.shape[0]
+        g_vec = (g_joint[planes] @ vec.view(b, tiling.tiles, 2 * d, -1))  # [B, T, d, rows * W'v]
+        g_vec = g_vec.view(b, tiling.tiles, r, r, tiling.rows, tiling.width)
+        out = grad[planes]
+        span = tiling.tiles * tiling.rows
+        for i in range(r):
+            for j in range(r):  # scatter each window offset back onto the map (the fold)
+                out[:, i:i + span, j:j + tiling.width].unflatten(1, (tiling.tiles, tiling.rows)) \
+                    .add_(g_vec[:, :, i, j])
+    return grad[:, :h_low].reshape(n, c, h_low, w_low)
 
 
 # ----------------------------------------------------------------------------
@@ -313,7 +356,7 @@ class _TorchStatistics(torch.autograd.Function):
         y_low = pooled_labels(valid, safe, c, opts)
         keep = None
         if opts.exclude_ignored:
-            keep = kept_regions((~valid).unsqueeze(1).float(), opts).flatten(2).float()
+            keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
         mean, joint = region_moments(y_low, p_low, keep, opts.radius)
         sy, sp, syp = split_blocks(joint, opts.d)
         ctx.opts = opts

@@ -1,0 +1,40 @@
+"""The providers every benchmark compares, on the same inputs.
+
+* cross_entropy: F.cross_entropy, the floor users know.
+* published:     the published formula, float64 region stacks and one-hot maps
+                 (rmi_triton.reference_rmi follows the authors' training code).
+* torch:         rmi_triton's PyTorch engine.
+* triton:        rmi_triton's Triton engine (GPU only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rmi_triton import reference_rmi, rmi_loss
+
+# name, (N, C, H, W), pool size (avg pooling)
+CPU_SHAPES = {
+    "4x21x256x256-avg4": ((4, 21, 256, 256), 4),
+    "2x21x512x512-avg2": ((2, 21, 512, 512), 2),
+}
+
+
+def make_inputs(shape, seed=0, device="cpu", dtype=torch.float32, ignore_frac=0.05):
+    n, c, h, w = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
+    return logits, labels.to(device)
+
+
+def loss_fn(provider: str, pool_size: int):
+    if provider == "cross_entropy":
+        return lambda x, y: F.cross_entropy(x, y, ignore_index=255)
+    if provider == "published":
+        return lambda x, y: reference_rmi(x, y, pool_size=pool_size).loss
+    if provider in ("torch", "triton"):
+        return lambda x, y: rmi_loss(x, y, pool_size=pool_size, backend=provider)
+    raise ValueError(f"unknown provider {provider!r}")
