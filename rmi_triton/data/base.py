@@ -1,0 +1,170 @@
+"""Shared dataset machinery: transform application, augmentation RNG, image-folder loading."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from .transforms import IGNORE_INDEX, val_transform
+
+
+class SegmentationDataset(Dataset):
+    """Base class: items are ``(image float32 [3, H, W], label int64 [H, W])``.
+
+    Subclasses implement ``__len__`` and ``raw(index) -> (rgb uint8 [H, W, 3],
+    label uint8 [H, W])`` (labels already mapped to train ids, 255 = ignore) and set
+    ``num_classes`` / ``class_names``. This class applies ``transform`` with a
+    per-process ``np.random.Generator``:
+
+    * in the main process it is seeded with ``aug_seed``;
+    * inside a DataLoader worker it is reseeded from ``(aug_seed, worker seed)``,
+      where the worker seed is the one torch derives per worker and per epoch from
+      the loader's generator. So workers never repeat each other's augmentations,
+      and ``torch.manual_seed`` (or ``DataLoader(generator=...)``) makes runs
+      reproducible without a ``worker_init_fn``.
+    """
+
+    num_classes: int
+    class_names: tuple[str, ...]
+    ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, transform: Callable | None = None, aug_seed: int = 0):
+        self.transform = transform if transform is not None else val_transform()
+        self.aug_seed = int(aug_seed)
+        self._rng: np.random.Generator | None = None
+        self._rng_owner: object = None
+
+    # -- augmentation randomness -------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation stream of this process from ``seed``."""
+        self.aug_seed = int(seed)
+        self._rng = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The generator the transform draws from in the current process/worker."""
+        info = get_worker_info()
+        owner = None if info is None else (info.id, info.seed)
+        if self._rng is None or owner != self._rng_owner:
+            entropy = [self.aug_seed] if info is None else [self.aug_seed, info.seed]
+            self._rng = np.random.default_rng(entropy)
+            self._rng_owner = owner
+        return self._rng
+
+    # -- items ---------------------------------------------------------------
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def rgb(self, index: int) -> np.ndarray:
+        """The un-normalised image of item ``index``: uint8 ``[H, W, 3]`` for plotting."""
+        return self.raw(index)[0]
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {n}")
+        return index
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.raw(self._check_index(index))
+        return self.transform(image, label, self.rng)
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Decode an image file to uint8 ``[H, W, 3]`` RGB."""
+    Image = _pil()
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+def read_index_png(path: str) -> np.ndarray:
+    """Decode a label PNG that stores class indices: uint8 ``[H, W]``.
+
+    Palette ("P") PNGs give their palette indices, grayscale ("L") PNGs their
+    values. Colour PNGs are rejected: their pixel values are not class ids.
+    """
+    Image = _pil()
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise ValueError(
+                f"label file {path} has PIL mode {im.mode!r}: expected a palette ('P') or "
+                "grayscale ('L') PNG whose pixel values are class indices"
+            )
+        return np.array(im, dtype=np.uint8)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file without decoding its pixels."""
+    Image = _pil()
+    with Image.open(path) as im:
+        return im.size
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - Pillow ships with matplotlib
+        raise ImportError("reading VOC/CamVid images needs Pillow: pip install pillow") from e
+    return Image
+
+
+class ImageLabelFolder(SegmentationDataset):
+    """A list of ``(image path, label path)`` pairs decoded on access.
+
+    ``decode_label(path) -> uint8 [H, W]`` turns a label file into train ids
+    (255 = ignore) and validates its values.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, str]],
+        transform: Callable | None = None,
+        aug_seed: int = 0,
+    ):
+        super().__init__(transform, aug_seed)
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def decode_label(self, path: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rgb uint8 [H, W, 3], label uint8 [H, W])`` of item ``index``, size-checked."""
+        img_path, lab_path = self.samples[self._check_index(index)]
+        image = read_rgb(img_path)
+        label = self.decode_label(lab_path)
+        if label.shape != image.shape[:2]:
+            (h, w), (lh, lw) = image.shape[:2], label.shape
+            raise ValueError(
+                f"label {lab_path} is {lw}x{lh} (WxH) but its image {img_path} is {w}x{h}: "
+                "every label map must have exactly the size of its image"
+            )
+        return image, label
+
+
+def read_split_list(path: str) -> list[list[str]]:
+    """Non-empty, whitespace-split lines of a split list file (``#`` starts a comment)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                rows.append(line.split())
+    if not rows:
+        raise ValueError(f"split list {path} is empty: expected one sample per line")
+    return rows
+
+
+def require_dir(path: str, what: str) -> str:
+    """Return ``path`` if it is a directory, else raise FileNotFoundError explaining ``what``."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(what)
+    return path
