@@ -1,0 +1,172 @@
+"""The Triton engine against the float64 reference, run through the Triton interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported. Every
+test here runs with the engine's internal output buffers pre-filled with NaN
+(255 for the max-pool arg-max), so an element a kernel forgot to write fails.
+Shapes are tiny and odd: the interpreter pays per operation.
+"""
+
+import pytest
+import torch
+
+from rmi_triton import reference_rmi, rmi_loss, rmi_terms
+from rmi_triton.engines import triton_engine
+from rmi_triton.options import RMIOptions
+
+from helpers import OPTION_CASES, assert_close_rel, case_id, loss_and_grad, random_inputs
+
+pytestmark = pytest.mark.skipif(not triton_engine.available(),
+                                reason="triton is not installed or TRITON_INTERPRET is not set")
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    monkeypatch.setattr(triton_engine, "FILL_OUTPUTS_WITH_NAN", True)
+
+
+def _ref(x, labels, **options):
+    return reference_rmi(x.double(), labels, **options).loss
+
+
+def _triton(x, labels, **options):
+    return rmi_loss(x, labels, backend="triton", **options)
+
+
+def _shape(options):
+    return (2, 3, 37, 53) if options.get("radius", 3) < 10 else (1, 1, 61, 67)
+
+
+@pytest.mark.parametrize("options", OPTION_CASES, ids=case_id)
+def test_matches_reference_float32(options):
+    ignore = options.get("ignore_index", 255)
+    logits, labels = random_inputs(*_shape(options), ignore_index=ignore, seed=len(case_id(options)))
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [{}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"}], ids=case_id)
+def test_half_precision_logits(dtype, options):
+    logits, labels = random_inputs(2, 3, 37, 53, dtype=dtype, seed=3)
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)  # same rounded inputs
+    assert grad.dtype == dtype
+    assert_close_rel(loss, ref_loss, 1e-2, "loss")
+    assert_close_rel(grad, ref_grad, 1e-2, "gradient")
+
+
+GPU_BLOCK_CASES = [
+    ({}, (1, 2, 37, 53)),
+    ({"pool": "none"}, (1, 2, 40, 45)),  # 1634 positions: several tiles and sub-blocks
+    ({"pool_size": 2, "radius": 5}, (1, 2, 37, 53)),  # two joint-covariance blocks per side
+    ({"pool": "max", "exclude_ignored": True, "probs": "softmax"}, (1, 3, 37, 53)),
+]
+
+
+@pytest.mark.parametrize("options,shape", GPU_BLOCK_CASES, ids=[case_id(o) for o, _ in GPU_BLOCK_CASES])
+def test_gpu_block_sizes(monkeypatch, options, shape):
+    """The blocking a GPU gets (the interpreter otherwise uses larger blocks)."""
+    for name, value in triton_engine.GPU_BLOCKS.items():
+        monkeypatch.setattr(triton_engine, name, value)
+    logits, labels = random_inputs(*shape, seed=11)
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+def test_bitwise_deterministic():
+    logits, labels = random_inputs(2, 3, 37, 53, seed=7)
+    first = loss_and_grad(_triton, logits, labels, probs="softmax")
+    second = loss_and_grad(_triton, logits, labels, probs="softmax")
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.uint8])
+def test_label_dtypes(label_dtype):
+    logits, labels = random_inputs(2, 3, 33, 41, seed=5)
+    loss, grad = loss_and_grad(_triton, logits, labels)
+    narrow_loss, narrow_grad = loss_and_grad(_triton, logits, labels.to(label_dtype))
+    assert torch.equal(loss, narrow_loss)
+    assert torch.equal(grad, narrow_grad)
+
+
+def test_channels_last_and_non_contiguous():
+    logits, labels = random_inputs(2, 3, 37, 53, seed=6)
+    loss, grad = loss_and_grad(_triton, logits, labels)
+    cl = logits.to(memory_format=torch.channels_last)
+    cl_loss, cl_grad = loss_and_grad(_triton, cl, labels)
+    assert cl_grad.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(cl_loss, loss, 1e-6, "channels_last loss")
+    assert_close_rel(cl_grad, grad, 1e-6, "channels_last gradient")
+    wide = torch.randn(2, 3, 37, 60)
+    wide[..., :53] = logits
+    nc_loss, nc_grad = loss_and_grad(_triton, wide[..., :53], labels)
+    assert_close_rel(nc_loss, loss, 1e-6, "sliced loss")
+    assert_close_rel(nc_grad, grad, 1e-6, "sliced gradient")
+
+
+def test_terms_match_reference():
+    logits, labels = random_inputs(2, 3, 37, 53, seed=8)
+    terms = rmi_terms(logits, labels, backend="triton", class_weights=[0.5, 1.0, 2.0])
+    ref = reference_rmi(logits.double(), labels, class_weights=[0.5, 1.0, 2.0])
+    assert_close_rel(terms.pixel, ref.pixel, 1e-6, "pixel term")
+    assert_close_rel(terms.rmi_per_class, ref.rmi_per_class, 1e-5, "per-class RMI")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_raise(bad):
+    logits, labels = random_inputs(1, 2, 17, 19, seed=9)
+    logits[0, 1, 5, 7] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _triton(logits, labels)
+    # validate=False skips the check: the engine runs through (the non-finite value propagates)
+    opts = RMIOptions(backend="triton", validate=False)
+    stats = triton_engine.statistics(logits, labels, opts)
+    assert not torch.isfinite(stats.pixel)
+
+
+def test_rmi_only_gradient_and_pixel_only_gradient():
+    """Backward with only one of the two gradient paths alive."""
+    logits, labels = random_inputs(1, 2, 21, 23, seed=10)
+    for options in ({"rmi_weight": 1.0}, {"rmi_weight": 0.0}):
+        loss, grad = loss_and_grad(_triton, logits, labels, **options)
+        ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+        assert_close_rel(grad, ref_grad, 1e-4, f"gradient {options}")
+
+
+def test_custom_op_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of the op."""
+    logits, labels = random_inputs(1, 2, 13, 15, seed=12)
+    args = (logits.requires_grad_(), labels, None, torch.tensor([0.5, 2.0]), 2, "avg", 2, "bce",
+            "sigmoid", 255, False, True)
+    torch.library.opcheck(torch.ops.rmi_triton.triton_statistics.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile keeps the engine (forward and backward) in one graph."""
+    logits, labels = random_inputs(1, 2, 17, 19, seed=13)
+    opts = RMIOptions(backend="triton", validate=False)
+
+    def step(x):
+        stats = triton_engine.statistics(x, labels, opts)
+        return stats.pixel + stats.sp.sum() + 0.5 * stats.syp.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = logits.clone().requires_grad_()
+    out = compiled(x)
+    out.backward()
+    x_eager = logits.clone().requires_grad_()
+    expected = step(x_eager)
+    expected.backward()
+    assert_close_rel(out, expected, 1e-12, "compiled value")
+    assert_close_rel(x.grad, x_eager.grad, 1e-12, "compiled gradient")
+
+
+def test_available_under_interpreter():
+    assert triton_engine.available()
