@@ -225,7 +225,7 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
 # ----------------------------------------------------------------------------
 
 class _Tiling(NamedTuple):
-    """Region vectors of a (H'-R+1) x (W'-R+1) valid grid, cut into tiles of whole rows."""
+    """Region vectors of the (H'-R+1) x (W'-R+1) valid grid, cut into tiles of whole rows."""
 
     radius: int
     rows: int  # valid-grid rows per tile
@@ -240,8 +240,10 @@ class _Tiling(NamedTuple):
         rows = -(-height // tiles)
         return _Tiling(radius, rows, -(-height // rows), height, width)
 
-    def padded_rows(self) -> int:
-        return self.tiles * self.rows + self.radius - 1
+    @property
+    def padding(self) -> int:
+        """Rows of the last tile past the grid (fewer than `rows`)."""
+        return self.tiles * self.rows - self.height
 
     def plane_groups(self, num_planes: int):
         per_plane = 2 * self.radius ** 2 * self.tiles * self.rows * self.width
@@ -249,43 +251,65 @@ class _Tiling(NamedTuple):
         for start in range(0, num_planes, step):
             yield slice(start, min(start + step, num_planes))
 
+    def joint_maps(self, y_low, p_low, planes: slice) -> torch.Tensor:
+        """[B, 2, T*rows + R - 1, W']: the label and probability maps of a group of (n, c)
+        planes in one buffer, zero rows below them for the last tile's padding."""
+        y = y_low.flatten(0, 1)[planes]
+        h = y.shape[-2]
+        maps = y.new_empty(y.shape[0], 2, self.tiles * self.rows + self.radius - 1, y.shape[-1])
+        maps[:, 0, :h] = y
+        maps[:, 1, :h] = p_low.flatten(0, 1)[planes]
+        maps[:, :, h:] = 0
+        return maps
+
     def windows(self, maps: torch.Tensor) -> torch.Tensor:
-        """[B, K, H', W'] -> view [B, T, K, R, R, rows, W'-R+1] of every region vector
-        (zero rows below the map pad the last tile). No copy of the R*R-fold stack."""
-        b, k, h, w = maps.shape
-        maps = F.pad(maps, (0, 0, 0, self.padded_rows() - h)).contiguous()
+        """[B, 2, T*rows + R - 1, W'] -> view [B, T, 2, R, R, rows, W'-R+1] of every region
+        vector, tile by tile: no copy of the R*R-fold stack."""
         sb, sk, sh, _ = maps.stride()
         r = self.radius
-        return maps.as_strided((b, self.tiles, k, r, r, self.rows, self.width),
+        return maps.as_strided((maps.shape[0], self.tiles, 2, r, r, self.rows, self.width),
                                (sb, self.rows * sh, sk, sh, 1, sh, 1))
 
-    def weights(self, keep: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-        """0/1 weights [B or 1, T, 1, 1, 1, rows, W'-R+1] of the region vectors, None when all
-        count: the kept-region mask, and zero on the padding rows."""
-        padding = self.tiles * self.rows - self.height
-        if keep is None and padding == 0:
-            return None
+    def centred(self, windows: torch.Tensor, centre: torch.Tensor, weight) -> torch.Tensor:
+        """Contiguous [B, T, 2, R, R, rows, W'v] copy of windows - centre [B, T or 1, 2, R, R],
+        zero where a region vector does not count (left out, or a padding row)."""
+        out = torch.sub(windows, centre[..., None, None], out=windows.new_empty(windows.shape))
+        if weight is not None:
+            out.mul_(weight)
+        elif self.padding:
+            out[:, -1, ..., self.rows - self.padding:, :] = 0
+        return out
+
+    def counts(self, weight, planes: int, like: torch.Tensor) -> torch.Tensor:
+        """[B, T] number of region vectors that count in each tile."""
+        if weight is not None:
+            return weight.sum((-2, -1)).flatten(1).expand(planes, -1)
+        count = like.new_full((planes, self.tiles), self.rows * self.width)
+        count[:, -1] -= self.padding * self.width
+        return count
+
+    def sums(self, windows: torch.Tensor, weight) -> torch.Tensor:
+        """[B, T, 2, R, R] sums of the region vectors that count in each tile."""
+        if weight is not None:
+            return (windows * weight).sum((-2, -1))
+        total = windows.sum((-2, -1))
+        if self.padding:  # padding rows' windows still reach real map rows: take them out
+            total[:, -1] -= windows[:, -1, ..., self.rows - self.padding:, :].sum((-2, -1))
+        return total
+
+    def weights(self, keep, planes: slice, c: int):
+        """Kept-region mask [N, H'v, W'v] -> the planes' 0/1 weights [B, T, 1, 1, 1, rows, W'v]
+        (zero on padding rows), or None when every region vector counts."""
         if keep is None:
-            keep = like.new_ones(1, self.height, self.width)
-        keep = F.pad(keep.to(like.dtype), (0, 0, 0, padding))
-        return keep.view(-1, self.tiles, 1, 1, 1, self.rows, self.width)
-
-
-def _joint_maps(y_low, p_low, planes: slice) -> torch.Tensor:
-    """[B, 2, H', W']: the label and probability maps of a group of (n, c) planes."""
-    return torch.stack([y_low.flatten(0, 1)[planes], p_low.flatten(0, 1)[planes]], dim=1)
-
-
-def _plane_weights(tiling: _Tiling, keep, planes: slice, c: int, like):
-    if keep is not None:
+            return None
         keep = keep[torch.arange(planes.start, planes.stop, device=keep.device) // c]
-    return tiling.weights(keep, like)
+        return F.pad(keep, (0, 0, 0, self.padding)).view(-1, self.tiles, 1, 1, 1, self.rows, self.width)
 
 
 def region_moments(y_low, p_low, keep, radius: int):
     """Centred covariance sums of the joint [y; p] region vectors.
 
-    y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 or None
+    y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 float or None
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64)
     """
     n, c, h_low, w_low = y_low.shape
@@ -293,19 +317,13 @@ def region_moments(y_low, p_low, keep, radius: int):
     d2 = 2 * radius * radius
     means, sums = [], []
     for planes in tiling.plane_groups(n * c):
-        vec = tiling.windows(_joint_maps(y_low, p_low, planes))
-        weight = _plane_weights(tiling, keep, planes, c, y_low)
-        if weight is not None:
-            vec = vec * weight
-            count = weight.sum((-2, -1)).flatten(1).expand(vec.shape[0], -1)
-        else:
-            count = y_low.new_full((vec.shape[0], tiling.tiles), tiling.rows * tiling.width)
+        vec = tiling.windows(tiling.joint_maps(y_low, p_low, planes))
         b = vec.shape[0]
-        tile_mean = vec.sum((-2, -1)) / count.clamp_min(1)[..., None, None, None]  # [B, T, 2, R, R]
-        centred = torch.sub(vec, tile_mean[..., None, None], out=vec.new_empty(vec.shape))
-        if weight is not None:
-            centred.mul_(weight)
-        centred = centred.view(b, tiling.tiles, d2, -1)
+        weight = tiling.weights(keep, planes, c)
+        count = tiling.counts(weight, b, y_low)
+        total = tiling.sums(vec, weight)
+        tile_mean = total / count.clamp_min(1)[..., None, None, None]  # [B, T, 2, R, R]
+        centred = tiling.centred(vec, tile_mean, weight).view(b, tiling.tiles, d2, -1)
         tile_sums = centred @ centred.transpose(-1, -2)  # [B, T, 2d, 2d] float32
         _, mean, joint = merge_tiles(count, tile_mean.view(b, tiling.tiles, d2), tile_sums)
         means.append(mean)
@@ -322,19 +340,16 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int) 
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
     g_joint = g_joint.float().flatten(0, 1).unsqueeze(1)  # [NC, 1, d, 2d]
-    centre = mean.float().flatten(0, 1).view(n * c, 1, 2, r, r, 1, 1)
-    grad = torch.zeros(n * c, tiling.padded_rows(), w_low, device=p_low.device)
+    centre = mean.float().flatten(0, 1).view(n * c, 1, 2, r, r)
+    span = tiling.tiles * tiling.rows
+    grad = torch.zeros(n * c, span + r - 1, w_low, device=p_low.device)
     for planes in tiling.plane_groups(n * c):
-        windows = tiling.windows(_joint_maps(y_low, p_low, planes))
-        vec = torch.sub(windows, centre[planes], out=windows.new_empty(windows.shape))
-        weight = _plane_weights(tiling, keep, planes, c, y_low)
-        if weight is not None:
-            vec.mul_(weight)
+        windows = tiling.windows(tiling.joint_maps(y_low, p_low, planes))
+        vec = tiling.centred(windows, centre[planes], tiling.weights(keep, planes, c))
         b = vec.shape[0]
-        g_vec = (g_joint[planes] @ vec.view(b, tiling.tiles, 2 * d, -1))  # [B, T, d, rows * W'v]
+        g_vec = g_joint[planes] @ vec.view(b, tiling.tiles, 2 * d, -1)  # [B, T, d, rows * W'v]
         g_vec = g_vec.view(b, tiling.tiles, r, r, tiling.rows, tiling.width)
         out = grad[planes]
-        span = tiling.tiles * tiling.rows
         for i in range(r):
             for j in range(r):  # scatter each window offset back onto the map (the fold)
                 out[:, i:i + span, j:j + tiling.width].unflatten(1, (tiling.tiles, tiling.rows)) \
