@@ -62,9 +62,9 @@ PIXEL_NONE, PIXEL_BCE, PIXEL_CE = 0, 1, 2
 # larger; tests that need the GPU blocking set these module constants back.
 GPU_BLOCKS = dict(
     FULL_RES_ELEMENTS=1024,  # pixels per program of kernels A and D (cells x window)
-    MOMENT_BLOCK_M=64,  # region positions per float32 sub-block of kernel B
+    MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
-    STENCIL_ELEMENTS=4096,  # cells x joint-vector entries per step of kernel C
+    STENCIL_ELEMENTS=2048,  # cells x joint-vector entries per step of kernel C
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256,
                           STENCIL_ELEMENTS=1 << 16)
@@ -73,6 +73,8 @@ FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
 MOMENT_BLOCK_M = _BLOCKS["MOMENT_BLOCK_M"]
 MOMENT_BD = _BLOCKS["MOMENT_BD"]
 STENCIL_ELEMENTS = _BLOCKS["STENCIL_ELEMENTS"]
+# warps per program of each kernel (the AOT test compiles with these)
+NUM_WARPS = dict(pool_forward=4, region_moments=8, region_grad=4, pool_backward=4)
 MOMENT_TILE_POSITIONS = 1024  # positions per tile handed to the float64 merge
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float32 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
@@ -508,7 +510,7 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
         S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
         SOFTMAX=opts.probs == "softmax", PIXEL=_pixel_code(opts.pixel_loss),
         HAS_WEIGHTS=weights is not None, WRITE_Y=write_y, CHECK_FINITE=opts.validate,
-        num_warps=4,
+        num_warps=NUM_WARPS["pool_forward"],
     )
     return p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts
 
@@ -543,10 +545,15 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
         y_low, p_low, keep if keep is not None else p_low, count, mean, sums,
         c, h_low, w_low, w_v, m, per_tile, tiles,
         R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None,
-        num_warps=4,
+        num_warps=NUM_WARPS["region_moments"],
     )
     _, grand, joint = merge_tiles(count, mean, sums)
     return grand.view(n, c, 2 * d), joint.view(n, c, 2 * d, 2 * d)
+
+
+def _stencil_block(d: int, cells: int) -> int:
+    """Downsampled cells per program of kernel C (>= 16, a power of two)."""
+    return max(16, min(STENCIL_ELEMENTS // (2 * _joint_pad(d)), _next_pow2(cells)))
 
 
 def _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius: int):
@@ -555,14 +562,14 @@ def _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius: int):
     d = radius * radius
     d_pad = _joint_pad(d)
     h_v, w_v = h_low - radius + 1, w_low - radius + 1
-    block_q = max(16, min(STENCIL_ELEMENTS // (2 * d_pad), _next_pow2(h_low * w_low)))
+    block_q = _stencil_block(d, h_low * w_low)
     out = _new(p_low.shape, torch.float32, p_low.device)
     _region_grad_kernel[(n * c, triton.cdiv(h_low * w_low, block_q))](
         y_low, p_low, keep if keep is not None else p_low,
         mean.float().contiguous(), g_joint.float().contiguous(), out,
         c, h_low, w_low, h_v, w_v, h_v * w_v,
         R=radius, D=d, D_PAD=d_pad, BLOCK_Q=block_q, HAS_KEEP=keep is not None,
-        num_warps=4,
+        num_warps=NUM_WARPS["region_grad"],
     )
     return out
 
@@ -585,7 +592,7 @@ def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, coef
         S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
         SOFTMAX=opts.probs == "softmax", PIXEL=pixel,
         HAS_WEIGHTS=weights is not None, HAS_RMI=g_low is not None,
-        num_warps=4,
+        num_warps=NUM_WARPS["pool_backward"],
     )
     return grad
 

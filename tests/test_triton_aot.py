@@ -1,0 +1,218 @@
+"""Ahead-of-time compilation of every Triton kernel for real GPU targets, no GPU needed.
+
+The interpreter accepts shapes and constructs the NVIDIA backend rejects, so
+each kernel is compiled for sm_80 (A100) and sm_90 (H100) with
+`triton.compile(ASTSource(...), target=GPUTarget(...))`, for the default
+specialisation and a sample of others (radius 1/3/5/10, pool sizes 1/2/4/8,
+fp32/fp16/bf16 logits, int64/int32/uint8 labels, softmax/CE, max pooling).
+`ptxas -v` on the generated PTX reports registers and spills; the kernel's
+metadata reports its shared memory.
+
+The compilation runs in a subprocess without TRITON_INTERPRET (this pytest
+process runs triton in interpreter mode, see conftest.py): this file is also
+that subprocess's script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+TARGETS = ((80, 32), (90, 32))
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # usable shared memory per block (A100, H100)
+SUBPROCESS_TIMEOUT_S = 900
+
+LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+LABEL_TYPES = {"i64": "*i64", "i32": "*i32", "u8": "*u8"}
+
+# (kernel, specialisation): the first of each kernel is the paper's default setting.
+FULL_RES_CASES = [
+    dict(pool="avg", s=4, softmax=False, pixel=1, logits="fp32", labels="i64"),
+    dict(pool="avg", s=2, softmax=False, pixel=1, logits="fp16", labels="i32", weights=True),
+    dict(pool="max", s=4, softmax=True, pixel=2, logits="bf16", labels="u8"),
+    dict(pool="max", s=8, softmax=False, pixel=0, logits="fp32", labels="i64"),
+    dict(pool="none", s=1, softmax=True, pixel=2, logits="fp32", labels="i64", weights=True),
+    dict(pool="avg", s=3, softmax=False, pixel=1, logits="fp32", labels="i64", wide=True),
+]
+REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=10)]
+
+
+def _specs():
+    specs = []
+    for arch, warp in TARGETS:
+        for case in FULL_RES_CASES:
+            specs.append(dict(kernel="pool_forward", arch=arch, warp=warp, **case))
+            specs.append(dict(kernel="pool_backward", arch=arch, warp=warp, **case))
+        for case in REGION_CASES:
+            specs.append(dict(kernel="region_moments", arch=arch, warp=warp, **case))
+            specs.append(dict(kernel="region_grad", arch=arch, warp=warp, **case))
+    return specs
+
+
+def _spec_id(spec):
+    return "-".join(f"{k}={v}" for k, v in spec.items())
+
+
+# ----------------------------------------------------------------------------
+# the subprocess side: compile one specialisation and measure it
+# ----------------------------------------------------------------------------
+
+def _signature(fn, pointers: dict, constexprs: dict, wide_ints=()):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "i64" if name in wide_ints else "i32"
+    return sig
+
+
+def _kernel_source(spec):
+    from triton.compiler import ASTSource
+
+    from rmi_triton.engines import triton_engine as te
+
+    if spec["kernel"] in ("pool_forward", "pool_backward"):
+        code = {"avg": te.POOL_AVG, "max": te.POOL_MAX, "none": te.POOL_NONE}[spec["pool"]]
+        geo = te._Geometry(513, 513, code, spec["s"])
+        constexprs = dict(S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
+                          SOFTMAX=spec["softmax"], PIXEL=spec["pixel"],
+                          HAS_WEIGHTS=spec.get("weights", False))
+        logits, labels = LOGIT_TYPES[spec["logits"]], LABEL_TYPES[spec["labels"]]
+        # "wide": strides of a tensor past 2**31 elements are 64-bit integers
+        wide = ("sx_n", "sx_c", "sx_h", "sg_n", "sg_c", "sg_h") if spec.get("wide") else ()
+        if spec["kernel"] == "pool_forward":
+            fn = te._pool_forward_kernel
+            constexprs.update(WRITE_Y=True, CHECK_FINITE=True)
+            pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", p_low_ptr="*fp32", y_low_ptr="*fp32",
+                            arg_ptr="*u8", part_ptr="*fp32")
+        else:
+            fn = te._pool_backward_kernel
+            constexprs.update(HAS_RMI=True)
+            pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", g_low_ptr="*fp32", arg_ptr="*u8",
+                            coef_ptr="*fp32", gx_ptr=logits)
+        return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs, wide), constexprs=constexprs)
+
+    radius = spec["radius"]
+    d = radius * radius
+    h_low = 129  # 513 x 513 input, 4 x 4 average pooling
+    m = (h_low - radius + 1) ** 2
+    if spec["kernel"] == "region_moments":
+        fn = te._region_moments_kernel
+        d_pad, bd, _, block_m, _, _ = te._moment_layout(d, m)
+        constexprs = dict(R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=spec.get("keep", False))
+        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", count_ptr="*fp32", mean_ptr="*fp32",
+                        sums_ptr="*fp32")
+    else:
+        fn = te._region_grad_kernel
+        constexprs = dict(R=radius, D=d, D_PAD=te._joint_pad(d), BLOCK_Q=te._stencil_block(d, h_low * h_low),
+                          HAS_KEEP=spec.get("keep", False))
+        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", mean_ptr="*fp32", g_ptr="*fp32",
+                        out_ptr="*fp32")
+    return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
+
+
+def _ptxas_path(arch):
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            return get_ptxas(arch).path
+        except TypeError:  # older Triton: get_ptxas() takes no argument
+            return get_ptxas().path
+    except Exception:  # noqa: BLE001 - fall back to a system ptxas
+        return shutil.which("ptxas")
+
+
+def _compile_one(spec):
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from rmi_triton.engines import triton_engine as te
+
+    src = _kernel_source(spec)
+    compiled = triton.compile(src, target=GPUTarget("cuda", spec["arch"], spec["warp"]),
+                              options=dict(num_warps=te.NUM_WARPS[spec["kernel"]]))
+    ptx = compiled.asm["ptx"]
+    gpu_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([_ptxas_path(spec["arch"]), "-v", f"--gpu-name={gpu_name}", path, "-o",
+                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if log.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {log.stderr[-2000:]}")
+    info = log.stdout + log.stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill_st = re.search(r"(\d+) bytes spill stores", info)
+    spill_ld = re.search(r"(\d+) bytes spill loads", info)
+    return dict(spec=spec, shared=int(compiled.metadata.shared), registers=int(regs.group(1)),
+                spill_stores=int(spill_st.group(1)), spill_loads=int(spill_ld.group(1)))
+
+
+def _worker(spec):
+    try:
+        return _compile_one(spec)
+    except Exception as exc:  # noqa: BLE001 - reported per specialisation by the test
+        return dict(spec=spec, error=f"{type(exc).__name__}: {exc}"[-3000:])
+
+
+def main():
+    specs = json.loads(sys.stdin.read())
+    workers = max(1, min(len(specs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        results = list(pool.map(_worker, specs))
+    print(json.dumps(results))
+
+
+# ----------------------------------------------------------------------------
+# the pytest side
+# ----------------------------------------------------------------------------
+
+def _cuda_backend_present():
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton")
+    if not _cuda_backend_present():
+        pytest.skip("this Triton install has no NVIDIA backend to compile for")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(_specs()),
+                          capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S, cwd=root)
+    assert proc.returncode == 0, f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {_spec_id(r["spec"]): r for r in results}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", _specs(), ids=_spec_id)
+def test_compiles_without_spills(compiled, spec):
+    result = compiled[_spec_id(spec)]
+    assert "error" not in result, result.get("error")
+    assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"register spills: {result}"
+    assert result["shared"] <= SHARED_LIMIT[spec["arch"]], f"shared memory over the limit: {result}"
+
+
+if __name__ == "__main__":
+    main()
