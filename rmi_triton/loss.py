@@ -16,6 +16,7 @@ region vector is left out when any of its R x R cells is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple, Optional
 
@@ -68,9 +69,12 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
         raise TypeError("pass either options= or keyword options, not both")
     check_inputs(logits, labels, opts, num_classes)
     engine = _engine(logits, opts.backend)
-    stats = engine.statistics(logits, labels, opts)
     local = report if report is not None else CholeskyReport()
-    half_logdet = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local)
+    # Under autocast the network's logits arrive in half precision; the statistics and the
+    # d x d algebra must still run in float32 / float64, so autocast is off in here.
+    with _autocast_off(logits.device.type):
+        stats = engine.statistics(logits, labels, opts)
+        half_logdet = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local)
     if report is None and local.retried:
         warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=2)
     per_class = half_logdet.mean(0) / opts.d
@@ -84,6 +88,13 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     else:
         loss = stats.pixel + lam * rmi
     return RMITerms(loss.float(), stats.pixel.float(), rmi.float(), per_class.float())
+
+
+def _autocast_off(device_type: str):
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
 
 
 def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:

@@ -110,20 +110,20 @@ def _pool_probs(p: torch.Tensor, opts: RMIOptions):
     return F.interpolate(p, size=opts.pooled_size(*p.shape[-2:]), mode="bilinear", align_corners=True), None
 
 
-def _unpool_grad(grad_low: torch.Tensor, indices, full_shape, opts: RMIOptions) -> torch.Tensor:
-    """Backward of `_pool_probs`: dL/dp' [n, C, H', W'] -> dL/dp [n, C, H, W]."""
+def _unpool_grad(grad_low: torch.Tensor, indices, out: torch.Tensor, opts: RMIOptions) -> None:
+    """Backward of `_pool_probs`: dL/dp' [n, C, H', W'] -> dL/dp, written into out [n, C, H, W]."""
     if not opts.downsamples:
-        return grad_low.clone()
+        out.copy_(grad_low)
+        return
     s = opts.pool_size
-    h, w = full_shape[-2:]
     if opts.pool == "avg":
-        template = grad_low.new_empty(full_shape)
-        return torch.ops.aten.avg_pool2d_backward(grad_low, template, [s, s], [s, s], [s // 2, s // 2],
-                                                  False, True, None)
-    if opts.pool == "max":
-        return F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=(h, w))
-    return torch.ops.aten.upsample_bilinear2d_backward(grad_low, list(grad_low.shape[-2:]),
-                                                       list(full_shape), True, None, None)
+        torch.ops.aten.avg_pool2d_backward.grad_input(grad_low, out, [s, s], [s, s], [s // 2, s // 2],
+                                                      False, True, None, grad_input=out)
+    elif opts.pool == "max":
+        out.copy_(F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=out.shape[-2:]))
+    else:
+        torch.ops.aten.upsample_bilinear2d_backward.grad_input(
+            grad_low, list(grad_low.shape[-2:]), list(out.shape), True, None, None, grad_input=out)
 
 
 def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
@@ -180,7 +180,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
 def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices):
     """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None)."""
     n, c, h, w = x.shape
-    grad = torch.empty_like(x)
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if g_pixel is not None and opts.pixel_loss == "bce":
         coef = (g_pixel.double() / (valid.sum() + 1)) * (weights if weights is not None else 1.0)
         coef = coef.float().expand(c)
@@ -192,31 +192,36 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
         coef = None
     needs_softmax = opts.probs == "softmax" or (coef is not None and opts.pixel_loss == "ce")
     needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
+    uniform_bce = weights is None and coef is not None and opts.pixel_loss == "bce"
+    in_place = grad.dtype == torch.float32
     for g in _image_groups(x):
         xc = x[g].float()
         vf = valid[g].unsqueeze(1).float()
         lab = safe[g].unsqueeze(1)
+        # written in place into the result when it is float32, else into a float32 buffer
+        out = grad[g] if in_place else torch.empty(xc.shape, device=x.device)
         # masked probabilities: v in {0, 1}, so every term below carries the mask through them
         softmax = torch.softmax(xc, dim=1).mul_(vf) if needs_softmax else None
         sigmoid = torch.sigmoid(xc).mul_(vf) if needs_sigmoid else None
         if g_p_low is None:
-            gp = torch.zeros_like(xc)
+            out.zero_()
         else:
-            gp = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
+            _unpool_grad(g_p_low[g], None if indices is None else indices[g], out, opts)
             if opts.probs == "sigmoid":  # v s (1 - s) dL/dp
-                gp = torch.ops.aten.sigmoid_backward(gp, sigmoid)
+                torch.ops.aten.sigmoid_backward.grad_input(out, sigmoid, grad_input=out)
             else:  # v s (dL/dp - sum_c s dL/dp)
-                gp = torch.ops.aten._softmax_backward_data(gp, softmax, 1, torch.float32)
+                out.copy_(torch.ops.aten._softmax_backward_data(out, softmax, 1, torch.float32))
         if coef is not None and opts.pixel_loss == "bce":
             # d/dx (softplus(x) - x y) = sigmoid(x) - y, on valid pixels
-            gp.addcmul_(sigmoid, coef.view(1, c, 1, 1))
-            gp.scatter_add_(1, lab, -coef[lab] * vf)
+            out.addcmul_(sigmoid, coef.view(1, c, 1, 1))
+            out.scatter_add_(1, lab, -(coef[0] * vf if uniform_bce else coef[lab] * vf))
         elif coef is not None:
             # d/dx (lse - x_label) = softmax - onehot, weighted per valid pixel
             pw = coef if weights is None else weights.float()[lab] * coef
-            gp.addcmul_(softmax, pw)
-            gp.scatter_add_(1, lab, -pw * vf)
-        grad[g] = gp
+            out.addcmul_(softmax, pw)
+            out.scatter_add_(1, lab, -pw * vf)
+        if not in_place:
+            grad[g] = out
     return grad
 
 
