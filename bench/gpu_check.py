@@ -1,0 +1,361 @@
+"""One prepared GPU check: correctness of both engines, then timings and memory.
+
+    python bench/gpu_check.py              # on a CUDA machine (an H100 lease): < 8 minutes
+    python bench/gpu_check.py --dry-run    # on a CPU: tiny shapes, Triton interpreter
+
+1. Correctness on the GPU: the torch and Triton engines against the float64
+   reference (`reference_rmi`) for float32 / float16 / bfloat16 logits and a
+   few options (loss and d(3.7 * loss)/dlogits, relative error in norm, the
+   DESIGN.md section 3 tolerances), the Triton engine with NaN-filled internal
+   buffers, and two Triton runs compared bitwise.
+2. Timings (`triton.testing.do_bench` medians) of forward, backward and
+   forward+backward for F.cross_entropy (the floor users know), the published
+   formula (float64 region stacks; `reference_rmi` computes exactly that), the
+   torch engine on the GPU and the Triton engine; the peak memory each needs
+   beyond its inputs; bytes the Triton engine must move over the measured
+   device copy bandwidth.
+3. torch.compile of a tiny training step with the loss (graph breaks counted,
+   values compared with eager).
+
+The table printed last is the result; `--out DIR` also writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+_ARGS.add_argument("--dry-run", action="store_true",
+                   help="run on the CPU with tiny shapes through the Triton interpreter")
+_ARGS.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json (default: $OUT)")
+_ARGS.add_argument("--budget-s", type=float, default=450.0,
+                   help="stop starting new timings after this many seconds")
+ARGS = _ARGS.parse_args() if __name__ == "__main__" else _ARGS.parse_args([])
+if ARGS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import json  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rmi_triton import RMILoss, reference_rmi, rmi_loss  # noqa: E402
+from rmi_triton.engines import triton_engine  # noqa: E402
+
+START = time.time()
+DEVICE = torch.device("cpu" if ARGS.dry_run else "cuda")
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}
+GRAD_SCALE = 3.7
+
+if ARGS.dry_run:
+    CHECK_SHAPE = (2, 3, 37, 53)
+    BENCH_SHAPES = [((2, 3, 37, 53), 4), ((2, 3, 37, 53), 2), ((1, 4, 48, 48), 4), ((1, 6, 32, 32), 4)]
+else:
+    CHECK_SHAPE = (2, 5, 97, 131)
+    BENCH_SHAPES = [((16, 21, 513, 513), 4), ((16, 21, 513, 513), 2), ((8, 19, 768, 768), 4),
+                    ((8, 150, 512, 512), 4)]
+CHECK_OPTIONS = [
+    {},
+    {"pool": "max"},
+    {"pool": "interp"},
+    {"probs": "softmax", "pixel_loss": "ce", "class_weights": [0.5, 1.0, 2.0, 1.5, 0.7]},
+    {"exclude_ignored": True},
+    {"radius": 5, "pool_size": 2},
+    {"radius": 1, "pool": "none"},
+]
+PROVIDERS = ["cross_entropy", "published_f64", "torch_engine", "triton_engine"]
+
+
+def log(*parts):
+    print(f"[{time.time() - START:6.1f}s]", *parts, flush=True)
+
+
+def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, c, h, w = shape
+    logits = (torch.randn(n, c, h, w, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
+    return logits.to(DEVICE), labels.to(DEVICE)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def loss_and_grad(fn, logits, labels):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, labels)
+    (loss * GRAD_SCALE).backward()
+    return loss.detach(), x.grad
+
+
+# ----------------------------------------------------------------------------
+# 1. correctness
+# ----------------------------------------------------------------------------
+
+def check_correctness():
+    rows = []
+    cases = [(opts, torch.float32) for opts in CHECK_OPTIONS]
+    cases += [(opts, dt) for dt in (torch.float16, torch.bfloat16)
+              for opts in ({}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"})]
+    triton_engine.FILL_OUTPUTS_WITH_NAN = True
+    try:
+        for i, (opts, dtype) in enumerate(cases):
+            logits, labels = random_inputs(CHECK_SHAPE, dtype, seed=100 + i)
+            if opts.get("class_weights") is not None:
+                opts = dict(opts, class_weights=opts["class_weights"][:CHECK_SHAPE[1]])
+            ref_loss, ref_grad = loss_and_grad(lambda x, y: reference_rmi(x.double(), y, **opts).loss,
+                                               logits, labels)
+            loss_tol, grad_tol = TOL[dtype]
+            for backend in ("torch", "triton"):
+                loss, grad = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **opts), logits, labels)
+                le, ge = rel_err(loss, ref_loss), rel_err(grad, ref_grad)
+                ok = le <= loss_tol and ge <= grad_tol and grad.dtype == dtype
+                rows.append(dict(backend=backend, dtype=str(dtype).split(".")[-1], options=opts or "defaults",
+                                 loss_rel=le, grad_rel=ge, ok=ok))
+        logits, labels = random_inputs(CHECK_SHAPE, seed=7)
+        fn = lambda x, y: rmi_loss(x, y, backend="triton", probs="softmax")  # noqa: E731
+        first, second = loss_and_grad(fn, logits, labels), loss_and_grad(fn, logits, labels)
+        same = torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+        rows.append(dict(backend="triton", dtype="float32", options="two runs bitwise identical",
+                         loss_rel=0.0, grad_rel=0.0, ok=same))
+        cl = logits.to(memory_format=torch.channels_last)
+        cl_loss, cl_grad = loss_and_grad(fn, cl, labels)
+        rows.append(dict(backend="triton", dtype="float32", options="channels_last vs contiguous",
+                         loss_rel=rel_err(cl_loss, first[0]), grad_rel=rel_err(cl_grad, first[1]),
+                         ok=rel_err(cl_grad, first[1]) < 1e-6 and cl_grad.is_contiguous(
+                             memory_format=torch.channels_last)))
+    finally:
+        triton_engine.FILL_OUTPUTS_WITH_NAN = False
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# 2. timings and memory
+# ----------------------------------------------------------------------------
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn):
+    """Median milliseconds of fn()."""
+    if DEVICE.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def provider_loss(name, pool_size):
+    if name == "cross_entropy":
+        return lambda x, y: F.cross_entropy(x, y.long(), ignore_index=255)
+    if name == "published_f64":
+        return lambda x, y: reference_rmi(x, y, pool_size=pool_size).loss
+    backend = "torch" if name == "torch_engine" else "triton"
+    return lambda x, y: rmi_loss(x, y, backend=backend, pool_size=pool_size, validate=False)
+
+
+def published_fits(shape):
+    """The float64 formula keeps about a dozen full-resolution float64 maps alive."""
+    if DEVICE.type != "cuda":
+        return True
+    n, c, h, w = shape
+    free, _ = torch.cuda.mem_get_info()
+    return n * c * h * w * 8 * 14 < 0.8 * free
+
+
+def measure_copy_bandwidth():
+    """Bytes read + written per second of a large device-to-device copy."""
+    if DEVICE.type != "cuda":
+        return None
+    src = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (1 << 28) * 4 / (ms * 1e-3)
+
+
+def time_provider(name, shape, pool_size):
+    logits, labels = random_inputs(shape, seed=1)
+    row = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", provider=name)
+    if name == "published_f64" and not published_fits(shape):
+        row["note"] = "skipped: needs more memory than the GPU has free"
+        return row
+    loss_fn = provider_loss(name, pool_size)
+    x = logits.detach().clone().requires_grad_(True)
+    try:
+        # peak memory beyond the inputs, one forward+backward
+        sync()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        loss = loss_fn(x, labels)
+        torch.autograd.grad(loss, x)
+        sync()
+        if DEVICE.type == "cuda":
+            row["extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del loss
+        t0 = time.time()
+        row["fwd_ms"] = bench_ms(lambda: loss_fn(x, labels))
+        loss = loss_fn(x, labels)
+        row["bwd_ms"] = bench_ms(lambda: torch.autograd.grad(loss, x, retain_graph=True))
+        del loss
+        row["full_ms"] = bench_ms(lambda: torch.autograd.grad(loss_fn(x, labels), x))
+        row["seconds"] = time.time() - t0
+    except torch.cuda.OutOfMemoryError:
+        row["note"] = "out of memory"
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+    if name == "triton_engine":
+        n, c, h, w = shape
+        # the least a fused forward+backward can move: logits read twice
+        # (forward, backward), labels read twice, the gradient written once
+        row["bytes"] = 3 * n * c * h * w * logits.element_size() + 2 * n * h * w * labels.element_size()
+    return row
+
+
+def run_timings(bandwidth):
+    rows = []
+    for shape, pool_size in BENCH_SHAPES:
+        for name in PROVIDERS:
+            if time.time() - START > ARGS.budget_s:
+                rows.append(dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", provider=name,
+                                 note="skipped: time budget of the lease spent"))
+                continue
+            log("timing", name, shape, f"avg {pool_size}")
+            row = time_provider(name, shape, pool_size)
+            if "bytes" in row and bandwidth and "full_ms" in row:
+                row["bw_fraction"] = row["bytes"] / (row["full_ms"] * 1e-3) / bandwidth
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# 3. torch.compile of a tiny training step
+# ----------------------------------------------------------------------------
+
+def check_compile():
+    torch.manual_seed(0)
+    c = 4
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, c, 1)).to(DEVICE)
+    crit = RMILoss(c, backend="triton", validate=False)
+    images = torch.randn(2, 3, 33, 35, device=DEVICE)
+    labels = torch.randint(0, c, (2, 33, 35), device=DEVICE)
+
+    def step(imgs, labs):
+        loss = crit(model(imgs), labs)
+        loss.backward()
+        return loss.detach()
+
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    result = dict(backend=backend)
+    try:
+        explain = torch._dynamo.explain(step)(images, labels)
+        result["graph_breaks"] = explain.graph_break_count
+        result["break_reasons"] = sorted({str(b.reason).splitlines()[0][:80] for b in explain.break_reasons})
+        model.zero_grad()
+        eager = step(images, labels)
+        eager_grad = model[0].weight.grad.clone()
+        model.zero_grad()
+        compiled = torch.compile(step, backend=backend)
+        got = compiled(images, labels)
+        result["loss_rel"] = rel_err(got, eager)
+        result["grad_rel"] = rel_err(model[0].weight.grad, eager_grad)
+        result["ok"] = result["loss_rel"] < 1e-5 and result["grad_rel"] < 1e-4
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        result["ok"] = False
+        result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return result
+
+
+# ----------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_report(machine, correctness, bandwidth, timings, compiled):
+    print()
+    print(f"== machine: {machine}")
+    bad = [r for r in correctness if not r["ok"]]
+    print(f"== correctness vs float64 reference: {len(correctness) - len(bad)}/{len(correctness)} ok "
+          f"(float32: loss 1e-5, grad 1e-4; half: 1e-2; grad of {GRAD_SCALE} * loss)")
+    for r in correctness:
+        flag = "ok  " if r["ok"] else "FAIL"
+        print(f"  {flag} {r['backend']:6s} {r['dtype']:8s} loss {r['loss_rel']:.1e} grad {r['grad_rel']:.1e}  "
+              f"{r['options']}")
+    print(f"== torch.compile step ({compiled.get('backend')}): ok={compiled.get('ok')} "
+          f"graph_breaks={compiled.get('graph_breaks')} loss_rel={fmt(compiled.get('loss_rel'), '.1e')} "
+          f"grad_rel={fmt(compiled.get('grad_rel'), '.1e')} {compiled.get('error', '')}")
+    for reason in compiled.get("break_reasons", []):
+        print(f"     break: {reason}")
+    print(f"== device copy bandwidth (read + write): "
+          f"{'-' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}")
+    print("== timings: medians in ms (do_bench), RMI providers with validate=False; "
+          "extra = peak memory beyond the inputs for one forward+backward")
+    header = f"{'shape':>16s} {'pool':>5s} {'provider':>14s} {'fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} " \
+             f"{'extra MiB':>10s} {'x CE':>7s} {'bw frac':>7s}  note"
+    print(header)
+    ce = {}
+    for r in timings:
+        if r["provider"] == "cross_entropy" and "full_ms" in r:
+            ce[(r["shape"], r["pool"])] = r["full_ms"]
+    for r in timings:
+        ratio = None
+        if "full_ms" in r and (r["shape"], r["pool"]) in ce:
+            ratio = r["full_ms"] / ce[(r["shape"], r["pool"])]
+        print(f"{r['shape']:>16s} {r['pool']:>5s} {r['provider']:>14s} {fmt(r.get('fwd_ms')):>9s} "
+              f"{fmt(r.get('bwd_ms')):>9s} {fmt(r.get('full_ms')):>9s} {fmt(r.get('extra_mb'), '.0f'):>10s} "
+              f"{fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  {r.get('note', '')}")
+    print(f"== total {time.time() - START:.0f}s")
+
+
+def main():
+    if DEVICE.type == "cuda":
+        machine = f"{torch.cuda.get_device_name()} torch {torch.__version__}"
+    else:
+        machine = f"CPU dry run (Triton interpreter) torch {torch.__version__}"
+    try:
+        import triton
+
+        machine += f" triton {triton.__version__}"
+    except ImportError:
+        pass
+    log("correctness")
+    correctness = check_correctness()
+    log("copy bandwidth")
+    bandwidth = measure_copy_bandwidth()
+    timings = run_timings(bandwidth)
+    log("torch.compile")
+    compiled = check_compile()
+    print_report(machine, correctness, bandwidth, timings, compiled)
+    if ARGS.out:
+        os.makedirs(ARGS.out, exist_ok=True)
+        with open(os.path.join(ARGS.out, "gpu_check.json"), "w") as f:
+            json.dump(dict(machine=machine, correctness=correctness, bandwidth=bandwidth, timings=timings,
+                           compile=compiled), f, indent=1, default=str)
+    return 0 if all(r["ok"] for r in correctness) and compiled.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
