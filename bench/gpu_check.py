@@ -31,7 +31,7 @@ _ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.Ra
 _ARGS.add_argument("--dry-run", action="store_true",
                    help="run on the CPU with tiny shapes through the Triton interpreter")
 _ARGS.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json (default: $OUT)")
-_ARGS.add_argument("--budget-s", type=float, default=450.0,
+_ARGS.add_argument("--budget-s", type=float, default=380.0,
                    help="stop starting new timings after this many seconds")
 ARGS = _ARGS.parse_args() if __name__ == "__main__" else _ARGS.parse_args([])
 if ARGS.dry_run:

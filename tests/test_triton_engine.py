@@ -78,6 +78,20 @@ def test_gpu_block_sizes(monkeypatch, options, shape):
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
 
 
+@pytest.mark.parametrize("options,shape", [({"pool_size": 4}, (1, 2, 39, 43)), ({"pool_size": 3}, (1, 2, 39, 42)),
+                                           ({"pool": "max", "pool_size": 4}, (1, 2, 43, 39))],
+                         ids=["avg4", "avg3", "max4"])
+def test_edge_pixels_outside_the_pooled_map(options, shape):
+    """Sizes where the last row/column of pixels feeds no pooled cell: they
+    still take part in the pixel term and get its gradient."""
+    logits, labels = random_inputs(*shape, seed=14)
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+    assert_close_rel(grad[:, :, -1], ref_grad[:, :, -1], 1e-4, "gradient of the last row")
+
+
 def test_bitwise_deterministic():
     logits, labels = random_inputs(2, 3, 37, 53, seed=7)
     first = loss_and_grad(_triton, logits, labels, probs="softmax")
