@@ -24,9 +24,16 @@ class ReferenceTerms(NamedTuple):
     rmi_per_class: torch.Tensor  # [C]
 
 
-def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions | None = None,
-                  **options) -> ReferenceTerms:
-    """logits [N, C, H, W] (any float dtype; computed in float64), labels [N, H, W]."""
+def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions | None = None, *,
+                  float32_statistics: bool = False, **options) -> ReferenceTerms:
+    """logits [N, C, H, W] (any float dtype; computed in float64), labels [N, H, W].
+
+    float32_statistics: round the probabilities to float32 and form the centred
+    products in float32, as any float32 engine does, and go on in float64. Tests use
+    it to measure how sensitive an input is to that rounding: when V is nearly
+    singular (a prediction affine in the labels), the log-determinant amplifies
+    float32's 6e-8 far beyond the contract's 1e-5.
+    """
     opts = opts or RMIOptions(**options)
     x = logits.double()
     n, c, h, w = x.shape
@@ -56,6 +63,8 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
     # 3. probabilities, masked and clipped
     probs = torch.sigmoid(x) if opts.probs == "sigmoid" else torch.softmax(x, dim=1)
     p = probs * vmask + PROB_CLIP
+    if float32_statistics:
+        p = p.float().double()
 
     # 4. downsampling
     y_low = pool_map(y, opts, labels_like=True)
@@ -75,9 +84,11 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
     count = keep.sum(-1, keepdim=True).clamp_min(1)
     y_cen = (y_vec - (y_vec * keep).sum(-1, keepdim=True) / count) * keep
     p_cen = (p_vec - (p_vec * keep).sum(-1, keepdim=True) / count) * keep
-    sy = y_cen @ y_cen.transpose(-1, -2)
-    sp = p_cen @ p_cen.transpose(-1, -2)
-    syp = y_cen @ p_cen.transpose(-1, -2)
+    if float32_statistics:
+        y_cen, p_cen = y_cen.float(), p_cen.float()
+    sy = (y_cen @ y_cen.transpose(-1, -2)).double()
+    sp = (p_cen @ p_cen.transpose(-1, -2)).double()
+    syp = (y_cen @ p_cen.transpose(-1, -2)).double()
 
     # 7. posterior variance approximation
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
