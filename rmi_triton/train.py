@@ -1,0 +1,659 @@
+"""Training tool: ``python -m rmi_triton.train`` (console script ``rmi-train``).
+
+    python -m rmi_triton.train --model deeplabv3plus --backbone resnet18 --dataset synthetic \\
+        --loss rmi --batch-size 8 --iterations 2000 --out runs/rmi
+
+What it does:
+
+* SGD (momentum 0.9, weight decay 1e-4) with the paper's poly schedule
+  ``lr = base_lr * (1 - it / total) ** 0.9`` (base 0.007).
+* Losses: ``ce`` (``F.cross_entropy`` with ignore_index), ``bce`` (the sigmoid BCE
+  pixel term of DESIGN.md section 1 alone), ``rmi`` (``RMILoss``: BCE + RMI, paper
+  defaults, tunable with the ``--rmi-*`` options).
+* Reproducible data: the sample order of epoch ``e`` is ``randperm`` from a
+  generator seeded with ``seed + e``; item ``i`` of epoch ``e`` is augmented with a
+  generator seeded by ``(seed, e, i)``. Nothing depends on worker count or timing,
+  so a resumed run (``--resume``) repeats the uninterrupted one exactly.
+* Checkpoints (``<out>/last.pt``, atomic) hold the network, its build config and
+  the training state (iteration, optimizer, grad scaler, RNG states, loss history).
+* SIGINT / SIGTERM: the current iteration finishes, a checkpoint is written, exit 0.
+* A non-finite loss or weight stops the run (exit 1) naming the iteration; the last
+  checkpoint stays as it was and non-finite weights are never written.
+* Distributed: under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set) the network is
+  wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA); each rank takes a
+  disjoint shard of every epoch's permutation; ``--batch-size`` is per process.
+  Only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import CONFIG_KEYS, load_checkpoint, save_checkpoint
+from .metrics import SegmentationMetrics, format_table
+
+_AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
+
+# Options a resumed run must share with the run it continues (they define the schedule).
+_SCHEDULE_KEYS = ("model", "backbone", "output_stride", "dataset", "num_classes", "loss", "batch_size",
+                  "crop", "iterations", "epochs", "seed", "lr", "lr_power", "augment", "train_length")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmi-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("network")
+    g.add_argument("--model", default="deeplabv3plus", choices=("deeplabv3", "deeplabv3plus", "pspnet"))
+    g.add_argument("--backbone", default="resnet101",
+                   choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    g.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
+    g.add_argument("--pretrained", default=None, help="local torchvision ResNet state dict for the backbone")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (distributed)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=("synthetic", "voc", "camvid"))
+    g.add_argument("--data-root", default=None, help="dataset folder (voc / camvid)")
+    g.add_argument("--num-classes", type=int, default=5, help="synthetic only: classes incl. background (2..7)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="val")
+    g.add_argument("--train-length", type=int, default=None, help="synthetic only: number of training scenes")
+    g.add_argument("--val-length", type=int, default=None,
+                   help="synthetic only: validation scenes; other datasets: evaluate the first N")
+    g.add_argument("--crop", type=int, default=None,
+                   help="training crop (synthetic: rendered scene size); default per dataset")
+    aug = g.add_mutually_exclusive_group()
+    aug.add_argument("--augment", dest="augment", action="store_true", default=None,
+                     help="scale 0.5-2 / crop / flip (default: on for voc/camvid, off for synthetic)")
+    aug.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="rmi", choices=("ce", "bce", "rmi"))
+    g.add_argument("--rmi-radius", type=int, default=3)
+    g.add_argument("--rmi-pool", default="avg", choices=("avg", "max", "interp", "none"))
+    g.add_argument("--rmi-pool-size", type=int, default=4)
+    g.add_argument("--rmi-weight", type=float, default=0.5, help="lambda")
+    g.add_argument("--rmi-combine", default="weighted", choices=("weighted", "additive"))
+    g.add_argument("--rmi-pixel-loss", default="bce", choices=("bce", "ce", "none"))
+    g.add_argument("--rmi-probs", default="sigmoid", choices=("sigmoid", "softmax"))
+    g.add_argument("--rmi-exclude-ignored", action="store_true")
+    g.add_argument("--rmi-backend", default="auto", choices=("auto", "torch", "triton"))
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=8, help="per process")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--iterations", type=int, default=None, help="total iterations (default 1000)")
+    length.add_argument("--epochs", type=int, default=None, help="total epochs (alternative to --iterations)")
+    g.add_argument("--lr", type=float, default=0.007, help="base learning rate")
+    g.add_argument("--lr-power", type=float, default=0.9, help="poly schedule power")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--amp", action="store_true",
+                   help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="runs/train", help="output folder (checkpoint, log, metrics)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: only at the end)")
+    g.add_argument("--no-final-eval", action="store_true")
+    g.add_argument("--eval-batch-size", type=int, default=None)
+    g.add_argument("--boundary-tolerance", type=int, default=2, help="px, for the boundary F-score")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N iterations (0: only at the end)")
+    g.add_argument("--log-every", type=int, default=10, help="print a log line every N iterations")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from ('auto': <out>/last.pt if any)")
+    g.add_argument("--stop-at", type=int, default=None,
+                   help="stop (with a checkpoint) after this iteration; the schedule still spans --iterations")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.iterations is None and args.epochs is None:
+        args.iterations = 1000
+    for name in ("batch_size", "iterations", "epochs"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed set-up
+
+class Dist:
+    """Rank / world size from the torchrun environment; a no-op when not distributed."""
+
+    def __init__(self, device_arg: Optional[str]):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(want)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.local_rank if self.world > 1 else torch.cuda.current_device())
+        self.enabled = self.world > 1
+        self.owns_group = False
+        if self.enabled:
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return t
+        import torch.distributed as dist
+
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def gather_objects(self, obj: Any) -> List[Any]:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# data: order and augmentation as pure functions of (seed, epoch, index)
+
+def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> List[int]:
+    """This rank's samples of `epoch`, in order: a disjoint shard of one seeded permutation.
+
+    The permutation is padded by wrapping (as DistributedSampler) so every rank gets
+    ``ceil(n / world)`` samples; rank r takes positions r, r + world, ...
+    """
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(num_samples, generator=g).tolist()
+    per_rank = math.ceil(num_samples / world)
+    perm += perm[: per_rank * world - num_samples]
+    return perm[rank::world]
+
+
+class _EpochItems(Dataset):
+    """Item ``(epoch, index)``: scene ``index`` augmented with a generator seeded by
+    ``(seed, epoch, index)``, so the result does not depend on which worker loads it."""
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed = base, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng([_AUG_TAG, self.seed, int(epoch), int(index)])
+        image, label = self.base.raw(index)
+        return self.base.transform(image, label, rng)
+
+
+class _Batches:
+    """Batch sampler: the batches of iterations ``start .. total-1`` for one rank."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int, total: int,
+                 rank: int, world: int):
+        self.n, self.bs, self.seed = num_samples, batch_size, seed
+        self.start, self.total, self.rank, self.world = start, total, rank, world
+        self.per_epoch = iterations_per_epoch(num_samples, batch_size, world)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[List[tuple]]:
+        epoch, order = None, None
+        for it in range(self.start, self.total):
+            e, b = divmod(it, self.per_epoch)
+            if e != epoch:
+                epoch, order = e, epoch_order(self.n, self.seed, e, self.rank, self.world)
+            yield [(e, i) for i in order[b * self.bs:(b + 1) * self.bs]]
+
+
+def iterations_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> int:
+    per_rank = math.ceil(num_samples / world)
+    n = per_rank // batch_size
+    if n < 1:
+        raise ValueError(f"{num_samples} training samples over {world} process(es) do not fill one batch "
+                         f"of {batch_size}")
+    return n
+
+
+def build_datasets(args):
+    from .data import build_dataset
+
+    kw: Dict[str, Any] = {}
+    if args.dataset == "synthetic":
+        kw["num_classes"] = args.num_classes
+    train_kw = dict(kw)
+    if args.dataset == "synthetic" and args.train_length is not None:
+        train_kw["length"] = args.train_length
+    train = build_dataset(args.dataset, args.data_root, args.train_split, crop_size=args.crop,
+                          augment=args.augment, **train_kw)
+    val_kw = dict(kw)
+    if args.dataset == "synthetic":
+        if args.val_length is not None:
+            val_kw["length"] = args.val_length
+        if args.crop is not None:
+            val_kw["size"] = args.crop
+    val = build_dataset(args.dataset, args.data_root, args.val_split, augment=False, **val_kw)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# losses and schedule
+
+def bce_pixel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """The BCE pixel term of DESIGN.md section 1, alone (no RMI statistics are computed):
+    ``sum(v * bce_with_logits(x, onehot(y))) / (sum(v) + 1)``, summed over classes."""
+    x = logits.float()
+    valid = labels != ignore_index
+    classes = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    target = ((labels.unsqueeze(1) == classes) & valid.unsqueeze(1)).to(x.dtype)
+    per = F.binary_cross_entropy_with_logits(x, target, reduction="none") * valid.unsqueeze(1)
+    return per.sum() / (valid.sum() + 1)
+
+
+def make_criterion(args, num_classes: int, ignore_index: int):
+    """``f(logits, labels) -> scalar loss`` for ``args.loss``."""
+    if args.loss == "ce":
+        return lambda logits, labels: F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    if args.loss == "bce":
+        return lambda logits, labels: bce_pixel_loss(logits, labels, ignore_index)
+    from .loss import RMILoss
+
+    return RMILoss(num_classes, radius=args.rmi_radius, pool=args.rmi_pool, pool_size=args.rmi_pool_size,
+                   pixel_loss=None if args.rmi_pixel_loss == "none" else args.rmi_pixel_loss,
+                   probs=args.rmi_probs, ignore_index=ignore_index, exclude_ignored=args.rmi_exclude_ignored,
+                   rmi_weight=args.rmi_weight, combine=args.rmi_combine, backend=args.rmi_backend,
+                   validate=False)
+
+
+def poly_lr(base_lr: float, iteration: int, total: int, power: float = 0.9) -> float:
+    """The paper's schedule: ``base * (1 - iteration / total) ** power``."""
+    return base_lr * (1.0 - iteration / total) ** power
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as checkpoint-safe values
+
+def capture_rng() -> Dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(v) for v in internal],
+                   "none" if gauss_next is None else float(gauss_next)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), None if gauss_next == "none" else gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, device, batch_size: int = 8, boundary_tolerance: int = 2,
+             amp: bool = False, dist: Optional[Dist] = None, limit: Optional[int] = None) -> Dict[str, Any]:
+    """mIoU, per-class IoU, pixel accuracy and boundary F-score of `model` on `dataset`
+    (items of equal size per batch). In distributed runs each rank scores a shard and
+    the counts are summed."""
+    was_training = model.training
+    model.eval()
+    metrics = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, boundary_tolerance,
+                                  dataset.class_names)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = list(range(n))
+    if dist is not None and dist.enabled:
+        indices = indices[dist.rank::dist.world]
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        images = torch.stack([x for x, _ in items]).to(device)
+        labels = torch.stack([y for _, y in items])
+        with _autocast(device, amp):
+            logits = model(images)
+        metrics.update(logits.argmax(1).cpu(), labels)
+    if dist is not None and dist.enabled:
+        metrics.load_state(dist.all_sum(metrics.state()))
+    model.train(was_training)
+    return metrics.compute()
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def predict(model: torch.nn.Module, images: torch.Tensor, device) -> torch.Tensor:
+    """Class maps [N, H, W] of a batch of normalised images (eval mode, no grad)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(images.to(device)).argmax(1).cpu()
+    model.train(was)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# signals
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop saves and exits after the current iteration."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+def _all_finite(tensors) -> bool:
+    sums = [t.detach().float().sum() for t in tensors if t.is_floating_point()]
+    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
+
+
+def _schedule_config(args) -> Dict[str, Any]:
+    return {k: getattr(args, k) for k in _SCHEDULE_KEYS if getattr(args, k) is not None}
+
+
+def model_config(args, num_classes: int) -> Dict[str, Any]:
+    return {"name": args.model, "num_classes": int(num_classes), "backbone": args.backbone,
+            "output_stride": int(args.output_stride)}
+
+
+def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
+    """Train as `args` say. Returns a dict: status ("done", "stopped", "signal",
+    "nonfinite"), iteration (completed), losses (per iteration, the whole run incl.
+    resumed history), metrics (final evaluation or None), model (the trained network,
+    unwrapped), checkpoint (path or None), seconds_per_iteration, message."""
+    from .models import build_model, convert_sync_batchnorm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = Dist(args.device)
+    device = dist.device
+    if args.sync_bn and (device.type != "cuda" or not dist.enabled):
+        dist.close()
+        raise SystemExit("--sync-bn needs a distributed run (torchrun) on CUDA devices: "
+                         "PyTorch's SyncBatchNorm does not run on CPU or in a single process")
+    out_dir = args.out
+    say = log if dist.main else (lambda *a, **k: None)
+    try:
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        train_set, val_set = build_datasets(args)
+        num_classes, ignore_index = train_set.num_classes, train_set.ignore_index
+        per_epoch = iterations_per_epoch(len(train_set), args.batch_size, dist.world)
+        total = args.iterations if args.iterations is not None else args.epochs * per_epoch
+
+        model = build_model(args.model, num_classes, args.backbone, args.output_stride,
+                            pretrained=args.pretrained)
+        config = model_config(args, num_classes)
+        if args.sync_bn:
+            model = convert_sync_batchnorm(model)
+        model.to(device).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        use_scaler = bool(args.amp and device.type == "cuda")
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        criterion = make_criterion(args, num_classes, ignore_index)
+
+        start, losses = 0, []
+        ckpt_path = os.path.join(out_dir, "last.pt")
+        resume = args.resume
+        if resume == "auto":
+            resume = ckpt_path if os.path.isfile(ckpt_path) else None
+        if resume:
+            state = load_checkpoint(resume, map_location="cpu")
+            _check_resume(state, args, config, resume)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if use_scaler and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            start = int(state["iteration"])
+            losses = [float(v) for v in state.get("losses", [])][:start]
+            rng = state["rng"]
+            ranks = rng.get("torch_ranks")
+            if ranks is not None and len(ranks) == dist.world:
+                rng = dict(rng, torch=ranks[dist.rank])
+            restore_rng(rng)
+            say(f"resumed from {resume} at iteration {start}/{total}")
+
+        net = model
+        if dist.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        loader = DataLoader(_EpochItems(train_set, args.seed),
+                            batch_sampler=_Batches(len(train_set), args.batch_size, args.seed, start, total,
+                                                   dist.rank, dist.world),
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            # its own generator: starting the loader must not draw from the global
+                            # torch RNG (dropout's), or a resumed run would be one draw off
+                            generator=torch.Generator().manual_seed(args.seed))
+        stop_at = total if args.stop_at is None else min(total, args.stop_at)
+
+        def save(iteration: int) -> Optional[str]:
+            rng = capture_rng()
+            rng["torch_ranks"] = dist.gather_objects(rng["torch"])
+            if not dist.main:
+                return None
+            model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if not _all_finite(model_state.values()):  # the last line of defence
+                raise FloatingPointError("refusing to write a checkpoint with non-finite weights")
+            save_checkpoint(ckpt_path, model_state, config, iteration=iteration,
+                            optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict() if use_scaler else {}, rng=rng,
+                            losses=list(losses), train_config=_schedule_config(args),
+                            total_iterations=total)
+            return ckpt_path
+
+        if dist.main:
+            os.makedirs(out_dir, exist_ok=True)
+        result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
+                                  "model": model, "checkpoint": None, "message": "",
+                                  "seconds_per_iteration": float("nan"), "total_iterations": total,
+                                  "num_classes": num_classes, "class_names": list(train_set.class_names)}
+        say(f"training {args.model}/{args.backbone} os{args.output_stride} on {args.dataset} "
+            f"({len(train_set)} samples, {per_epoch} it/epoch), loss {args.loss}, {total} iterations, "
+            f"batch {args.batch_size} x {dist.world} process(es), device {device}")
+        bar = None
+        if dist.main and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=start, desc=args.loss, dynamic_ncols=True, file=sys.stderr)
+        log_path = os.path.join(out_dir, "log.jsonl")
+        t_loop, done_here = time.perf_counter(), 0
+        it = start
+        with _StopFlag() as stop:
+            for images, labels in loader:
+                if it >= stop_at:
+                    break
+                lr = poly_lr(args.lr, it, total, args.lr_power)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with _autocast(device, args.amp):
+                    logits = net(images)
+                    if isinstance(logits, tuple):
+                        logits = logits[0]
+                    loss = criterion(logits, labels)
+                flags = dist.all_sum(torch.stack([loss.detach().float().cpu(),
+                                                  torch.tensor(0.0 if torch.isfinite(loss) else 1.0),
+                                                  torch.tensor(float(stop.signal is not None))]))
+                if flags[1] > 0 or not math.isfinite(float(flags[0])):
+                    result.update(status="nonfinite", message=_nonfinite_message(it + 1, "loss", ckpt_path))
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                bad = torch.tensor(0.0 if _all_finite(model.state_dict().values()) else 1.0)
+                if dist.all_sum(bad) > 0:
+                    result.update(status="nonfinite", message=_nonfinite_message(it + 1, "weights", ckpt_path))
+                    break
+                it += 1
+                done_here += 1
+                value = float(flags[0]) / dist.world
+                losses.append(value)
+                if dist.main:
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                        bar.update(1)
+                    if it == start + 1 or it % max(1, args.log_every) == 0 or it == total:
+                        say(f"iter {it}/{total} loss {value:.5f} lr {lr:.3e}")
+                        with open(log_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps({"iteration": it, "loss": value, "lr": lr}) + "\n")
+                if args.save_every and it % args.save_every == 0 and it < stop_at:
+                    result["checkpoint"] = save(it)
+                if args.eval_every and it % args.eval_every == 0 and it < total:
+                    m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
+                                 args.boundary_tolerance, args.amp, dist, args.val_length)
+                    say(f"eval @ {it}: mIoU {100 * m['miou']:.2f}  boundary F {100 * m['boundary_f']:.2f}")
+                if (flags[2] > 0) if dist.enabled else (stop.signal is not None):
+                    name = signal.Signals(stop.signal).name if stop.signal else "signal"
+                    result.update(status="signal",
+                                  message=f"stopped by {name} after iteration {it}; checkpoint {ckpt_path}; "
+                                          f"continue with --resume {ckpt_path}")
+                    break
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t_loop
+        result["iteration"] = it
+        result["seconds_per_iteration"] = elapsed / done_here if done_here else float("nan")
+        if result["status"] == "nonfinite":
+            if dist.main:
+                log(result["message"])
+            return result
+        if result["status"] == "done" and it < total:
+            result["status"] = "stopped"
+            result["message"] = f"stopped at iteration {it}/{total} (--stop-at); continue with --resume {ckpt_path}"
+        result["checkpoint"] = save(it) if (done_here or not os.path.isfile(ckpt_path)) else ckpt_path
+        if result["status"] == "done" and not args.no_final_eval:
+            m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
+                         args.boundary_tolerance, args.amp, dist, args.val_length)
+            result["metrics"] = m
+            say(format_table({args.loss: m}, train_set.class_names,
+                             [("s/iteration", [f"{result['seconds_per_iteration']:.3f}"])]))
+            if dist.main:
+                with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+                    json.dump({"metrics": m, "iteration": it, "loss": args.loss,
+                               "seconds_per_iteration": result["seconds_per_iteration"]}, f, indent=1)
+        if result["message"]:
+            say(result["message"])
+        return result
+    finally:
+        dist.close()
+
+
+def _nonfinite_message(iteration: int, what: str, ckpt_path: str) -> str:
+    keep = (f"the last good checkpoint {ckpt_path} is kept" if os.path.isfile(ckpt_path)
+            else "no checkpoint was written")
+    return (f"error: non-finite {what} at iteration {iteration}; training stopped ({keep}; "
+            f"non-finite weights are never saved). Lower --lr or check the data.")
+
+
+def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str) -> None:
+    for key in CONFIG_KEYS:
+        if state["config"].get(key) != config[key]:
+            raise SystemExit(f"--resume {path}: checkpoint network {key}={state['config'].get(key)!r} "
+                             f"but this run asks for {config[key]!r}")
+    for key in ("iteration", "optimizer", "rng"):
+        if key not in state:
+            raise SystemExit(f"--resume {path}: checkpoint has no training state ({key!r} missing)")
+    saved = state.get("train_config", {})
+    now = _schedule_config(args)
+    diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
+            if k != "lr" and saved.get(k) != now.get(k)}
+    if diff:
+        raise SystemExit(f"--resume {path}: the schedule differs from the checkpoint's run "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if result["status"] == "nonfinite":
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The training tool: schedule, data order, losses, checkpoints, resume, signals,
+non-finite stops, distributed training, and the demo end to end (tiny settings)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rmi_triton import RMILoss
+from rmi_triton.checkpoint import load_checkpoint, save_checkpoint
+from rmi_triton.train import (bce_pixel_loss, capture_rng, epoch_order, iterations_per_epoch, parse_args,
+                              poly_lr, restore_rng, run)
+
+# A tiny run: DeepLabv3+ ResNet-18 on 32 x 32 scenes, batch 2; 6 scenes -> 3 iterations per epoch,
+# so 6 iterations cross an epoch boundary. Augmentation on: its RNG must be reproducible too.
+TINY = ["--model", "deeplabv3plus", "--backbone", "resnet18", "--dataset", "synthetic", "--crop", "32",
+        "--batch-size", "2", "--train-length", "6", "--val-length", "2", "--iterations", "6",
+        "--augment", "--threads", "2", "--no-progress", "--log-every", "1", "--seed", "3"]
+
+
+def _args(out, *extra):
+    return parse_args(TINY + ["--out", str(out), *extra])
+
+
+def _quiet(*a, **k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run (RMI loss, 6 iterations)."""
+    out = tmp_path_factory.mktemp("straight")
+    result = run(_args(out, "--no-final-eval"), log=_quiet)
+    assert result["status"] == "done" and result["iteration"] == 6
+    return result
+
+
+def _assert_same_run(result, reference):
+    assert result["iteration"] == reference["iteration"]
+    np.testing.assert_allclose(result["losses"], reference["losses"], rtol=1e-6, atol=1e-7)
+    ref_state = reference["model"].state_dict()
+    for name, value in result["model"].state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_poly_schedule():
+    assert poly_lr(0.007, 0, 100) == pytest.approx(0.007)
+    assert poly_lr(0.007, 50, 100) == pytest.approx(0.007 * 0.5 ** 0.9)
+    assert poly_lr(0.007, 99, 100) == pytest.approx(0.007 * 0.01 ** 0.9)
+
+
+def test_epoch_order_is_seeded_and_sharded():
+    a = epoch_order(10, seed=1, epoch=0)
+    assert sorted(a) == list(range(10)) and a == epoch_order(10, seed=1, epoch=0)
+    assert a != epoch_order(10, seed=1, epoch=1)
+    shards = [epoch_order(10, seed=1, epoch=2, rank=r, world=3) for r in range(3)]
+    assert all(len(s) == 4 for s in shards)  # ceil(10 / 3), padded by wrapping
+    assert set().union(*shards) == set(range(10))
+    even = [epoch_order(12, seed=1, epoch=2, rank=r, world=3) for r in range(3)]
+    assert sorted(sum(even, [])) == list(range(12))  # disjoint shards of one permutation
+    assert iterations_per_epoch(10, 2, world=3) == 2
+    with pytest.raises(ValueError):
+        iterations_per_epoch(3, 4)
+
+
+def test_bce_loss_is_the_rmi_pixel_term():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16)
+    labels = torch.randint(0, 4, (2, 16, 16))
+    labels[0, :3] = 255
+    expected = RMILoss(4, rmi_weight=1.0).terms(logits, labels).pixel
+    torch.testing.assert_close(bce_pixel_loss(logits, labels), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    state = capture_rng()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"w": torch.zeros(1)}, {"name": "x", "num_classes": 2, "backbone": "b",
+                                                  "output_stride": 16}, rng=state)
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    restore_rng(load_checkpoint(path)["rng"])
+    got = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_interrupted_and_resumed_run_matches_straight_run(straight, tmp_path):
+    first = run(_args(tmp_path, "--no-final-eval", "--stop-at", "3"), log=_quiet)
+    assert first["status"] == "stopped" and first["iteration"] == 3
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 3 and ckpt["config"]["backbone"] == "resnet18"
+    assert "loss" not in " ".join(k for k in ckpt if k != "losses")  # no loss state stored
+    second = run(_args(tmp_path, "--resume", str(tmp_path / "last.pt")), log=_quiet)
+    assert second["status"] == "done"
+    _assert_same_run(second, straight)
+    m = second["metrics"]
+    assert 0.0 <= m["miou"] <= 1.0 and len(m["iou"]) == 5 and 0.0 <= m["boundary_f"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 6
+
+
+def test_resume_refuses_a_different_schedule(tmp_path):
+    run(_args(tmp_path, "--no-final-eval", "--stop-at", "1"), log=_quiet)
+    with pytest.raises(SystemExit, match="batch_size"):
+        run(parse_args(TINY[:-8] + ["--batch-size", "3", "--out", str(tmp_path), "--resume",
+                                    str(tmp_path / "last.pt")]), log=_quiet)
+
+
+def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
+    with pytest.raises(SystemExit, match="sync-bn"):
+        run(_args(tmp_path, "--sync-bn", "--device", "cpu"), log=_quiet)
+
+
+def test_nonfinite_loss_stops_and_keeps_finite_checkpoint(tmp_path):
+    messages = []
+    args = _args(tmp_path, "--lr", "1e6", "--save-every", "1", "--loss", "ce")
+    result = run(args, log=messages.append)
+    assert result["status"] == "nonfinite"
+    failed_at = result["iteration"] + 1
+    assert f"non-finite" in result["message"] and f"iteration {failed_at}" in result["message"]
+    assert result["message"] in messages and result["metrics"] is None
+    path = tmp_path / "last.pt"
+    if path.exists():  # every checkpoint written holds finite weights of an earlier iteration
+        ckpt = load_checkpoint(path)
+        assert ckpt["iteration"] < failed_at
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    from rmi_triton.train import main
+    assert main(TINY + ["--out", str(tmp_path / "cli"), "--lr", "1e6", "--loss", "ce"]) == 1
+
+
+def test_sigterm_saves_and_resume_reaches_the_same_loss(straight, tmp_path):
+    cmd = [sys.executable, "-m", "rmi_triton.train", *TINY, "--no-final-eval", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("iter 1/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in out
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert 1 <= ckpt["iteration"] < 6
+    resumed = run(_args(tmp_path, "--no-final-eval", "--resume", "auto"), log=_quiet)
+    assert resumed["status"] == "done"
+    _assert_same_run(resumed, straight)
+
+
+def test_distributed_two_ranks_stay_identical(tmp_path):
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        from rmi_triton.train import parse_args, run
+        args = parse_args({TINY!r} + ["--iterations", "3", "--train-length", "8", "--device", "cpu",
+                                      "--threads", "1", "--no-final-eval",
+                                      "--out", {str(tmp_path / "out")!r}])
+        res = run(args, log=lambda *a, **k: print(*a))
+        assert res["status"] == "done", res["message"]
+        # parameters (BatchNorm running statistics are per rank in DDP without SyncBatchNorm)
+        torch.save({{k: v.detach() for k, v in res["model"].named_parameters()}},
+                   os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("training deeplabv3plus") == 1  # only rank 0 prints
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ckpt = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert ckpt["iteration"] == 3 and len(ckpt["rng"]["torch_ranks"]) == 2
