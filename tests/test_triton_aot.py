@@ -41,7 +41,7 @@ FULL_RES_CASES = [
     dict(pool="none", s=1, softmax=True, pixel=2, logits="fp32", labels="i64", weights=True),
     dict(pool="avg", s=3, softmax=False, pixel=1, logits="fp32", labels="i64", wide=True),
 ]
-REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=10)]
+REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7), dict(radius=10)]
 
 
 def _specs():
@@ -150,8 +150,10 @@ def _compile_one(spec):
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_ptxas_path(spec["arch"]), "-v", f"--gpu-name={gpu_name}", path, "-o",
-                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+        # the flags Triton's own ptxas step uses (triton/backends/nvidia/compiler.py, make_cubin)
+        flags = ["-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}"]
+        log = subprocess.run([_ptxas_path(spec["arch"]), *flags, path, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True)
     if log.returncode != 0:
         raise RuntimeError(f"ptxas failed: {log.stderr[-2000:]}")
     info = log.stdout + log.stderr

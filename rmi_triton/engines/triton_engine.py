@@ -74,7 +74,7 @@ MOMENT_BLOCK_M = _BLOCKS["MOMENT_BLOCK_M"]
 MOMENT_BD = _BLOCKS["MOMENT_BD"]
 STENCIL_ELEMENTS = _BLOCKS["STENCIL_ELEMENTS"]
 # warps per program of each kernel (the AOT test compiles with these)
-NUM_WARPS = dict(pool_forward=4, region_moments=8, region_grad=4, pool_backward=4)
+NUM_WARPS = dict(pool_forward=8, region_moments=8, region_grad=8, pool_backward=8)
 MOMENT_TILE_POSITIONS = 1024  # positions per tile handed to the float64 merge
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float32 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
@@ -283,13 +283,17 @@ if _HAVE_TRITON:
             else:
                 keep = m_ok.to(tl.float32)
             vr = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jr, W_low, R, D, D_PAD)
-            vc = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jc, W_low, R, D, D_PAD)
             n_b = tl.sum(keep, axis=0)
             inv_b = 1.0 / tl.maximum(n_b, 1.0)
             mean_rb = tl.sum(vr * keep[:, None], axis=0) * inv_b
-            mean_cb = tl.sum(vc * keep[:, None], axis=0) * inv_b
             cr = (vr - mean_rb[None, :]) * keep[:, None]
-            cc = (vc - mean_cb[None, :]) * keep[:, None]
+            if NB == 1:  # one block holds the whole joint vector: rows and columns coincide
+                mean_cb = mean_rb
+                cc = cr
+            else:
+                vc = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jc, W_low, R, D, D_PAD)
+                mean_cb = tl.sum(vc * keep[:, None], axis=0) * inv_b
+                cc = (vc - mean_cb[None, :]) * keep[:, None]
             m2_b = tl.dot(tl.trans(cr), cc, input_precision="ieee")
             # Chan's merge of the running moments (n_a) with this sub-block's (n_b)
             n_ab = n_a + n_b
