@@ -126,6 +126,35 @@ def _unpool_grad(grad_low: torch.Tensor, indices, out: torch.Tensor, opts: RMIOp
             grad_low, list(grad_low.shape[-2:]), list(out.shape), True, None, None, grad_input=out)
 
 
+def _ignored_pixels(valid: torch.Tensor) -> list:
+    """Per image, the flat indices of its ignored pixels (usually few)."""
+    return [(~v).flatten().nonzero().squeeze(1) for v in valid]
+
+
+def _zero_pixels(t: torch.Tensor, pixels: list) -> None:
+    """Zero every class of the listed pixels of a contiguous [n, C, H, W] tensor, in place:
+    the mask multiply, at a cost that scales with the ignored pixels, not the map."""
+    for image, index in zip(t, pixels):
+        if index.numel():
+            image.view(image.shape[0], -1).index_fill_(1, index, 0.0)
+
+
+def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
+    """What the 1e-6 added to every full-resolution probability becomes after pooling:
+    avg pooling counts the padding, so a border cell gets 1e-6 times its share of real
+    pixels; max, interp and none keep 1e-6."""
+    if not (opts.downsamples and opts.pool == "avg"):
+        return torch.tensor(PROB_CLIP, device=device)
+    s, pad = opts.pool_size, opts.pool_size // 2
+    h_low, w_low = opts.pooled_size(h, w)
+
+    def share(size, cells):  # fraction of each cell's s positions that are real pixels
+        start = torch.arange(cells, device=device) * s - pad
+        return ((start + s).clamp(max=size) - start.clamp(min=0)).double() / s
+
+    return (PROB_CLIP * share(h, h_low).unsqueeze(1) * share(w, w_low)).float()
+
+
 def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
     """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices."""
     n, c, h, w = x.shape
@@ -137,10 +166,10 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
     ce_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
     checksum = torch.zeros((), dtype=torch.float64, device=x.device)
+    ignored = _ignored_pixels(valid)
     for g in _image_groups(x):
-        xc = x[g].float()
-        vc = valid[g].unsqueeze(1)
-        vf = vc.float()
+        xc = x[g].float().contiguous()
+        vf = valid[g].unsqueeze(1).float()
         lab = safe[g].unsqueeze(1)
         if opts.validate:  # a finite sum proves every value finite, at the cost of one read
             checksum += xc.sum()
@@ -159,11 +188,12 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
             p = torch.sigmoid(xc)
         else:
             p = torch.exp(xc - lse) if lse is not None else torch.softmax(xc, dim=1)
-        torch.addcmul(p.new_tensor(PROB_CLIP), p, vf, out=p)
+        _zero_pixels(p, ignored[g])  # p * v; the + 1e-6 is added after pooling
         pooled, idx = _pool_probs(p, opts)
         p_low[g] = pooled
         if indices is not None:
             indices[g] = idx
+    p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
     if opts.pixel_loss == "bce":
@@ -193,33 +223,34 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
     needs_softmax = opts.probs == "softmax" or (coef is not None and opts.pixel_loss == "ce")
     needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
     uniform_bce = weights is None and coef is not None and opts.pixel_loss == "bce"
-    in_place = grad.dtype == torch.float32
+    in_place = grad.dtype == torch.float32 and grad.is_contiguous()
+    ignored = _ignored_pixels(valid)
     for g in _image_groups(x):
-        xc = x[g].float()
-        vf = valid[g].unsqueeze(1).float()
+        xc = x[g].float().contiguous()
         lab = safe[g].unsqueeze(1)
         # written in place into the result when it is float32, else into a float32 buffer
         out = grad[g] if in_place else torch.empty(xc.shape, device=x.device)
-        # masked probabilities: v in {0, 1}, so every term below carries the mask through them
-        softmax = torch.softmax(xc, dim=1).mul_(vf) if needs_softmax else None
-        sigmoid = torch.sigmoid(xc).mul_(vf) if needs_sigmoid else None
+        # unmasked probabilities: ignored pixels are zeroed once, at the end
+        softmax = torch.softmax(xc, dim=1) if needs_softmax else None
+        sigmoid = torch.sigmoid(xc) if needs_sigmoid else None
         if g_p_low is None:
             out.zero_()
         else:
             _unpool_grad(g_p_low[g], None if indices is None else indices[g], out, opts)
-            if opts.probs == "sigmoid":  # v s (1 - s) dL/dp
+            if opts.probs == "sigmoid":  # s (1 - s) dL/dp
                 torch.ops.aten.sigmoid_backward.grad_input(out, sigmoid, grad_input=out)
-            else:  # v s (dL/dp - sum_c s dL/dp)
+            else:  # s (dL/dp - sum_c s dL/dp)
                 out.copy_(torch.ops.aten._softmax_backward_data(out, softmax, 1, torch.float32))
         if coef is not None and opts.pixel_loss == "bce":
-            # d/dx (softplus(x) - x y) = sigmoid(x) - y, on valid pixels
+            # d/dx (softplus(x) - x y) = sigmoid(x) - y
             out.addcmul_(sigmoid, coef.view(1, c, 1, 1))
-            out.scatter_add_(1, lab, -(coef[0] * vf if uniform_bce else coef[lab] * vf))
+            out.scatter_add_(1, lab, (-coef[0]).expand(lab.shape) if uniform_bce else -coef[lab])
         elif coef is not None:
-            # d/dx (lse - x_label) = softmax - onehot, weighted per valid pixel
+            # d/dx (lse - x_label) = softmax - onehot, weighted per pixel
             pw = coef if weights is None else weights.float()[lab] * coef
             out.addcmul_(softmax, pw)
-            out.scatter_add_(1, lab, -pw * vf)
+            out.scatter_add_(1, lab, (-pw).expand(lab.shape))
+        _zero_pixels(out, ignored[g])  # ignored pixels take no part in either term
         if not in_place:
             grad[g] = out
     return grad
