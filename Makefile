@@ -31,5 +31,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
 
+demo: $(STAMP)
+	$(PY) -m rmi_triton.demo
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

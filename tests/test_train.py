@@ -187,3 +187,26 @@ def test_distributed_two_ranks_stay_identical(tmp_path):
         assert torch.equal(a[name], b[name]), name
     ckpt = load_checkpoint(tmp_path / "out" / "last.pt")
     assert ckpt["iteration"] == 3 and len(ckpt["rng"]["torch_ranks"]) == 2
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    from rmi_triton.checkpoint import build_from_checkpoint
+    from rmi_triton.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main(["--quick", "--out", str(out), "--no-export", "--no-progress", "--threads", "2",
+                      "--examples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "BCE+RMI" in printed and "mIoU (%)" in printed and "boundary F@2px" in printed
+    for name in ("ce.pt", "rmi.pt", "demo.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    for key in ("ce", "rmi"):
+        run_ = results["runs"][key]
+        assert len(run_["losses"]) == 2 and 0.0 <= run_["metrics"]["miou"] <= 1.0
+        assert "--loss" in run_["argv"] and run_["argv"][run_["argv"].index("--loss") + 1] == key
+    assert results["runs"]["ce"]["losses"] != results["runs"]["rmi"]["losses"]
+    net = build_from_checkpoint(out / "rmi.pt")
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 32, 32)

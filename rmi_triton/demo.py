@@ -1,0 +1,277 @@
+"""The project's main job: CE vs BCE + RMI on the embedded dataset, side by side.
+
+    python -m rmi_triton.demo            # or: make demo        (~7 min on 2 CPU cores)
+    python -m rmi_triton.demo --quick    # a few iterations on tiny images (smoke test)
+
+Trains the same network (DeepLabv3+ ResNet-18, output stride 16) on 128 x 128
+synthetic scenes twice, with the same seed, data order and poly schedule: once with
+cross-entropy, once with the paper's BCE + RMI (R = 3, 4 x 4 average pooling,
+lambda = 0.5). Both are evaluated on the validation split (mIoU, per-class IoU,
+boundary F-score) and the tool writes into ``--out`` (default ``demo_out/``):
+
+* ``ce.pt``, ``rmi.pt``   the two checkpoints (rmi_triton.checkpoint format)
+* ``results.json``        metrics, timings, loss curves, the exact settings
+* ``demo.png``            loss curves and qualitative predictions side by side
+* ``rmi.onnx`` etc.       when ``rmi_triton.export`` is available (see `_export_step`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .metrics import format_table
+from .train import parse_args as train_args
+from .train import predict, run
+
+# The default setting, sized for ~7 minutes on 2 CPU cores (measured ~1.5-2.3 s per
+# iteration for either loss at batch 8, 128 x 128, plus two evaluations).
+DEFAULTS = {"iterations": 90, "batch_size": 8, "size": 128, "train_length": 2000, "val_length": 100}
+QUICK = {"iterations": 2, "batch_size": 2, "size": 32, "train_length": 4, "val_length": 2}
+RUNS = (("ce", "cross-entropy"), ("rmi", "BCE + RMI"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rmi_triton.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test setting (seconds)")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--size", type=int, default=None, help="scene size (px)")
+    p.add_argument("--train-length", type=int, default=None)
+    p.add_argument("--val-length", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="default: the CPU core count")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--examples", type=int, default=4, help="validation images shown in the PNG")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def settings(ns: argparse.Namespace) -> Dict[str, Any]:
+    base = dict(QUICK if ns.quick else DEFAULTS)
+    for key in base:
+        value = getattr(ns, key)
+        if value is not None:
+            base[key] = value
+    return base
+
+
+def train_argv(loss: str, cfg: Dict[str, Any], ns: argparse.Namespace, out: str, threads: int) -> List[str]:
+    return ["--model", "deeplabv3plus", "--backbone", "resnet18", "--output-stride", "16",
+            "--dataset", "synthetic", "--crop", str(cfg["size"]), "--train-length", str(cfg["train_length"]),
+            "--val-length", str(cfg["val_length"]), "--batch-size", str(cfg["batch_size"]),
+            "--iterations", str(cfg["iterations"]), "--loss", loss, "--seed", str(ns.seed),
+            "--device", ns.device, "--threads", str(threads), "--out", out,
+            "--log-every", str(max(1, cfg["iterations"] // 10))] + (["--no-progress"] if ns.no_progress else [])
+
+
+def _palette(num_classes: int) -> np.ndarray:
+    base = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                     [245, 130, 48], [145, 30, 180], [70, 240, 240]], dtype=np.uint8)
+    return base[np.arange(num_classes) % len(base)]
+
+
+def colorize(label: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    out = np.full(label.shape + (3,), 255, dtype=np.uint8)  # ignored pixels white
+    pal = _palette(num_classes)
+    valid = label != ignore_index
+    out[valid] = pal[label[valid].astype(np.int64)]
+    return out
+
+
+def write_figure(path: str, results: Dict[str, Dict[str, Any]], models: Dict[str, torch.nn.Module],
+                 val_set, examples: int, device) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    k = max(1, min(examples, len(val_set)))
+    fig = plt.figure(figsize=(12, 3.2 + 2.6 * k))
+    grid = fig.add_gridspec(1 + k, 4, height_ratios=[1.3] + [1.0] * k, hspace=0.35, wspace=0.05)
+    for col, (key, title) in enumerate(RUNS):
+        ax = fig.add_subplot(grid[0, 2 * col:2 * col + 2])
+        losses = np.asarray(results[key]["losses"], dtype=float)
+        ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, color=f"C{col}")
+        if len(losses) >= 5:
+            w = max(2, len(losses) // 10)
+            smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(w, len(losses) + 1), smooth, lw=2, color=f"C{col}", label=f"{w}-it mean")
+            ax.legend(fontsize=8)
+        m = results[key]["metrics"]
+        ax.set_title(f"{title}: training loss (mIoU {100 * m['miou']:.1f}%, "
+                     f"boundary F {100 * m['boundary_f']:.1f}%)", fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    items = [val_set[i] for i in range(k)]
+    images = torch.stack([x for x, _ in items])
+    preds = {key: predict(models[key], images, device).numpy() for key, _ in RUNS}
+    nc = val_set.num_classes
+    headers = ["image", "ground truth", "CE prediction", "RMI prediction"]
+    for r in range(k):
+        panels = [val_set.rgb(r), colorize(items[r][1].numpy(), nc, val_set.ignore_index),
+                  colorize(preds["ce"][r], nc), colorize(preds["rmi"][r], nc)]
+        for c, panel in enumerate(panels):
+            ax = fig.add_subplot(grid[1 + r, c])
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(headers[c], fontsize=10)
+    pal = _palette(nc) / 255.0
+    handles = [Patch(color=pal[c], label=name) for c, name in enumerate(val_set.class_names)]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="ignore"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _export_step(out_dir: str, rmi_model: Optional[torch.nn.Module] = None, size: int = 128,
+                 quick: bool = False) -> Dict[str, Any]:
+    """Export the RMI network to ONNX, verify it against PyTorch, and compare its graph and
+    latency with the CE network's (from ``ce.pt`` / ``rmi.pt``). Uses ``rmi_triton.export``;
+    any failure is reported in the result instead of stopping the demo."""
+    report: Dict[str, Any] = {}
+    try:
+        from rmi_triton.export import compare_exports, export_onnx, verify_onnx
+    except Exception as err:  # exporter missing or broken: the demo's results stand on their own
+        return {"skipped": f"rmi_triton.export unavailable: {type(err).__name__}: {err}"}
+    if rmi_model is None:
+        from .checkpoint import build_from_checkpoint
+
+        rmi_model = build_from_checkpoint(os.path.join(out_dir, "rmi.pt"))
+    rmi_model = rmi_model.eval()
+    onnx_path = os.path.join(out_dir, "rmi.onnx")
+    shape = [1, 3, size, size]
+    runs = 3 if quick else 10
+    steps = (
+        ("export", lambda: export_onnx(rmi_model, onnx_path, example_shape=shape)),
+        ("verify", lambda: verify_onnx(onnx_path, rmi_model, latency_size=shape, latency_runs=runs,
+                                       latency_warmup=1)),
+        ("compare", lambda: compare_exports(os.path.join(out_dir, "ce.pt"), os.path.join(out_dir, "rmi.pt"),
+                                            latency_size=shape, rounds=runs, warmup=1)),
+    )
+    for name, step in steps:
+        try:
+            value = step()
+            report[name] = value.to_dict() if hasattr(value, "to_dict") else str(value)
+        except Exception as err:
+            report[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            if name == "export":
+                break
+    return report
+
+
+def _export_summary(report: Dict[str, Any]) -> str:
+    if "skipped" in report:
+        return f"export: {report['skipped']}"
+    lines = []
+    for name in ("export", "verify", "compare"):
+        value = report.get(name)
+        if value is None:
+            continue
+        if isinstance(value, dict) and "error" in value:
+            lines.append(f"{name}: FAILED ({value['error']})")
+        elif name == "compare" and isinstance(value, dict):
+            lines.append(f"compare CE vs RMI export: identical structure={value.get('identical')}, "
+                         f"latency ratio RMI/CE={value.get('latency_ratio_b_over_a')}")
+        elif name == "verify" and isinstance(value, dict):
+            keys = [k for k in ("passed", "ok", "max_abs_diff", "latency_median_ms") if k in value]
+            lines.append("verify: " + (", ".join(f"{k}={value[k]}" for k in keys) or "done"))
+        else:
+            lines.append(f"{name}: done")
+    return "\n".join(lines)
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    cfg = settings(ns)
+    threads = ns.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    out_dir = ns.out
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"demo: DeepLabv3+ ResNet-18 os16, {cfg['size']}x{cfg['size']} synthetic scenes, batch "
+          f"{cfg['batch_size']}, {cfg['iterations']} iterations per run, seed {ns.seed}, {threads} threads")
+    results: Dict[str, Dict[str, Any]] = {}
+    models: Dict[str, torch.nn.Module] = {}
+    val_set = None
+    for key, title in RUNS:
+        print(f"\n== {title} ==")
+        run_dir = os.path.join(out_dir, f"{key}_run")
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)  # a fresh run each time (no stale log or checkpoint)
+        args = train_args(train_argv(key, cfg, ns, run_dir, threads))
+        started = time.perf_counter()
+        res = run(args)
+        if res["status"] != "done":
+            print(f"demo: the {title} run did not finish: {res['message']}", file=sys.stderr)
+            return 1
+        shutil.copyfile(res["checkpoint"], os.path.join(out_dir, f"{key}.pt"))
+        results[key] = {"metrics": res["metrics"], "losses": res["losses"],
+                        "seconds_per_iteration": res["seconds_per_iteration"],
+                        "wall_seconds": time.perf_counter() - started, "argv": train_argv(key, cfg, ns, run_dir,
+                                                                                           threads)}
+        models[key] = res["model"].eval()
+        if val_set is None:
+            from .train import build_datasets
+
+            val_set = build_datasets(args)[1]
+    ce, rmi = results["ce"], results["rmi"]
+    table = format_table({"CE": ce["metrics"], "BCE+RMI": rmi["metrics"]}, val_set.class_names, [
+        ("s/iteration (train)", [f"{ce['seconds_per_iteration']:.3f}", f"{rmi['seconds_per_iteration']:.3f}"]),
+        ("final train loss", [f"{ce['losses'][-1]:.4f}", f"{rmi['losses'][-1]:.4f}"]),
+    ])
+    print(f"\n{cfg['iterations']} iterations x batch {cfg['batch_size']}, validation: {len(val_set)} scenes\n")
+    print(table)
+    png = os.path.join(out_dir, "demo.png")
+    write_figure(png, results, models, val_set, ns.examples, torch.device(ns.device))
+    export = {"skipped": "--no-export"} if ns.no_export else _export_step(out_dir, models["rmi"], cfg["size"],
+                                                                            ns.quick)
+    summary = {
+        "settings": dict(cfg, seed=ns.seed, threads=threads, device=ns.device, model="deeplabv3plus",
+                         backbone="resnet18", output_stride=16),
+        "runs": results,
+        "table": table,
+        "export": export,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__},
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "total_seconds": time.perf_counter() - t0,
+    }
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(_json_safe(summary), f, indent=1)
+    if not ns.no_export:
+        print("\n" + _export_summary(export))
+    print(f"\nwrote {png}, {os.path.join(out_dir, 'results.json')}, "
+          f"{os.path.join(out_dir, 'ce.pt')}, {os.path.join(out_dir, 'rmi.pt')} "
+          f"({summary['total_seconds']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
