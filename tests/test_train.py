@@ -117,6 +117,18 @@ def test_resume_refuses_a_different_schedule(tmp_path):
                                     str(tmp_path / "last.pt")]), log=_quiet)
 
 
+def test_epochs_bce_and_bfloat16_autocast(tmp_path):
+    i = TINY.index("--iterations")
+    args = parse_args(TINY[:i] + TINY[i + 2:] + [
+        "--epochs", "1", "--train-length", "4", "--loss", "bce", "--amp", "--no-final-eval",
+        "--out", str(tmp_path)])
+    assert args.iterations is None and args.epochs == 1
+    result = run(args, log=_quiet)
+    assert result["status"] == "done" and result["total_iterations"] == 2 and len(result["losses"]) == 2
+    assert all(math.isfinite(v) and v > 0 for v in result["losses"])
+    assert load_checkpoint(tmp_path / "last.pt")["train_config"]["loss"] == "bce"
+
+
 def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
     with pytest.raises(SystemExit, match="sync-bn"):
         run(_args(tmp_path, "--sync-bn", "--device", "cpu"), log=_quiet)
