@@ -102,7 +102,8 @@ def test_interrupted_and_resumed_run_matches_straight_run(straight, tmp_path):
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["iteration"] == 3 and ckpt["config"]["backbone"] == "resnet18"
     assert "loss" not in " ".join(k for k in ckpt if k != "losses")  # no loss state stored
-    second = run(_args(tmp_path, "--resume", str(tmp_path / "last.pt")), log=_quiet)
+    # the second half loads through a worker process: data must not depend on who loads it
+    second = run(_args(tmp_path, "--resume", str(tmp_path / "last.pt"), "--workers", "1"), log=_quiet)
     assert second["status"] == "done"
     _assert_same_run(second, straight)
     m = second["metrics"]
