@@ -10,6 +10,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
 
 from rmi_triton import reference_rmi, rmi_loss, rmi_terms
 from rmi_triton.engines import triton_engine
@@ -92,6 +94,26 @@ def test_edge_pixels_outside_the_pooled_map(options, shape):
     assert_close_rel(loss, ref_loss, 1e-5, "loss")
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
     assert_close_rel(grad[:, :, -1], ref_grad[:, :, -1], 1e-4, "gradient of the last row")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # shrinking under the interpreter takes minutes
+@given(h=st.integers(5, 45), w=st.integers(5, 45), pool=st.sampled_from(["avg", "max", "none"]),
+       pool_size=st.integers(1, 8), radius=st.integers(1, 3), c=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_random_geometry(h, w, pool, pool_size, radius, c, seed):
+    """Any image size, pool size and radius: the cell grid, padding and edges."""
+    opts = RMIOptions(pool=pool, pool_size=pool_size, radius=radius)
+    h_low, w_low = opts.pooled_size(h, w)
+    # enough region vectors for a well-conditioned Sp (else float32 rounding is amplified)
+    assume(h_low >= radius and w_low >= radius)
+    assume((h_low - radius + 1) * (w_low - radius + 1) >= 4 * radius * radius)
+    options = dict(pool=pool, pool_size=pool_size, radius=radius)
+    logits, labels = random_inputs(1, c, h, w, seed=seed)
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
 
 
 def test_bitwise_deterministic():

@@ -647,7 +647,9 @@ def _statistics_op(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[to
     sy, sp, syp = split_blocks(joint, opts.d)
     if arg is None:
         arg = torch.empty(0, dtype=torch.uint8, device=logits.device)
-    return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous(), denom, y_low, p_low, arg, mean
+    # fresh tensors: a custom op's outputs may not alias each other (a view can be "contiguous")
+    sy, sp, syp = (block.clone(memory_format=torch.contiguous_format) for block in (sy, sp, syp))
+    return pixel, sy, sp, syp, denom, y_low, p_low, arg, mean
 
 
 @_statistics_op.register_fake
