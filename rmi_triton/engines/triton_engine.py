@@ -33,7 +33,7 @@ loss in its graph.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
