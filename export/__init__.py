@@ -1,0 +1,36 @@
+"""ONNX export of the segmentation networks, with proof that the loss costs nothing at inference.
+
+    from rmi_triton.export import export_onnx, verify_onnx, compare_exports
+    export_onnx(model_or_training_wrapper, "net.onnx")      # image [N,3,H,W] -> logits [N,C,H,W]
+    report = verify_onnx("net.onnx", model)                  # checker, no loss nodes, ORT == PyTorch
+    compare_exports("ce.pt", "rmi.pt")                       # same graph whatever the loss; latency ratio
+
+Command line: ``python -m rmi_triton.export CHECKPOINT OUT.onnx [--verify] [--compare OTHER]``.
+"""
+
+from .compare import CompareReport, compare_exports
+from .errors import ExportError
+from .graph import GraphSummary, summarize, training_leftovers
+from .network import find_network, model_config
+from .onnx_export import ExportInfo, export_onnx
+from .shapes import DimRule, InputSpec
+from .verify import DEFAULT_SIZES, VerificationError, VerifyReport, verify_onnx
+
+__all__ = [
+    "CompareReport",
+    "DEFAULT_SIZES",
+    "DimRule",
+    "ExportError",
+    "ExportInfo",
+    "GraphSummary",
+    "InputSpec",
+    "VerificationError",
+    "VerifyReport",
+    "compare_exports",
+    "export_onnx",
+    "find_network",
+    "model_config",
+    "summarize",
+    "training_leftovers",
+    "verify_onnx",
+]

@@ -1,0 +1,442 @@
+"""ONNX export (dynamo exporter), verification against onnxruntime, comparison, CLI.
+
+Exports take several seconds each on CPU, so every exported file is made once
+per module (module-scoped fixtures) and shared by the tests that read it.
+Networks are ResNet-18 with few classes and inputs are small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from rmi_triton import RMILoss  # noqa: E402
+from rmi_triton.checkpoint import save_checkpoint  # noqa: E402
+from rmi_triton.export import (  # noqa: E402
+    ExportError,
+    VerificationError,
+    compare_exports,
+    export_onnx,
+    find_network,
+    summarize,
+    training_leftovers,
+    verify_onnx,
+)
+from rmi_triton.export.__main__ import main  # noqa: E402
+from rmi_triton.export.files import staged  # noqa: E402
+from rmi_triton.models import build_model  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+SIZES = [(1, 3, 128, 160), (2, 3, 96, 96)]
+SMALL = (1, 3, 64, 64)  # latency size in tests: timing is reported, not judged, here
+NUM_CLASSES = 4
+MODELS = [(name, stride) for name in ("deeplabv3", "deeplabv3plus", "pspnet") for stride in (8, 16)]
+
+
+def trained_like(model: nn.Module, seed: int, logit_scale: float = 8.0) -> nn.Module:
+    """Give a fresh network the scale of a trained one (returned in eval mode).
+
+    A fresh network's BN layers hold mean 0 / variance 1, so activations grow
+    layer after layer and logits reach hundreds. float32 itself is then off by
+    more than atol=1e-4 (PyTorch float32 vs float64 differ by ~4e-4 at logits
+    of ~70: relative 1e-6 rounding), whatever ONNX Runtime does. So: running
+    statistics measured on data (random images, cumulative average) keep the
+    activations normalised, and the classifier is scaled so that logits reach
+    ``logit_scale`` on a 128x160 image, the range of a trained network's logits.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 64, 64, generator=generator))
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+    with torch.no_grad():
+        peak = model(torch.randn(1, 3, 128, 160, generator=generator)).abs().max()
+        model.head.classifier.weight.mul_(logit_scale / peak)
+        model.head.classifier.bias.mul_(logit_scale / peak)
+    return model
+
+
+def make_model(name: str, stride: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return trained_like(build_model(name, NUM_CLASSES, "resnet18", stride), seed)
+
+
+def config(name: str, stride: int) -> dict:
+    return {"name": name, "num_classes": NUM_CLASSES, "backbone": "resnet18", "output_stride": stride}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def exports(workdir):
+    """export(name, stride) -> (model, path, ExportInfo), each network exported once per module."""
+    cache = {}
+
+    def export(name: str, stride: int):
+        if (name, stride) not in cache:
+            model = make_model(name, stride)
+            path = workdir / f"{name}-os{stride}.onnx"
+            cache[name, stride] = model, path, export_onnx(model, path)
+        return cache[name, stride]
+
+    return export
+
+
+@pytest.fixture(params=MODELS, ids=[f"{n}-os{s}" for n, s in MODELS])
+def exported(request, exports):
+    return exports(*request.param)
+
+
+# ----------------------------------------------------------------- every network
+
+
+def test_every_network_exports_and_matches_onnxruntime(exported):
+    model, path, info = exported
+    assert info.dynamic and info.opset >= 18 and info.seconds > 0
+    report = verify_onnx(path, model, sizes=SIZES + [(1, 3, 8, 8)], latency_size=SMALL,
+                         latency_runs=3, latency_warmup=1)
+    assert report.passed and report.check_model.startswith("passed")
+    assert set(report.max_abs_diff) == {"1x3x128x160", "2x3x96x96", "1x3x8x8"}
+    assert max(report.max_abs_diff.values()) <= 1e-4, report.max_abs_diff
+    assert report.outputs == [f"logits: float32[batch, {NUM_CLASSES}, height, width]"]
+    assert report.inputs == ["image: float32[batch, 3, height, width]"]
+    assert not {"Dropout", "BatchNormalization"} & set(report.op_histogram)
+    assert report.latency_median_ms > 0 and report.latency_size == "1x3x64x64"
+    json.loads(report.to_json())  # the report is JSON-serialisable as is
+    proto = onnx.load(path)
+    assert len(proto.graph.output) == 1 and training_leftovers(proto) == []
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["rmi_triton.model_config"])["name"] == info.config["name"]
+    assert "no loss" in meta["rmi_triton.inference_only"]
+    assert meta["rmi_triton.version"]
+    assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp-")]  # no temp file left
+
+
+# ------------------------------------------------------- training wrapper / unwrap
+
+
+class TrainingStep(nn.Module):
+    """What a trainer holds: the network (here behind DataParallel) and the loss; forward gives the loss."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.model = nn.DataParallel(network)  # on CPU, a plain pass-through with a .module
+        self.criterion = RMILoss(NUM_CLASSES)
+
+    def forward(self, images, labels):
+        return self.criterion(self.model(images), labels)
+
+
+def test_training_wrapper_exports_the_bare_network(workdir, exports):
+    model, bare, _ = exports("deeplabv3", 16)
+    wrapped = workdir / "wrapped.onnx"
+    step = TrainingStep(model).train()
+    model.backbone.eval()  # a frozen trunk inside a training model keeps its own mode
+    try:
+        info = export_onnx(step, wrapped)
+        # the caller's modes are back, module by module
+        assert step.training and model.head.training and not model.backbone.training
+    finally:
+        model.eval()
+    a, b = summarize(onnx.load(bare), bare), summarize(onnx.load(wrapped), wrapped)
+    assert a.op_histogram == b.op_histogram and a.op_sequence == b.op_sequence
+    assert a.parameter_count == b.parameter_count and a.initializer_shapes == b.initializer_shapes
+    assert b.inputs == a.inputs and len(b.outputs) == 1
+    assert info.config["name"] == "deeplabv3"
+    report = verify_onnx(wrapped, step, sizes=[(1, 3, 40, 56)], latency_size=SMALL, latency_runs=2)
+    assert report.passed
+
+
+def test_find_network_unwraps_and_refuses_ambiguity():
+    net = build_model("pspnet", 2, "resnet18", 16)
+    assert find_network(nn.DataParallel(net)) is net
+    assert find_network(TrainingStep(net)) is net
+
+    class TwoNetworks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = net, build_model("pspnet", 2, "resnet18", 16)
+
+    with pytest.raises(ExportError, match="several segmentation networks"):
+        find_network(TwoNetworks())
+
+    class LossAndTwoConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.loss = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.CrossEntropyLoss()
+
+    with pytest.raises(ExportError, match="unclear"):
+        find_network(LossAndTwoConvs())
+
+
+# ------------------------------------------------------------------ comparisons
+
+
+def save_tiny_checkpoint(path, seed: int, name="deeplabv3"):
+    """A 'trained' checkpoint: same architecture, weights from another seed (stand-in for CE vs RMI)."""
+    model = make_model(name, 16, seed)
+    with torch.no_grad():  # perturb every weight, as a different training run would
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(path, model.state_dict(), config(name, 16))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(workdir):
+    return (save_tiny_checkpoint(workdir / "trained-ce.pt", 1),
+            save_tiny_checkpoint(workdir / "trained-rmi.pt", 2))
+
+
+def test_ce_and_rmi_checkpoints_export_to_identical_graphs(checkpoints):
+    ce, rmi = checkpoints
+    report = compare_exports(ce, rmi, latency_size=SMALL, rounds=4, warmup=1)
+    assert report.identical, report.mismatches
+    assert report.mismatches == [] and report.op_histogram_diff == {}
+    assert report.parameter_count[0] == report.parameter_count[1]
+    assert report.latency_median_ms_a > 0 and report.latency_median_ms_b > 0
+    assert report.latency_ratio_b_over_a == pytest.approx(
+        report.latency_median_ms_b / report.latency_median_ms_a)
+    assert report.sources == {"a": str(ce), "b": str(rmi)}
+    json.loads(report.to_json())
+
+
+def test_compare_reports_different_architectures(exports):
+    a, b = exports("deeplabv3", 16)[1], exports("pspnet", 16)[1]
+    report = compare_exports(a, b, latency_size=SMALL, rounds=2, warmup=1)
+    assert not report.identical
+    text = " ".join(report.mismatches)
+    assert "op histogram differs" in text and "MatMul 0 vs" in text  # PSPNet's pooling matmuls
+    assert "MatMul" in report.op_histogram_diff and "ReduceMean" in report.op_histogram_diff
+    assert "parameter count" in text
+
+
+# --------------------------------------------------------- static and constrained
+
+
+def test_static_export_takes_one_size_only(workdir, exports):
+    model = exports("deeplabv3plus", 16)[0]
+    path = workdir / "static.onnx"
+    info = export_onnx(model, path, dynamic=False, example_shape=(1, 3, 64, 80))
+    assert not info.dynamic
+    dims = [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 64, 80]
+    report = verify_onnx(path, model, latency_runs=2)  # the default: its one size, three seeds
+    assert report.passed and len(report.max_abs_diff) == 3 and report.latency_size == "1x3x64x80"
+    with pytest.raises(ExportError, match=r"2x3x96x96 is not a size this graph takes.*static"):
+        verify_onnx(path, model, sizes=[(2, 3, 96, 96)])
+
+
+class NeedsMultipleOf8(nn.Module):
+    """A network that constrains its input: 8x8 patches are averaged (H, W multiples of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        torch._check(h % 8 == 0)
+        torch._check(w % 8 == 0)
+        y = self.conv(x).reshape(n, 2, h // 8, 8, w // 8, 8).mean((3, 5))
+        return F.interpolate(y, size=(h, w), mode="nearest")
+
+
+def test_size_constraint_shows_in_graph_and_errors(workdir):
+    model = NeedsMultipleOf8().eval()
+    path = workdir / "multiple8.onnx"
+    info = export_onnx(model, path, example_shape=(1, 3, 32, 48))
+    assert info.config is None and info.input_spec.constrained
+    proto = onnx.load(path)
+    names = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert names == ["batch", "", "height_multiple_of_8", "width_multiple_of_8"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert "height a multiple of 8" in meta["rmi_triton.input_sizes"]
+    assert meta["rmi_triton.model_config"] == "unknown"  # not one of rmi_triton.models
+    report = verify_onnx(path, model, sizes=[(1, 3, 16, 24), (2, 3, 40, 8)], latency_size=(1, 3, 32, 32),
+                         latency_runs=2)
+    assert report.passed
+    with pytest.raises(ExportError, match="height a multiple of 8"):
+        verify_onnx(path, model, sizes=[(1, 3, 20, 24)])
+
+
+def test_failed_export_leaves_nothing(workdir):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            if self.conv(x).sum() > 0:  # data-dependent branch: not traceable
+                return x
+            return -x
+
+    folder = workdir / "broken"
+    folder.mkdir()
+    with pytest.raises(ExportError, match="Broken"):
+        export_onnx(Broken().eval(), folder / "broken.onnx", example_shape=(1, 3, 8, 8))
+    assert os.listdir(folder) == []
+
+
+def test_unwritable_path_is_named_before_any_work(workdir):
+    missing = workdir / "no-such-folder" / "m.onnx"
+    with pytest.raises(ExportError, match="no-such-folder"):
+        export_onnx(object(), missing)  # not even a module: the path is checked first
+    with pytest.raises(ExportError, match="is a directory"):
+        export_onnx(nn.Conv2d(3, 2, 1), workdir)
+
+
+# -------------------------------------------------------- inference-only checks
+
+
+def _tiny_graph(path, nodes, extra_outputs=()):
+    """image -> nodes -> logits, as a hand-built ONNX file."""
+    h = onnx.helper
+    value = lambda name: h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1, 2, 4, 4])  # noqa: E731
+    graph = h.make_graph(nodes, "g", [value("image")], [value("logits"), *map(value, extra_outputs)])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), path)
+
+
+def test_training_leftovers_are_caught(workdir):
+    h = onnx.helper
+    path = workdir / "leftovers.onnx"
+    _tiny_graph(path, [h.make_node("Dropout", ["image"], ["d"], name="head.dropout"),
+                       h.make_node("Relu", ["d"], ["logits"], name="rmi_loss.relu"),
+                       h.make_node("Identity", ["d"], ["loss"], name="loss_out")], extra_outputs=["loss"])
+    problems = " | ".join(training_leftovers(onnx.load(path)))
+    assert "op Dropout" in problems and "'rmi_loss.relu'" in problems
+    assert "'loss' is named after the loss" in problems and "2 outputs" in problems
+    with pytest.raises(VerificationError, match="not a pure inference graph"):
+        verify_onnx(path, nn.Identity())
+    clean = workdir / "clean.onnx"
+    _tiny_graph(clean, [h.make_node("Relu", ["image"], ["logits"], name="permit_normalization")])
+    assert training_leftovers(onnx.load(clean)) == []  # "rmi" inside a word is not the loss
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli_run(workdir, checkpoints):
+    ce, rmi = checkpoints
+    out = workdir / "cli" / "net.onnx"
+    out.parent.mkdir()
+    code = main([str(ce), str(out), "--verify", "--compare", str(rmi), "--size", "64x64"])
+    return code, out
+
+
+def test_cli_exports_verifies_compares_and_writes_json(cli_run, capsys):
+    code, out = cli_run
+    assert code == 0 and out.is_file()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["verify"]["passed"] and max(report["verify"]["max_abs_diff"].values()) <= 1e-4
+    assert report["compare"]["identical"] and report["compare"]["latency_ratio_b_over_a"] > 0
+    assert report["export"]["config"]["name"] == "deeplabv3"
+    assert report["graph"]["op_histogram"] == report["verify"]["op_histogram"]
+    assert sorted(os.listdir(out.parent)) == ["net.json", "net.onnx"]  # no staged files left
+
+
+def _cli_error(args, capsys):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("rmi-export: error:"), err
+    return err
+
+
+def test_cli_missing_checkpoint(workdir, capsys):
+    out = workdir / "e1.onnx"
+    assert "does not exist" in _cli_error([workdir / "nope.pt", out], capsys)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_cli_truncated_checkpoint(workdir, checkpoints, capsys):
+    data = checkpoints[0].read_bytes()
+    bad = workdir / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    out = workdir / "e2.onnx"
+    assert "corrupt or truncated" in _cli_error([bad, out], capsys)
+    assert not out.exists()
+
+
+class _Payload:
+    """Unpickling this would create the marker file; a weights_only read must refuse it first."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_cli_refuses_pickled_objects_without_running_them(workdir, capsys):
+    marker = workdir / "code-ran"
+    bad = workdir / "pickled.pt"
+    torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": _Payload(marker),
+                "config": config("deeplabv3", 16)}, bad)
+    out = workdir / "e3.onnx"
+    assert "refused" in _cli_error([bad, out], capsys)
+    assert not marker.exists() and not out.exists()
+
+
+def test_cli_unknown_architecture(workdir, capsys):
+    bad = workdir / "unknown.pt"
+    save_checkpoint(bad, {"w": torch.zeros(1)}, dict(config("deeplabv3", 16), name="segformer"))
+    out = workdir / "e4.onnx"
+    err = _cli_error([bad, out], capsys)
+    assert "cannot be built" in err and "segformer" in err
+    assert not out.exists()
+
+
+def test_cli_unwritable_output_is_named_before_loading(workdir, capsys):
+    out = workdir / "missing-folder" / "m.onnx"
+    # the checkpoint does not exist either: the output is checked first
+    assert "missing-folder" in _cli_error([workdir / "nope.pt", out], capsys)
+    assert "is a directory" in _cli_error([workdir / "nope.pt", workdir], capsys)
+
+
+def test_cli_refuses_an_opset_the_exporter_cannot_give(workdir, checkpoints, capsys):
+    out = workdir / "e6.onnx"
+    assert "opset must be an int from 7" in _cli_error([checkpoints[0], out, "--opset", "99"], capsys)
+    assert not out.exists()
+
+
+def test_staged_output_appears_only_on_success(workdir):
+    target = workdir / "staged" / "model.onnx"
+    target.parent.mkdir()
+    with pytest.raises(RuntimeError):
+        with staged(target) as tmp:
+            pathlib.Path(tmp).write_bytes(b"half")
+            raise RuntimeError("verification failed")
+    assert os.listdir(target.parent) == []
+    with staged(target) as tmp:
+        pathlib.Path(tmp).write_bytes(b"whole")
+    assert os.listdir(target.parent) == ["model.onnx"] and target.read_bytes() == b"whole"
+
+
+@pytest.mark.parametrize("size", ["0x64", "64", "axb"])
+def test_cli_refuses_a_size_no_network_takes(workdir, checkpoints, capsys, size):
+    out = workdir / "e5.onnx"
+    assert "size" in _cli_error([checkpoints[0], out, "--size", size], capsys)
+    assert not out.exists()
