@@ -171,6 +171,9 @@ def _export_step(out_dir: str, rmi_model: Optional[torch.nn.Module] = None, size
             report[name] = value.to_dict() if hasattr(value, "to_dict") else str(value)
         except Exception as err:
             report[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            partial = getattr(err, "report", None)  # e.g. VerificationError carries what was measured
+            if hasattr(partial, "to_dict"):
+                report[name]["report"] = partial.to_dict()
             if name == "export":
                 break
     return report
