@@ -18,6 +18,7 @@ from .options import LOG_EPS, RIDGE
 # A failed factorisation is retried with ridge * RETRY_GROWTH**k, k = 1, 2, ...
 RETRY_GROWTH = 10.0
 MAX_RETRIES = 12
+COMPILED_RETRIES = 6  # under torch.compile: ridge up to 5e-4 * 1e6, always run
 
 
 def merge_tiles(count: torch.Tensor, mean: torch.Tensor, centred: torch.Tensor):
@@ -46,12 +47,23 @@ def split_blocks(joint: torch.Tensor, d: int):
 
 
 class CholeskyReport:
-    """How many matrices needed a larger ridge; read by the loss front."""
+    """How many matrices needed a larger ridge; read by the loss front.
 
-    __slots__ = ("retried",)
+    Eager code adds Python ints; under torch.compile the count stays a tensor
+    (reading it would break the graph) until someone reads `retried`.
+    """
+
+    __slots__ = ("_count",)
 
     def __init__(self):
-        self.retried = 0
+        self._count = 0
+
+    def add(self, count) -> None:
+        self._count = self._count + count
+
+    @property
+    def retried(self) -> int:
+        return int(self._count)
 
 
 def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) -> torch.Tensor:
@@ -62,6 +74,8 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
     with a ridge that grows tenfold each time, from 10 * a. Only the failed
     ones change, so every healthy matrix gets exactly the published value.
     """
+    if torch.compiler.is_compiling():
+        return _cholesky_fixed_retries(matrix, report)
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     factor, info = torch.linalg.cholesky_ex(matrix)
     failed = info != 0
@@ -76,9 +90,26 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
         if not bool(failed.any()):
             break
     if report is not None:
-        report.retried += int((ridge > 0).sum())
+        report.add(int((ridge > 0).sum()))
     if bool(failed.any()):  # not finite-valued input: nothing a ridge can repair
         raise FloatingPointError("Cholesky factorisation failed on non-finite covariance statistics")
+    return factor
+
+
+def _cholesky_fixed_retries(matrix: torch.Tensor, report: CholeskyReport | None) -> torch.Tensor:
+    """The same repair without data-dependent branches, for torch.compile graphs: a fixed
+    number of retries, each replacing only the factors that have failed so far."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    ridge = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
+    for _ in range(COMPILED_RETRIES):
+        failed = info != 0
+        ridge = torch.where(failed, torch.where(ridge > 0, ridge, RIDGE) * RETRY_GROWTH, ridge)
+        retry, retry_info = torch.linalg.cholesky_ex(matrix + ridge[..., None, None] * eye)
+        factor = torch.where(failed[..., None, None], retry, factor)
+        info = torch.where(failed, retry_info, info)
+    if report is not None:
+        report.add((ridge > 0).sum())
     return factor
 
 

@@ -75,7 +75,7 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     with _autocast_off(logits.device.type):
         stats = engine.statistics(logits, labels, opts)
         half_logdet = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local)
-    if report is None and local.retried:
+    if report is None and not torch.compiler.is_compiling() and local.retried:
         warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=2)
     per_class = half_logdet.mean(0) / opts.d
     weights = opts.weights_tensor(per_class.shape[0], per_class.device)
@@ -139,7 +139,8 @@ class RMILoss(torch.nn.Module):
 
     Attributes:
         cholesky_retries: how many covariance matrices so far needed a larger
-            ridge; a warning is given the first time it happens.
+            ridge; a warning is given the first time it happens (inside a
+            torch.compile graph: when this count is read).
     """
 
     def __init__(self, num_classes: Optional[int] = None, *, radius: int = 3, pool: str = "avg",
@@ -166,14 +167,19 @@ class RMILoss(torch.nn.Module):
 
     @property
     def cholesky_retries(self) -> int:
+        self._warn_once(stacklevel=3)
         return self._report.retried
+
+    def _warn_once(self, stacklevel: int) -> None:
+        if not self._warned and self._report.retried:
+            self._warned = True
+            warnings.warn(_retry_message(self._report.retried), RMINumericsWarning, stacklevel=stacklevel)
 
     def terms(self, logits: torch.Tensor, labels: torch.Tensor) -> RMITerms:
         out = rmi_terms(logits, labels, num_classes=self.num_classes, options=self.options,
                         report=self._report)
-        if self._report.retried and not self._warned:
-            self._warned = True
-            warnings.warn(_retry_message(self._report.retried), RMINumericsWarning, stacklevel=3)
+        if not torch.compiler.is_compiling():  # in a compiled graph: warned when the count is read
+            self._warn_once(stacklevel=4)
         return out
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
