@@ -204,7 +204,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
     network = find_network(model)
     config = config if config is not None else model_config(network)
     started = time.perf_counter()
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    # Trace where the weights live (a model may sit on a GPU); the graph does not record the device.
+    device = next(iter(network.parameters()), torch.empty(0)).device
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with eval_mode(network), torch.no_grad(), _quiet_exporter():
         try:
             program = _trace(network, example, dynamic)

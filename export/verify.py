@@ -136,10 +136,11 @@ def _float32_error(network: nn.Module, image: torch.Tensor) -> str:
     Runs a float64 copy (only when a comparison failed, since it is slow).
     """
     try:
-        reference = copy.deepcopy(network).double()(image.double())
+        reference = copy.deepcopy(network).cpu().double()(image.double())
     except Exception as err:  # a network that cannot run in float64 just gets no hint
         return f"float64 reference unavailable: {type(err).__name__}"
-    error = float((network(image).double() - reference).abs().max())
+    device = next(iter(network.parameters()), torch.empty(0)).device
+    error = float((network(image.to(device)).cpu().double() - reference).abs().max())
     return f"PyTorch float32 itself differs from float64 by {error:.3g}"
 
 
@@ -199,6 +200,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, *,
     spec.check(latency_size)
 
     network = find_network(model)
+    device = next(iter(network.parameters()), torch.empty(0)).device  # PyTorch runs where the weights are
     sess = session(path, threads)
     input_name = sess.get_inputs()[0].name
     diffs: Dict[str, float] = {}
@@ -208,10 +210,11 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, *,
         for i, shape in enumerate(sizes):
             key = format_shape(shape) + (f"#seed{seed + i}" if sizes.count(shape) > 1 else "")
             image = random_image(shape, seed + i)
-            expected = network(image)
+            expected = network(image.to(device))
             if not isinstance(expected, torch.Tensor):
                 raise ExportError(f"{type(network).__name__} in eval mode returned "
                                   f"{type(expected).__name__}, not a logits tensor")
+            expected = expected.float().cpu()
             (got,) = sess.run(None, {input_name: image.numpy()})
             if got.shape != tuple(expected.shape):
                 failures.append(f"shape {got.shape} != PyTorch {tuple(expected.shape)} at {key}")

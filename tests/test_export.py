@@ -74,9 +74,14 @@ def trained_like(model: nn.Module, seed: int, logit_scale: float = 8.0) -> nn.Mo
     return model
 
 
-def make_model(name: str, stride: int, seed: int = 0) -> nn.Module:
+def make_model(name: str, stride: int, seed: int = 0, perturb: float = 0.0) -> nn.Module:
+    """A resnet18 network at a trained network's scale; ``perturb`` adds noise to every weight first."""
     torch.manual_seed(seed)
-    return trained_like(build_model(name, NUM_CLASSES, "resnet18", stride), seed)
+    model = build_model(name, NUM_CLASSES, "resnet18", stride)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return trained_like(model, seed)
 
 
 def config(name: str, stride: int) -> dict:
@@ -131,6 +136,16 @@ def test_every_network_exports_and_matches_onnxruntime(exported):
     assert "no loss" in meta["rmi_triton.inference_only"]
     assert meta["rmi_triton.version"]
     assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp-")]  # no temp file left
+
+
+def test_verify_reports_a_graph_that_is_not_the_model(exports):
+    _, path, _ = exports("deeplabv3", 16)
+    other = make_model("deeplabv3", 16, seed=5)  # same architecture, other weights
+    with pytest.raises(VerificationError, match="onnxruntime disagrees with PyTorch") as caught:
+        verify_onnx(path, other, sizes=[(1, 3, 32, 32)], latency_size=SMALL, latency_runs=1)
+    assert "differs from float64" in str(caught.value)  # says whether float32 rounding could explain it
+    report = caught.value.report
+    assert report is not None and not report.passed and report.max_abs_diff["1x3x32x32"] > 1e-2
 
 
 # ------------------------------------------------------- training wrapper / unwrap
@@ -195,10 +210,7 @@ def test_find_network_unwraps_and_refuses_ambiguity():
 
 def save_tiny_checkpoint(path, seed: int, name="deeplabv3"):
     """A 'trained' checkpoint: same architecture, weights from another seed (stand-in for CE vs RMI)."""
-    model = make_model(name, 16, seed)
-    with torch.no_grad():  # perturb every weight, as a different training run would
-        for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    model = make_model(name, 16, seed, perturb=0.01)  # as a different training run would
     save_checkpoint(path, model.state_dict(), config(name, 16))
     return path
 
