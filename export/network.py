@@ -85,19 +85,8 @@ def find_network(model: nn.Module) -> nn.Module:
 def model_config(network: nn.Module) -> Optional[Dict[str, Any]]:
     """The `build_model` config of one of our networks (name, num_classes, backbone,
     output_stride, aux_head), or None for a network `build_model` did not make."""
-    from rmi_triton.models import builder, resnet
-
-    if not isinstance(network, SegmentationModel) or not isinstance(network.backbone, resnet.ResNet):
-        return None
-    names = [name for name, cls in builder._MODELS.items() if type(network) is cls]
-    trunk = network.backbone
-    # Block type and blocks per stage identify the depth, read from the models' own table.
-    layout = (type(trunk.layer1[0]), tuple(len(getattr(trunk, f"layer{i}")) for i in range(1, 5)))
-    depths = [name for name, spec in resnet._RESNET_SPECS.items() if spec == layout]
-    if not names or not depths:
-        return None
-    return {"name": names[0], "num_classes": int(network.num_classes), "backbone": depths[0],
-            "output_stride": int(trunk.output_stride), "aux_head": network.aux_head is not None}
+    config = getattr(network, "build_config", None)
+    return dict(config) if isinstance(config, dict) else None
 
 
 @contextlib.contextmanager

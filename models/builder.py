@@ -51,7 +51,8 @@ def build_model(
 
     Returns:
         A module mapping ``[N, 3, H, W]`` to logits ``[N, num_classes, H, W]``
-        for any H, W.
+        for any H, W; its ``build_config`` dict holds the arguments that
+        rebuild it (name, num_classes, backbone, output_stride, aux_head).
 
     Raises:
         ValueError: unknown ``name``/``backbone``/``output_stride``, bad
@@ -77,7 +78,11 @@ def build_model(
     elif norm_layer is None:
         norm_layer = nn.BatchNorm2d
     trunk = build_resnet(backbone, output_stride, norm_layer, pretrained)
-    return _MODELS[name](trunk, num_classes, norm_layer=norm_layer, aux_head=aux_head)
+    model = _MODELS[name](trunk, num_classes, norm_layer=norm_layer, aux_head=aux_head)
+    # what rebuilds this network (checkpoints, export): the architecture, not the weights
+    model.build_config = {"name": name, "num_classes": num_classes, "backbone": backbone,
+                          "output_stride": output_stride, "aux_head": aux_head}
+    return model
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:

@@ -48,6 +48,9 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())

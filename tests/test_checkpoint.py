@@ -102,3 +102,11 @@ def test_crash_during_save_keeps_the_previous_file(tmp_path, model, monkeypatch)
         save_checkpoint(path, model.state_dict(), CONFIG, iteration=2)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temporary file left behind
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path, model):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model.state_dict(), CONFIG)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

@@ -344,3 +344,12 @@ def test_model_classes_exported():
     assert BACKBONES == ("resnet18", "resnet34", "resnet50", "resnet101")
     types = [type(build_model(n, 2, backbone="resnet18")) for n in MODEL_NAMES]
     assert types == [DeepLabV3, DeepLabV3Plus, PSPNet]
+
+
+def test_build_config_rebuilds_the_same_architecture():
+    model = build_model("pspnet", 5, backbone="resnet18", output_stride=8)
+    assert model.build_config == {"name": "pspnet", "num_classes": 5, "backbone": "resnet18",
+                                  "output_stride": 8, "aux_head": False}
+    twin = build_model(**model.build_config)
+    assert [(k, v.shape) for k, v in twin.state_dict().items()] == \
+        [(k, v.shape) for k, v in model.state_dict().items()]
