@@ -110,20 +110,18 @@ def _pool_probs(p: torch.Tensor, opts: RMIOptions):
     return F.interpolate(p, size=opts.pooled_size(*p.shape[-2:]), mode="bilinear", align_corners=True), None
 
 
-def _unpool_grad(grad_low: torch.Tensor, indices, out: torch.Tensor, opts: RMIOptions) -> None:
-    """Backward of `_pool_probs`: dL/dp' [n, C, H', W'] -> dL/dp, written into out [n, C, H, W]."""
+def _unpool_grad(grad_low: torch.Tensor, indices, shape, opts: RMIOptions) -> torch.Tensor:
+    """Backward of `_pool_probs`: dL/dp' [n, C, H', W'] -> dL/dp [n, C, H, W] (new tensor)."""
     if not opts.downsamples:
-        out.copy_(grad_low)
-        return
+        return grad_low
     s = opts.pool_size
     if opts.pool == "avg":
-        torch.ops.aten.avg_pool2d_backward.grad_input(grad_low, out, [s, s], [s, s], [s // 2, s // 2],
-                                                      False, True, None, grad_input=out)
-    elif opts.pool == "max":
-        out.copy_(F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=out.shape[-2:]))
-    else:
-        torch.ops.aten.upsample_bilinear2d_backward.grad_input(
-            grad_low, list(grad_low.shape[-2:]), list(out.shape), True, None, None, grad_input=out)
+        return torch.ops.aten.avg_pool2d_backward(grad_low, grad_low.new_empty(shape), [s, s], [s, s],
+                                                  [s // 2, s // 2], False, True, None)
+    if opts.pool == "max":
+        return F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=shape[-2:])
+    return torch.ops.aten.upsample_bilinear2d_backward(grad_low, list(grad_low.shape[-2:]), list(shape),
+                                                       True, None, None)
 
 
 def _ignored_pixels(valid: torch.Tensor) -> list:
@@ -155,8 +153,9 @@ def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
     return (PROB_CLIP * share(h, h_low).unsqueeze(1) * share(w, w_low)).float()
 
 
-def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
-    """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices."""
+def _full_res_forward(x, valid, safe, ignored, opts: RMIOptions, weights, keep_probs: bool):
+    """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices,
+    and (keep_probs) the masked probabilities [N, C, H, W] float32 for the backward."""
     n, c, h, w = x.shape
     h_low, w_low = opts.pooled_size(h, w)
     p_low = x.new_empty((n, c, h_low, w_low), dtype=torch.float32)
@@ -166,7 +165,9 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
     ce_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
     checksum = torch.zeros((), dtype=torch.float64, device=x.device)
-    ignored = _ignored_pixels(valid)
+    # Keeping the probabilities spares the backward a transcendental pass over the logits;
+    # they take the place of the log-softmax that cross-entropy keeps.
+    kept = torch.empty(x.shape, device=x.device) if keep_probs else None
     for g in _image_groups(x):
         xc = x[g].float().contiguous()
         vf = valid[g].unsqueeze(1).float()
@@ -184,10 +185,13 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
             pw = vf if weights is None else weights.float()[lab] * vf
             ce_sum += ((lse - xc.gather(1, lab)) * pw).sum().double()
             ce_weight += pw.sum().double()
+        p = kept[g] if kept is not None else torch.empty(xc.shape, device=x.device)
         if opts.probs == "sigmoid":
-            p = torch.sigmoid(xc)
+            torch.sigmoid(xc, out=p)
+        elif lse is not None:
+            torch.exp(xc - lse, out=p)
         else:
-            p = torch.exp(xc - lse) if lse is not None else torch.softmax(xc, dim=1)
+            p.copy_(torch.softmax(xc, dim=1))
         _zero_pixels(p, ignored[g])  # p * v; the + 1e-6 is added after pooling
         pooled, idx = _pool_probs(p, opts)
         p_low[g] = pooled
@@ -204,11 +208,12 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights):
         pixel = ce_sum / torch.where(ce_weight > 0, ce_weight, torch.ones_like(ce_weight))
     else:
         pixel = torch.zeros((), dtype=torch.float64, device=x.device)
-    return pixel, p_low, indices
+    return pixel, p_low, indices, kept
 
 
-def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices):
-    """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None)."""
+def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pixel, g_p_low, indices, kept):
+    """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None);
+    kept: the forward's masked probabilities [N, C, H, W] (zero at ignored pixels)."""
     n, c, h, w = x.shape
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if g_pixel is not None and opts.pixel_loss == "bce":
@@ -224,23 +229,25 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
     needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
     uniform_bce = weights is None and coef is not None and opts.pixel_loss == "bce"
     in_place = grad.dtype == torch.float32 and grad.is_contiguous()
-    ignored = _ignored_pixels(valid)
     for g in _image_groups(x):
         xc = x[g].float().contiguous()
         lab = safe[g].unsqueeze(1)
         # written in place into the result when it is float32, else into a float32 buffer
         out = grad[g] if in_place else torch.empty(xc.shape, device=x.device)
-        # unmasked probabilities: ignored pixels are zeroed once, at the end
-        softmax = torch.softmax(xc, dim=1) if needs_softmax else None
-        sigmoid = torch.sigmoid(xc) if needs_sigmoid else None
+        # probabilities, masked or not: ignored pixels are zeroed once, at the end
+        softmax = sigmoid = None
+        if needs_softmax:
+            softmax = kept[g] if opts.probs == "softmax" else torch.softmax(xc, dim=1)
+        if needs_sigmoid:
+            sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc)
         if g_p_low is None:
             out.zero_()
         else:
-            _unpool_grad(g_p_low[g], None if indices is None else indices[g], out, opts)
+            g_p = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
             if opts.probs == "sigmoid":  # s (1 - s) dL/dp
-                torch.ops.aten.sigmoid_backward.grad_input(out, sigmoid, grad_input=out)
+                torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
             else:  # s (dL/dp - sum_c s dL/dp)
-                out.copy_(torch.ops.aten._softmax_backward_data(out, softmax, 1, torch.float32))
+                out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
         if coef is not None and opts.pixel_loss == "bce":
             # d/dx (softplus(x) - x y) = sigmoid(x) - y
             out.addcmul_(sigmoid, coef.view(1, c, 1, 1))
@@ -414,22 +421,24 @@ class _TorchStatistics(torch.autograd.Function):
     def forward(ctx, logits, labels, opts: RMIOptions):
         c = logits.shape[1]
         valid, safe = label_maps(labels, opts)
+        ignored = _ignored_pixels(valid)
         weights = opts.weights_tensor(c, logits.device)
-        pixel, p_low, indices = _full_res_forward(logits, valid, safe, opts, weights)
+        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, ignored, opts, weights,
+                                                        keep_probs=ctx.needs_input_grad[0])
         y_low = pooled_labels(valid, safe, c, opts)
         keep = None
         if opts.exclude_ignored:
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
         mean, joint = region_moments(y_low, p_low, keep, opts.radius)
         sy, sp, syp = split_blocks(joint, opts.d)
-        ctx.opts = opts
-        ctx.save_for_backward(logits, labels, y_low, p_low, keep, mean, indices)
+        ctx.opts, ctx.ignored = opts, ignored
+        ctx.save_for_backward(logits, labels, y_low, p_low, keep, mean, indices, kept)
         ctx.mark_non_differentiable(sy)
         return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
 
     @staticmethod
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
-        logits, labels, y_low, p_low, keep, mean, indices = ctx.saved_tensors
+        logits, labels, y_low, p_low, keep, mean, indices, kept = ctx.saved_tensors
         opts = ctx.opts
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -441,5 +450,6 @@ class _TorchStatistics(torch.autograd.Function):
             g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius)
         valid, safe = label_maps(labels, opts)
         weights = opts.weights_tensor(logits.shape[1], logits.device)
-        grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low, indices)
+        grad = _full_res_backward(logits, valid, safe, ctx.ignored, opts, weights, g_pixel, g_p_low,
+                                  indices, kept)
         return grad, None, None
