@@ -1,6 +1,8 @@
 """The providers every benchmark compares, on the same inputs.
 
 * cross_entropy: F.cross_entropy, the floor users know.
+* bce_with_logits: F.binary_cross_entropy_with_logits on one-hot targets (built
+                 outside the timing): the paper's pixel term alone, as PyTorch does it.
 * published:     the published formula, float64 region stacks and one-hot maps
                  (rmi_triton.reference_rmi follows the authors' training code).
 * torch:         rmi_triton's PyTorch engine.
@@ -33,6 +35,17 @@ def make_inputs(shape, seed=0, device="cpu", dtype=torch.float32, ignore_frac=0.
 def loss_fn(provider: str, pool_size: int):
     if provider == "cross_entropy":
         return lambda x, y: F.cross_entropy(x, y, ignore_index=255)
+    if provider == "bce_with_logits":
+        cache = {}
+
+        def bce(x, y):
+            if "target" not in cache:  # one-hot targets and mask: outside the timed region
+                valid = (y != 255).unsqueeze(1)
+                one_hot = F.one_hot(torch.where(valid[:, 0], y, 0), x.shape[1]).permute(0, 3, 1, 2)
+                cache["target"], cache["weight"] = one_hot.to(x.dtype), valid.to(x.dtype)
+            return F.binary_cross_entropy_with_logits(x, cache["target"], weight=cache["weight"],
+                                                      reduction="sum") / (cache["weight"].sum() + 1)
+        return bce
     if provider == "published":
         return lambda x, y: reference_rmi(x, y, pool_size=pool_size).loss
     if provider in ("torch", "triton"):

@@ -24,7 +24,7 @@ def main(path):
           f"{machine.get('cpu', {}).get('count', '?')} cores; torch threads "
           f"{next(iter(data['benchmarks']))['extra_info'].get('threads', '?')}; commit {commit}; "
           f"date {data.get('datetime', '?')[:10]}\n")
-    providers = ["cross_entropy", "published", "torch", "triton"]
+    providers = ["cross_entropy", "bce_with_logits", "published", "torch", "triton"]
     print("| shape | mode | " + " | ".join(p for p in providers if _any(times, p)) + " | torch / CE | published / torch |")
     print("|---|---|" + "---|" * (sum(_any(times, p) for p in providers) + 2))
     for (shape, mode), row in sorted(times.items()):

@@ -15,7 +15,7 @@ import torch
 
 from providers import CPU_SHAPES, loss_fn, make_inputs
 
-PROVIDERS = ["cross_entropy", "published", "torch"]
+PROVIDERS = ["cross_entropy", "bce_with_logits", "published", "torch"]
 MODES = ["forward", "backward", "full"]
 
 
