@@ -33,11 +33,11 @@ from .metrics import format_table
 from .train import parse_args as train_args
 from .train import predict, run
 
-# The default setting, sized for ~7 minutes on 2 otherwise idle CPU cores: measured
-# 1.3-3.3 CPU-seconds / 2 threads per iteration for either loss at batch 8, 128 x 128
-# (on a busy shared machine), ~12 s per evaluation of 100 scenes, so 2 x 80 iterations
-# plus evaluations, figure and export fit.
-DEFAULTS = {"iterations": 80, "batch_size": 8, "size": 128, "train_length": 2000, "val_length": 100}
+# The default setting, sized for ~7 minutes on 2 otherwise idle CPU cores. Measured
+# (single thread, busy shared machine): the whole demo at 80 iterations per run took
+# ~285 CPU-seconds (~1.6 s per iteration at batch 8, 128 x 128, either loss; ~10 s per
+# evaluation of 100 scenes), so 2 x 120 iterations take ~7 min on one core, less on two.
+DEFAULTS = {"iterations": 120, "batch_size": 8, "size": 128, "train_length": 2000, "val_length": 100}
 QUICK = {"iterations": 2, "batch_size": 2, "size": 32, "train_length": 4, "val_length": 2}
 RUNS = (("ce", "cross-entropy"), ("rmi", "BCE + RMI"))
 
