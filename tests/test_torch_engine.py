@@ -61,14 +61,17 @@ def test_channels_last_and_non_contiguous():
     assert_close_rel(nc_grad, grad, 1e-6, "sliced gradient")
 
 
-def test_small_chunks_give_the_same_result(monkeypatch):
-    """Chunking of both stages is invisible: tiny chunk sizes change nothing beyond rounding."""
+@pytest.mark.parametrize("options", [{"exclude_ignored": True}, {"class_weights": [1.0, 0.2, 3.0, 0.5]},
+                                     {"pool": "max"}, {"probs": "softmax", "pixel_loss": "ce"}], ids=case_id)
+def test_small_chunks_give_the_same_result(monkeypatch, options):
+    """Chunking of both stages (class blocks, image blocks, plane groups, tiles) is invisible:
+    tiny chunk sizes change nothing beyond rounding."""
     logits, labels = random_inputs(3, 4, 45, 47, seed=7)
-    loss, grad = loss_and_grad(_torch, logits, labels, exclude_ignored=True)
-    monkeypatch.setattr(torch_engine, "FULL_RES_CHUNK", 1)
+    loss, grad = loss_and_grad(_torch, logits, labels, **options)
+    monkeypatch.setattr(torch_engine, "FULL_RES_CHUNK", 2 * 45 * 47)  # two classes of one image
     monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)
     monkeypatch.setattr(torch_engine, "TILE", 16)
-    small_loss, small_grad = loss_and_grad(_torch, logits, labels, exclude_ignored=True)
+    small_loss, small_grad = loss_and_grad(_torch, logits, labels, **options)
     assert_close_rel(small_loss, loss, 1e-6, "loss")
     assert_close_rel(small_grad, grad, 1e-5, "gradient")
 

@@ -91,11 +91,35 @@ def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
 # stage 1: full resolution
 # ----------------------------------------------------------------------------
 
-def _image_groups(logits: torch.Tensor):
-    per_image = logits[0].numel()
-    step = max(1, FULL_RES_CHUNK // per_image)
-    for start in range(0, logits.shape[0], step):
-        yield slice(start, min(start + step, logits.shape[0]))
+def _blocks(shape, opts: RMIOptions):
+    """Blocks (images, classes) of about FULL_RES_CHUNK logits each, processed one at a time.
+
+    With sigmoid probabilities and no cross-entropy every class plane is independent,
+    so an image is split into groups of classes; softmax and cross-entropy need all
+    classes of a pixel together, so their blocks are whole images.
+    """
+    n, c, h, w = shape
+    if opts.probs == "sigmoid" and opts.pixel_loss != "ce" and c * h * w > FULL_RES_CHUNK:
+        per = max(1, FULL_RES_CHUNK // (h * w))
+        for image in range(n):
+            for first in range(0, c, per):
+                yield slice(image, image + 1), slice(first, min(first + per, c))
+    else:
+        step = max(1, FULL_RES_CHUNK // (c * h * w))
+        for start in range(0, n, step):
+            yield slice(start, min(start + step, n)), slice(0, c)
+
+
+def _block_labels(safe: torch.Tensor, valid: torch.Tensor, images: slice, classes: slice, c: int):
+    """Labels of a block, relative to its first class: (index [n, 1, H, W] clamped into the
+    block, weight [n, 1, H, W] float: 1 where the pixel is valid and its class is in the block)."""
+    lab = safe[images].unsqueeze(1)
+    weight = valid[images].unsqueeze(1).float()
+    if classes.start == 0 and classes.stop == c:
+        return lab, weight
+    local = lab - classes.start
+    inside = (local >= 0) & (local < classes.stop - classes.start)
+    return local.clamp(0, classes.stop - classes.start - 1), weight * inside
 
 
 def _pool_probs(p: torch.Tensor, opts: RMIOptions):
@@ -168,19 +192,20 @@ def _full_res_forward(x, valid, safe, ignored, opts: RMIOptions, weights, keep_p
     # Keeping the probabilities spares the backward a transcendental pass over the logits;
     # they take the place of the log-softmax that cross-entropy keeps.
     kept = torch.empty(x.shape, device=x.device) if keep_probs else None
-    for g in _image_groups(x):
+    for images, classes in _blocks(x.shape, opts):
+        g = (images, classes)
         xc = x[g].float().contiguous()
-        vf = valid[g].unsqueeze(1).float()
-        lab = safe[g].unsqueeze(1)
+        vf = valid[images].unsqueeze(1).float()
+        lab, lab_weight = _block_labels(safe, valid, images, classes, c)
         if opts.validate:  # a finite sum proves every value finite, at the cost of one read
             checksum += xc.sum()
         lse = None
         if opts.pixel_loss == "bce":
             # sum over valid pixels of softplus(x) - x * y, per class
-            bce_per_class += torch.einsum("nchw,nhw->c", F.softplus(xc), vf[:, 0]).double()
-            at_label = xc.gather(1, lab) * vf
-            bce_per_class.scatter_add_(0, lab.flatten(), -at_label.flatten().double())
-        elif opts.pixel_loss == "ce":
+            bce_per_class[classes] += torch.einsum("nchw,nhw->c", F.softplus(xc), vf[:, 0]).double()
+            at_label = xc.gather(1, lab) * lab_weight
+            bce_per_class.scatter_add_(0, (lab + classes.start).flatten(), -at_label.flatten().double())
+        elif opts.pixel_loss == "ce":  # blocks hold every class here
             lse = torch.logsumexp(xc, dim=1, keepdim=True)
             pw = vf if weights is None else weights.float()[lab] * vf
             ce_sum += ((lse - xc.gather(1, lab)) * pw).sum().double()
@@ -192,7 +217,7 @@ def _full_res_forward(x, valid, safe, ignored, opts: RMIOptions, weights, keep_p
             torch.exp(xc - lse, out=p)
         else:
             p.copy_(torch.softmax(xc, dim=1))
-        _zero_pixels(p, ignored[g])  # p * v; the + 1e-6 is added after pooling
+        _zero_pixels(p, ignored[images])  # p * v; the + 1e-6 is added after pooling
         pooled, idx = _pool_probs(p, opts)
         p_low[g] = pooled
         if indices is not None:
@@ -229,9 +254,10 @@ def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pix
     needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
     uniform_bce = weights is None and coef is not None and opts.pixel_loss == "bce"
     in_place = grad.dtype == torch.float32 and grad.is_contiguous()
-    for g in _image_groups(x):
+    for images, classes in _blocks(x.shape, opts):
+        g = (images, classes)
         xc = x[g].float().contiguous()
-        lab = safe[g].unsqueeze(1)
+        lab, lab_weight = _block_labels(safe, valid, images, classes, c)
         # written in place into the result when it is float32, else into a float32 buffer
         out = grad[g] if in_place else torch.empty(xc.shape, device=x.device)
         # probabilities, masked or not: ignored pixels are zeroed once, at the end
@@ -250,14 +276,15 @@ def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pix
                 out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
         if coef is not None and opts.pixel_loss == "bce":
             # d/dx (softplus(x) - x y) = sigmoid(x) - y
-            out.addcmul_(sigmoid, coef.view(1, c, 1, 1))
-            out.scatter_add_(1, lab, (-coef[0]).expand(lab.shape) if uniform_bce else -coef[lab])
-        elif coef is not None:
+            block_coef = coef[classes]
+            out.addcmul_(sigmoid, block_coef.view(1, -1, 1, 1))
+            out.scatter_add_(1, lab, -(block_coef[0] if uniform_bce else block_coef[lab]) * lab_weight)
+        elif coef is not None:  # blocks hold every class here
             # d/dx (lse - x_label) = softmax - onehot, weighted per pixel
             pw = coef if weights is None else weights.float()[lab] * coef
             out.addcmul_(softmax, pw)
             out.scatter_add_(1, lab, (-pw).expand(lab.shape))
-        _zero_pixels(out, ignored[g])  # ignored pixels take no part in either term
+        _zero_pixels(out, ignored[images])  # ignored pixels take no part in either term
         if not in_place:
             grad[g] = out
     return grad
