@@ -16,6 +16,9 @@
    device copy bandwidth.
 3. torch.compile of a tiny training step with the loss (graph breaks counted,
    values compared with eager).
+4. Mixed precision: autocast float16 and bfloat16 logits against float32 (1e-2),
+   gradients in the logits' dtype; then 300 training steps on the Triton engine
+   with the allocated device memory read every 25 (flat after warm-up).
 
 The table printed last is the result; `--out DIR` also writes it as JSON.
 """
@@ -260,26 +263,72 @@ def check_compile():
     images = torch.randn(2, 3, 33, 35, device=DEVICE)
     labels = torch.randint(0, c, (2, 33, 35), device=DEVICE)
 
-    def step(imgs, labs):
-        loss = crit(model(imgs), labs)
+    def forward(imgs, labs):  # the compiled part: network and loss (backward runs from its graph)
+        return crit(model(imgs), labs)
+
+    def step(fn, imgs, labs):
+        loss = fn(imgs, labs)
         loss.backward()
         return loss.detach()
 
     backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
     result = dict(backend=backend)
     try:
-        explain = torch._dynamo.explain(step)(images, labels)
+        explain = torch._dynamo.explain(forward)(images, labels)
         result["graph_breaks"] = explain.graph_break_count
         result["break_reasons"] = sorted({str(b.reason).splitlines()[0][:80] for b in explain.break_reasons})
         model.zero_grad()
-        eager = step(images, labels)
+        eager = step(forward, images, labels)
         eager_grad = model[0].weight.grad.clone()
         model.zero_grad()
-        compiled = torch.compile(step, backend=backend)
-        got = compiled(images, labels)
+        got = step(torch.compile(forward, backend=backend, fullgraph=True), images, labels)
         result["loss_rel"] = rel_err(got, eager)
         result["grad_rel"] = rel_err(model[0].weight.grad, eager_grad)
         result["ok"] = result["loss_rel"] < 1e-5 and result["grad_rel"] < 1e-4
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        result["ok"] = False
+        result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return result
+
+
+def check_autocast_and_soak(iterations=300, block=25):
+    """Mixed precision (autocast float16 and bfloat16 vs float32) and memory stability:
+    `iterations` training steps with the Triton engine, allocated memory read every `block`."""
+    torch.manual_seed(0)
+    c = 5
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, c, 1)).to(DEVICE)
+    crit = RMILoss(c, backend="triton")
+    h, w = (24, 28) if ARGS.dry_run else (96, 104)
+    images = torch.randn(4, 3, h, w, device=DEVICE)
+    labels = torch.randint(0, c, (4, h, w), device=DEVICE)
+    result = dict(autocast={}, soak_iterations=iterations)
+    try:
+        reference = crit(model(images), labels).item()
+        for dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(DEVICE.type, dtype=dtype):
+                logits = model(images)
+                loss = crit(logits, labels)
+            logits.retain_grad()
+            loss.backward()
+            result["autocast"][str(dtype).replace("torch.", "")] = dict(
+                logits=str(logits.dtype).replace("torch.", ""), loss=str(loss.dtype).replace("torch.", ""),
+                rel=abs(loss.item() - reference) / abs(reference),
+                grad_dtype=str(logits.grad.dtype).replace("torch.", ""),
+                finite=bool(torch.isfinite(logits.grad).all()))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        readings = []
+        for step in range(iterations):
+            loss = crit(model(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % block == 0:
+                sync()
+                readings.append(torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0)
+        result["soak_growth_bytes"] = max(readings[1:]) - readings[1]
+        result["ok"] = (all(r["rel"] < 1e-2 and r["finite"] for r in result["autocast"].values())
+                        and result["soak_growth_bytes"] <= 1 << 20)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         result["ok"] = False
         result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -294,7 +343,7 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_report(machine, correctness, bandwidth, timings, compiled):
+def print_report(machine, correctness, bandwidth, timings, compiled, mixed):
     print()
     print(f"== machine: {machine}")
     bad = [r for r in correctness if not r["ok"]]
@@ -309,6 +358,11 @@ def print_report(machine, correctness, bandwidth, timings, compiled):
           f"grad_rel={fmt(compiled.get('grad_rel'), '.1e')} {compiled.get('error', '')}")
     for reason in compiled.get("break_reasons", []):
         print(f"     break: {reason}")
+    print(f"== autocast + {mixed.get('soak_iterations', 300)}-step soak: ok={mixed.get('ok')} "
+          f"growth of allocated memory after warm-up {mixed.get('soak_growth_bytes')} B {mixed.get('error', '')}")
+    for name, r in mixed.get("autocast", {}).items():
+        print(f"     autocast {name}: logits {r['logits']}, loss {r['loss']} (rel to float32 {r['rel']:.1e}), "
+              f"grad {r['grad_dtype']}, finite={r['finite']}")
     print(f"== device copy bandwidth (read + write): "
           f"{'-' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}")
     print("== timings: medians in ms (do_bench), RMI providers with validate=False; "
@@ -348,13 +402,15 @@ def main():
     timings = run_timings(bandwidth)
     log("torch.compile")
     compiled = check_compile()
-    print_report(machine, correctness, bandwidth, timings, compiled)
+    log("autocast and memory soak")
+    mixed = check_autocast_and_soak(iterations=20 if ARGS.dry_run else 300, block=5 if ARGS.dry_run else 25)
+    print_report(machine, correctness, bandwidth, timings, compiled, mixed)
     if ARGS.out:
         os.makedirs(ARGS.out, exist_ok=True)
         with open(os.path.join(ARGS.out, "gpu_check.json"), "w") as f:
             json.dump(dict(machine=machine, correctness=correctness, bandwidth=bandwidth, timings=timings,
-                           compile=compiled), f, indent=1, default=str)
-    return 0 if all(r["ok"] for r in correctness) and compiled.get("ok") else 1
+                           compile=compiled, mixed=mixed), f, indent=1, default=str)
+    return 0 if all(r["ok"] for r in correctness) and compiled.get("ok") and mixed.get("ok") else 1
 
 
 if __name__ == "__main__":
