@@ -7,18 +7,9 @@ import os
 import tempfile
 from typing import Iterator
 
+from rmi_triton.files import publishable
+
 from .errors import ExportError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publishable(fd: int) -> None:
-    """mkstemp makes 0600 files; give the result the mode a plain open() would have."""
-    os.fchmod(fd, 0o666 & ~_umask())
 
 
 def check_writable(path: str | os.PathLike) -> str:
@@ -44,29 +35,6 @@ def check_writable(path: str | os.PathLike) -> str:
     return path
 
 
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        _publishable(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
 @contextlib.contextmanager
 def staged(path: str | os.PathLike) -> Iterator[str]:
     """A temporary path beside ``path`` to build into; renamed onto ``path`` only on success.
@@ -77,7 +45,7 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".staged-", suffix=os.path.splitext(path)[1], dir=folder)
-    _publishable(fd)
+    publishable(fd)
     os.close(fd)
     try:
         yield tmp

@@ -17,9 +17,10 @@ from torch import nn
 from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
 import rmi_triton
+from rmi_triton.files import write_atomically
 
 from .errors import ExportError
-from .files import check_writable, write_atomically
+from .files import check_writable
 from .network import eval_mode, find_network, model_config
 from .shapes import InputSpec, format_shape, free_dims, spec_from_program
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from typing import Any, Dict
 
 import torch
+
+from .files import atomic_writer
 
 FORMAT = "rmi_triton.checkpoint"
 VERSION = 1
@@ -42,28 +43,8 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
     if missing:
         raise ValueError(f"checkpoint config lacks {missing}; needs {list(CONFIG_KEYS)}")
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "config": dict(config), **extra}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    with atomic_writer(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, Any]:
