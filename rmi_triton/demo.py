@@ -33,11 +33,11 @@ from .metrics import format_table
 from .train import parse_args as train_args
 from .train import predict, run
 
-# The default setting, sized for ~7 minutes on 2 otherwise idle CPU cores. Measured
-# (single thread, busy shared machine): the whole demo at 80 iterations per run took
-# ~285 CPU-seconds (~1.6 s per iteration at batch 8, 128 x 128, either loss; ~10 s per
-# evaluation of 100 scenes), so 2 x 120 iterations take ~7 min on one core, less on two.
-DEFAULTS = {"iterations": 120, "batch_size": 8, "size": 128, "train_length": 2000, "val_length": 100}
+# The default setting, sized for ~7 minutes on 2 CPU cores. Measured on an idle 2-vCPU
+# AMD EPYC with 2 threads: 0.80 s per iteration (batch 8, 128 x 128, either loss); the
+# whole demo at 120 iterations per run took 224 s (two evaluations of 100 scenes, the
+# figure and the ONNX export step included), so 2 x 200 iterations take ~6 min.
+DEFAULTS = {"iterations": 200, "batch_size": 8, "size": 128, "train_length": 2000, "val_length": 100}
 QUICK = {"iterations": 2, "batch_size": 2, "size": 32, "train_length": 4, "val_length": 2}
 RUNS = (("ce", "cross-entropy"), ("rmi", "BCE + RMI"))
 
@@ -101,7 +101,7 @@ def write_figure(path: str, results: Dict[str, Dict[str, Any]], models: Dict[str
     from matplotlib.patches import Patch
 
     k = max(1, min(examples, len(val_set)))
-    fig = plt.figure(figsize=(12, 3.2 + 2.6 * k))
+    fig = plt.figure(figsize=(12, 3.0 + 2.25 * k))
     grid = fig.add_gridspec(1 + k, 4, height_ratios=[1.3] + [1.0] * k, hspace=0.35, wspace=0.05)
     for col, (key, title) in enumerate(RUNS):
         ax = fig.add_subplot(grid[0, 2 * col:2 * col + 2])
