@@ -1,0 +1,50 @@
+"""Interleaved timing of cross-entropy and the torch engine, forward+backward, same inputs.
+
+    python bench/side_by_side.py [N C H W POOL] [--rounds R]
+
+Alternates the two providers round by round so that drifts of a shared machine hit
+both alike; prints the minimum and median of each and their ratios.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from providers import loss_fn, make_inputs  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4])
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, c, h, w, pool = args.shape
+    logits, labels = make_inputs((n, c, h, w))
+    logits.requires_grad_(True)
+    providers = {name: loss_fn(name, pool) for name in ("cross_entropy", "torch")}
+    times = {name: [] for name in providers}
+    for round_ in range(args.rounds + 1):
+        for name, fn in providers.items():
+            logits.grad = None
+            start = time.perf_counter()
+            fn(logits, labels).backward()
+            if round_:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    for name in times:
+        times[name].sort()
+    mid = args.rounds // 2
+    for name, values in times.items():
+        print(f"{name:14s} min {values[0] * 1e3:7.1f} ms   median {values[mid] * 1e3:7.1f} ms")
+    ce, eng = times["cross_entropy"], times["torch"]
+    print(f"torch / CE     min {eng[0] / ce[0]:.2f}x   median {eng[mid] / ce[mid]:.2f}x   "
+          f"({n}x{c}x{h}x{w}, avg pool {pool}, {args.threads} threads)")
+
+
+if __name__ == "__main__":
+    main()
