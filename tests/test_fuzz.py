@@ -131,6 +131,17 @@ def _reference(logits, labels, options, **kw):
 @example(({"radius": 2, "pool": "none", "pool_size": 1, "pixel_loss": None, "probs": "sigmoid",
            "exclude_ignored": True, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
            "rmi_weight": 0.0}, torch.full((1, 1, 3, 3), 0.7), torch.full((1, 3, 3), 255), False))
+@example(({"radius": 1, "pool": "avg", "pool_size": 1, "pixel_loss": "bce", "probs": "sigmoid",
+           "exclude_ignored": False, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
+           "rmi_weight": 0.0}, torch.full((1, 1, 1, 3), 0.7), torch.tensor([[[255, 0, 0]]]), False))
+@example(({"radius": 1, "pool": "none", "pool_size": 1, "pixel_loss": "bce", "probs": "softmax",
+           "exclude_ignored": False, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
+           "rmi_weight": 0.0},
+          torch.tensor([[[[0.3981, 0.0914, 2.3303], [4.0308, 0.4304, -1.0484]]],
+                        [[[-3.6067, -2.6166, 0.9065], [2.2843, -6.6623, -1.4957]]],
+                        [[[2.2347, 0.5963, 0.2198], [-1.2927, 0.8571, 2.9522]]]]),
+          torch.tensor([[[0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 255, 0]], [[0, 0, 0], [255, 255, 0]]]),
+          False))  # these two: predictions affine in the labels, V nearly singular (float32 sensitivity)
 def test_torch_engine_fuzz(case):
     _check(*case, backend="torch")
 
