@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
 from rmi_triton import reference_rmi, rmi_loss, rmi_terms
@@ -96,11 +96,12 @@ def test_edge_pixels_outside_the_pooled_map(options, shape):
     assert_close_rel(grad[:, :, -1], ref_grad[:, :, -1], 1e-4, "gradient of the last row")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # shrinking under the interpreter takes minutes
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
+          phases=[Phase.explicit, Phase.generate])  # shrinking under the interpreter takes minutes
 @given(h=st.integers(5, 45), w=st.integers(5, 45), pool=st.sampled_from(["avg", "max", "none"]),
        pool_size=st.integers(1, 8), radius=st.integers(1, 3), c=st.integers(1, 3),
        seed=st.integers(0, 2**16))
+@example(h=31, w=41, pool="avg", pool_size=6, radius=2, c=1, seed=622)  # total loss cancels to -0.026
 def test_random_geometry(h, w, pool, pool_size, radius, c, seed):
     """Any image size, pool size and radius: the cell grid, padding and edges."""
     opts = RMIOptions(pool=pool, pool_size=pool_size, radius=radius)
@@ -112,7 +113,12 @@ def test_random_geometry(h, w, pool, pool_size, radius, c, seed):
     logits, labels = random_inputs(1, c, h, w, seed=seed)
     loss, grad = loss_and_grad(_triton, logits, labels, **options)
     ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
-    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    # each part on its own: the total 0.5 * pixel + 0.5 * rmi can cancel to near zero
+    terms = rmi_terms(logits, labels, backend="triton", **options)
+    ref = reference_rmi(logits.double(), labels, **options)
+    assert_close_rel(terms.pixel, ref.pixel, 1e-5, "pixel term")
+    assert_close_rel(terms.rmi, ref.rmi, 1e-5, "rmi term")
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * 0.5 * (abs(ref.pixel.item()) + abs(ref.rmi.item()))
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
 
 
