@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -149,7 +148,7 @@ def test_nonfinite_loss_stops_and_keeps_finite_checkpoint(tmp_path):
     result = run(args, log=messages.append)
     assert result["status"] == "nonfinite"
     failed_at = result["iteration"] + 1
-    assert f"non-finite" in result["message"] and f"iteration {failed_at}" in result["message"]
+    assert "non-finite" in result["message"] and f"iteration {failed_at}" in result["message"]
     assert result["message"] in messages and result["metrics"] is None
     path = tmp_path / "last.pt"
     if path.exists():  # every checkpoint written holds finite weights of an earlier iteration
