@@ -459,23 +459,22 @@ class _TorchStatistics(torch.autograd.Function):
         mean, joint = region_moments(y_low, p_low, keep, opts.radius)
         sy, sp, syp = split_blocks(joint, opts.d)
         ctx.opts, ctx.ignored = opts, ignored
-        ctx.save_for_backward(logits, labels, y_low, p_low, keep, mean, indices, kept)
+        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept)
         ctx.mark_non_differentiable(sy)
         return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
 
     @staticmethod
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
-        logits, labels, y_low, p_low, keep, mean, indices, kept = ctx.saved_tensors
+        logits, valid, safe, y_low, p_low, keep, mean, indices, kept = ctx.saved_tensors
         opts = ctx.opts
         if not ctx.needs_input_grad[0]:
             return None, None, None
         g_p_low = None
         if g_sp is not None or g_syp is not None:
-            g_sp = torch.zeros_like(mean[..., :opts.d, None].expand(*mean.shape[:2], opts.d, opts.d)) \
-                if g_sp is None else g_sp
-            g_syp = torch.zeros_like(g_sp) if g_syp is None else g_syp
+            zeros = mean.new_zeros(*mean.shape[:2], opts.d, opts.d)
+            g_sp = zeros if g_sp is None else g_sp
+            g_syp = zeros if g_syp is None else g_syp
             g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius)
-        valid, safe = label_maps(labels, opts)
         weights = opts.weights_tensor(logits.shape[1], logits.device)
         grad = _full_res_backward(logits, valid, safe, ctx.ignored, opts, weights, g_pixel, g_p_low,
                                   indices, kept)
