@@ -5,31 +5,39 @@ covariance sums (Sy, Sp, Syp) of the region vectors; `rmi_triton.algebra`
 turns those into the loss. Two stages, each run in chunks so temporaries
 stay small (and in cache):
 
-* full resolution, per group of images: probabilities, mask, pixel term and
-  the pooling of p; the labels are pooled by counting (never a one-hot float
-  copy of the full map). Backward recomputes the sigmoid/softmax from the
-  logits instead of saving it.
-* downsampled, per group of (n, c) planes: the region vectors of a chunk,
-  per-tile float32 sums centred on each tile's mean, merged in float64.
-  Backward applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
-  and folds it back over the R x R windows.
+* full resolution, per block of (images, classes): probabilities, mask,
+  pixel term and the pooling of p; the labels are pooled by counting (never a
+  one-hot float copy of the full map). Average pooling sums runs of whole
+  rows, then of columns, through views; its backward spreads each cell's
+  gradient back through the same views, fused with the sigmoid's derivative.
+  The BCE term needs no softplus pass: softplus(x) = relu(x) - log(max(s, 1 - s))
+  with s = sigmoid(x), which the RMI term computes anyway, and the logs are
+  taken of products of LOG_GROUP factors in [0.5, 1].
+* downsampled, per group of (n, c) planes: the region vectors as rows of the
+  flattened maps ("full width": a window row runs on past the grid's last
+  column; those positions get weight 0), centred, masked and multiplied in
+  float32 tiles by one batched matrix product, summed in float64. Backward
+  applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar) as one
+  product and folds it back over the R x R windows with R*R shifted adds.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..algebra import merge_tiles, split_blocks
+from ..algebra import split_blocks
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
 
-FULL_RES_CHUNK = 1 << 20  # elements of logits handled per step of the full-resolution stage
-REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
-TILE = 1024  # about this many region vectors per float32 tile before the float64 merge
+FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
+REGION_CHUNK = 1 << 22  # elements of region-vector stacks alive per step of the low-resolution stage
+TILE = 8192  # about this many region vectors per float32 Gram product before the float64 sum
+LOG_GROUP = 32  # factors in [0.5, 1] multiplied before one log: the product stays >= 2**-32
 
 
 class Statistics(NamedTuple):
@@ -69,14 +77,17 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
                                mode="nearest").squeeze(1).long()
         return _one_hot(picked.clamp_min(0), picked >= 0, c)
     s, pad = opts.pool_size, opts.pool_size // 2
-    # pixel (i, j) lies in cell ((i + pad) // s, (j + pad) // s) if that cell exists
+    # pixel (i, j) lies in cell ((i + pad) // s, (j + pad) // s) if that cell exists; the
+    # count of (image n, class k, cell) goes to bin (n C + k) H'W' + cell, and pixels that
+    # count nowhere (ignored, or past the last cell) to one extra bin at the end
     rows = (torch.arange(h, device=safe.device) + pad) // s
     cols = (torch.arange(w, device=safe.device) + pad) // s
-    inside = (rows < h_low).view(1, h, 1) & (cols < w_low).view(1, 1, w) & valid
-    cell = (rows.clamp_max(h_low - 1) * w_low).view(1, h, 1) + cols.clamp_max(w_low - 1).view(1, 1, w)
-    plane = torch.arange(n, device=safe.device).view(n, 1, 1) * c + safe
-    index = (plane * (h_low * w_low) + cell)[inside]
-    counts = torch.bincount(index, minlength=n * c * h_low * w_low).view(n, c, h_low, w_low)
+    area, bins = h_low * w_low, n * c * h_low * w_low
+    cell = (rows * w_low).view(1, h, 1) + cols.view(1, 1, w)
+    counted = valid & (rows < h_low).view(1, h, 1) & (cols < w_low).view(1, 1, w)
+    index = torch.arange(n, device=safe.device).view(n, 1, 1) * (c * area) + cell + safe * area
+    index = torch.where(counted, index, bins)
+    counts = torch.bincount(index.view(-1), minlength=bins + 1)[:bins].view(n, c, h_low, w_low)
     if opts.pool == "max":
         return (counts > 0).float()
     return counts.float() / (s * s)
@@ -95,26 +106,29 @@ def _blocks(shape, opts: RMIOptions):
     """Blocks (images, classes) of about FULL_RES_CHUNK logits each, processed one at a time.
 
     With sigmoid probabilities and no cross-entropy every class plane is independent,
-    so an image is split into groups of classes; softmax and cross-entropy need all
-    classes of a pixel together, so their blocks are whole images.
+    so an image is split into groups of classes (of equal size, give or take one);
+    softmax and cross-entropy need all classes of a pixel together, so their blocks
+    are whole images.
     """
     n, c, h, w = shape
     if opts.probs == "sigmoid" and opts.pixel_loss != "ce" and c * h * w > FULL_RES_CHUNK:
-        per = max(1, FULL_RES_CHUNK // (h * w))
+        groups = -(-c * h * w // FULL_RES_CHUNK)
+        bounds = [c * k // groups for k in range(groups + 1)]
         for image in range(n):
-            for first in range(0, c, per):
-                yield slice(image, image + 1), slice(first, min(first + per, c))
+            for first, stop in zip(bounds, bounds[1:]):
+                yield slice(image, image + 1), slice(first, stop)
     else:
         step = max(1, FULL_RES_CHUNK // (c * h * w))
         for start in range(0, n, step):
             yield slice(start, min(start + step, n)), slice(0, c)
 
 
-def _block_labels(safe: torch.Tensor, valid: torch.Tensor, images: slice, classes: slice, c: int):
+def _block_labels(safe: torch.Tensor, valid_f: torch.Tensor, images: slice, classes: slice, c: int):
     """Labels of a block, relative to its first class: (index [n, 1, H, W] clamped into the
-    block, weight [n, 1, H, W] float: 1 where the pixel is valid and its class is in the block)."""
+    block, weight [n, 1, H, W] float: 1 where the pixel is valid and its class is in the block).
+    valid_f: the valid mask [N, 1, H, W] as float."""
     lab = safe[images].unsqueeze(1)
-    weight = valid[images].unsqueeze(1).float()
+    weight = valid_f[images]
     if classes.start == 0 and classes.stop == c:
         return lab, weight
     local = lab - classes.start
@@ -122,16 +136,97 @@ def _block_labels(safe: torch.Tensor, valid: torch.Tensor, images: slice, classe
     return local.clamp(0, classes.stop - classes.start - 1), weight * inside
 
 
-def _pool_probs(p: torch.Tensor, opts: RMIOptions):
-    """-> (pooled p, argmax indices for max pooling or None)."""
+class _Cells(NamedTuple):
+    """How one axis of a map falls into the cells of average pooling (kernel = stride = s,
+    padding s // 2, padding counted): runs of consecutive cells that hold the same number
+    of pixels, so that each run is a plain view [.., cells, per_cell, ..] of the map."""
+
+    runs: tuple  # ((cells: slice, pixels: slice, per_cell: int), ...), at most three
+    dropped: slice  # pixels past the last cell, which no cell holds
+
+
+@functools.lru_cache(maxsize=64)
+def _cells(size: int, cells: int, s: int) -> _Cells:
+    pad = s // 2
+
+    def held(k):  # pixels of cell k: [k s - pad, k s - pad + s) within [0, size)
+        return min(k * s - pad + s, size) - max(k * s - pad, 0)
+
+    runs, k, pixel = [], 0, 0
+    while k < cells:
+        end = k + 1
+        while end < cells and held(end) == held(k):
+            end += 1
+        runs.append((slice(k, end), slice(pixel, pixel + (end - k) * held(k)), held(k)))
+        pixel += (end - k) * held(k)
+        k = end
+    return _Cells(tuple(runs), slice(pixel, size))
+
+
+def _sum_strided(band: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- band.sum(-1) for a short last dimension, as strided adds (a reduction over a
+    last dimension of 2..8 elements is far slower than its adds)."""
+    if band.shape[-1] == 1:
+        out.copy_(band[..., 0])
+        return
+    torch.add(band[..., 0], band[..., 1], out=out)
+    for t in range(2, band.shape[-1]):
+        out.add_(band[..., t])
+
+
+def _avg_pool(p: torch.Tensor, s: int, out: torch.Tensor) -> None:
+    """out [n, C, H', W'] <- F.avg_pool2d(p, s, s, s // 2) of p [n, C, H, W]: whole-row sums
+    over each run of cells, then column sums of the quarter-size result."""
+    n, c, h, w = p.shape
+    h_low, w_low = out.shape[-2:]
+    rows = p.new_empty(n, c, h_low, w)
+    for cells, pixels, per in _cells(h, h_low, s).runs:
+        torch.sum(p[:, :, pixels].unflatten(2, (-1, per)), 3, out=rows[:, :, cells])
+    for cells, pixels, per in _cells(w, w_low, s).runs:
+        _sum_strided(rows[..., pixels].unflatten(3, (-1, per)), out[..., cells])
+    out.div_(s * s)
+
+
+def _avg_unpool(g_low: torch.Tensor, s: int, out: torch.Tensor, sigmoid=None) -> torch.Tensor:
+    """Backward of `_avg_pool`: out [n, C, H, W] <- dL/dp from dL/dp' = g_low [n, C, H', W'].
+
+    With `sigmoid` (s = sigmoid(x), shaped like out) it writes s (1 - s) dL/dp instead,
+    the gradient with respect to the logits, without forming dL/dp at full resolution.
+    """
+    n, c, h, w = out.shape
+    h_low, w_low = g_low.shape[-2:]
+    g_low = g_low / (s * s)
+    spread = g_low.new_empty(n, c, h_low, w)  # each cell's gradient on its columns
+    col_cells = _cells(w, w_low, s)
+    for cells, pixels, per in col_cells.runs:
+        spread[..., pixels].unflatten(3, (-1, per)).copy_(g_low[..., cells, None])
+    spread[..., col_cells.dropped] = 0
+    row_cells = _cells(h, h_low, s)
+    for cells, pixels, per in row_cells.runs:
+        source = spread[:, :, cells].unsqueeze(3).expand(-1, -1, -1, per, -1)
+        target = out[:, :, pixels].unflatten(2, (-1, per))
+        if sigmoid is None:
+            target.copy_(source)
+        else:
+            torch.ops.aten.sigmoid_backward.grad_input(source, sigmoid[:, :, pixels].unflatten(2, (-1, per)),
+                                                       grad_input=target)
+    out[:, :, row_cells.dropped] = 0
+    return out
+
+
+def _pool_probs(p: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices) -> None:
+    """out [n, C, H', W'] <- the downsampled p [n, C, H, W]; indices: the arg-max of max pooling."""
     if not opts.downsamples:
-        return p, None
-    s = opts.pool_size
-    if opts.pool == "avg":
-        return F.avg_pool2d(p, s, s, s // 2), None
-    if opts.pool == "max":
-        return F.max_pool2d(p, s, s, s // 2, return_indices=True)
-    return F.interpolate(p, size=opts.pooled_size(*p.shape[-2:]), mode="bilinear", align_corners=True), None
+        out.copy_(p)
+    elif opts.pool == "avg":
+        _avg_pool(p, opts.pool_size, out)
+    elif opts.pool == "max":
+        s = opts.pool_size
+        pooled, idx = F.max_pool2d(p, s, s, s // 2, return_indices=True)
+        out.copy_(pooled)
+        indices.copy_(idx)
+    else:
+        out.copy_(F.interpolate(p, size=out.shape[-2:], mode="bilinear", align_corners=True))
 
 
 def _unpool_grad(grad_low: torch.Tensor, indices, shape, opts: RMIOptions) -> torch.Tensor:
@@ -140,25 +235,43 @@ def _unpool_grad(grad_low: torch.Tensor, indices, shape, opts: RMIOptions) -> to
         return grad_low
     s = opts.pool_size
     if opts.pool == "avg":
-        return torch.ops.aten.avg_pool2d_backward(grad_low, grad_low.new_empty(shape), [s, s], [s, s],
-                                                  [s // 2, s // 2], False, True, None)
+        return _avg_unpool(grad_low, s, grad_low.new_empty(shape))
     if opts.pool == "max":
         return F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=shape[-2:])
     return torch.ops.aten.upsample_bilinear2d_backward(grad_low, list(grad_low.shape[-2:]), list(shape),
                                                        True, None, None)
 
 
-def _ignored_pixels(valid: torch.Tensor) -> list:
-    """Per image, the flat indices of its ignored pixels (usually few)."""
-    return [(~v).flatten().nonzero().squeeze(1) for v in valid]
+def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMIOptions, out: torch.Tensor):
+    """out <- dL/dx = s (1 - s) dL/dp for dL/dp' = g_low, s = sigmoid(x)."""
+    if opts.downsamples and opts.pool == "avg":
+        _avg_unpool(g_low, opts.pool_size, out, sigmoid=sigmoid)
+    else:
+        g_p = _unpool_grad(g_low, indices, out.shape, opts)
+        torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
 
 
-def _zero_pixels(t: torch.Tensor, pixels: list) -> None:
-    """Zero every class of the listed pixels of a contiguous [n, C, H, W] tensor, in place:
-    the mask multiply, at a cost that scales with the ignored pixels, not the map."""
-    for image, index in zip(t, pixels):
-        if index.numel():
-            image.view(image.shape[0], -1).index_fill_(1, index, 0.0)
+def _softplus_sums(x: torch.Tensor, sigmoid: torch.Tensor, valid_f: torch.Tensor,
+                   scratch: torch.Tensor) -> torch.Tensor:
+    """Per class, the sum over valid pixels of softplus(x), [n, C, H, W] -> [C] float64.
+
+    softplus(x) = relu(x) - log(max(s, 1 - s)) with s = sigmoid(x); `sigmoid` must be zero
+    at ignored pixels already, so that max(s, 1 - s) = 1 there and its log drops out.
+    Each factor lies in [0.5, 1], so products of LOG_GROUP of them stay normal float32
+    numbers: one log per group instead of one per element, both passes of a product
+    and a sum cheaper than a transcendental one. valid_f: [n, 1, H, W] 0/1 float;
+    scratch: a float32 buffer shaped like x.
+    """
+    relu = torch.clamp_min(x, 0, out=scratch).mul_(valid_f).sum((2, 3))
+    q = torch.sub(torch.ones((), device=x.device), sigmoid, out=scratch)
+    torch.maximum(q, sigmoid, out=q)
+    planes = q.flatten(2)
+    size = planes.shape[-1]
+    whole = size - size % LOG_GROUP
+    log_q = planes[..., :whole].unflatten(-1, (-1, LOG_GROUP)).prod(-1).log_().sum(-1)
+    if whole < size:
+        log_q += planes[..., whole:].log().sum(-1)
+    return (relu.double() - log_q.double()).sum(0)
 
 
 def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
@@ -177,7 +290,25 @@ def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
     return (PROB_CLIP * share(h, h_low).unsqueeze(1) * share(w, w_low)).float()
 
 
-def _full_res_forward(x, valid, safe, ignored, opts: RMIOptions, weights, keep_probs: bool):
+class _Scratch:
+    """Float32 buffers reused by every block of a stage: slot k hands out a view of the
+    shape asked for, growing its buffer when a larger block comes."""
+
+    def __init__(self, device):
+        self.device = device
+        self.buffers = {}
+
+    def get(self, slot: int, shape) -> torch.Tensor:
+        size = 1
+        for extent in shape:
+            size *= extent
+        buffer = self.buffers.get(slot)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[slot] = torch.empty(size, device=self.device)
+        return buffer[:size].view(shape)
+
+
+def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool):
     """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices,
     and (keep_probs) the masked probabilities [N, C, H, W] float32 for the backward."""
     n, c, h, w = x.shape
@@ -185,58 +316,56 @@ def _full_res_forward(x, valid, safe, ignored, opts: RMIOptions, weights, keep_p
     p_low = x.new_empty((n, c, h_low, w_low), dtype=torch.float32)
     indices = torch.empty((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
-    bce_per_class = torch.zeros(c, dtype=torch.float64, device=x.device)
-    ce_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    valid_f = valid.unsqueeze(1).float()
+    if opts.validate:  # a finite sum proves every value finite, at the cost of one read
+        checksum = x.sum()
+    pixel = torch.zeros((), dtype=torch.float64, device=x.device)
+    if opts.pixel_loss == "bce":  # sum over valid pixels of softplus(x) - x * y
+        softplus = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
-    checksum = torch.zeros((), dtype=torch.float64, device=x.device)
     # Keeping the probabilities spares the backward a transcendental pass over the logits;
     # they take the place of the log-softmax that cross-entropy keeps.
     kept = torch.empty(x.shape, device=x.device) if keep_probs else None
+    scratch = _Scratch(x.device)
     for images, classes in _blocks(x.shape, opts):
         g = (images, classes)
         xc = x[g].float().contiguous()
-        vf = valid[images].unsqueeze(1).float()
-        lab, lab_weight = _block_labels(safe, valid, images, classes, c)
-        if opts.validate:  # a finite sum proves every value finite, at the cost of one read
-            checksum += xc.sum()
+        vf = valid_f[images]
+        lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         lse = None
-        if opts.pixel_loss == "bce":
-            # sum over valid pixels of softplus(x) - x * y, per class
-            bce_per_class[classes] += torch.einsum("nchw,nhw->c", F.softplus(xc), vf[:, 0]).double()
-            at_label = xc.gather(1, lab) * lab_weight
-            bce_per_class.scatter_add_(0, (lab + classes.start).flatten(), -at_label.flatten().double())
-        elif opts.pixel_loss == "ce":  # blocks hold every class here
+        if opts.pixel_loss == "ce":  # blocks hold every class here
             lse = torch.logsumexp(xc, dim=1, keepdim=True)
-            pw = vf if weights is None else weights.float()[lab] * vf
-            ce_sum += ((lse - xc.gather(1, lab)) * pw).sum().double()
+            pw = lab_weight if weights is None else weights.float()[lab] * lab_weight
+            pixel += ((lse - xc.gather(1, lab)) * pw).sum().double()
             ce_weight += pw.sum().double()
-        p = kept[g] if kept is not None else torch.empty(xc.shape, device=x.device)
+        p = kept[g] if kept is not None else scratch.get(0, xc.shape)
         if opts.probs == "sigmoid":
             torch.sigmoid(xc, out=p)
         elif lse is not None:
             torch.exp(xc - lse, out=p)
         else:
-            p.copy_(torch.softmax(xc, dim=1))
-        _zero_pixels(p, ignored[images])  # p * v; the + 1e-6 is added after pooling
-        pooled, idx = _pool_probs(p, opts)
-        p_low[g] = pooled
-        if indices is not None:
-            indices[g] = idx
+            torch.softmax(xc, dim=1, out=p)
+        p.mul_(vf)  # p * v; the + 1e-6 is added after pooling
+        if opts.pixel_loss == "bce":
+            sigmoid = p if opts.probs == "sigmoid" else torch.sigmoid(xc, out=scratch.get(1, xc.shape)).mul_(vf)
+            softplus[classes] += _softplus_sums(xc, sigmoid, vf, scratch.get(2, xc.shape))
+            at_label = xc.gather(1, lab) * lab_weight  # lab_weight: valid and in the block
+            if weights is not None:
+                at_label *= weights.float()[lab + classes.start]
+            pixel -= at_label.sum().double()
+        _pool_probs(p, opts, p_low[g], None if indices is None else indices[g])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
     if opts.pixel_loss == "bce":
-        if weights is not None:
-            bce_per_class = bce_per_class * weights
-        pixel = bce_per_class.sum() / (valid.sum() + 1)
+        pixel += softplus.sum() if weights is None else (softplus * weights).sum()
+        pixel = pixel / (valid.sum() + 1)
     elif opts.pixel_loss == "ce":
-        pixel = ce_sum / torch.where(ce_weight > 0, ce_weight, torch.ones_like(ce_weight))
-    else:
-        pixel = torch.zeros((), dtype=torch.float64, device=x.device)
+        pixel = pixel / torch.where(ce_weight > 0, ce_weight, torch.ones_like(ce_weight))
     return pixel, p_low, indices, kept
 
 
-def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pixel, g_p_low, indices, kept):
+def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices, kept):
     """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None);
     kept: the forward's masked probabilities [N, C, H, W] (zero at ignored pixels)."""
     n, c, h, w = x.shape
@@ -254,12 +383,14 @@ def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pix
     needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
     uniform_bce = weights is None and coef is not None and opts.pixel_loss == "bce"
     in_place = grad.dtype == torch.float32 and grad.is_contiguous()
+    valid_f = valid.unsqueeze(1).float()
+    scratch = _Scratch(x.device)
     for images, classes in _blocks(x.shape, opts):
         g = (images, classes)
         xc = x[g].float().contiguous()
-        lab, lab_weight = _block_labels(safe, valid, images, classes, c)
+        lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         # written in place into the result when it is float32, else into a float32 buffer
-        out = grad[g] if in_place else torch.empty(xc.shape, device=x.device)
+        out = grad[g] if in_place else scratch.get(0, xc.shape)
         # probabilities, masked or not: ignored pixels are zeroed once, at the end
         softmax = sigmoid = None
         if needs_softmax:
@@ -268,12 +399,11 @@ def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pix
             sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc)
         if g_p_low is None:
             out.zero_()
-        else:
+        elif opts.probs == "sigmoid":  # s (1 - s) dL/dp
+            _sigmoid_grad(g_p_low[g], None if indices is None else indices[g], sigmoid, opts, out)
+        else:  # s (dL/dp - sum_c s dL/dp)
             g_p = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
-            if opts.probs == "sigmoid":  # s (1 - s) dL/dp
-                torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
-            else:  # s (dL/dp - sum_c s dL/dp)
-                out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
+            out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
         if coef is not None and opts.pixel_loss == "bce":
             # d/dx (softplus(x) - x y) = sigmoid(x) - y
             block_coef = coef[classes]
@@ -284,7 +414,7 @@ def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pix
             pw = coef if weights is None else weights.float()[lab] * coef
             out.addcmul_(softmax, pw)
             out.scatter_add_(1, lab, (-pw).expand(lab.shape))
-        _zero_pixels(out, ignored[images])  # ignored pixels take no part in either term
+        out.mul_(valid_f[images])  # ignored pixels take no part in either term
         if not in_place:
             grad[g] = out
     return grad
@@ -294,98 +424,116 @@ def _full_res_backward(x, valid, safe, ignored, opts: RMIOptions, weights, g_pix
 # stage 2: region vectors of the downsampled maps
 # ----------------------------------------------------------------------------
 
-class _Tiling(NamedTuple):
-    """Region vectors of the (H'-R+1) x (W'-R+1) valid grid, cut into tiles of whole rows."""
+class _Regions(NamedTuple):
+    """The region vectors of a downsampled H' x W' map, "full width".
+
+    Flatten the map: the window at grid position (i, j) with offset (a, b) reads element
+    (i + a) W' + j + b, so for each offset the values over all positions m = i W' + j
+    form one contiguous run of the flat map. Taking every m in [0, rows * W') puts
+    W' - (W' - R + 1) = R - 1 positions per row past the grid's right edge; they get
+    weight 0, like the padding rows that round the grid up to whole tiles. Tiles are
+    `rows` grid rows each, so one strided view gives every tile's stack.
+    """
 
     radius: int
-    rows: int  # valid-grid rows per tile
-    tiles: int  # T; the last tile may hold padding rows past the grid
-    height: int  # valid-grid rows, H' - R + 1
-    width: int  # valid-grid columns, W' - R + 1
+    width: int  # W'
+    height: int  # H'
+    rows: int  # grid rows per tile
+    tiles: int  # T
 
     @staticmethod
-    def of(h_low: int, w_low: int, radius: int) -> "_Tiling":
-        height, width = h_low - radius + 1, w_low - radius + 1
-        tiles = -(-height * width // TILE)
-        rows = -(-height // tiles)
-        return _Tiling(radius, rows, -(-height // rows), height, width)
+    def of(h_low: int, w_low: int, radius: int) -> "_Regions":
+        grid_rows = h_low - radius + 1
+        tiles = -(-grid_rows * w_low // TILE)
+        rows = -(-grid_rows // tiles)
+        return _Regions(radius, w_low, h_low, rows, -(-grid_rows // rows))
 
     @property
-    def padding(self) -> int:
-        """Rows of the last tile past the grid (fewer than `rows`)."""
-        return self.tiles * self.rows - self.height
+    def positions(self) -> int:
+        """K, positions per tile (a whole number of map rows)."""
+        return self.rows * self.width
 
     def plane_groups(self, num_planes: int):
-        per_plane = 2 * self.radius ** 2 * self.tiles * self.rows * self.width
+        per_plane = 2 * self.radius ** 2 * self.tiles * self.positions
         step = max(1, REGION_CHUNK // per_plane)
         for start in range(0, num_planes, step):
             yield slice(start, min(start + step, num_planes))
 
+    def flat_size(self) -> int:
+        """Flat map length that every window of every tile stays inside."""
+        return (self.tiles * self.rows + self.radius - 1) * self.width + self.radius - 1
+
     def joint_maps(self, y_low, p_low, planes: slice) -> torch.Tensor:
-        """[B, 2, T*rows + R - 1, W']: the label and probability maps of a group of (n, c)
-        planes in one buffer, zero rows below them for the last tile's padding."""
-        y = y_low.flatten(0, 1)[planes]
-        h = y.shape[-2]
-        maps = y.new_empty(y.shape[0], 2, self.tiles * self.rows + self.radius - 1, y.shape[-1])
-        maps[:, 0, :h] = y
-        maps[:, 1, :h] = p_low.flatten(0, 1)[planes]
-        maps[:, :, h:] = 0
+        """[B, 2, flat_size]: the label and probability maps of a group of (n, c) planes,
+        flattened into one buffer, zeros past their end."""
+        y = y_low.flatten(0, 1)[planes].flatten(1)
+        maps = y.new_empty(y.shape[0], 2, self.flat_size())
+        area = y.shape[1]
+        maps[:, 0, :area] = y
+        maps[:, 1, :area] = p_low.flatten(0, 1)[planes].flatten(1)
+        maps[:, :, area:] = 0
         return maps
 
     def windows(self, maps: torch.Tensor) -> torch.Tensor:
-        """[B, 2, T*rows + R - 1, W'] -> view [B, T, 2, R, R, rows, W'-R+1] of every region
-        vector, tile by tile: no copy of the R*R-fold stack."""
-        sb, sk, sh, _ = maps.stride()
-        r = self.radius
-        return maps.as_strided((maps.shape[0], self.tiles, 2, r, r, self.rows, self.width),
-                               (sb, self.rows * sh, sk, sh, 1, sh, 1))
+        """[B, 2, flat_size] -> view [B, T, 2, R, R, K] of every region vector, tile by tile."""
+        sb, sk, _ = maps.stride()
+        r, w = self.radius, self.width
+        return maps.as_strided((maps.shape[0], self.tiles, 2, r, r, self.positions),
+                               (sb, self.positions, sk, w, 1, 1))
 
-    def centred(self, windows: torch.Tensor, centre: torch.Tensor, weight) -> torch.Tensor:
-        """Contiguous [B, T, 2, R, R, rows, W'v] copy of windows - centre [B, T or 1, 2, R, R],
-        zero where a region vector does not count (left out, or a padding row)."""
-        out = torch.sub(windows, centre[..., None, None], out=windows.new_empty(windows.shape))
-        if weight is not None:
-            out.mul_(weight)
-        elif self.padding:
-            out[:, -1, ..., self.rows - self.padding:, :] = 0
-        return out
-
-    def counts(self, weight, planes: int, like: torch.Tensor) -> torch.Tensor:
-        """[B, T] number of region vectors that count in each tile."""
-        if weight is not None:
-            return weight.sum((-2, -1)).flatten(1).expand(planes, -1)
-        count = like.new_full((planes, self.tiles), self.rows * self.width)
-        count[:, -1] -= self.padding * self.width
-        return count
-
-    def sums(self, windows: torch.Tensor, weight) -> torch.Tensor:
-        """[B, T, 2, R, R] sums of the region vectors that count in each tile."""
-        if weight is not None:
-            return (windows * weight).sum((-2, -1))
-        total = windows.sum((-2, -1))
-        if self.padding:  # padding rows' windows still reach real map rows: take them out
-            total[:, -1] -= windows[:, -1, ..., self.rows - self.padding:, :].sum((-2, -1))
-        return total
+    @property
+    def grid(self) -> tuple:
+        """(H' - R + 1, W' - R + 1): the positions of the region vectors."""
+        return self.height - self.radius + 1, self.width - self.radius + 1
 
     def weights(self, keep, planes: slice, c: int):
-        """Kept-region mask [N, H'v, W'v] -> the planes' 0/1 weights [B, T, 1, 1, 1, rows, W'v]
-        (zero on padding rows), or None when every region vector counts."""
+        """The kept-region mask [N, H'-R+1, W'-R+1] of the planes' images as 0/1 float32
+        weights [B, T, 1, 1, 1, K], zero past the grid; None when every vector counts."""
         if keep is None:
             return None
+        grid_rows, grid_cols = self.grid
         keep = keep[torch.arange(planes.start, planes.stop, device=keep.device) // c]
-        return F.pad(keep, (0, 0, 0, self.padding)).view(-1, self.tiles, 1, 1, 1, self.rows, self.width)
+        padded = F.pad(keep.float(), (0, self.width - grid_cols, 0, self.tiles * self.rows - grid_rows))
+        return padded.view(-1, self.tiles, 1, 1, 1, self.positions)
 
+    def means(self, maps: torch.Tensor, windows: torch.Tensor, weight) -> torch.Tensor:
+        """Exact float64 mean [B, 2, R, R] of each region-vector entry over the vectors that
+        count. With no weights, each is the sum of a (H'-R+1) x (W'-R+1) box of the map at
+        offset (a, b): read off cumulative sums, a pass over the map instead of the stack."""
+        if weight is not None:
+            count = weight.sum((1, 2, 3, 4, 5)).double().clamp_min(1).view(-1, 1, 1, 1)
+            return (windows * weight).sum(-1).double().sum(1) / count
+        (grid_rows, grid_cols), r = self.grid, self.radius
+        plane = maps[:, :, :self.height * self.width].unflatten(-1, (self.height, self.width)).double()
+        cols = F.pad(plane, (1, 0)).cumsum(-1)
+        bands = cols[..., grid_cols:grid_cols + r] - cols[..., :r]  # [B, 2, H', R]: columns b .. b+G2-1
+        rows = F.pad(bands, (0, 0, 1, 0)).cumsum(-2)
+        return (rows[:, :, grid_rows:grid_rows + r] - rows[:, :, :r]) / (grid_rows * grid_cols)
 
-def _joint_gram(centred: torch.Tensor, d: int) -> torch.Tensor:
-    """[..., 2d, M] -> [..., 2d, 2d] Gram matrix of the joint [y; p] vectors, computing
-    only the three distinct blocks (y y^T, [y; p] p^T): a quarter fewer products."""
-    y = centred[..., :d, :]
-    right = centred @ centred[..., d:, :].transpose(-1, -2)  # [..., 2d, d]: Syp over Sp
-    gram = centred.new_empty(*centred.shape[:-2], 2 * d, 2 * d)
-    gram[..., :d, :d] = y @ y.transpose(-1, -2)
-    gram[..., :, d:] = right
-    gram[..., d:, :d] = right[..., :d, :].transpose(-1, -2)
-    return gram
+    def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor) -> torch.Tensor:
+        """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight: the centred region
+        vectors, zero at positions that do not count (with no weights: those past the grid)."""
+        centre = mean.to(windows.dtype)[:, None, :, :, :, None]
+        out = torch.sub(windows, centre, out=windows.new_empty(windows.shape))
+        if weight is not None:
+            return out.mul_(weight)
+        grid_rows, grid_cols = self.grid
+        rows = out.unflatten(-1, (self.rows, self.width))
+        rows[..., grid_cols:] = 0
+        padding = self.tiles * self.rows - grid_rows
+        if padding:
+            rows[:, -1, ..., self.rows - padding:, :] = 0
+        return out
+
+    def fold(self, grad: torch.Tensor, g_vec: torch.Tensor) -> None:
+        """grad [B, flat_size] += each region vector's gradient g_vec [B, T, R*R, K] at its cells."""
+        r, w = self.radius, self.width
+        for a in range(r):
+            for b in range(r):
+                offset = a * w + b
+                target = grad[:, offset:].as_strided((grad.shape[0], self.tiles, self.positions),
+                                                     (grad.stride(0), self.positions, 1))
+                target.add_(g_vec[:, :, a * r + b])
 
 
 def region_moments(y_low, p_low, keep, radius: int):
@@ -393,23 +541,21 @@ def region_moments(y_low, p_low, keep, radius: int):
 
     y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 float or None
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64)
+
+    The vectors are centred on their exact mean before the float32 products, so those
+    hold the spread, not the level; the per-tile products are summed in float64.
     """
     n, c, h_low, w_low = y_low.shape
-    tiling = _Tiling.of(h_low, w_low, radius)
+    regions = _Regions.of(h_low, w_low, radius)
     d2 = 2 * radius * radius
     means, sums = [], []
-    for planes in tiling.plane_groups(n * c):
-        vec = tiling.windows(tiling.joint_maps(y_low, p_low, planes))
-        b = vec.shape[0]
-        weight = tiling.weights(keep, planes, c)
-        count = tiling.counts(weight, b, y_low)
-        total = tiling.sums(vec, weight)
-        tile_mean = total / count.clamp_min(1)[..., None, None, None]  # [B, T, 2, R, R]
-        centred = tiling.centred(vec, tile_mean, weight).view(b, tiling.tiles, d2, -1)
-        tile_sums = _joint_gram(centred, d2 // 2)  # [B, T, 2d, 2d] float32
-        _, mean, joint = merge_tiles(count, tile_mean.view(b, tiling.tiles, d2), tile_sums)
-        means.append(mean)
-        sums.append(joint)
+    for planes in regions.plane_groups(n * c):
+        maps = regions.joint_maps(y_low, p_low, planes)
+        vec, weight = regions.windows(maps), regions.weights(keep, planes, c)
+        mean = regions.means(maps, vec, weight)
+        centred = regions.centred(vec, weight, mean).view(vec.shape[0], regions.tiles, d2, -1)
+        sums.append((centred @ centred.transpose(-1, -2)).double().sum(1))
+        means.append(mean.view(-1, d2))
     return torch.cat(means).view(n, c, d2), torch.cat(sums).view(n, c, d2, d2)
 
 
@@ -417,26 +563,18 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int) 
     """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
     dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows."""
     n, c, h_low, w_low = y_low.shape
-    tiling = _Tiling.of(h_low, w_low, radius)
+    regions = _Regions.of(h_low, w_low, radius)
     r, d = radius, radius * radius
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
     g_joint = g_joint.float().flatten(0, 1).unsqueeze(1)  # [NC, 1, d, 2d]
-    centre = mean.float().flatten(0, 1).view(n * c, 1, 2, r, r)
-    span = tiling.tiles * tiling.rows
-    grad = torch.zeros(n * c, span + r - 1, w_low, device=p_low.device)
-    for planes in tiling.plane_groups(n * c):
-        windows = tiling.windows(tiling.joint_maps(y_low, p_low, planes))
-        vec = tiling.centred(windows, centre[planes], tiling.weights(keep, planes, c))
-        b = vec.shape[0]
-        g_vec = g_joint[planes] @ vec.view(b, tiling.tiles, 2 * d, -1)  # [B, T, d, rows * W'v]
-        g_vec = g_vec.view(b, tiling.tiles, r, r, tiling.rows, tiling.width)
-        out = grad[planes]
-        for i in range(r):
-            for j in range(r):  # scatter each window offset back onto the map (the fold)
-                out[:, i:i + span, j:j + tiling.width].unflatten(1, (tiling.tiles, tiling.rows)) \
-                    .add_(g_vec[:, :, i, j])
-    return grad[:, :h_low].reshape(n, c, h_low, w_low)
+    mean = mean.flatten(0, 1).view(n * c, 2, r, r)
+    grad = torch.zeros(n * c, regions.flat_size(), device=p_low.device)
+    for planes in regions.plane_groups(n * c):
+        vec = regions.windows(regions.joint_maps(y_low, p_low, planes))
+        centred = regions.centred(vec, regions.weights(keep, planes, c), mean[planes])
+        regions.fold(grad[planes], g_joint[planes] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1))
+    return grad[:, :h_low * w_low].reshape(n, c, h_low, w_low)
 
 
 # ----------------------------------------------------------------------------
@@ -448,9 +586,8 @@ class _TorchStatistics(torch.autograd.Function):
     def forward(ctx, logits, labels, opts: RMIOptions):
         c = logits.shape[1]
         valid, safe = label_maps(labels, opts)
-        ignored = _ignored_pixels(valid)
         weights = opts.weights_tensor(c, logits.device)
-        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, ignored, opts, weights,
+        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, opts, weights,
                                                         keep_probs=ctx.needs_input_grad[0])
         y_low = pooled_labels(valid, safe, c, opts)
         keep = None
@@ -458,7 +595,7 @@ class _TorchStatistics(torch.autograd.Function):
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
         mean, joint = region_moments(y_low, p_low, keep, opts.radius)
         sy, sp, syp = split_blocks(joint, opts.d)
-        ctx.opts, ctx.ignored = opts, ignored
+        ctx.opts = opts
         ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept)
         ctx.mark_non_differentiable(sy)
         return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
@@ -476,6 +613,6 @@ class _TorchStatistics(torch.autograd.Function):
             g_syp = zeros if g_syp is None else g_syp
             g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius)
         weights = opts.weights_tensor(logits.shape[1], logits.device)
-        grad = _full_res_backward(logits, valid, safe, ctx.ignored, opts, weights, g_pixel, g_p_low,
+        grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low,
                                   indices, kept)
         return grad, None, None
