@@ -2,23 +2,26 @@
 
 One autograd.Function maps logits to the pixel term and the centred
 covariance sums (Sy, Sp, Syp) of the region vectors; `rmi_triton.algebra`
-turns those into the loss. Two stages, each run in chunks so temporaries
-stay small (and in cache):
+turns those into the loss. Two stages, each run in chunks so that
+temporaries stay small (and in cache), with scratch buffers reused from
+chunk to chunk:
 
 * full resolution, per block of (images, classes): probabilities, mask,
   pixel term and the pooling of p; the labels are pooled by counting (never a
   one-hot float copy of the full map). Average pooling sums runs of whole
-  rows, then of columns, through views; its backward spreads each cell's
+  rows, then columns, through views; its backward spreads each cell's
   gradient back through the same views, fused with the sigmoid's derivative.
-  The BCE term needs no softplus pass: softplus(x) = relu(x) - log(max(s, 1 - s))
-  with s = sigmoid(x), which the RMI term computes anyway, and the logs are
-  taken of products of LOG_GROUP factors in [0.5, 1].
-* downsampled, per group of (n, c) planes: the region vectors as rows of the
+  The BCE needs no softplus pass: softplus(x) - x y = relu(t x) - log(max(s, 1 - s))
+  with t = 1 - 2y and s = sigmoid(x), which the RMI term computes anyway, and
+  the logs are taken of products of LOG_GROUP factors in [0.5, 1]. Masks are
+  products, and the backward needs none of its own: each of its terms has a
+  factor that is already zero at ignored pixels.
+* downsampled, per group of (n, c) planes: the region vectors as runs of the
   flattened maps ("full width": a window row runs on past the grid's last
-  column; those positions get weight 0), centred, masked and multiplied in
-  float32 tiles by one batched matrix product, summed in float64. Backward
-  applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar) as one
-  product and folds it back over the R x R windows with R*R shifted adds.
+  column; those positions are zeroed), centred on their exact means, and
+  multiplied in float32 tiles by one batched matrix product, summed in
+  float64. Backward applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
+  as one product and folds it back over the R x R windows with R*R shifted adds.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
 
 FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
-REGION_CHUNK = 1 << 22  # elements of region-vector stacks alive per step of the low-resolution stage
+REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
 TILE = 8192  # about this many region vectors per float32 Gram product before the float64 sum
 LOG_GROUP = 32  # factors in [0.5, 1] multiplied before one log: the product stays >= 2**-32
 
@@ -251,18 +254,20 @@ def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMI
         torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
 
 
-def _softplus_sums(x: torch.Tensor, sigmoid: torch.Tensor, valid_f: torch.Tensor,
-                   scratch: torch.Tensor) -> torch.Tensor:
-    """Per class, the sum over valid pixels of softplus(x), [n, C, H, W] -> [C] float64.
+def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor,
+              valid_f: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64.
 
-    softplus(x) = relu(x) - log(max(s, 1 - s)) with s = sigmoid(x); `sigmoid` must be zero
-    at ignored pixels already, so that max(s, 1 - s) = 1 there and its log drops out.
-    Each factor lies in [0.5, 1], so products of LOG_GROUP of them stay normal float32
-    numbers: one log per group instead of one per element, both passes of a product
-    and a sum cheaper than a transcendental one. valid_f: [n, 1, H, W] 0/1 float;
-    scratch: a float32 buffer shaped like x.
+    With s = sigmoid(x) and t = 1 - 2 y (+-1), softplus(x) - x y = relu(t x) - log(max(s, 1 - s)):
+    no softplus pass, and no gather of the logits at the labels either (the sign flip is a
+    scatter into a buffer in cache). `sigmoid` must be zero at ignored pixels already, so
+    that max(s, 1 - s) = 1 there and its log drops out. Each such factor lies in [0.5, 1],
+    so products of LOG_GROUP of them stay normal float32 numbers: one log per group
+    instead of one per element. lab, lab_weight: the block's labels (`_block_labels`);
+    valid_f: [n, 1, H, W] 0/1 float; scratch: a float32 buffer shaped like x.
     """
-    relu = torch.clamp_min(x, 0, out=scratch).mul_(valid_f).sum((2, 3))
+    sign = scratch.copy_(valid_f.expand_as(scratch)).scatter_add_(1, lab, -2 * lab_weight)
+    relu = torch.mul(sign, x, out=sign).clamp_min_(0).sum((2, 3))
     q = torch.sub(torch.ones((), device=x.device), sigmoid, out=scratch)
     torch.maximum(q, sigmoid, out=q)
     planes = q.flatten(2)
@@ -317,11 +322,10 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     indices = torch.empty((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
     valid_f = valid.unsqueeze(1).float()
-    if opts.validate:  # a finite sum proves every value finite, at the cost of one read
-        checksum = x.sum()
+    checksum = torch.zeros((), device=x.device)  # a finite sum proves every value finite
     pixel = torch.zeros((), dtype=torch.float64, device=x.device)
-    if opts.pixel_loss == "bce":  # sum over valid pixels of softplus(x) - x * y
-        softplus = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
+    if opts.pixel_loss == "bce":
+        bce = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
     # Keeping the probabilities spares the backward a transcendental pass over the logits;
     # they take the place of the log-softmax that cross-entropy keeps.
@@ -331,6 +335,8 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         g = (images, classes)
         xc = x[g].float().contiguous()
         vf = valid_f[images]
+        if opts.validate:  # read while the block is in cache
+            checksum += xc.sum()
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         lse = None
         if opts.pixel_loss == "ce":  # blocks hold every class here
@@ -348,18 +354,13 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         p.mul_(vf)  # p * v; the + 1e-6 is added after pooling
         if opts.pixel_loss == "bce":
             sigmoid = p if opts.probs == "sigmoid" else torch.sigmoid(xc, out=scratch.get(1, xc.shape)).mul_(vf)
-            softplus[classes] += _softplus_sums(xc, sigmoid, vf, scratch.get(2, xc.shape))
-            at_label = xc.gather(1, lab) * lab_weight  # lab_weight: valid and in the block
-            if weights is not None:
-                at_label *= weights.float()[lab + classes.start]
-            pixel -= at_label.sum().double()
+            bce[classes] += _bce_sums(xc, sigmoid, lab, lab_weight, vf, scratch.get(2, xc.shape))
         _pool_probs(p, opts, p_low[g], None if indices is None else indices[g])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
     if opts.pixel_loss == "bce":
-        pixel += softplus.sum() if weights is None else (softplus * weights).sum()
-        pixel = pixel / (valid.sum() + 1)
+        pixel = (bce.sum() if weights is None else (bce * weights).sum()) / (valid.sum() + 1)
     elif opts.pixel_loss == "ce":
         pixel = pixel / torch.where(ce_weight > 0, ce_weight, torch.ones_like(ce_weight))
     return pixel, p_low, indices, kept
@@ -391,12 +392,14 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         # written in place into the result when it is float32, else into a float32 buffer
         out = grad[g] if in_place else scratch.get(0, xc.shape)
-        # probabilities, masked or not: ignored pixels are zeroed once, at the end
+        # Every term below has a factor that is zero at ignored pixels (the masked
+        # probabilities or the label weight), so the result needs no mask of its own.
+        vf = valid_f[images]
         softmax = sigmoid = None
         if needs_softmax:
-            softmax = kept[g] if opts.probs == "softmax" else torch.softmax(xc, dim=1)
+            softmax = kept[g] if opts.probs == "softmax" else torch.softmax(xc, dim=1).mul_(vf)
         if needs_sigmoid:
-            sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc)
+            sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc).mul_(vf)
         if g_p_low is None:
             out.zero_()
         elif opts.probs == "sigmoid":  # s (1 - s) dL/dp
@@ -413,8 +416,7 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
             # d/dx (lse - x_label) = softmax - onehot, weighted per pixel
             pw = coef if weights is None else weights.float()[lab] * coef
             out.addcmul_(softmax, pw)
-            out.scatter_add_(1, lab, (-pw).expand(lab.shape))
-        out.mul_(valid_f[images])  # ignored pixels take no part in either term
+            out.scatter_add_(1, lab, -pw * lab_weight)
         if not in_place:
             grad[g] = out
     return grad
@@ -497,18 +499,23 @@ class _Regions(NamedTuple):
         return padded.view(-1, self.tiles, 1, 1, 1, self.positions)
 
     def means(self, maps: torch.Tensor, windows: torch.Tensor, weight) -> torch.Tensor:
-        """Exact float64 mean [B, 2, R, R] of each region-vector entry over the vectors that
-        count. With no weights, each is the sum of a (H'-R+1) x (W'-R+1) box of the map at
-        offset (a, b): read off cumulative sums, a pass over the map instead of the stack."""
+        """Mean [B, 2, R, R] (float64) of each region-vector entry over the vectors that count.
+        With no weights, entry (a, b) is the mean of the (H'-R+1) x (W'-R+1) box of the map at
+        offset (a, b): two small products with 0/1 band matrices, a pass over the map instead
+        of the stack. The float32 sums are exact to about 1e-7, and the centring needs no
+        more: an error e in the centre changes the centred sums by count * e^2."""
         if weight is not None:
             count = weight.sum((1, 2, 3, 4, 5)).double().clamp_min(1).view(-1, 1, 1, 1)
             return (windows * weight).sum(-1).double().sum(1) / count
-        (grid_rows, grid_cols), r = self.grid, self.radius
-        plane = maps[:, :, :self.height * self.width].unflatten(-1, (self.height, self.width)).double()
-        cols = F.pad(plane, (1, 0)).cumsum(-1)
-        bands = cols[..., grid_cols:grid_cols + r] - cols[..., :r]  # [B, 2, H', R]: columns b .. b+G2-1
-        rows = F.pad(bands, (0, 0, 1, 0)).cumsum(-2)
-        return (rows[:, :, grid_rows:grid_rows + r] - rows[:, :, :r]) / (grid_rows * grid_cols)
+        plane = maps[:, :, :self.height * self.width].unflatten(-1, (self.height, self.width))
+        cols = plane @ self._bands(self.width, maps.device)  # [B, 2, H', R]: column bands
+        box = self._bands(self.height, maps.device).transpose(0, 1) @ cols  # [B, 2, R, R]
+        return box.double() / (self.grid[0] * self.grid[1])
+
+    def _bands(self, size: int, device) -> torch.Tensor:
+        """[size, R] 0/1: column b marks the size - R + 1 entries from b on."""
+        index = torch.arange(size, device=device).view(-1, 1) - torch.arange(self.radius, device=device)
+        return ((index >= 0) & (index <= size - self.radius)).float()
 
     def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor) -> torch.Tensor:
         """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight: the centred region

@@ -1,0 +1,110 @@
+"""The torch engine's building blocks against plain PyTorch, on the shapes that are easy to
+get wrong: odd sizes, every pool size, rows and columns that no pooling cell holds, saturated
+logits, several tiles and plane groups."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rmi_triton.engines import torch_engine
+from rmi_triton.options import RMIOptions
+
+from helpers import assert_close_rel
+
+
+@pytest.mark.parametrize("pool_size", range(2, 9))
+@pytest.mark.parametrize("size", [(5, 7), (13, 16), (37, 53), (41, 40)])
+def test_avg_pool_and_its_backward_match_torch(pool_size, size):
+    h, w = size
+    opts = RMIOptions(pool_size=pool_size)
+    g = torch.Generator().manual_seed(h * w + pool_size)
+    x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+    p = torch.sigmoid(x).float()
+    out = torch.full((2, 3, *opts.pooled_size(h, w)), float("nan"))
+    torch_engine._avg_pool(p, pool_size, out)
+    assert_close_rel(out, F.avg_pool2d(p.double(), pool_size, pool_size, pool_size // 2), 1e-6, "avg pool")
+
+    # backward, plain and fused with the sigmoid's derivative, against autograd
+    g_low = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    x.requires_grad_(True)
+    (F.avg_pool2d(torch.sigmoid(x), pool_size, pool_size, pool_size // 2) * g_low).sum().backward()
+    sig = torch.sigmoid(x.detach())
+    unpooled = torch_engine._avg_unpool(g_low.float(), pool_size, torch.full(p.shape, float("nan")))
+    assert_close_rel(unpooled * sig * (1 - sig), x.grad, 1e-6, "avg unpool")
+    fused = torch_engine._avg_unpool(g_low.float(), pool_size, torch.full(p.shape, float("nan")), sigmoid=p)
+    assert_close_rel(fused, x.grad, 1e-6, "avg unpool fused with the sigmoid")
+
+
+def test_cells_cover_each_pixel_once():
+    for size in range(1, 40):
+        for s in range(2, 9):
+            cells = RMIOptions(pool_size=s).pooled_size(size, size)[0]
+            if cells < 1:
+                continue
+            geometry = torch_engine._cells(size, cells, s)
+            owner = torch.full((size,), -1)
+            for cell_slice, pixels, per in geometry.runs:
+                assert pixels.stop - pixels.start == (cell_slice.stop - cell_slice.start) * per
+                owner[pixels] = torch.arange(cell_slice.start, cell_slice.stop).repeat_interleave(per)
+            expected = (torch.arange(size) + s // 2) // s  # the cell that avg_pool2d puts a pixel in
+            held = expected < cells
+            assert torch.equal(owner[held], expected[held]), (size, s)
+            assert bool((owner[~held] == -1).all()) and geometry.dropped.start == int(held.sum())
+
+
+@pytest.mark.parametrize("scale", [1e-4, 2.0, 30.0, 1e4])
+def test_bce_sums_match_torch_bce(scale):
+    g = torch.Generator().manual_seed(int(scale * 10))
+    n, c, h, w = 2, 5, 19, 23
+    x = torch.randn(n, c, h, w, generator=g) * scale
+    x[0, 0, :3] = 60.0  # saturated both ways
+    x[1, 2, :3] = -60.0
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[torch.rand(n, h, w, generator=g) < 0.2] = 255
+    valid, safe = torch_engine.label_maps(labels, RMIOptions())
+    valid_f = valid.unsqueeze(1).float()
+    y = F.one_hot(safe, c).permute(0, 3, 1, 2).double() * valid_f
+    expected = (F.binary_cross_entropy_with_logits(x.double(), y, reduction="none") * valid_f).sum((0, 2, 3))
+    for classes in (slice(0, c), slice(1, 4)):  # a whole image and a class block
+        block = x[:, classes].contiguous()
+        lab, lab_weight = torch_engine._block_labels(safe, valid_f, slice(0, n), classes, c)
+        sig = torch.sigmoid(block) * valid_f
+        got = torch_engine._bce_sums(block, sig, lab, lab_weight, valid_f, torch.full(block.shape, float("nan")))
+        # float32 logits: each term is exact to about 1e-7 of its own size
+        assert_close_rel(got, expected[classes], 1e-6, f"BCE sums, classes {classes}")
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
+    monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles, the last one padded
+    monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)  # one plane per group
+    g = torch.Generator().manual_seed(radius + 10 * exclude)
+    n, c, h, w = 2, 3, 17, 13
+    y_low = torch.randint(0, 17, (n, c, h, w), generator=g).float() / 16
+    p_low = torch.rand(n, c, h, w, generator=g) * 0.3 + 0.6  # a level far from zero
+    keep = (torch.rand(n, h - radius + 1, w - radius + 1, generator=g) > 0.3).float() if exclude else None
+    mean, joint = torch_engine.region_moments(y_low, p_low, keep, radius)
+
+    vec = torch.cat([F.unfold(m.double().flatten(0, 1).unsqueeze(1), radius) for m in (y_low, p_low)], 1)
+    weight = torch.ones(n * c, 1, vec.shape[-1], dtype=torch.float64) if keep is None \
+        else keep.double().repeat_interleave(c, 0).view(n * c, 1, -1)
+    ref_mean = (vec * weight).sum(-1) / weight.sum(-1)
+    centred = (vec - ref_mean.unsqueeze(-1)) * weight
+    ref_joint = centred @ centred.transpose(1, 2)
+    assert_close_rel(mean.view(n * c, -1), ref_mean, 1e-6, "means")
+    assert_close_rel(joint.view(n * c, *joint.shape[-2:]), ref_joint, 1e-6, "centred sums")
+
+    # the backward stencil against autograd through the float64 formula
+    g_sp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
+    g_syp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
+    grad = torch_engine.region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius)
+    p64 = p_low.double().requires_grad_(True)
+    pv = F.unfold(p64.flatten(0, 1).unsqueeze(1), radius)
+    pc = (pv - (pv * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)) * weight
+    yc = centred[:, :radius ** 2]
+    d = radius ** 2
+    objective = ((pc @ pc.transpose(1, 2)) * g_sp.view(-1, d, d)).sum() \
+        + ((yc @ pc.transpose(1, 2)) * g_syp.view(-1, d, d)).sum()
+    objective.backward()
+    assert_close_rel(grad, p64.grad, 1e-5, "region backward")
