@@ -1,6 +1,6 @@
 """Peak resident memory of one forward+backward, in a fresh process per provider.
 
-    python bench/peak_memory.py PROVIDER N C H W POOL_SIZE
+    python bench/peak_memory.py PROVIDER N C H W POOL_SIZE [LABELS]
 
 Prints `baseline_kb peak_kb`: VmHWM (the process's resident high-water mark)
 after the inputs exist and after one forward+backward. A fresh process is
@@ -32,10 +32,11 @@ def reset_hwm():
 
 def main():
     provider, *dims = sys.argv[1:]
+    kind = dims.pop() if len(dims) == 6 else "uniform"
     n, c, h, w, pool = map(int, dims)
     torch.set_num_threads(2)
     fn = loss_fn(provider, pool)
-    logits, labels = make_inputs((n, c, h, w))
+    logits, labels = make_inputs((n, c, h, w), labels=kind)
     # warm-up on a tiny input: libraries and allocator caches load outside the measurement
     small_x, small_y = make_inputs((1, c, 64, 64))
     fn(small_x.requires_grad_(), small_y).backward()

@@ -16,20 +16,43 @@ import torch.nn.functional as F
 
 from rmi_triton import reference_rmi, rmi_loss
 
-# name, (N, C, H, W), pool size (avg pooling)
+# name -> ((N, C, H, W), pool size (avg pooling), label maps: see make_inputs)
 CPU_SHAPES = {
-    "4x21x256x256-avg4": ((4, 21, 256, 256), 4),
-    "2x21x512x512-avg2": ((2, 21, 512, 512), 2),
+    "4x21x256x256-avg4": ((4, 21, 256, 256), 4, "uniform"),
+    "4x21x256x256-avg4-scenes": ((4, 21, 256, 256), 4, "scenes"),
+    "2x21x512x512-avg2": ((2, 21, 512, 512), 2, "uniform"),
 }
 
 
-def make_inputs(shape, seed=0, device="cpu", dtype=torch.float32, ignore_frac=0.05):
+def make_inputs(shape, seed=0, device="cpu", dtype=torch.float32, ignore_frac=0.05, labels="uniform"):
+    """Random logits and labels. labels="uniform": every pixel's class drawn at random, 5%
+    ignored -- every class in every image, the worst case for the RMI term; "scenes": what
+    segmentation data looks like -- per image the background and two object classes in
+    smooth regions, about 5% ignored in bands along their boundaries (as VOC marks them)."""
     n, c, h, w = shape
     g = torch.Generator(device="cpu").manual_seed(seed)
     logits = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-    labels = torch.randint(0, c, (n, h, w), generator=g)
-    labels[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
-    return logits, labels.to(device)
+    if labels == "uniform":
+        label_maps = torch.randint(0, c, (n, h, w), generator=g)
+        label_maps[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
+    elif labels == "scenes":
+        label_maps = _scene_labels(n, c, h, w, ignore_frac, g)
+    else:
+        raise ValueError(f"unknown label kind {labels!r}")
+    return logits, label_maps.to(device)
+
+
+def _scene_labels(n, c, h, w, ignore_frac, g):
+    field = torch.rand(n, 3, max(h // 32, 2), max(w // 32, 2), generator=g)
+    field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)
+    top2 = field.topk(2, dim=1).values
+    region = field.argmax(1)  # 0: background, 1 and 2: the image's two object classes
+    objects = torch.stack([torch.randperm(c - 1, generator=g)[:2] + 1 for _ in range(n)])  # [n, 2]
+    classes = torch.cat([torch.zeros(n, 1, dtype=torch.long), objects], 1)
+    label_maps = classes.gather(1, region.flatten(1)).view(n, h, w)
+    margin = top2[:, 0] - top2[:, 1]
+    label_maps[margin < margin.flatten().quantile(ignore_frac)] = 255
+    return label_maps
 
 
 def loss_fn(provider: str, pool_size: int):

@@ -1,6 +1,6 @@
 """Interleaved timing of cross-entropy and the torch engine, forward+backward, same inputs.
 
-    python bench/side_by_side.py [N C H W POOL] [--rounds R]
+    python bench/side_by_side.py [N C H W POOL] [--rounds R] [--labels uniform|scenes]
 
 Alternates the two providers round by round so that drifts of a shared machine hit
 both alike; prints the minimum and median of each and their ratios.
@@ -22,10 +22,11 @@ def main():
     parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4])
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--labels", choices=["uniform", "scenes"], default="uniform")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, c, h, w, pool = args.shape
-    logits, labels = make_inputs((n, c, h, w))
+    logits, labels = make_inputs((n, c, h, w), labels=args.labels)
     logits.requires_grad_(True)
     providers = {name: loss_fn(name, pool) for name in ("cross_entropy", "torch")}
     times = {name: [] for name in providers}
@@ -43,7 +44,7 @@ def main():
         print(f"{name:14s} min {values[0] * 1e3:7.1f} ms   median {values[mid] * 1e3:7.1f} ms")
     ce, eng = times["cross_entropy"], times["torch"]
     print(f"torch / CE     min {eng[0] / ce[0]:.2f}x   median {eng[mid] / ce[mid]:.2f}x   "
-          f"({n}x{c}x{h}x{w}, avg pool {pool}, {args.threads} threads)")
+          f"({n}x{c}x{h}x{w}, avg pool {pool}, {args.labels} labels, {args.threads} threads)")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ MODES = ["forward", "backward", "full"]
 
 
 def _runner(provider, shape_name, mode):
-    shape, pool = CPU_SHAPES[shape_name]
+    shape, pool, kind = CPU_SHAPES[shape_name]
     fn = loss_fn(provider, pool)
-    logits, labels = make_inputs(shape)
+    logits, labels = make_inputs(shape, labels=kind)
     logits.requires_grad_(True)
 
     if mode == "forward":
@@ -60,11 +60,11 @@ def test_speed(benchmark, provider, mode, shape_name):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_peak_memory(benchmark, provider, shape_name):
     """Extra resident memory of forward+backward over the inputs, in a fresh process."""
-    (n, c, h, w), pool = CPU_SHAPES[shape_name]
+    (n, c, h, w), pool, kind = CPU_SHAPES[shape_name]
     script = os.path.join(os.path.dirname(__file__), "peak_memory.py")
 
     def measure():
-        out = subprocess.run([sys.executable, script, provider, str(n), str(c), str(h), str(w), str(pool)],
+        out = subprocess.run([sys.executable, script, provider, str(n), str(c), str(h), str(w), str(pool), kind],
                              check=True, capture_output=True, text=True).stdout.split()
         return int(out[0]), int(out[1])
 

@@ -69,7 +69,7 @@ def test_bce_sums_match_torch_bce(scale):
         block = x[:, classes].contiguous()
         lab, lab_weight = torch_engine._block_labels(safe, valid_f, slice(0, n), classes, c)
         sig = torch.sigmoid(block) * valid_f
-        got = torch_engine._bce_sums(block, sig, lab, lab_weight, valid_f, torch.full(block.shape, float("nan")))
+        got, _ = torch_engine._bce_sums(block, sig, lab, lab_weight, valid_f, torch.full(block.shape, float("nan")))
         # float32 logits: each term is exact to about 1e-7 of its own size
         assert_close_rel(got, expected[classes], 1e-6, f"BCE sums, classes {classes}")
 
@@ -84,7 +84,8 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
     y_low = torch.randint(0, 17, (n, c, h, w), generator=g).float() / 16
     p_low = torch.rand(n, c, h, w, generator=g) * 0.3 + 0.6  # a level far from zero
     keep = (torch.rand(n, h - radius + 1, w - radius + 1, generator=g) > 0.3).float() if exclude else None
-    mean, joint = torch_engine.region_moments(y_low, p_low, keep, radius)
+    planes = torch.arange(n * c)
+    mean, joint = torch_engine.region_moments(y_low, p_low, keep, radius, planes)
 
     vec = torch.cat([F.unfold(m.double().flatten(0, 1).unsqueeze(1), radius) for m in (y_low, p_low)], 1)
     weight = torch.ones(n * c, 1, vec.shape[-1], dtype=torch.float64) if keep is None \
@@ -98,7 +99,7 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
     # the backward stencil against autograd through the float64 formula
     g_sp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
     g_syp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
-    grad = torch_engine.region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius)
+    grad = torch_engine.region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius, planes)
     p64 = p_low.double().requires_grad_(True)
     pv = F.unfold(p64.flatten(0, 1).unsqueeze(1), radius)
     pc = (pv - (pv * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)) * weight
@@ -108,3 +109,33 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
         + ((yc @ pc.transpose(1, 2)) * g_syp.view(-1, d, d)).sum()
     objective.backward()
     assert_close_rel(grad, p64.grad, 1e-5, "region backward")
+
+
+def test_planes_with_constant_labels_are_skipped_exactly():
+    """A class absent from an image, or filling it, has Sy = Syp = 0: the RMI term of that
+    plane is a constant with no gradient, so the engine may skip it -- and gets the
+    reference's loss and gradient."""
+    from helpers import loss_and_grad
+    from rmi_triton import reference_rmi, rmi_loss
+
+    g = torch.Generator().manual_seed(3)
+    n, c, h, w = 3, 5, 40, 44
+    logits = torch.randn(n, c, h, w, generator=g) * 2
+    labels = torch.zeros(n, h, w, dtype=torch.long)
+    labels[0, 10:30, 5:25] = 2  # image 0: classes 0 and 2
+    labels[1] = 4  # image 1: class 4 fills it (avg pooling counts the padding: border cells vary)
+    labels[2, :, 20:] = 1  # image 2: classes 0 and 1, a few ignored pixels
+    labels[2, 5:8, 5:8] = 255
+    valid, safe = torch_engine.label_maps(labels, RMIOptions())
+    y_low = torch_engine.pooled_labels(valid, safe, c, RMIOptions())
+    planes = torch_engine.informative_planes(y_low)
+    assert planes.tolist() == [0, 2, 9, 10, 11]
+    y_max = torch_engine.pooled_labels(valid, safe, c, RMIOptions(pool="max"))
+    assert torch_engine.informative_planes(y_max).tolist() == [0, 2, 10, 11]
+    for options in ({}, {"exclude_ignored": True}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"}):
+        loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend="torch", **o), logits, labels,
+                                   **options)
+        ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x.double(), y, **o).loss,
+                                           logits, labels, **options)
+        assert_close_rel(loss, ref_loss, 1e-5, f"loss {options}")
+        assert_close_rel(grad, ref_grad, 1e-4, f"gradient {options}")

@@ -61,15 +61,17 @@ def test_label_range_check_can_be_skipped(good):
     assert torch.isfinite(rmi_loss(logits, labels, validate=False))
 
 
+@pytest.mark.parametrize("where", ["label class", "other class", "ignored pixel"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_logits(good, bad):
+def test_non_finite_logits(good, bad, where):
+    """Wherever it sits: the BCE's own pass does the check, so it must see every element."""
     logits, labels = good
-    logits = logits.clone()
-    logits[0, 1, 2, 3] = bad
-    with pytest.raises(ValueError, match="logits contain NaN or Inf"):
-        rmi_loss(logits, labels)
-    with pytest.raises(ValueError, match="logits contain NaN or Inf"):
-        rmi_loss(logits, labels, pixel_loss=None)
+    logits, labels = logits.clone(), labels.clone()
+    labels[0, 2, 3] = 255 if where == "ignored pixel" else 1
+    logits[0, 2 if where == "other class" else 1, 2, 3] = bad
+    for options in ({}, {"pixel_loss": None}, {"pixel_loss": "ce", "probs": "softmax"}):
+        with pytest.raises(ValueError, match="logits contain NaN or Inf"):
+            rmi_loss(logits, labels, **options)
 
 
 def test_num_classes_contradiction(good):

@@ -255,19 +255,22 @@ def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMI
 
 
 def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor,
-              valid_f: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64.
+              valid_f: torch.Tensor, scratch: torch.Tensor):
+    """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64;
+    and the sum of +-x over every pixel (float32 scalar), finite exactly when every x is.
 
     With s = sigmoid(x) and t = 1 - 2 y (+-1), softplus(x) - x y = relu(t x) - log(max(s, 1 - s)):
     no softplus pass, and no gather of the logits at the labels either (the sign flip is a
-    scatter into a buffer in cache). `sigmoid` must be zero at ignored pixels already, so
-    that max(s, 1 - s) = 1 there and its log drops out. Each such factor lies in [0.5, 1],
-    so products of LOG_GROUP of them stay normal float32 numbers: one log per group
-    instead of one per element. lab, lab_weight: the block's labels (`_block_labels`);
-    valid_f: [n, 1, H, W] 0/1 float; scratch: a float32 buffer shaped like x.
+    scatter into a buffer in cache). relu(t x) = (t x + |t x|) / 2. `sigmoid` must be zero
+    at ignored pixels already, so that max(s, 1 - s) = 1 there and its log drops out.
+    Each such factor lies in [0.5, 1], so products of LOG_GROUP of them stay normal float32
+    numbers: one log per group instead of one per element. lab, lab_weight: the block's
+    labels (`_block_labels`); valid_f: [n, 1, H, W] 0/1 float; scratch: shaped like x.
     """
-    sign = scratch.copy_(valid_f.expand_as(scratch)).scatter_add_(1, lab, -2 * lab_weight)
-    relu = torch.mul(sign, x, out=sign).clamp_min_(0).sum((2, 3))
+    tx = torch.mul(x, valid_f, out=scratch)  # 0 at ignored pixels (NaN there if x is not finite)
+    tx.scatter_reduce_(1, lab, 1 - 2 * lab_weight, reduce="prod")  # -x at the label
+    signed = tx.sum((2, 3))
+    relu = (signed + tx.abs_().sum((2, 3))) / 2
     q = torch.sub(torch.ones((), device=x.device), sigmoid, out=scratch)
     torch.maximum(q, sigmoid, out=q)
     planes = q.flatten(2)
@@ -276,7 +279,7 @@ def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_wei
     log_q = planes[..., :whole].unflatten(-1, (-1, LOG_GROUP)).prod(-1).log_().sum(-1)
     if whole < size:
         log_q += planes[..., whole:].log().sum(-1)
-    return (relu.double() - log_q.double()).sum(0)
+    return (relu.double() - log_q.double()).sum(0), signed.sum()
 
 
 def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
@@ -322,7 +325,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     indices = torch.empty((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
     valid_f = valid.unsqueeze(1).float()
-    checksum = torch.zeros((), device=x.device)  # a finite sum proves every value finite
+    checksum = torch.zeros((), device=x.device)  # a finite sum of +-x proves every x finite
     pixel = torch.zeros((), dtype=torch.float64, device=x.device)
     if opts.pixel_loss == "bce":
         bce = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
@@ -335,7 +338,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         g = (images, classes)
         xc = x[g].float().contiguous()
         vf = valid_f[images]
-        if opts.validate:  # read while the block is in cache
+        if opts.validate and opts.pixel_loss != "bce":  # BCE sums +-x on its way
             checksum += xc.sum()
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         lse = None
@@ -354,7 +357,9 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         p.mul_(vf)  # p * v; the + 1e-6 is added after pooling
         if opts.pixel_loss == "bce":
             sigmoid = p if opts.probs == "sigmoid" else torch.sigmoid(xc, out=scratch.get(1, xc.shape)).mul_(vf)
-            bce[classes] += _bce_sums(xc, sigmoid, lab, lab_weight, vf, scratch.get(2, xc.shape))
+            block_bce, signed = _bce_sums(xc, sigmoid, lab, lab_weight, vf, scratch.get(2, xc.shape))
+            bce[classes] += block_bce
+            checksum += signed
         _pool_probs(p, opts, p_low[g], None if indices is None else indices[g])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
@@ -465,14 +470,14 @@ class _Regions(NamedTuple):
         """Flat map length that every window of every tile stays inside."""
         return (self.tiles * self.rows + self.radius - 1) * self.width + self.radius - 1
 
-    def joint_maps(self, y_low, p_low, planes: slice) -> torch.Tensor:
-        """[B, 2, flat_size]: the label and probability maps of a group of (n, c) planes,
+    def joint_maps(self, y: torch.Tensor, p: torch.Tensor, planes: slice) -> torch.Tensor:
+        """[B, 2, flat_size]: the label and probability maps [P, H', W'] of a group of planes,
         flattened into one buffer, zeros past their end."""
-        y = y_low.flatten(0, 1)[planes].flatten(1)
+        y = y[planes].flatten(1)
         maps = y.new_empty(y.shape[0], 2, self.flat_size())
         area = y.shape[1]
         maps[:, 0, :area] = y
-        maps[:, 1, :area] = p_low.flatten(0, 1)[planes].flatten(1)
+        maps[:, 1, :area] = p[planes].flatten(1)
         maps[:, :, area:] = 0
         return maps
 
@@ -488,34 +493,39 @@ class _Regions(NamedTuple):
         """(H' - R + 1, W' - R + 1): the positions of the region vectors."""
         return self.height - self.radius + 1, self.width - self.radius + 1
 
-    def weights(self, keep, planes: slice, c: int):
-        """The kept-region mask [N, H'-R+1, W'-R+1] of the planes' images as 0/1 float32
-        weights [B, T, 1, 1, 1, K], zero past the grid; None when every vector counts."""
+    def weights(self, keep, images: torch.Tensor):
+        """The kept-region mask [N, H'-R+1, W'-R+1] of the planes' images (`images`: [B]
+        indices) as 0/1 float32 weights [B, T, 1, 1, 1, K], zero past the grid; None when
+        every vector counts."""
         if keep is None:
             return None
         grid_rows, grid_cols = self.grid
-        keep = keep[torch.arange(planes.start, planes.stop, device=keep.device) // c]
+        keep = keep[images]
         padded = F.pad(keep.float(), (0, self.width - grid_cols, 0, self.tiles * self.rows - grid_rows))
         return padded.view(-1, self.tiles, 1, 1, 1, self.positions)
 
-    def means(self, maps: torch.Tensor, windows: torch.Tensor, weight) -> torch.Tensor:
-        """Mean [B, 2, R, R] (float64) of each region-vector entry over the vectors that count.
-        With no weights, entry (a, b) is the mean of the (H'-R+1) x (W'-R+1) box of the map at
-        offset (a, b): two small products with 0/1 band matrices, a pass over the map instead
-        of the stack. The float32 sums are exact to about 1e-7, and the centring needs no
-        more: an error e in the centre changes the centred sums by count * e^2."""
-        if weight is not None:
-            count = weight.sum((1, 2, 3, 4, 5)).double().clamp_min(1).view(-1, 1, 1, 1)
-            return (windows * weight).sum(-1).double().sum(1) / count
-        plane = maps[:, :, :self.height * self.width].unflatten(-1, (self.height, self.width))
-        cols = plane @ self._bands(self.width, maps.device)  # [B, 2, H', R]: column bands
-        box = self._bands(self.height, maps.device).transpose(0, 1) @ cols  # [B, 2, R, R]
-        return box.double() / (self.grid[0] * self.grid[1])
+    def box_means(self, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Mean [P, 2, R, R] (float64) of each region-vector entry when every vector counts:
+        entry (a, b) is the mean of the (H'-R+1) x (W'-R+1) box of the map at offset (a, b),
+        two small products with 0/1 band matrices instead of a pass over the stack. The
+        float32 sums are exact to about 1e-7, and the centring needs no more: an error e
+        in the centre changes the centred sums by count * e^2."""
+        bands_w = self._bands(self.width, y.device)
+        bands_h = self._bands(self.height, y.device).transpose(0, 1)
+        boxes = [bands_h @ (m.reshape(-1, self.width) @ bands_w).view(-1, self.height, self.radius)
+                 for m in (y, p)]
+        return torch.stack(boxes, 1).double() / (self.grid[0] * self.grid[1])
 
     def _bands(self, size: int, device) -> torch.Tensor:
         """[size, R] 0/1: column b marks the size - R + 1 entries from b on."""
         index = torch.arange(size, device=device).view(-1, 1) - torch.arange(self.radius, device=device)
         return ((index >= 0) & (index <= size - self.radius)).float()
+
+    @staticmethod
+    def kept_means(windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Mean [B, 2, R, R] (float64) of each region-vector entry over the kept vectors."""
+        count = weight.sum((1, 2, 3, 4, 5)).double().clamp_min(1).view(-1, 1, 1, 1)
+        return (windows * weight).sum(-1).double().sum(1) / count
 
     def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor) -> torch.Tensor:
         """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight: the centred region
@@ -543,11 +553,41 @@ class _Regions(NamedTuple):
                 target.add_(g_vec[:, :, a * r + b])
 
 
-def region_moments(y_low, p_low, keep, radius: int):
-    """Centred covariance sums of the joint [y; p] region vectors.
+def informative_planes(y_low: torch.Tensor) -> torch.Tensor:
+    """Indices into the N*C (n, c) planes of those whose downsampled labels vary.
 
-    y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 float or None
-    returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64)
+    Where y' is constant (a class absent from an image, or filling all of it), the centred
+    y vectors are exactly zero, so Sy = Syp = 0 and V = 0 whatever Sp is: the plane's RMI
+    term is a constant with zero gradient. Real label maps hold a few classes per image,
+    so most planes are of this kind and the region stage skips them.
+    """
+    planes = y_low.flatten(0, 1).flatten(1)
+    low, high = torch.aminmax(planes, dim=1)
+    return (high > low).nonzero().squeeze(1)
+
+
+def _pick(t: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """t [N, C, ...] -> its planes [P, ...]: a view when they are all of them."""
+    flat = t.flatten(0, 1)
+    return flat if len(planes) == flat.shape[0] else flat[planes]
+
+
+def _place(values: torch.Tensor, planes: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of `_pick`: [P, ...] -> [N, C, ...], zero in the other planes."""
+    if len(planes) == shape[0] * shape[1]:
+        return values.view(shape)
+    out = values.new_zeros(shape[0] * shape[1], *values.shape[1:])
+    out[planes] = values
+    return out.view(shape)
+
+
+def region_moments(y_low, p_low, keep, radius: int, planes: torch.Tensor):
+    """Centred covariance sums of the joint [y; p] region vectors of the given planes.
+
+    y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 float or None;
+    planes: indices into the N*C planes (`informative_planes`)
+    returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
+    other planes
 
     The vectors are centred on their exact mean before the float32 products, so those
     hold the spread, not the level; the per-tile products are summed in float64.
@@ -555,33 +595,40 @@ def region_moments(y_low, p_low, keep, radius: int):
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
     d2 = 2 * radius * radius
-    means, sums = [], []
-    for planes in regions.plane_groups(n * c):
-        maps = regions.joint_maps(y_low, p_low, planes)
-        vec, weight = regions.windows(maps), regions.weights(keep, planes, c)
-        mean = regions.means(maps, vec, weight)
+    y, p = _pick(y_low, planes), _pick(p_low, planes)
+    means = regions.box_means(y, p) if keep is None else None
+    group_means, sums = [], []
+    for group in regions.plane_groups(len(planes)):
+        vec = regions.windows(regions.joint_maps(y, p, group))
+        weight = regions.weights(keep, planes[group] // c)
+        mean = means[group] if keep is None else regions.kept_means(vec, weight)
         centred = regions.centred(vec, weight, mean).view(vec.shape[0], regions.tiles, d2, -1)
         sums.append((centred @ centred.transpose(-1, -2)).double().sum(1))
-        means.append(mean.view(-1, d2))
-    return torch.cat(means).view(n, c, d2), torch.cat(sums).view(n, c, d2, d2)
+        group_means.append(mean.view(-1, d2))
+    if not len(planes):
+        return y_low.new_zeros(n, c, d2, dtype=torch.float64), y_low.new_zeros(n, c, d2, d2, dtype=torch.float64)
+    return _place(torch.cat(group_means), planes, (n, c, d2)), _place(torch.cat(sums), planes, (n, c, d2, d2))
 
 
-def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int) -> torch.Tensor:
+def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
+                            planes: torch.Tensor) -> torch.Tensor:
     """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
-    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows."""
+    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows;
+    zero outside the given planes (whose statistics carry no gradient)."""
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
     r, d = radius, radius * radius
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
-    g_joint = g_joint.float().flatten(0, 1).unsqueeze(1)  # [NC, 1, d, 2d]
-    mean = mean.flatten(0, 1).view(n * c, 2, r, r)
-    grad = torch.zeros(n * c, regions.flat_size(), device=p_low.device)
-    for planes in regions.plane_groups(n * c):
-        vec = regions.windows(regions.joint_maps(y_low, p_low, planes))
-        centred = regions.centred(vec, regions.weights(keep, planes, c), mean[planes])
-        regions.fold(grad[planes], g_joint[planes] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1))
-    return grad[:, :h_low * w_low].reshape(n, c, h_low, w_low)
+    g_joint = _pick(g_joint.float(), planes).unsqueeze(1)  # [P, 1, d, 2d]
+    mean = _pick(mean, planes).view(-1, 2, r, r)
+    y, p = _pick(y_low, planes), _pick(p_low, planes)
+    grad = torch.zeros(len(planes), regions.flat_size(), device=p_low.device)
+    for group in regions.plane_groups(len(planes)):
+        vec = regions.windows(regions.joint_maps(y, p, group))
+        centred = regions.centred(vec, regions.weights(keep, planes[group] // c), mean[group])
+        regions.fold(grad[group], g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1))
+    return _place(grad[:, :h_low * w_low].reshape(-1, h_low, w_low), planes, (n, c, h_low, w_low))
 
 
 # ----------------------------------------------------------------------------
@@ -600,16 +647,17 @@ class _TorchStatistics(torch.autograd.Function):
         keep = None
         if opts.exclude_ignored:
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
-        mean, joint = region_moments(y_low, p_low, keep, opts.radius)
+        planes = informative_planes(y_low)
+        mean, joint = region_moments(y_low, p_low, keep, opts.radius, planes)
         sy, sp, syp = split_blocks(joint, opts.d)
         ctx.opts = opts
-        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept)
+        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes)
         ctx.mark_non_differentiable(sy)
         return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
 
     @staticmethod
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
-        logits, valid, safe, y_low, p_low, keep, mean, indices, kept = ctx.saved_tensors
+        logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes = ctx.saved_tensors
         opts = ctx.opts
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -618,7 +666,7 @@ class _TorchStatistics(torch.autograd.Function):
             zeros = mean.new_zeros(*mean.shape[:2], opts.d, opts.d)
             g_sp = zeros if g_sp is None else g_sp
             g_syp = zeros if g_syp is None else g_syp
-            g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius)
+            g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius, planes)
         weights = opts.weights_tensor(logits.shape[1], logits.device)
         grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low,
                                   indices, kept)
