@@ -89,11 +89,18 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
     cell = (rows * w_low).view(1, h, 1) + cols.view(1, 1, w)
     counted = valid & (rows < h_low).view(1, h, 1) & (cols < w_low).view(1, 1, w)
     index = torch.arange(n, device=safe.device).view(n, 1, 1) * (c * area) + cell + safe * area
-    index = torch.where(counted, index, bins)
-    counts = torch.bincount(index.view(-1), minlength=bins + 1)[:bins].view(n, c, h_low, w_low)
+    index = torch.where(counted, index, bins).view(-1)
+    # float32 counts (exact: at most s * s per cell), half the memory of bincount's int64
+    counts = torch.zeros(bins + 1, device=safe.device).index_add_(0, index, _ones(index))
+    counts = counts[:bins].view(n, c, h_low, w_low)
     if opts.pool == "max":
-        return (counts > 0).float()
-    return counts.float() / (s * s)
+        return counts.clamp_(max=1)
+    return counts.div_(s * s)
+
+
+def _ones(like: torch.Tensor) -> torch.Tensor:
+    """A float32 vector of ones as long as `like`, without allocating it."""
+    return torch.ones(1, device=like.device).expand(like.shape[0])
 
 
 def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
@@ -470,11 +477,11 @@ class _Regions(NamedTuple):
         """Flat map length that every window of every tile stays inside."""
         return (self.tiles * self.rows + self.radius - 1) * self.width + self.radius - 1
 
-    def joint_maps(self, y: torch.Tensor, p: torch.Tensor, planes: slice) -> torch.Tensor:
+    def joint_maps(self, y: torch.Tensor, p: torch.Tensor, planes: slice, scratch: "_Scratch") -> torch.Tensor:
         """[B, 2, flat_size]: the label and probability maps [P, H', W'] of a group of planes,
         flattened into one buffer, zeros past their end."""
         y = y[planes].flatten(1)
-        maps = y.new_empty(y.shape[0], 2, self.flat_size())
+        maps = scratch.get(0, (y.shape[0], 2, self.flat_size()))
         area = y.shape[1]
         maps[:, 0, :area] = y
         maps[:, 1, :area] = p[planes].flatten(1)
@@ -527,11 +534,11 @@ class _Regions(NamedTuple):
         count = weight.sum((1, 2, 3, 4, 5)).double().clamp_min(1).view(-1, 1, 1, 1)
         return (windows * weight).sum(-1).double().sum(1) / count
 
-    def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor) -> torch.Tensor:
+    def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor, scratch: "_Scratch") -> torch.Tensor:
         """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight: the centred region
         vectors, zero at positions that do not count (with no weights: those past the grid)."""
         centre = mean.to(windows.dtype)[:, None, :, :, :, None]
-        out = torch.sub(windows, centre, out=windows.new_empty(windows.shape))
+        out = torch.sub(windows, centre, out=scratch.get(1, windows.shape))
         if weight is not None:
             return out.mul_(weight)
         grid_rows, grid_cols = self.grid
@@ -573,9 +580,10 @@ def _pick(t: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 
 def _place(values: torch.Tensor, planes: torch.Tensor, shape) -> torch.Tensor:
-    """The inverse of `_pick`: [P, ...] -> [N, C, ...], zero in the other planes."""
+    """The inverse of `_pick`: [P, ...] -> [N, C, ...], zero in the other planes (a view of
+    `values`, strided as it is, when they are all of them)."""
     if len(planes) == shape[0] * shape[1]:
-        return values.view(shape)
+        return values.unflatten(0, shape[:2])
     out = values.new_zeros(shape[0] * shape[1], *values.shape[1:])
     out[planes] = values
     return out.view(shape)
@@ -597,12 +605,13 @@ def region_moments(y_low, p_low, keep, radius: int, planes: torch.Tensor):
     d2 = 2 * radius * radius
     y, p = _pick(y_low, planes), _pick(p_low, planes)
     means = regions.box_means(y, p) if keep is None else None
+    scratch = _Scratch(y_low.device)
     group_means, sums = [], []
     for group in regions.plane_groups(len(planes)):
-        vec = regions.windows(regions.joint_maps(y, p, group))
+        vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, planes[group] // c)
         mean = means[group] if keep is None else regions.kept_means(vec, weight)
-        centred = regions.centred(vec, weight, mean).view(vec.shape[0], regions.tiles, d2, -1)
+        centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
         sums.append((centred @ centred.transpose(-1, -2)).double().sum(1))
         group_means.append(mean.view(-1, d2))
     if not len(planes):
@@ -624,11 +633,13 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
     mean = _pick(mean, planes).view(-1, 2, r, r)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
     grad = torch.zeros(len(planes), regions.flat_size(), device=p_low.device)
+    scratch = _Scratch(y_low.device)
     for group in regions.plane_groups(len(planes)):
-        vec = regions.windows(regions.joint_maps(y, p, group))
-        centred = regions.centred(vec, regions.weights(keep, planes[group] // c), mean[group])
+        vec = regions.windows(regions.joint_maps(y, p, group, scratch))
+        centred = regions.centred(vec, regions.weights(keep, planes[group] // c), mean[group], scratch)
         regions.fold(grad[group], g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1))
-    return _place(grad[:, :h_low * w_low].reshape(-1, h_low, w_low), planes, (n, c, h_low, w_low))
+    maps = grad.as_strided((len(planes), h_low, w_low), (grad.stride(0), w_low, 1))  # a view: no copy
+    return _place(maps, planes, (n, c, h_low, w_low))
 
 
 # ----------------------------------------------------------------------------
