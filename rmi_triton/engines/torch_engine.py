@@ -261,6 +261,18 @@ def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMI
         torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
 
 
+def _wanted_planes(wanted: torch.Tensor):
+    """[n, C] bool -> None when every plane of a block is wanted, else the flat indices of
+    those that are (maybe none). Planes whose labels are constant have their RMI
+    statistics skipped (`informative_planes`), and so has the work that only feeds them."""
+    return None if bool(wanted.all()) else wanted.flatten().nonzero().squeeze(1)
+
+
+def _planes(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The planes `index` of t [n, C, ...] as one [1, k, ...] tensor."""
+    return t.flatten(0, 1).index_select(0, index).unsqueeze(0)
+
+
 def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor,
               valid_f: torch.Tensor, scratch: torch.Tensor):
     """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64;
@@ -323,13 +335,14 @@ class _Scratch:
         return buffer[:size].view(shape)
 
 
-def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool):
+def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool, informative):
     """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices,
-    and (keep_probs) the masked probabilities [N, C, H, W] float32 for the backward."""
+    and (keep_probs) the masked probabilities [N, C, H, W] float32 for the backward.
+    informative: [N, C] bool, the planes whose pooled p is needed (zero in the others)."""
     n, c, h, w = x.shape
     h_low, w_low = opts.pooled_size(h, w)
-    p_low = x.new_empty((n, c, h_low, w_low), dtype=torch.float32)
-    indices = torch.empty((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
+    p_low = x.new_zeros((n, c, h_low, w_low), dtype=torch.float32)
+    indices = torch.zeros((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
     valid_f = valid.unsqueeze(1).float()
     checksum = torch.zeros((), device=x.device)  # a finite sum of +-x proves every x finite
@@ -367,7 +380,17 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
             block_bce, signed = _bce_sums(xc, sigmoid, lab, lab_weight, vf, scratch.get(2, xc.shape))
             bce[classes] += block_bce
             checksum += signed
-        _pool_probs(p, opts, p_low[g], None if indices is None else indices[g])
+        arg = None if indices is None else indices[g]
+        index = _wanted_planes(informative[g])
+        if index is None:
+            _pool_probs(p, opts, p_low[g], arg)
+        elif len(index):  # pool only the planes whose statistics are taken
+            pooled = p_low.new_empty(1, len(index), h_low, w_low)
+            arg_part = None if arg is None else arg.new_empty(pooled.shape)
+            _pool_probs(_planes(p, index), opts, pooled, arg_part)
+            p_low[g].flatten(0, 1).index_copy_(0, index, pooled[0])
+            if arg is not None:
+                arg.flatten(0, 1).index_copy_(0, index, arg_part[0])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
@@ -378,9 +401,10 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     return pixel, p_low, indices, kept
 
 
-def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices, kept):
-    """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None);
-    kept: the forward's masked probabilities [N, C, H, W] (zero at ignored pixels)."""
+def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices, kept, informative):
+    """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None,
+    and zero outside the planes `informative` [N, C] bool); kept: the forward's masked
+    probabilities [N, C, H, W] (zero at ignored pixels)."""
     n, c, h, w = x.shape
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if g_pixel is not None and opts.pixel_loss == "bce":
@@ -414,8 +438,18 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
             sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc).mul_(vf)
         if g_p_low is None:
             out.zero_()
-        elif opts.probs == "sigmoid":  # s (1 - s) dL/dp
-            _sigmoid_grad(g_p_low[g], None if indices is None else indices[g], sigmoid, opts, out)
+        elif opts.probs == "sigmoid":  # s (1 - s) dL/dp; dL/dp' is zero outside the informative planes
+            arg = None if indices is None else indices[g]
+            index = _wanted_planes(informative[g])
+            if index is None:
+                _sigmoid_grad(g_p_low[g], arg, sigmoid, opts, out)
+            else:
+                out.zero_()
+                if len(index):
+                    part = out.new_empty(1, len(index), *out.shape[2:])
+                    _sigmoid_grad(_planes(g_p_low[g], index), None if arg is None else _planes(arg, index),
+                                  _planes(sigmoid, index), opts, part)
+                    out.flatten(0, 1).index_copy_(0, index, part[0])
         else:  # s (dL/dp - sum_c s dL/dp)
             g_p = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
             out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
@@ -649,26 +683,28 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
 class _TorchStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, opts: RMIOptions):
-        c = logits.shape[1]
+        n, c = logits.shape[:2]
         valid, safe = label_maps(labels, opts)
         weights = opts.weights_tensor(c, logits.device)
-        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, opts, weights,
-                                                        keep_probs=ctx.needs_input_grad[0])
         y_low = pooled_labels(valid, safe, c, opts)
+        planes = informative_planes(y_low)
+        informative = torch.zeros(n * c, dtype=torch.bool, device=logits.device).index_fill_(0, planes, True)
+        informative = informative.view(n, c)
+        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, opts, weights,
+                                                        ctx.needs_input_grad[0], informative)
         keep = None
         if opts.exclude_ignored:
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
-        planes = informative_planes(y_low)
         mean, joint = region_moments(y_low, p_low, keep, opts.radius, planes)
         sy, sp, syp = split_blocks(joint, opts.d)
         ctx.opts = opts
-        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes)
+        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes, informative)
         ctx.mark_non_differentiable(sy)
         return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
 
     @staticmethod
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
-        logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes = ctx.saved_tensors
+        logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes, informative = ctx.saved_tensors
         opts = ctx.opts
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -680,5 +716,5 @@ class _TorchStatistics(torch.autograd.Function):
             g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius, planes)
         weights = opts.weights_tensor(logits.shape[1], logits.device)
         grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low,
-                                  indices, kept)
+                                  indices, kept, informative)
         return grad, None, None
