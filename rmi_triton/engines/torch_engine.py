@@ -224,8 +224,31 @@ def _avg_unpool(g_low: torch.Tensor, s: int, out: torch.Tensor, sigmoid=None) ->
     return out
 
 
-def _pool_probs(p: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices) -> None:
-    """out [n, C, H', W'] <- the downsampled p [n, C, H, W]; indices: the arg-max of max pooling."""
+def _wanted_planes(wanted: torch.Tensor):
+    """[n, C] bool -> None when every plane of a block is wanted, else the flat indices of
+    those that are (maybe none). Planes whose labels are constant have their RMI
+    statistics skipped (`informative_planes`), and so has the work that only feeds them."""
+    return None if bool(wanted.all()) else wanted.flatten().nonzero().squeeze(1)
+
+
+def _planes(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The planes `index` of t [n, C, ...] as one [1, k, ...] tensor."""
+    return t.flatten(0, 1).index_select(0, index).unsqueeze(0)
+
+
+def _pool_probs(p: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, wanted=None) -> None:
+    """out [n, C, H', W'] <- the downsampled p [n, C, H, W]; indices: the arg-max of max
+    pooling. With `wanted` ([n, C] bool) only those planes are written."""
+    index = None if wanted is None else _wanted_planes(wanted)
+    if index is not None:
+        if len(index):
+            part = out.new_empty(1, len(index), *out.shape[2:])
+            part_indices = None if indices is None else indices.new_empty(part.shape)
+            _pool_probs(_planes(p, index), opts, part, part_indices)
+            out.flatten(0, 1).index_copy_(0, index, part[0])
+            if indices is not None:
+                indices.flatten(0, 1).index_copy_(0, index, part_indices[0])
+        return
     if not opts.downsamples:
         out.copy_(p)
     elif opts.pool == "avg":
@@ -252,25 +275,23 @@ def _unpool_grad(grad_low: torch.Tensor, indices, shape, opts: RMIOptions) -> to
                                                        True, None, None)
 
 
-def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMIOptions, out: torch.Tensor):
-    """out <- dL/dx = s (1 - s) dL/dp for dL/dp' = g_low, s = sigmoid(x)."""
-    if opts.downsamples and opts.pool == "avg":
+def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMIOptions, out: torch.Tensor,
+                  wanted=None) -> None:
+    """out <- dL/dx = s (1 - s) dL/dp for dL/dp' = g_low, s = sigmoid(x). With `wanted`
+    ([n, C] bool), g_low is zero outside those planes: only they are computed."""
+    index = None if wanted is None else _wanted_planes(wanted)
+    if index is not None:
+        out.zero_()
+        if len(index):
+            part = out.new_empty(1, len(index), *out.shape[2:])
+            _sigmoid_grad(_planes(g_low, index), None if indices is None else _planes(indices, index),
+                          _planes(sigmoid, index), opts, part)
+            out.flatten(0, 1).index_copy_(0, index, part[0])
+    elif opts.downsamples and opts.pool == "avg":
         _avg_unpool(g_low, opts.pool_size, out, sigmoid=sigmoid)
     else:
         g_p = _unpool_grad(g_low, indices, out.shape, opts)
         torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
-
-
-def _wanted_planes(wanted: torch.Tensor):
-    """[n, C] bool -> None when every plane of a block is wanted, else the flat indices of
-    those that are (maybe none). Planes whose labels are constant have their RMI
-    statistics skipped (`informative_planes`), and so has the work that only feeds them."""
-    return None if bool(wanted.all()) else wanted.flatten().nonzero().squeeze(1)
-
-
-def _planes(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The planes `index` of t [n, C, ...] as one [1, k, ...] tensor."""
-    return t.flatten(0, 1).index_select(0, index).unsqueeze(0)
 
 
 def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor,
@@ -380,17 +401,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
             block_bce, signed = _bce_sums(xc, sigmoid, lab, lab_weight, vf, scratch.get(2, xc.shape))
             bce[classes] += block_bce
             checksum += signed
-        arg = None if indices is None else indices[g]
-        index = _wanted_planes(informative[g])
-        if index is None:
-            _pool_probs(p, opts, p_low[g], arg)
-        elif len(index):  # pool only the planes whose statistics are taken
-            pooled = p_low.new_empty(1, len(index), h_low, w_low)
-            arg_part = None if arg is None else arg.new_empty(pooled.shape)
-            _pool_probs(_planes(p, index), opts, pooled, arg_part)
-            p_low[g].flatten(0, 1).index_copy_(0, index, pooled[0])
-            if arg is not None:
-                arg.flatten(0, 1).index_copy_(0, index, arg_part[0])
+        _pool_probs(p, opts, p_low[g], None if indices is None else indices[g], informative[g])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
@@ -438,18 +449,9 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
             sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc).mul_(vf)
         if g_p_low is None:
             out.zero_()
-        elif opts.probs == "sigmoid":  # s (1 - s) dL/dp; dL/dp' is zero outside the informative planes
-            arg = None if indices is None else indices[g]
-            index = _wanted_planes(informative[g])
-            if index is None:
-                _sigmoid_grad(g_p_low[g], arg, sigmoid, opts, out)
-            else:
-                out.zero_()
-                if len(index):
-                    part = out.new_empty(1, len(index), *out.shape[2:])
-                    _sigmoid_grad(_planes(g_p_low[g], index), None if arg is None else _planes(arg, index),
-                                  _planes(sigmoid, index), opts, part)
-                    out.flatten(0, 1).index_copy_(0, index, part[0])
+        elif opts.probs == "sigmoid":  # s (1 - s) dL/dp
+            _sigmoid_grad(g_p_low[g], None if indices is None else indices[g], sigmoid, opts, out,
+                          informative[g])
         else:  # s (dL/dp - sum_c s dL/dp)
             g_p = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
             out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
