@@ -84,8 +84,8 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
     y_low = torch.randint(0, 17, (n, c, h, w), generator=g).float() / 16
     p_low = torch.rand(n, c, h, w, generator=g) * 0.3 + 0.6  # a level far from zero
     keep = (torch.rand(n, h - radius + 1, w - radius + 1, generator=g) > 0.3).float() if exclude else None
-    planes = torch.arange(n * c)
-    mean, joint = torch_engine.region_moments(y_low, p_low, keep, radius, planes)
+    every = torch.ones(n, c, dtype=torch.bool)
+    mean, joint = torch_engine.region_moments(y_low, p_low, keep, radius, every)
 
     vec = torch.cat([F.unfold(m.double().flatten(0, 1).unsqueeze(1), radius) for m in (y_low, p_low)], 1)
     weight = torch.ones(n * c, 1, vec.shape[-1], dtype=torch.float64) if keep is None \
@@ -99,7 +99,7 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
     # the backward stencil against autograd through the float64 formula
     g_sp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
     g_syp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
-    grad = torch_engine.region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius, planes)
+    grad = torch_engine.region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius, every)
     p64 = p_low.double().requires_grad_(True)
     pv = F.unfold(p64.flatten(0, 1).unsqueeze(1), radius)
     pc = (pv - (pv * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)) * weight
@@ -128,10 +128,10 @@ def test_planes_with_constant_labels_are_skipped_exactly():
     labels[2, 5:8, 5:8] = 255
     valid, safe = torch_engine.label_maps(labels, RMIOptions())
     y_low = torch_engine.pooled_labels(valid, safe, c, RMIOptions())
-    planes = torch_engine.informative_planes(y_low)
+    planes = torch_engine.informative_planes(y_low).flatten().nonzero().squeeze(1)
     assert planes.tolist() == [0, 2, 9, 10, 11]
     y_max = torch_engine.pooled_labels(valid, safe, c, RMIOptions(pool="max"))
-    assert torch_engine.informative_planes(y_max).tolist() == [0, 2, 10, 11]
+    assert torch_engine.informative_planes(y_max).flatten().nonzero().squeeze(1).tolist() == [0, 2, 10, 11]
     for options in ({}, {"exclude_ignored": True}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"}):
         loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend="torch", **o), logits, labels,
                                    **options)

@@ -22,6 +22,10 @@ chunk to chunk:
   multiplied in float32 tiles by one batched matrix product, summed in
   float64. Backward applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
   as one product and folds it back over the R x R windows with R*R shifted adds.
+
+Planes whose labels are constant (a class absent from an image) carry an RMI
+term with exactly zero gradient: their statistics, the pooling of their
+probabilities and the gradient that would flow back through it are skipped.
 """
 
 from __future__ import annotations
@@ -597,16 +601,20 @@ class _Regions(NamedTuple):
 
 
 def informative_planes(y_low: torch.Tensor) -> torch.Tensor:
-    """Indices into the N*C (n, c) planes of those whose downsampled labels vary.
+    """[N, C] bool: the (n, c) planes whose downsampled labels vary.
 
     Where y' is constant (a class absent from an image, or filling all of it), the centred
     y vectors are exactly zero, so Sy = Syp = 0 and V = 0 whatever Sp is: the plane's RMI
     term is a constant with zero gradient. Real label maps hold a few classes per image,
-    so most planes are of this kind and the region stage skips them.
+    so most planes are of this kind, and the engine skips their region statistics, the
+    pooling of their probabilities and the zero gradient that would flow back.
     """
-    planes = y_low.flatten(0, 1).flatten(1)
-    low, high = torch.aminmax(planes, dim=1)
-    return (high > low).nonzero().squeeze(1)
+    low, high = torch.aminmax(y_low.flatten(2), dim=2)
+    return high > low
+
+
+def _indices(informative: torch.Tensor) -> torch.Tensor:
+    return informative.flatten().nonzero().squeeze(1)
 
 
 def _pick(t: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
@@ -625,11 +633,11 @@ def _place(values: torch.Tensor, planes: torch.Tensor, shape) -> torch.Tensor:
     return out.view(shape)
 
 
-def region_moments(y_low, p_low, keep, radius: int, planes: torch.Tensor):
-    """Centred covariance sums of the joint [y; p] region vectors of the given planes.
+def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
+    """Centred covariance sums of the joint [y; p] region vectors of the informative planes.
 
     y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 float or None;
-    planes: indices into the N*C planes (`informative_planes`)
+    informative: [N, C] bool (`informative_planes`)
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
     other planes
 
@@ -639,6 +647,7 @@ def region_moments(y_low, p_low, keep, radius: int, planes: torch.Tensor):
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
     d2 = 2 * radius * radius
+    planes = _indices(informative)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
     means = regions.box_means(y, p) if keep is None else None
     scratch = _Scratch(y_low.device)
@@ -656,13 +665,14 @@ def region_moments(y_low, p_low, keep, radius: int, planes: torch.Tensor):
 
 
 def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
-                            planes: torch.Tensor) -> torch.Tensor:
+                            informative: torch.Tensor) -> torch.Tensor:
     """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
     dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows;
-    zero outside the given planes (whose statistics carry no gradient)."""
+    zero outside the informative planes (whose statistics carry no gradient)."""
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
     r, d = radius, radius * radius
+    planes = _indices(informative)
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
     g_joint = _pick(g_joint.float(), planes).unsqueeze(1)  # [P, 1, d, 2d]
@@ -685,28 +695,26 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
 class _TorchStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, opts: RMIOptions):
-        n, c = logits.shape[:2]
+        c = logits.shape[1]
         valid, safe = label_maps(labels, opts)
         weights = opts.weights_tensor(c, logits.device)
         y_low = pooled_labels(valid, safe, c, opts)
-        planes = informative_planes(y_low)
-        informative = torch.zeros(n * c, dtype=torch.bool, device=logits.device).index_fill_(0, planes, True)
-        informative = informative.view(n, c)
+        informative = informative_planes(y_low)
         pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, opts, weights,
                                                         ctx.needs_input_grad[0], informative)
         keep = None
         if opts.exclude_ignored:
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
-        mean, joint = region_moments(y_low, p_low, keep, opts.radius, planes)
+        mean, joint = region_moments(y_low, p_low, keep, opts.radius, informative)
         sy, sp, syp = split_blocks(joint, opts.d)
         ctx.opts = opts
-        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes, informative)
+        ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept, informative)
         ctx.mark_non_differentiable(sy)
         return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
 
     @staticmethod
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
-        logits, valid, safe, y_low, p_low, keep, mean, indices, kept, planes, informative = ctx.saved_tensors
+        logits, valid, safe, y_low, p_low, keep, mean, indices, kept, informative = ctx.saved_tensors
         opts = ctx.opts
         if not ctx.needs_input_grad[0]:
             return None, None, None
@@ -715,7 +723,7 @@ class _TorchStatistics(torch.autograd.Function):
             zeros = mean.new_zeros(*mean.shape[:2], opts.d, opts.d)
             g_sp = zeros if g_sp is None else g_sp
             g_syp = zeros if g_syp is None else g_syp
-            g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius, planes)
+            g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius, informative)
         weights = opts.weights_tensor(logits.shape[1], logits.device)
         grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low,
                                   indices, kept, informative)
