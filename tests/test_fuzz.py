@@ -142,6 +142,15 @@ def _reference(logits, labels, options, **kw):
                         [[[2.2347, 0.5963, 0.2198], [-1.2927, 0.8571, 2.9522]]]]),
           torch.tensor([[[0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 255, 0]], [[0, 0, 0], [255, 255, 0]]]),
           False))  # these two: predictions affine in the labels, V nearly singular (float32 sensitivity)
+@example(({"radius": 2, "pool": "avg", "pool_size": 1, "pixel_loss": "bce", "probs": "sigmoid",
+           "exclude_ignored": False, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
+           "rmi_weight": 0.0},
+          torch.tensor([[[[-2.2517, -2.3047, -0.5012, -0.8678], [1.6974, 1.3840, -0.6320, -4.2304],
+                          [0.6445, -2.5267, 0.7000, 0.6163], [0.2397, 2.4753, 2.2336, -0.4946]],
+                         [[-2.7053, -3.3919, 1.1333, 1.5870], [1.1977, -3.1102, -0.6827, 3.7060],
+                          [1.5004, -1.1710, -0.3468, 0.3670], [2.7787, 3.1727, 1.8926, -1.6874]]]]),
+          torch.tensor([[[0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0]]]),
+          False))  # found by random fuzzing: short float32 products not accurate enough (FLOAT64_TILE)
 def test_torch_engine_fuzz(case):
     _check(*case, backend="torch")
 

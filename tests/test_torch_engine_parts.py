@@ -74,15 +74,18 @@ def test_bce_sums_match_torch_bce(scale):
         assert_close_rel(got, expected[classes], 1e-6, f"BCE sums, classes {classes}")
 
 
+@pytest.mark.parametrize("spread", [0.3, 3e-6])
 @pytest.mark.parametrize("radius", [1, 2, 3, 5])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
+def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude, spread):
+    """Also for probabilities that barely vary (spread 3e-6 around 0.6): centring on the
+    float32-rounded mean would then be off by a fair part of the spread itself."""
     monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles, the last one padded
     monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)  # one plane per group
     g = torch.Generator().manual_seed(radius + 10 * exclude)
     n, c, h, w = 2, 3, 17, 13
     y_low = torch.randint(0, 17, (n, c, h, w), generator=g).float() / 16
-    p_low = torch.rand(n, c, h, w, generator=g) * 0.3 + 0.6  # a level far from zero
+    p_low = torch.rand(n, c, h, w, generator=g) * spread + 0.6  # a level far from zero
     keep = (torch.rand(n, h - radius + 1, w - radius + 1, generator=g) > 0.3).float() if exclude else None
     every = torch.ones(n, c, dtype=torch.bool)
     mean, joint = torch_engine.region_moments(y_low, p_low, keep, radius, every)
@@ -93,22 +96,32 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude):
     ref_mean = (vec * weight).sum(-1) / weight.sum(-1)
     centred = (vec - ref_mean.unsqueeze(-1)) * weight
     ref_joint = centred @ centred.transpose(1, 2)
+    d = radius ** 2
     assert_close_rel(mean.view(n * c, -1), ref_mean, 1e-6, "means")
-    assert_close_rel(joint.view(n * c, *joint.shape[-2:]), ref_joint, 1e-6, "centred sums")
+    joint = joint.view(n * c, 2 * d, 2 * d)
+    for block, name in (((slice(None, d), slice(None, d)), "Sy"), ((slice(None, d), slice(d, None)), "Syp"),
+                        ((slice(d, None), slice(d, None)), "Sp")):  # each on its own scale
+        assert_close_rel(joint[:, block[0], block[1]], ref_joint[:, block[0], block[1]], 1e-6, name)
 
-    # the backward stencil against autograd through the float64 formula
-    g_sp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
-    g_syp = torch.randn(n, c, radius ** 2, radius ** 2, generator=g, dtype=torch.float64)
+    # the backward stencil against autograd through the float64 formula; the two parts
+    # (through Sp and through Syp) on their own, as their scales differ by the spread
+    for part in ("sp", "syp"):
+        g_sp = torch.randn(n, c, d, d, generator=g, dtype=torch.float64) * (part == "sp")
+        g_syp = torch.randn(n, c, d, d, generator=g, dtype=torch.float64) * (part == "syp")
+        _check_region_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius, every, weight,
+                               centred[:, :d], part)
+
+
+def _check_region_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius, every, weight, yc, part):
     grad = torch_engine.region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius, every)
     p64 = p_low.double().requires_grad_(True)
     pv = F.unfold(p64.flatten(0, 1).unsqueeze(1), radius)
     pc = (pv - (pv * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)) * weight
-    yc = centred[:, :radius ** 2]
     d = radius ** 2
     objective = ((pc @ pc.transpose(1, 2)) * g_sp.view(-1, d, d)).sum() \
         + ((yc @ pc.transpose(1, 2)) * g_syp.view(-1, d, d)).sum()
     objective.backward()
-    assert_close_rel(grad, p64.grad, 1e-5, "region backward")
+    assert_close_rel(grad, p64.grad, 1e-5, f"region backward through {part}")
 
 
 def test_planes_with_constant_labels_are_skipped_exactly():

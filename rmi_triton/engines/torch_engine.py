@@ -45,6 +45,10 @@ FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-reso
 REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
 TILE = 8192  # about this many region vectors per float32 Gram product before the float64 sum
 LOG_GROUP = 32  # factors in [0.5, 1] multiplied before one log: the product stays >= 2**-32
+# Tiles of fewer region vectors multiply in float64: the float32 products of short rows are
+# two to three times less accurate than of long ones (1.6e-7 against 7.8e-8 relative, at
+# 130 and 4095 positions), which ill-conditioned inputs amplify; short ones cost little.
+FLOAT64_TILE = 512
 
 
 class Statistics(NamedTuple):
@@ -546,10 +550,24 @@ class _Regions(NamedTuple):
         every vector counts."""
         if keep is None:
             return None
+        return self._on_positions(keep[images].float()).view(-1, self.tiles, 1, 1, 1, self.positions)
+
+    def counted(self, weight, device) -> torch.Tensor:
+        """[B or 1, T, 1, K] 0/1 float32: the positions whose region vector counts."""
+        if weight is None:
+            weight = self._on_positions(torch.ones(1, *self.grid, device=device))
+        return weight.view(-1, self.tiles, 1, self.positions)
+
+    def count(self, weight) -> torch.Tensor:
+        """[B] or scalar float64: how many region vectors count in each plane."""
+        if weight is None:
+            return torch.tensor(float(self.grid[0] * self.grid[1]), dtype=torch.float64)
+        return weight.sum((1, 2, 3, 4, 5)).double()
+
+    def _on_positions(self, grid_values: torch.Tensor) -> torch.Tensor:
+        """[B, H'-R+1, W'-R+1] -> [B, T * rows, W']: zero past the grid's right edge and rows."""
         grid_rows, grid_cols = self.grid
-        keep = keep[images]
-        padded = F.pad(keep.float(), (0, self.width - grid_cols, 0, self.tiles * self.rows - grid_rows))
-        return padded.view(-1, self.tiles, 1, 1, 1, self.positions)
+        return F.pad(grid_values, (0, self.width - grid_cols, 0, self.tiles * self.rows - grid_rows))
 
     def box_means(self, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Mean [P, 2, R, R] (float64) of each region-vector entry when every vector counts:
@@ -557,26 +575,27 @@ class _Regions(NamedTuple):
         two small products with 0/1 band matrices instead of a pass over the stack. The
         float32 sums are exact to about 1e-7, and the centring needs no more: an error e
         in the centre changes the centred sums by count * e^2."""
-        bands_w = self._bands(self.width, y.device)
-        bands_h = self._bands(self.height, y.device).transpose(0, 1)
-        boxes = [bands_h @ (m.reshape(-1, self.width) @ bands_w).view(-1, self.height, self.radius)
+        bands_w = self._bands(self.width, y.device).double()
+        bands_h = self._bands(self.height, y.device).transpose(0, 1).double()
+        boxes = [bands_h @ (m.reshape(-1, self.width).double() @ bands_w).view(-1, self.height, self.radius)
                  for m in (y, p)]
-        return torch.stack(boxes, 1).double() / (self.grid[0] * self.grid[1])
+        return torch.stack(boxes, 1) / (self.grid[0] * self.grid[1])
 
     def _bands(self, size: int, device) -> torch.Tensor:
         """[size, R] 0/1: column b marks the size - R + 1 entries from b on."""
         index = torch.arange(size, device=device).view(-1, 1) - torch.arange(self.radius, device=device)
         return ((index >= 0) & (index <= size - self.radius)).float()
 
-    @staticmethod
-    def kept_means(windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def kept_means(self, windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean [B, 2, R, R] (float64) of each region-vector entry over the kept vectors."""
-        count = weight.sum((1, 2, 3, 4, 5)).double().clamp_min(1).view(-1, 1, 1, 1)
+        count = self.count(weight).clamp_min(1).view(-1, 1, 1, 1)
         return (windows * weight).sum(-1).double().sum(1) / count
 
     def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor, scratch: "_Scratch") -> torch.Tensor:
         """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight: the centred region
-        vectors, zero at positions that do not count (with no weights: those past the grid)."""
+        vectors, zero at positions that do not count (with no weights: those past the grid).
+        The float64 mean is rounded to float32 first: the differences are then exact, and
+        what the rounding leaves (`rounding_offset`) is taken out in float64 afterwards."""
         centre = mean.to(windows.dtype)[:, None, :, :, :, None]
         out = torch.sub(windows, centre, out=scratch.get(1, windows.shape))
         if weight is not None:
@@ -633,6 +652,14 @@ def _place(values: torch.Tensor, planes: torch.Tensor, shape) -> torch.Tensor:
     return out.view(shape)
 
 
+def rounding_offset(mean: torch.Tensor) -> torch.Tensor:
+    """mean - float32(mean), float64 [..., 2d]: the region vectors are centred on the float32
+    mean, so each centred value is off by this much. Where the spread is as small as that
+    (probabilities all near one value) the offset matters: the sums and the gradient take
+    it out exactly."""
+    return mean - mean.float().double()
+
+
 def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     """Centred covariance sums of the joint [y; p] region vectors of the informative planes.
 
@@ -641,8 +668,9 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
     other planes
 
-    The vectors are centred on their exact mean before the float32 products, so those
-    hold the spread, not the level; the per-tile products are summed in float64.
+    The vectors are centred on (the float32 rounding of) their mean before the float32
+    products, so those hold the spread, not the level; the per-tile products are summed
+    in float64, and what the centre misses of the exact mean is taken out there.
     """
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
@@ -657,8 +685,18 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
         weight = regions.weights(keep, planes[group] // c)
         mean = means[group] if keep is None else regions.kept_means(vec, weight)
         centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
-        sums.append((centred @ centred.transpose(-1, -2)).double().sum(1))
-        group_means.append(mean.view(-1, d2))
+        count = regions.count(weight).view(-1, 1)
+        if keep is None:  # the box means are exact: what centring leaves is their rounding
+            offset = rounding_offset(mean.view(-1, d2))
+        else:  # the kept means were summed in float32: measure the offset on the centred values
+            offset = centred.sum(-1).double().sum(1) / count.clamp_min(1)
+        mean = mean.view(-1, d2).float().double() + offset  # exact
+        if regions.positions < FLOAT64_TILE:
+            centred = centred.double()
+        gram = (centred @ centred.transpose(-1, -2)).double().sum(1)
+        # sum of (v - centre)(v - centre)^T = centred sums + count offset offset^T
+        sums.append(gram - count.unsqueeze(-1) * offset.unsqueeze(-1) * offset.unsqueeze(-2))
+        group_means.append(mean)
     if not len(planes):
         return y_low.new_zeros(n, c, d2, dtype=torch.float64), y_low.new_zeros(n, c, d2, d2, dtype=torch.float64)
     return _place(torch.cat(group_means), planes, (n, c, d2)), _place(torch.cat(sums), planes, (n, c, d2, d2))
@@ -674,16 +712,22 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
     r, d = radius, radius * radius
     planes = _indices(informative)
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
-    g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
-    g_joint = _pick(g_joint.float(), planes).unsqueeze(1)  # [P, 1, d, 2d]
-    mean = _pick(mean, planes).view(-1, 2, r, r)
+    g_joint = _pick(torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1), planes)
+    mean = _pick(mean, planes)  # [P, 2d] float64
+    # G (v - mean) = G (v - float32 mean) - G offset: the second term is the same for every vector
+    shift = (g_joint @ rounding_offset(mean).unsqueeze(-1)).float().view(-1, 1, d, 1)  # [P, 1, d, 1]
+    g_joint = g_joint.float().unsqueeze(1)  # [P, 1, d, 2d]
+    mean = mean.view(-1, 2, r, r)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
     grad = torch.zeros(len(planes), regions.flat_size(), device=p_low.device)
     scratch = _Scratch(y_low.device)
     for group in regions.plane_groups(len(planes)):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
-        centred = regions.centred(vec, regions.weights(keep, planes[group] // c), mean[group], scratch)
-        regions.fold(grad[group], g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1))
+        weight = regions.weights(keep, planes[group] // c)
+        centred = regions.centred(vec, weight, mean[group], scratch)
+        g_vec = g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1)
+        g_vec.addcmul_(shift[group], regions.counted(weight, y.device), value=-1)
+        regions.fold(grad[group], g_vec)
     maps = grad.as_strided((len(planes), h_low, w_low), (grad.stride(0), w_low, 1))  # a view: no copy
     return _place(maps, planes, (n, c, h_low, w_low))
 
