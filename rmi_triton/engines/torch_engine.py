@@ -31,6 +31,7 @@ probabilities and the gradient that would flow back through it are skipped.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -355,9 +356,7 @@ class _Scratch:
         self.buffers = {}
 
     def get(self, slot: int, shape) -> torch.Tensor:
-        size = 1
-        for extent in shape:
-            size *= extent
+        size = math.prod(shape)
         buffer = self.buffers.get(slot)
         if buffer is None or buffer.numel() < size:
             buffer = self.buffers[slot] = torch.empty(size, device=self.device)
@@ -572,9 +571,7 @@ class _Regions(NamedTuple):
     def box_means(self, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Mean [P, 2, R, R] (float64) of each region-vector entry when every vector counts:
         entry (a, b) is the mean of the (H'-R+1) x (W'-R+1) box of the map at offset (a, b),
-        two small products with 0/1 band matrices instead of a pass over the stack. The
-        float32 sums are exact to about 1e-7, and the centring needs no more: an error e
-        in the centre changes the centred sums by count * e^2."""
+        two small float64 products with 0/1 band matrices instead of a pass over the stack."""
         bands_w = self._bands(self.width, y.device).double()
         bands_h = self._bands(self.height, y.device).transpose(0, 1).double()
         boxes = [bands_h @ (m.reshape(-1, self.width).double() @ bands_w).view(-1, self.height, self.radius)
