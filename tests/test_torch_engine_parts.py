@@ -35,6 +35,26 @@ def test_avg_pool_and_its_backward_match_torch(pool_size, size):
     assert_close_rel(fused, x.grad, 1e-6, "avg unpool fused with the sigmoid")
 
 
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("pool_size", range(2, 9))
+@pytest.mark.parametrize("size", [(5, 7), (37, 53), (41, 40)])
+def test_pooled_labels_match_pooled_one_hot(pool, pool_size, size):
+    """Counting labels per cell equals pooling the one-hot map (ignored pixels all zero),
+    also where the last rows and columns fall in no cell."""
+    h, w = size
+    opts = RMIOptions(pool=pool, pool_size=pool_size)
+    g = torch.Generator().manual_seed(h + w + pool_size)
+    labels = torch.randint(0, 4, (3, h, w), generator=g)
+    labels[torch.rand(3, h, w, generator=g) < 0.2] = 255
+    valid, safe = torch_engine.label_maps(labels, opts)
+    one_hot = F.one_hot(safe, 4).permute(0, 3, 1, 2).double() * valid.unsqueeze(1)
+    pooling = F.avg_pool2d if pool == "avg" else F.max_pool2d
+    expected = pooling(one_hot, pool_size, pool_size, pool_size // 2)
+    got = torch_engine.pooled_labels(valid, safe, 4, opts)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, expected.float())  # counts / s^2, correctly rounded either way
+
+
 def test_cells_cover_each_pixel_once():
     for size in range(1, 40):
         for s in range(2, 9):

@@ -74,7 +74,7 @@ def label_maps(labels: torch.Tensor, opts: RMIOptions):
     """-> valid [N, H, W] bool, safe [N, H, W] int64 (ignored pixels -> class 0)."""
     labels = labels.long()
     valid = labels != opts.ignore_index
-    return valid, torch.where(valid, labels, torch.zeros_like(labels))
+    return valid, torch.where(valid, labels, 0)
 
 
 def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOptions) -> torch.Tensor:
@@ -89,22 +89,26 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
                                mode="nearest").squeeze(1).long()
         return _one_hot(picked.clamp_min(0), picked >= 0, c)
     s, pad = opts.pool_size, opts.pool_size // 2
-    # pixel (i, j) lies in cell ((i + pad) // s, (j + pad) // s) if that cell exists; the
-    # count of (image n, class k, cell) goes to bin (n C + k) H'W' + cell, and pixels that
-    # count nowhere (ignored, or past the last cell) to one extra bin at the end
-    rows = (torch.arange(h, device=safe.device) + pad) // s
-    cols = (torch.arange(w, device=safe.device) + pad) // s
-    area, bins = h_low * w_low, n * c * h_low * w_low
-    cell = (rows * w_low).view(1, h, 1) + cols.view(1, 1, w)
-    counted = valid & (rows < h_low).view(1, h, 1) & (cols < w_low).view(1, 1, w)
-    index = torch.arange(n, device=safe.device).view(n, 1, 1) * (c * area) + cell + safe * area
-    index = torch.where(counted, index, bins).view(-1)
-    # float32 counts (exact: at most s * s per cell), half the memory of bincount's int64
-    counts = torch.zeros(bins + 1, device=safe.device).index_add_(0, index, _ones(index))
-    counts = counts[:bins].view(n, c, h_low, w_low)
+    # Pixel (i, j) lies in cell ((i + pad) // s, (j + pad) // s); rows and columns past the
+    # last cell count nowhere. The count of (image n, class k, cell) goes to bin
+    # (n (C + 1) + k) H'W' + cell, where class C holds the ignored pixels. The index
+    # arithmetic runs in int32 (vectorised, unlike int64) unless the bins need more.
+    h_used, w_used = min(h, h_low * s - pad), min(w, w_low * s - pad)
+    area, planes = h_low * w_low, c + 1
+    itype = torch.int32 if n * planes * area < 2 ** 31 else torch.int64
+    rows = (torch.arange(h_used, device=safe.device, dtype=itype) + pad) // s
+    cols = (torch.arange(w_used, device=safe.device, dtype=itype) + pad) // s
+    first = torch.arange(n, device=safe.device, dtype=itype) * (planes * area)
+    cell = first.view(n, 1, 1) + (rows * w_low).view(1, -1, 1) + cols.view(1, 1, -1)
+    used = (slice(None), slice(0, h_used), slice(0, w_used))
+    index = torch.add(cell, torch.where(valid[used], safe[used], c).to(itype), alpha=area)
+    # float32 counts: exact (at most s * s per cell), half the memory of bincount's int64
+    index = index.view(-1)
+    counts = torch.zeros(n * planes * area, device=safe.device).index_add_(0, index, _ones(index))
+    counts = counts.view(n, planes, h_low, w_low)[:, :c]
     if opts.pool == "max":
-        return counts.clamp_(max=1)
-    return counts.div_(s * s)
+        return counts.clamp(max=1)
+    return counts / (s * s)
 
 
 def _ones(like: torch.Tensor) -> torch.Tensor:
