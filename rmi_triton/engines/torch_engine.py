@@ -561,6 +561,19 @@ class _Regions(NamedTuple):
             weight = self._on_positions(torch.ones(1, *self.grid, device=device))
         return weight.view(-1, self.tiles, 1, self.positions)
 
+    def folded_grid(self, device) -> torch.Tensor:
+        """[R*R, flat_size] 0/1 float32: row (a, b) marks the cells that offset (a, b) of the
+        counted region vectors reads when every vector counts. A gradient that is the same
+        for every region vector folds back as one product with these rows."""
+        r = self.radius
+        rows = torch.zeros(r * r, self.flat_size(), device=device)
+        counted = self.counted(None, device).flatten()
+        for a in range(r):
+            for b in range(r):
+                start = a * self.width + b
+                rows[a * r + b, start:start + counted.shape[0]] = counted
+        return rows
+
     def count(self, weight) -> torch.Tensor:
         """[B] or scalar float64: how many region vectors count in each plane."""
         if weight is None:
@@ -720,14 +733,18 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
     g_joint = g_joint.float().unsqueeze(1)  # [P, 1, d, 2d]
     mean = mean.view(-1, 2, r, r)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
-    grad = torch.zeros(len(planes), regions.flat_size(), device=p_low.device)
+    if keep is None:  # the shift, the same for every vector, folds back as one product
+        grad = torch.mm(shift.view(-1, d).neg(), regions.folded_grid(p_low.device))
+    else:
+        grad = torch.zeros(len(planes), regions.flat_size(), device=p_low.device)
     scratch = _Scratch(y_low.device)
     for group in regions.plane_groups(len(planes)):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, planes[group] // c)
         centred = regions.centred(vec, weight, mean[group], scratch)
         g_vec = g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1)
-        g_vec.addcmul_(shift[group], regions.counted(weight, y.device), value=-1)
+        if keep is not None:
+            g_vec.addcmul_(shift[group], regions.counted(weight, y.device), value=-1)
         regions.fold(grad[group], g_vec)
     maps = grad.as_strided((len(planes), h_low, w_low), (grad.stride(0), w_low, 1))  # a view: no copy
     return _place(maps, planes, (n, c, h_low, w_low))
