@@ -101,9 +101,8 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
     first = torch.arange(n, device=safe.device, dtype=itype) * (planes * area)
     cell = first.view(n, 1, 1) + (rows * w_low).view(1, -1, 1) + cols.view(1, 1, -1)
     used = (slice(None), slice(0, h_used), slice(0, w_used))
-    index = torch.add(cell, torch.where(valid[used], safe[used], c).to(itype), alpha=area)
+    index = torch.add(cell, torch.where(valid[used], safe[used], c).to(itype), alpha=area).view(-1)
     # float32 counts: exact (at most s * s per cell), half the memory of bincount's int64
-    index = index.view(-1)
     counts = torch.zeros(n * planes * area, device=safe.device).index_add_(0, index, _ones(index))
     counts = counts.view(n, planes, h_low, w_low)[:, :c]
     if opts.pool == "max":
@@ -562,16 +561,12 @@ class _Regions(NamedTuple):
         return weight.view(-1, self.tiles, 1, self.positions)
 
     def folded_grid(self, device) -> torch.Tensor:
-        """[R*R, flat_size] 0/1 float32: row (a, b) marks the cells that offset (a, b) of the
+        """[R*R, flat_size] 0/1 float32: row (a, b) marks the cells that entry (a, b) of the
         counted region vectors reads when every vector counts. A gradient that is the same
         for every region vector folds back as one product with these rows."""
-        r = self.radius
-        rows = torch.zeros(r * r, self.flat_size(), device=device)
-        counted = self.counted(None, device).flatten()
-        for a in range(r):
-            for b in range(r):
-                start = a * self.width + b
-                rows[a * r + b, start:start + counted.shape[0]] = counted
+        d = self.radius ** 2
+        rows = torch.zeros(d, self.flat_size(), device=device)
+        self.fold(rows, torch.eye(d, device=device).view(d, 1, d, 1) * self.counted(None, device))
         return rows
 
     def count(self, weight) -> torch.Tensor:
