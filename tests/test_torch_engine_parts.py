@@ -97,13 +97,15 @@ def test_bce_sums_match_torch_bce(scale):
 @pytest.mark.parametrize("spread", [0.3, 3e-6])
 @pytest.mark.parametrize("radius", [1, 2, 3, 5])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude, spread):
+@pytest.mark.parametrize("size", [(17, 13), (41, 19)])
+def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude, spread, size):
     """Also for probabilities that barely vary (spread 3e-6 around 0.6): centring on the
-    float32-rounded mean would then be off by a fair part of the spread itself."""
-    monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles, the last one padded
+    float32-rounded mean would then be off by a fair part of the spread itself. Two map
+    sizes: the backward's frame of off-grid windows is a large part of the small one."""
+    monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles or bands, the last one padded
     monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)  # one plane per group
-    g = torch.Generator().manual_seed(radius + 10 * exclude)
-    n, c, h, w = 2, 3, 17, 13
+    g = torch.Generator().manual_seed(radius + 10 * exclude + size[0])
+    n, c, (h, w) = 2, 3, size
     y_low = torch.randint(0, 17, (n, c, h, w), generator=g).float() / 16
     p_low = torch.rand(n, c, h, w, generator=g) * spread + 0.6  # a level far from zero
     keep = (torch.rand(n, h - radius + 1, w - radius + 1, generator=g) > 0.3).float() if exclude else None

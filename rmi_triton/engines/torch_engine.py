@@ -20,8 +20,11 @@ chunk to chunk:
   flattened maps ("full width": a window row runs on past the grid's last
   column; those positions are zeroed), centred on their exact means, and
   multiplied in float32 tiles by one batched matrix product, summed in
-  float64. Backward applies dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
-  as one product and folds it back over the R x R windows with R*R shifted adds.
+  float64. The backward, dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
+  summed over the windows that hold cell m, is a (2R-1) x (2R-1) stencil over the
+  maps: one depthwise convolution, with the windows at the map's edges set right
+  one by one. With `exclude_ignored` each kept vector's gradient is formed as one
+  product and folded back over its window with R*R shifted adds.
 
 Planes whose labels are constant (a class absent from an image) carry an RMI
 term with exactly zero gradient: their statistics, the pooling of their
@@ -484,6 +487,13 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
 # stage 2: region vectors of the downsampled maps
 # ----------------------------------------------------------------------------
 
+def _plane_groups(num_planes: int, per_plane: int):
+    """Slices of planes whose temporaries, `per_plane` elements a plane, fill about REGION_CHUNK."""
+    step = max(1, REGION_CHUNK // per_plane)
+    for start in range(0, num_planes, step):
+        yield slice(start, min(start + step, num_planes))
+
+
 class _Regions(NamedTuple):
     """The region vectors of a downsampled H' x W' map, "full width".
 
@@ -514,10 +524,7 @@ class _Regions(NamedTuple):
         return self.rows * self.width
 
     def plane_groups(self, num_planes: int):
-        per_plane = 2 * self.radius ** 2 * self.tiles * self.positions
-        step = max(1, REGION_CHUNK // per_plane)
-        for start in range(0, num_planes, step):
-            yield slice(start, min(start + step, num_planes))
+        return _plane_groups(num_planes, 2 * self.radius ** 2 * self.tiles * self.positions)
 
     def flat_size(self) -> int:
         """Flat map length that every window of every tile stays inside."""
@@ -554,21 +561,6 @@ class _Regions(NamedTuple):
             return None
         return self._on_positions(keep[images].float()).view(-1, self.tiles, 1, 1, 1, self.positions)
 
-    def counted(self, weight, device) -> torch.Tensor:
-        """[B or 1, T, 1, K] 0/1 float32: the positions whose region vector counts."""
-        if weight is None:
-            weight = self._on_positions(torch.ones(1, *self.grid, device=device))
-        return weight.view(-1, self.tiles, 1, self.positions)
-
-    def folded_grid(self, device) -> torch.Tensor:
-        """[R*R, flat_size] 0/1 float32: row (a, b) marks the cells that entry (a, b) of the
-        counted region vectors reads when every vector counts. A gradient that is the same
-        for every region vector folds back as one product with these rows."""
-        d = self.radius ** 2
-        rows = torch.zeros(d, self.flat_size(), device=device)
-        self.fold(rows, torch.eye(d, device=device).view(d, 1, d, 1) * self.counted(None, device))
-        return rows
-
     def count(self, weight) -> torch.Tensor:
         """[B] or scalar float64: how many region vectors count in each plane."""
         if weight is None:
@@ -584,16 +576,11 @@ class _Regions(NamedTuple):
         """Mean [P, 2, R, R] (float64) of each region-vector entry when every vector counts:
         entry (a, b) is the mean of the (H'-R+1) x (W'-R+1) box of the map at offset (a, b),
         two small float64 products with 0/1 band matrices instead of a pass over the stack."""
-        bands_w = self._bands(self.width, y.device).double()
-        bands_h = self._bands(self.height, y.device).transpose(0, 1).double()
+        bands_w = _bands(self.width, self.radius, y.device).double()
+        bands_h = _bands(self.height, self.radius, y.device).transpose(0, 1).double()
         boxes = [bands_h @ (m.reshape(-1, self.width).double() @ bands_w).view(-1, self.height, self.radius)
                  for m in (y, p)]
         return torch.stack(boxes, 1) / (self.grid[0] * self.grid[1])
-
-    def _bands(self, size: int, device) -> torch.Tensor:
-        """[size, R] 0/1: column b marks the size - R + 1 entries from b on."""
-        index = torch.arange(size, device=device).view(-1, 1) - torch.arange(self.radius, device=device)
-        return ((index >= 0) & (index <= size - self.radius)).float()
 
     def kept_means(self, windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean [B, 2, R, R] (float64) of each region-vector entry over the kept vectors."""
@@ -717,32 +704,151 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
     dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows;
     zero outside the informative planes (whose statistics carry no gradient)."""
     n, c, h_low, w_low = y_low.shape
-    regions = _Regions.of(h_low, w_low, radius)
-    r, d = radius, radius * radius
     planes = _indices(informative)
+    if not len(planes):
+        return p_low.new_zeros(n, c, h_low, w_low)
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = _pick(torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1), planes)
     mean = _pick(mean, planes)  # [P, 2d] float64
+    y, p = _pick(y_low, planes), _pick(p_low, planes)
+    if keep is None:
+        grad = _stencil_backward(g_joint, mean, y, p, radius)
+    else:
+        grad = _weighted_backward(g_joint, mean, y, p, keep, planes // c, radius)
+    return _place(grad, planes, (n, c, h_low, w_low))
+
+
+# The backward when every region vector counts. The vector at grid origin m holds the
+# cells m + (a, b), 0 <= a, b < R, of the y and the p map, and its gradient G (v_m - mean)
+# goes back to the same cells. Summed over *every* origin whose window reaches the map
+# (the grid and a frame R - 1 wide around it, reading zeros outside the map), that is a
+# fixed stencil: a convolution, with no R*R-fold stack of vectors. The frame's few
+# vectors are gathered and taken out again.
+
+def _centred_maps(y: torch.Tensor, p: torch.Tensor, r: int):
+    """-> the maps [P, 2, H', W'] minus their means, zero-padded by R - 1 on each side
+    ([P, 2, H'+2R-2, W'+2R-2] float32), and those means [P, 2] float32."""
+    planes, h_low, w_low = p.shape
+    padded = p.new_empty(planes, 2, h_low + 2 * r - 2, w_low + 2 * r - 2)
+    padded[:, :, :r - 1] = 0
+    padded[:, :, r - 1 + h_low:] = 0
+    padded[:, :, :, :r - 1] = 0
+    padded[:, :, :, r - 1 + w_low:] = 0
+    centre = torch.stack([y.mean((1, 2)), p.mean((1, 2))], 1)
+    inside = _inside(padded, r)
+    for k, m in enumerate((y, p)):
+        torch.sub(m, centre[:, k, None, None], out=inside[:, k])
+    return padded, centre
+
+
+def _inside(padded: torch.Tensor, r: int) -> torch.Tensor:
+    """The maps' own cells of `_centred_maps`' padded maps (a view)."""
+    return padded[:, :, r - 1:padded.shape[2] - r + 1, r - 1:padded.shape[3] - r + 1]
+
+
+@functools.lru_cache(maxsize=16)
+def _off_grid_windows_cpu(h_low: int, w_low: int, r: int) -> torch.Tensor:
+    wide = w_low + 2 * r - 2
+    rows = torch.arange(h_low + r - 1) - (r - 1)  # every origin whose window reaches the map
+    cols = torch.arange(w_low + r - 1) - (r - 1)
+    on_grid = ((rows >= 0) & (rows <= h_low - r)).view(-1, 1) & ((cols >= 0) & (cols <= w_low - r)).view(1, -1)
+    row, col = (~on_grid).nonzero(as_tuple=True)
+    window = (torch.arange(r).view(-1, 1) * wide + torch.arange(r)).flatten()
+    return window.view(-1, 1) + (row * wide + col).view(1, -1)
+
+
+def _off_grid_windows(h_low: int, w_low: int, r: int, device) -> torch.Tensor:
+    """[R*R, origins] flat indices into the padded maps of `_centred_maps`: column k lists
+    the cells of the window of the k-th origin that reaches the map from off the grid, row
+    ab its entry (a, b) -- the cells it reads, and the cells its gradient would go to."""
+    return _off_grid_windows_cpu(h_low, w_low, r).to(device)
+
+
+def _off_grid_vectors(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[P, 2d, origins] float32: the region vectors of the off-grid origins."""
+    planes, d = padded.shape[0], index.shape[0]
+    vectors = padded.flatten(2).gather(2, index.view(1, 1, -1).expand(planes, 2, -1))
+    return vectors.view(planes, 2 * d, index.shape[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _stencil_taps_cpu(r: int) -> torch.Tensor:
+    rel = torch.arange(r)
+    ra, rb = [t.flatten() for t in torch.meshgrid(rel, rel, indexing="ij")]  # offset (a, b) of entry k
+    return ((ra.view(1, -1) - ra.view(-1, 1) + r - 1) * (2 * r - 1) + rb.view(1, -1) - rb.view(-1, 1) + r - 1).flatten()
+
+
+def _stencil_taps(r: int, device) -> torch.Tensor:
+    """[d * d]: for each pair of region-vector entries (ab, a'b') the flat index of the
+    difference of their offsets, (a' - a, b' - b) + R - 1, in a (2R-1) x (2R-1) stencil."""
+    return _stencil_taps_cpu(r).to(device)
+
+
+def _bands(size: int, r: int, device) -> torch.Tensor:
+    """[size, R] 0/1: column a marks the cells that entry a of the grid's windows reads along
+    an axis of `size` cells (size - R + 1 of them from a on)."""
+    index = torch.arange(size, device=device).view(-1, 1) - torch.arange(r, device=device)
+    return ((index >= 0) & (index <= size - r)).float()
+
+
+def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
+    """dL/dp' [P, H', W'] when every region vector counts.
+
+    Cell u receives G_ab (v_{u-ab} - mean) from each offset ab = (a, b) whose origin u - ab
+    is on the grid. Over every origin, on the grid or not, that is one (2R-1) x (2R-1)
+    stencil over the padded centred maps, tap e collecting the entries of G whose offsets
+    differ by e (for the y and the p map: a depthwise convolution); what the off-grid
+    origins added is taken out again. The mean, the same for every grid origin, spreads as
+    G (mean - centre) over the box of cells each offset reaches.
+    """
+    planes, h_low, w_low = p.shape
+    d, width = r * r, 2 * r - 1
+    index = _off_grid_windows(h_low, w_low, r, p.device)
+    tap = _stencil_taps(r, p.device)
+    rows, cols = _bands(h_low, r, p.device), _bands(w_low, r, p.device)
+    grad = p.new_empty(planes, h_low, w_low)
+    per_plane = 6 * (h_low + 2 * r) * (w_low + 2 * r)
+    for group in _plane_groups(planes, per_plane):
+        g = g_joint[group]
+        padded, centre = _centred_maps(y[group], p[group], r)
+        offset = mean[group].view(-1, 2, d) - centre.double().unsqueeze(2)
+        level = (g @ offset.view(-1, 2 * d, 1)).float().view(-1, r, r)  # G (mean - centre)
+        out = torch.matmul(rows, level.neg() @ cols.t(), out=grad[group])
+        # G entry (ab, h a'b') -> tap (a'-a, b'-b) of map h
+        taps = g.new_zeros(len(g), 2, width * width).index_add_(2, tap, g.view(-1, d, 2, d).transpose(1, 2).flatten(2))
+        conv = F.conv2d(padded.view(1, -1, *padded.shape[2:]), taps.float().view(-1, 1, width, width),
+                        groups=2 * len(g)).view(-1, 2, h_low, w_low)
+        out += conv[:, 0]
+        out += conv[:, 1]
+        if index.shape[1]:
+            off = g.float() @ _off_grid_vectors(padded, index)  # [B, d, origins]: what the frame added
+            taken = padded.new_zeros(len(g), padded[0, 0].numel())
+            for ab in range(d):  # one offset at a time: distinct cells, so a fixed order of sums
+                taken.index_add_(1, index[ab], off[:, ab])
+            out -= _inside(taken.view(len(g), 1, *padded.shape[2:]), r)[:, 0]
+    return grad
+
+
+def _weighted_backward(g_joint, mean, y, p, keep, images, r: int) -> torch.Tensor:
+    """dL/dp' [P, H', W'] when only the region vectors that `keep` marks count: the
+    gradient of each counted vector, formed tile by tile and folded back over its windows."""
+    regions = _Regions.of(p.shape[1], p.shape[2], r)
+    d = r * r
     # G (v - mean) = G (v - float32 mean) - G offset: the second term is the same for every vector
     shift = (g_joint @ rounding_offset(mean).unsqueeze(-1)).float().view(-1, 1, d, 1)  # [P, 1, d, 1]
     g_joint = g_joint.float().unsqueeze(1)  # [P, 1, d, 2d]
     mean = mean.view(-1, 2, r, r)
-    y, p = _pick(y_low, planes), _pick(p_low, planes)
-    if keep is None:  # the shift, the same for every vector, folds back as one product
-        grad = torch.mm(shift.view(-1, d).neg(), regions.folded_grid(p_low.device))
-    else:
-        grad = torch.zeros(len(planes), regions.flat_size(), device=p_low.device)
-    scratch = _Scratch(y_low.device)
-    for group in regions.plane_groups(len(planes)):
+    grad = torch.zeros(len(p), regions.flat_size(), device=p.device)
+    scratch = _Scratch(p.device)
+    for group in regions.plane_groups(len(p)):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
-        weight = regions.weights(keep, planes[group] // c)
+        weight = regions.weights(keep, images[group])
         centred = regions.centred(vec, weight, mean[group], scratch)
         g_vec = g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1)
-        if keep is not None:
-            g_vec.addcmul_(shift[group], regions.counted(weight, y.device), value=-1)
+        g_vec.addcmul_(shift[group], weight.view(-1, regions.tiles, 1, regions.positions), value=-1)
         regions.fold(grad[group], g_vec)
-    maps = grad.as_strided((len(planes), h_low, w_low), (grad.stride(0), w_low, 1))  # a view: no copy
-    return _place(maps, planes, (n, c, h_low, w_low))
+    h_low, w_low = p.shape[1:]
+    return grad.as_strided((len(p), h_low, w_low), (grad.stride(0), w_low, 1))  # a view: no copy
 
 
 # ----------------------------------------------------------------------------
