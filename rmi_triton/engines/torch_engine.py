@@ -807,7 +807,9 @@ def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
     tap = _stencil_taps(r, p.device)
     rows, cols = _bands(h_low, r, p.device), _bands(w_low, r, p.device)
     grad = p.new_empty(planes, h_low, w_low)
-    per_plane = 6 * (h_low + 2 * r) * (w_low + 2 * r)
+    # the padded maps, the convolution's output, the frame's gradients, and the copies
+    # that the convolution may make in its own layout: about ten padded maps a plane
+    per_plane = 10 * (h_low + 2 * r) * (w_low + 2 * r)
     for group in _plane_groups(planes, per_plane):
         g = g_joint[group]
         padded, centre = _centred_maps(y[group], p[group], r)
