@@ -3,7 +3,9 @@
     python bench/side_by_side.py [N C H W POOL] [--rounds R] [--labels uniform|scenes]
 
 Alternates the two providers round by round so that drifts of a shared machine hit
-both alike; prints the minimum and median of each and their ratios.
+both alike; prints the minimum and median of each and their ratios, and the median (with
+quartiles) of the per-round ratios: each round times the two one right after the other,
+so that ratio sees the same state of the machine.
 """
 
 import argparse
@@ -31,12 +33,14 @@ def main():
     providers = {name: loss_fn(name, pool) for name in ("cross_entropy", "torch")}
     times = {name: [] for name in providers}
     for round_ in range(args.rounds + 1):
-        for name, fn in providers.items():
+        order = list(providers.items())
+        for name, fn in order if round_ % 2 else order[::-1]:  # who goes first alternates
             logits.grad = None
             start = time.perf_counter()
             fn(logits, labels).backward()
             if round_:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
+    paired = sorted(e / c for e, c in zip(times["torch"], times["cross_entropy"]))
     for name in times:
         times[name].sort()
     mid = args.rounds // 2
@@ -45,6 +49,8 @@ def main():
     ce, eng = times["cross_entropy"], times["torch"]
     print(f"torch / CE     min {eng[0] / ce[0]:.2f}x   median {eng[mid] / ce[mid]:.2f}x   "
           f"({n}x{c}x{h}x{w}, avg pool {pool}, {args.labels} labels, {args.threads} threads)")
+    quarter = len(paired) // 4
+    print(f"per round      median {paired[mid]:.2f}x   quartiles {paired[quarter]:.2f}x..{paired[-1 - quarter]:.2f}x")
 
 
 if __name__ == "__main__":
