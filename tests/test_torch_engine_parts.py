@@ -102,7 +102,7 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude, sprea
     """Also for probabilities that barely vary (spread 3e-6 around 0.6): centring on the
     float32-rounded mean would then be off by a fair part of the spread itself. Two map
     sizes: the backward's frame of off-grid windows is a large part of the small one."""
-    monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles or bands, the last one padded
+    monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles, the last one padded
     monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)  # one plane per group
     g = torch.Generator().manual_seed(radius + 10 * exclude + size[0])
     n, c, (h, w) = 2, 3, size

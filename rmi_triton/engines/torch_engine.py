@@ -775,7 +775,8 @@ def _off_grid_vectors(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor
 def _stencil_taps_cpu(r: int) -> torch.Tensor:
     rel = torch.arange(r)
     ra, rb = [t.flatten() for t in torch.meshgrid(rel, rel, indexing="ij")]  # offset (a, b) of entry k
-    return ((ra.view(1, -1) - ra.view(-1, 1) + r - 1) * (2 * r - 1) + rb.view(1, -1) - rb.view(-1, 1) + r - 1).flatten()
+    lag_a, lag_b = ra.view(1, -1) - ra.view(-1, 1) + r - 1, rb.view(1, -1) - rb.view(-1, 1) + r - 1
+    return (lag_a * (2 * r - 1) + lag_b).flatten()
 
 
 def _stencil_taps(r: int, device) -> torch.Tensor:
