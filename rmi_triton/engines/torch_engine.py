@@ -13,14 +13,16 @@ chunk to chunk:
   gradient back through the same views, fused with the sigmoid's derivative.
   The BCE needs no softplus pass: softplus(x) - x y = relu(t x) - log(max(s, 1 - s))
   with t = 1 - 2y and s = sigmoid(x), which the RMI term computes anyway, and
-  the logs are taken of products of LOG_GROUP factors in [0.5, 1]. Masks are
-  products, and the backward needs none of its own: each of its terms has a
-  factor that is already zero at ignored pixels.
+  the logs are taken of products of LOG_GROUP factors in [0.5, 1]. Ignored
+  pixels are masked by adding -inf to their logits in the pass that copies
+  them (sigmoid(-inf) = 0), and the backward needs no mask of its own: each of
+  its terms has a factor that is already zero at ignored pixels.
 * downsampled, per group of (n, c) planes: the region vectors as runs of the
   flattened maps ("full width": a window row runs on past the grid's last
-  column; those positions are zeroed), centred on their exact means, and
-  multiplied in float32 tiles by one batched matrix product, summed in
-  float64. The backward, dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
+  column; those positions are zeroed), centred, and multiplied in float32
+  tiles by one batched matrix product, summed in float64. When every vector
+  counts, that product is 1/R of the Gram: its R row blocks repeat, shifted
+  by whole map rows, so the map's edge rows give the rest. The backward, dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
   summed over the windows that hold cell m, is a (2R-1) x (2R-1) stencil over the
   maps: one depthwise convolution, with the windows at the map's edges set right
   one by one. With `exclude_ignored` each kept vector's gradient is formed as one
@@ -309,24 +311,21 @@ def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMI
         torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
 
 
-def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor,
-              valid_f: torch.Tensor, scratch: torch.Tensor):
-    """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64;
-    and the sum of +-x over every pixel (float32 scalar), finite exactly when every x is.
+def _bce_sums(masked: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor) -> torch.Tensor:
+    """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64.
 
     With s = sigmoid(x) and t = 1 - 2 y (+-1), softplus(x) - x y = relu(t x) - log(max(s, 1 - s)):
     no softplus pass, and no gather of the logits at the labels either (the sign flip is a
-    scatter into a buffer in cache). relu(t x) = (t x + |t x|) / 2. `sigmoid` must be zero
-    at ignored pixels already, so that max(s, 1 - s) = 1 there and its log drops out.
-    Each such factor lies in [0.5, 1], so products of LOG_GROUP of them stay normal float32
-    numbers: one log per group instead of one per element. lab, lab_weight: the block's
-    labels (`_block_labels`); valid_f: [n, 1, H, W] 0/1 float; scratch: shaped like x.
+    scatter into a buffer in cache). `masked` holds the logits with -inf at ignored pixels
+    (`_masking_bias`): relu(t x) is 0 there; the buffer is overwritten. `sigmoid` is
+    sigmoid(masked), 0 at ignored pixels, so that max(s, 1 - s) = 1 there and its log drops
+    out. Each such factor lies in [0.5, 1], so products of LOG_GROUP of them stay normal
+    float32 numbers: one log per group instead of one per element. lab, lab_weight: the
+    block's labels (`_block_labels`).
     """
-    tx = torch.mul(x, valid_f, out=scratch)  # 0 at ignored pixels (NaN there if x is not finite)
-    tx.scatter_reduce_(1, lab, 1 - 2 * lab_weight, reduce="prod")  # -x at the label
-    signed = tx.sum((2, 3))
-    relu = (signed + tx.abs_().sum((2, 3))) / 2
-    q = torch.sub(torch.ones((), device=x.device), sigmoid, out=scratch)
+    masked.scatter_reduce_(1, lab, 1 - 2 * lab_weight, reduce="prod")  # -x at the label
+    relu = masked.clamp_(min=0).sum((2, 3))
+    q = torch.sub(torch.ones((), device=masked.device), sigmoid, out=masked)
     torch.maximum(q, sigmoid, out=q)
     planes = q.flatten(2)
     size = planes.shape[-1]
@@ -334,7 +333,14 @@ def _bce_sums(x: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_wei
     log_q = planes[..., :whole].unflatten(-1, (-1, LOG_GROUP)).prod(-1).log_().sum(-1)
     if whole < size:
         log_q += planes[..., whole:].log().sum(-1)
-    return (relu.double() - log_q.double()).sum(0), signed.sum()
+    return (relu.double() - log_q.double()).sum(0)
+
+
+def _masking_bias(valid: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] bool -> [N, 1, H, W] float32: 0 at valid pixels, -inf at ignored ones. Added
+    to the logits it masks them in the same pass that makes a copy to work on: x + 0 is x
+    exactly, and sigmoid(-inf) = 0."""
+    return torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
 
 def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
@@ -379,7 +385,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     indices = torch.zeros((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
     valid_f = valid.unsqueeze(1).float()
-    checksum = torch.zeros((), device=x.device)  # a finite sum of +-x proves every x finite
+    checksum = torch.zeros((), device=x.device)  # a finite sum of x proves every x finite
     pixel = torch.zeros((), dtype=torch.float64, device=x.device)
     if opts.pixel_loss == "bce":
         bce = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
@@ -387,12 +393,12 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     # Keeping the probabilities spares the backward a transcendental pass over the logits;
     # they take the place of the log-softmax that cross-entropy keeps.
     kept = torch.empty(x.shape, device=x.device) if keep_probs else None
+    bias = _masking_bias(valid) if opts.probs == "sigmoid" or opts.pixel_loss == "bce" else None
     scratch = _Scratch(x.device)
     for images, classes in _blocks(x.shape, opts):
         g = (images, classes)
         xc = x[g].float().contiguous()
-        vf = valid_f[images]
-        if opts.validate and opts.pixel_loss != "bce":  # BCE sums +-x on its way
+        if opts.validate:
             checksum += xc.sum()
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         lse = None
@@ -402,18 +408,19 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
             pixel += ((lse - xc.gather(1, lab)) * pw).sum().double()
             ce_weight += pw.sum().double()
         p = kept[g] if kept is not None else scratch.get(0, xc.shape)
-        if opts.probs == "sigmoid":
-            torch.sigmoid(xc, out=p)
-        elif lse is not None:
-            torch.exp(xc - lse, out=p)
-        else:
-            torch.softmax(xc, dim=1, out=p)
-        p.mul_(vf)  # p * v; the + 1e-6 is added after pooling
+        sigmoid = None
+        if bias is not None:  # the masked logits, then their sigmoid: 0 at ignored pixels
+            masked = torch.add(xc, bias[images], out=scratch.get(2, xc.shape))
+            sigmoid = p if opts.probs == "sigmoid" else scratch.get(1, xc.shape)
+            torch.sigmoid(masked, out=sigmoid)
+        if opts.probs == "softmax":
+            if lse is not None:
+                torch.exp(xc - lse, out=p)
+            else:
+                torch.softmax(xc, dim=1, out=p)
+            p.mul_(valid_f[images])  # p * v; the + 1e-6 is added after pooling
         if opts.pixel_loss == "bce":
-            sigmoid = p if opts.probs == "sigmoid" else torch.sigmoid(xc, out=scratch.get(1, xc.shape)).mul_(vf)
-            block_bce, signed = _bce_sums(xc, sigmoid, lab, lab_weight, vf, scratch.get(2, xc.shape))
-            bce[classes] += block_bce
-            checksum += signed
+            bce[classes] += _bce_sums(masked, sigmoid, lab, lab_weight)
         _pool_probs(p, opts, p_low[g], None if indices is None else indices[g], informative[g])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
@@ -572,16 +579,6 @@ class _Regions(NamedTuple):
         grid_rows, grid_cols = self.grid
         return F.pad(grid_values, (0, self.width - grid_cols, 0, self.tiles * self.rows - grid_rows))
 
-    def box_means(self, y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """Mean [P, 2, R, R] (float64) of each region-vector entry when every vector counts:
-        entry (a, b) is the mean of the (H'-R+1) x (W'-R+1) box of the map at offset (a, b),
-        two small float64 products with 0/1 band matrices instead of a pass over the stack."""
-        bands_w = _bands(self.width, self.radius, y.device).double()
-        bands_h = _bands(self.height, self.radius, y.device).transpose(0, 1).double()
-        boxes = [bands_h @ (m.reshape(-1, self.width).double() @ bands_w).view(-1, self.height, self.radius)
-                 for m in (y, p)]
-        return torch.stack(boxes, 1) / (self.grid[0] * self.grid[1])
-
     def kept_means(self, windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean [B, 2, R, R] (float64) of each region-vector entry over the kept vectors."""
         count = self.count(weight).clamp_min(1).view(-1, 1, 1, 1)
@@ -664,28 +661,32 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
     other planes
 
-    The vectors are centred on (the float32 rounding of) their mean before the float32
-    products, so those hold the spread, not the level; the per-tile products are summed
-    in float64, and what the centre misses of the exact mean is taken out there.
+    The vectors are centred before the float32 products (on their kept means, or with
+    every vector counting on their map's mean), so those hold the spread, not the level;
+    the per-tile products are summed in float64, and what the centre misses of the mean
+    is measured on the centred values and taken out there.
     """
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
     d2 = 2 * radius * radius
     planes = _indices(informative)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
-    means = regions.box_means(y, p) if keep is None else None
+    centres = torch.stack([y.flatten(1).mean(1), p.flatten(1).mean(1)], 1) if keep is None else None
     scratch = _Scratch(y_low.device)
     group_means, sums = [], []
     for group in regions.plane_groups(len(planes)):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
+        if keep is None:
+            mean, gram = _row_shift_sums(regions, vec, centres[group], scratch)
+            group_means.append(mean)
+            sums.append(gram)
+            continue
         weight = regions.weights(keep, planes[group] // c)
-        mean = means[group] if keep is None else regions.kept_means(vec, weight)
+        mean = regions.kept_means(vec, weight)
         centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
         count = regions.count(weight).view(-1, 1)
-        if keep is None:  # the box means are exact: what centring leaves is their rounding
-            offset = rounding_offset(mean.view(-1, d2))
-        else:  # the kept means were summed in float32: measure the offset on the centred values
-            offset = centred.sum(-1).double().sum(1) / count.clamp_min(1)
+        # the kept means were summed in float32: measure the offset on the centred values
+        offset = centred.sum(-1).double().sum(1) / count.clamp_min(1)
         mean = mean.view(-1, d2).float().double() + offset  # exact
         if regions.positions < FLOAT64_TILE:
             centred = centred.double()
@@ -696,6 +697,60 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     if not len(planes):
         return y_low.new_zeros(n, c, d2, dtype=torch.float64), y_low.new_zeros(n, c, d2, d2, dtype=torch.float64)
     return _place(torch.cat(group_means), planes, (n, c, d2)), _place(torch.cat(sums), planes, (n, c, d2, d2))
+
+
+def _row_shift_sums(regions: _Regions, windows: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
+    """(mean [B, 2d] float64, centred sums [B, 2d, 2d] float64) of a group of planes when
+    every vector counts, from 1/R of the products of the full Gram.
+
+    Write u_i for the map cells a region vector reads on one map row i: its R columns on
+    both maps, 2R entries. The vector at grid row i stacks u_i, ..., u_{i+R-1}, so the block
+    (a, a') of the Gram sums u_{i+a} u_{i+a'}^T over the grid rows: for a' = a + delta that
+    is block (0, delta) with the first a rows of the map taken out and the a rows after the
+    grid's last one put in. One product gives the blocks (0, delta) -- the vectors' first
+    2R entries against all 2d -- and the R - 1 edge rows at the top and the bottom of the map
+    give the rest; the sums of the entries, likewise. The vectors are taken about one centre
+    per map, `centre` [B, 2] float32 (any value near the map's mean), the same for every
+    entry so that the blocks line up; the mean's offset from it is measured on the centred
+    values, and sum (v - mean)(v - mean)^T = sum (v - c)(v - c)^T - n (mean - c)(mean - c)^T.
+    """
+    r, w, b = regions.radius, regions.width, windows.shape[0]
+    grid_rows, grid_cols = regions.grid
+    count = grid_rows * grid_cols
+    # the stack in (a, k, b) order: the row offset a outermost, so that a = 0 is one [2R, K] block
+    stack = regions.centred(windows.permute(0, 1, 3, 2, 4, 5), None, centre[:, None, :, None].expand(b, r, 2, r),
+                            scratch).view(b, regions.tiles, r, 2 * r, regions.positions)
+    if regions.positions < FLOAT64_TILE:
+        stack = stack.double()
+    first = (stack[:, :, 0] @ stack.flatten(2, 3).transpose(-1, -2)).double().sum(1)  # [B, 2R, R * 2R]
+    first = first.view(b, 2 * r, r, 2 * r).transpose(1, 2)  # [B, delta, 2R, 2R]: the blocks (0, delta)
+    totals = stack[:, :, 0].sum(-1).double().sum(1).unsqueeze(1)  # [B, 1, 2R]: sum of u_i - c over the grid
+    a = torch.arange(r, device=first.device)
+    lag = a.view(1, -1) - a.view(-1, 1)  # a' - a
+    blocks = first[:, lag.abs()]  # [B, a, a', 2R, 2R]: block (0, |a' - a|)
+    if r > 1:
+        # u of map rows 0 .. R-2 (grid row 0, offsets a < R - 1) and of the R - 1 rows after
+        # the grid's last one (its last row, offsets a >= 1), each [B, R - 1, 2R, W']
+        last = (grid_rows - 1) % regions.rows
+        edge = torch.cat([stack[:, 0, :r - 1, :, :w], stack[:, -1, 1:, :, last * w:(last + 1) * w]], 1)
+        edge_sums = edge.sum(-1).double().view(b, 2, r - 1, 2 * r)
+        totals = torch.cat([totals, totals + (edge_sums[:, 1] - edge_sums[:, 0]).cumsum(1)], 1)  # [B, a, 2R]
+        pairs = edge.flatten(1, 2) @ edge.flatten(1, 2).transpose(-1, -2)
+        pairs = pairs.double().view(b, 2, r - 1, 2 * r, 2, r - 1, 2 * r)
+        # change[t, t']: u u^T of the rows t, t' after the grid less that of the rows t, t' on top
+        change = (pairs[:, 1, :, :, 1] - pairs[:, 0, :, :, 0]).transpose(2, 3)  # [B, t, t', 2R, 2R]
+        # block (a, a') with a <= a' adds change[t, t + a' - a] for t < a: sums down the diagonals
+        added = torch.zeros_like(blocks)
+        for t in range(r - 1):
+            added[:, t + 1, t + 1:] = added[:, t, t:r - 1] + change[:, t, t:]
+        blocks += added
+    # blocks (a, a') with a > a' are the transposes of (a', a)
+    gram = torch.where((lag >= 0).view(1, r, r, 1, 1), blocks, blocks.transpose(1, 2).transpose(3, 4))
+    # (a, k, b) -> the joint vector's order (k, a, b)
+    gram = gram.view(b, r, r, 2, r, 2, r).permute(0, 3, 1, 4, 5, 2, 6).reshape(b, 2 * r * r, 2 * r * r)
+    offset = (totals / count).view(b, r, 2, r).transpose(1, 2).reshape(b, -1)  # mean - centre
+    mean = centre.double().repeat_interleave(r * r, 1) + offset
+    return mean, gram - count * offset.unsqueeze(-1) * offset.unsqueeze(-2)
 
 
 def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
