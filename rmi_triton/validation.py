@@ -49,8 +49,9 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions,
 
 def _check_label_range(labels: torch.Tensor, c: int, ignore_index: int) -> None:
     wide = labels.long() if labels.dtype == torch.uint8 else labels
-    bad = ((wide < 0) | (wide >= c)) & (wide != ignore_index)
-    if bool(bad.any()):
+    low, high = torch.aminmax(torch.where(wide == ignore_index, 0, wide))  # two passes, not six
+    if bool((low < 0) | (high >= c)):
+        bad = ((wide < 0) | (wide >= c)) & (wide != ignore_index)
         values = torch.unique(wide[bad])[:8].tolist()
         raise ValueError(f"labels hold values outside [0, {c}) that are not ignore_index={ignore_index}: "
                          f"{values}")
