@@ -21,8 +21,9 @@ chunk to chunk:
   flattened maps ("full width": a window row runs on past the grid's last
   column; those positions are zeroed), centred, and multiplied in float32
   tiles by one batched matrix product, summed in float64. When every vector
-  counts, that product is 1/R of the Gram: its R row blocks repeat, shifted
-  by whole map rows, so the map's edge rows give the rest. The backward, dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
+  counts there is no stack at all: the Gram's blocks are products of the
+  maps' R column-shifted rows with themselves shifted by whole map rows, and
+  the map's edge rows give the rest. The backward, dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
   summed over the windows that hold cell m, is a (2R-1) x (2R-1) stencil over the
   maps: one depthwise convolution, with the windows at the map's edges set right
   one by one. With `exclude_ignored` each kept vector's gradient is formed as one
@@ -532,8 +533,12 @@ class _Regions(NamedTuple):
         """K, positions per tile (a whole number of map rows)."""
         return self.rows * self.width
 
-    def plane_groups(self, num_planes: int):
-        return _plane_groups(num_planes, 2 * self.radius ** 2 * self.tiles * self.positions)
+    def plane_groups(self, num_planes: int, stacked: bool):
+        """Groups of planes for the stacks of region vectors (`stacked`), or for the maps'
+        2R column-shifted runs (`_row_shift_sums`)."""
+        if stacked:
+            return _plane_groups(num_planes, 2 * self.radius ** 2 * self.tiles * self.positions)
+        return _plane_groups(num_planes, 2 * self.radius * self.height * self.width)
 
     def flat_size(self) -> int:
         """Flat map length that every window of every tile stays inside."""
@@ -673,16 +678,19 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     d2 = 2 * radius * radius
     planes = _indices(informative)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
-    centres = torch.stack([y.flatten(1).mean(1), p.flatten(1).mean(1)], 1) if keep is None else None
+    # With every vector counting the vectors are taken about one value per map (`_row_shift_sums`):
+    # 0 for the labels, whose values (multiples of 1 / s^2, or 0 and 1) and their products
+    # are exact in float32, and so are their sums over a tile; the mean for the probabilities.
+    centres = torch.stack([torch.zeros_like(p[:, 0, 0]), p.flatten(1).mean(1)], 1) if keep is None else None
     scratch = _Scratch(y_low.device)
     group_means, sums = [], []
-    for group in regions.plane_groups(len(planes)):
-        vec = regions.windows(regions.joint_maps(y, p, group, scratch))
+    for group in regions.plane_groups(len(planes), stacked=keep is not None):
         if keep is None:
-            mean, gram = _row_shift_sums(regions, vec, centres[group], scratch)
+            mean, gram = _row_shift_sums(regions, y[group], p[group], centres[group], scratch)
             group_means.append(mean)
             sums.append(gram)
             continue
+        vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, planes[group] // c)
         mean = regions.kept_means(vec, weight)
         centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
@@ -701,44 +709,57 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     return _place(torch.cat(group_means), planes, (n, c, d2)), _place(torch.cat(sums), planes, (n, c, d2, d2))
 
 
-def _row_shift_sums(regions: _Regions, windows: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
+def _row_shift_sums(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
     """(mean [B, 2d] float64, centred sums [B, 2d, 2d] float64) of a group of planes when
-    every vector counts, from 1/R of the products of the full Gram.
+    every vector counts, without a stack of region vectors.
 
-    Write u_i for the map cells a region vector reads on one map row i: its R columns on
-    both maps, 2R entries. The vector at grid row i stacks u_i, ..., u_{i+R-1}, so the block
-    (a, a') of the Gram sums u_{i+a} u_{i+a'}^T over the grid rows: for a' = a + delta that
-    is block (0, delta) with the first a rows of the map taken out and the a rows after the
-    grid's last one put in. One product gives the blocks (0, delta) -- the vectors' first
-    2R entries against all 2d -- and the R - 1 edge rows at the top and the bottom of the map
-    give the rest; the sums of the entries, likewise. The vectors are taken about one centre
-    per map, `centre` [B, 2] float32 (any value near the map's mean), the same for every
-    entry so that the blocks line up; the mean's offset from it is measured on the centred
-    values, and sum (v - mean)(v - mean)^T = sum (v - c)(v - c)^T - n (mean - c)(mean - c)^T.
+    Write u_i for the cells a region vector reads on map row i: its R columns of both
+    maps, 2R entries. The vector at grid row i stacks u_i, ..., u_{i+R-1}, so block (a, a')
+    of the Gram sums u_{i+a} u_{i+a'}^T over the grid rows: for a' = a + delta that is
+    block (0, delta) with the first a rows of the map taken out and the a rows after the
+    grid's last one put in. The blocks (0, delta) are products of the [2R, K] rows of u
+    with themselves shifted by delta map rows -- plain views, nothing stacked -- and the
+    R - 1 edge rows at the top and the bottom of the map give the rest; the sums of the
+    entries likewise. The vectors are taken about one value per map, `centre` [B, 2]
+    float32, the same for every entry so that the blocks line up (`region_moments` passes
+    0 for the labels, the mean for the probabilities); the mean's offset from it is
+    measured on the centred values, and
+    sum (v - mean)(v - mean)^T = sum (v - c)(v - c)^T - n (mean - c)(mean - c)^T.
+    y, p: the group's maps [B, H', W'] (contiguous).
     """
-    r, w, b = regions.radius, regions.width, windows.shape[0]
+    r, w, b = regions.radius, regions.width, y.shape[0]
+    y, p = y.contiguous(), p.contiguous()  # read through as_strided below
     grid_rows, grid_cols = regions.grid
-    count = grid_rows * grid_cols
-    # the stack in (a, k, b) order: the row offset a outermost, so that a = 0 is one [2R, K] block
-    stack = regions.centred(windows.permute(0, 1, 3, 2, 4, 5), None, centre[:, None, :, None].expand(b, r, 2, r),
-                            scratch).view(b, regions.tiles, r, 2 * r, regions.positions)
+    area = regions.height * w
+    # u [B, (k, b), H' W']: map k from column b on, less the centre, zero past the grid's last
+    # column (which is where the shifted runs reach past the map's last cell)
+    u = scratch.get(1, (b, 2, r, area))
+    for k, m in enumerate((y, p)):
+        shifted = m.as_strided((b, r, area - r + 1), (area, 1, 1), m.storage_offset())
+        torch.sub(shifted, centre[:, k, None, None], out=u[:, k, :, :area - r + 1])
+    u.view(b, 2, r, -1, w)[..., grid_cols:] = 0
     if regions.positions < FLOAT64_TILE:
-        stack = stack.double()
-    first = (stack[:, :, 0] @ stack.flatten(2, 3).transpose(-1, -2)).double().sum(1)  # [B, 2R, R * 2R]
-    first = first.view(b, 2 * r, r, 2 * r).transpose(1, 2)  # [B, delta, 2R, 2R]: the blocks (0, delta)
-    totals = stack[:, :, 0].sum(-1).double().sum(1).unsqueeze(1)  # [B, 1, 2R]: sum of u_i - c over the grid
-    a = torch.arange(r, device=first.device)
+        u = u.double()
+    u = u.view(b, 2 * r, area)
+    first = u.new_zeros(b, r, 2 * r, 2 * r, dtype=torch.float64)  # [B, delta, 2R, 2R]: blocks (0, delta)
+    totals = u.new_zeros(b, 1, 2 * r, dtype=torch.float64)  # sum of u_i - c over the grid rows
+    for tile in range(regions.tiles):  # float32 products of up to TILE positions, summed in float64
+        start, stop = tile * regions.rows * w, min((tile + 1) * regions.rows, grid_rows) * w
+        rows = u[:, :, start:stop]
+        totals[:, 0] += rows.sum(-1).double()
+        for delta in range(r):
+            first[:, delta] += (rows @ u[:, :, start + delta * w:stop + delta * w].transpose(1, 2)).double()
+    a = torch.arange(r, device=u.device)
     lag = a.view(1, -1) - a.view(-1, 1)  # a' - a
     blocks = first[:, lag.abs()]  # [B, a, a', 2R, 2R]: block (0, |a' - a|)
     if r > 1:
-        # u of map rows 0 .. R-2 (grid row 0, offsets a < R - 1) and of the R - 1 rows after
-        # the grid's last one (its last row, offsets a >= 1), each [B, R - 1, 2R, W']
-        last = (grid_rows - 1) % regions.rows
-        edge = torch.cat([stack[:, 0, :r - 1, :, :w], stack[:, -1, 1:, :, last * w:(last + 1) * w]], 1)
+        # u of map rows 0 .. R-2 and of the R - 1 rows after the grid's last one: [B, 2 (R-1), 2R, W']
+        by_row = u.view(b, 2 * r, -1, w)
+        edge = torch.cat([by_row[:, :, :r - 1], by_row[:, :, grid_rows:grid_rows + r - 1]], 2).transpose(1, 2)
         edge_sums = edge.sum(-1).double().view(b, 2, r - 1, 2 * r)
         totals = torch.cat([totals, totals + (edge_sums[:, 1] - edge_sums[:, 0]).cumsum(1)], 1)  # [B, a, 2R]
-        pairs = edge.flatten(1, 2) @ edge.flatten(1, 2).transpose(-1, -2)
-        pairs = pairs.double().view(b, 2, r - 1, 2 * r, 2, r - 1, 2 * r)
+        edge = edge.reshape(b, -1, w)
+        pairs = (edge @ edge.transpose(-1, -2)).double().view(b, 2, r - 1, 2 * r, 2, r - 1, 2 * r)
         # change[t, t']: u u^T of the rows t, t' after the grid less that of the rows t, t' on top
         change = (pairs[:, 1, :, :, 1] - pairs[:, 0, :, :, 0]).transpose(2, 3)  # [B, t, t', 2R, 2R]
         # block (a, a') with a <= a' adds change[t, t + a' - a] for t < a: sums down the diagonals
@@ -750,6 +771,7 @@ def _row_shift_sums(regions: _Regions, windows: torch.Tensor, centre: torch.Tens
     gram = torch.where((lag >= 0).view(1, r, r, 1, 1), blocks, blocks.transpose(1, 2).transpose(3, 4))
     # (a, k, b) -> the joint vector's order (k, a, b)
     gram = gram.view(b, r, r, 2, r, 2, r).permute(0, 3, 1, 4, 5, 2, 6).reshape(b, 2 * r * r, 2 * r * r)
+    count = grid_rows * grid_cols
     offset = (totals / count).view(b, r, 2, r).transpose(1, 2).reshape(b, -1)  # mean - centre
     mean = centre.double().repeat_interleave(r * r, 1) + offset
     return mean, gram - count * offset.unsqueeze(-1) * offset.unsqueeze(-2)
@@ -903,7 +925,7 @@ def _weighted_backward(g_joint, mean, y, p, keep, images, r: int) -> torch.Tenso
     mean = mean.view(-1, 2, r, r)
     grad = torch.zeros(len(p), regions.flat_size(), device=p.device)
     scratch = _Scratch(p.device)
-    for group in regions.plane_groups(len(p)):
+    for group in regions.plane_groups(len(p), stacked=True):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, images[group])
         centred = regions.centred(vec, weight, mean[group], scratch)
