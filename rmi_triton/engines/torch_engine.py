@@ -96,29 +96,23 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
         return _one_hot(picked.clamp_min(0), picked >= 0, c)
     s, pad = opts.pool_size, opts.pool_size // 2
     # Pixel (i, j) lies in cell ((i + pad) // s, (j + pad) // s); rows and columns past the
-    # last cell count nowhere. The count of (image n, class k, cell) goes to bin
-    # (n (C + 1) + k) H'W' + cell, where class C holds the ignored pixels. The index
-    # arithmetic runs in int32 (vectorised, unlike int64) unless the bins need more.
+    # last cell count nowhere. The count of (class k, cell) of an image goes to its bin
+    # k H'W' + cell, where class C holds the ignored pixels: one scatter-add into a row of
+    # bins per image (parallel over the images, unlike a flat index_add, 1.5 -> 1.1 ms at
+    # 4 x 256 x 256); the counts are whole numbers, at most s * s: exact in float32 in any order.
     h_used, w_used = min(h, h_low * s - pad), min(w, w_low * s - pad)
     area, planes = h_low * w_low, c + 1
-    itype = torch.int32 if n * planes * area < 2 ** 31 else torch.int64
-    rows = (torch.arange(h_used, device=safe.device, dtype=itype) + pad) // s
-    cols = (torch.arange(w_used, device=safe.device, dtype=itype) + pad) // s
-    first = torch.arange(n, device=safe.device, dtype=itype) * (planes * area)
-    cell = first.view(n, 1, 1) + (rows * w_low).view(1, -1, 1) + cols.view(1, 1, -1)
+    rows = (torch.arange(h_used, device=safe.device) + pad) // s
+    cols = (torch.arange(w_used, device=safe.device) + pad) // s
+    cell = (rows * w_low).view(-1, 1) + cols.view(1, -1)
     used = (slice(None), slice(0, h_used), slice(0, w_used))
-    index = torch.add(cell, torch.where(valid[used], safe[used], c).to(itype), alpha=area).view(-1)
-    # float32 counts: exact (at most s * s per cell), half the memory of bincount's int64
-    counts = torch.zeros(n * planes * area, device=safe.device).index_add_(0, index, _ones(index))
+    index = torch.add(cell, torch.where(valid[used], safe[used], c), alpha=area).view(n, -1)
+    ones = torch.ones((1, 1), device=safe.device).expand(index.shape)
+    counts = torch.zeros(n, planes * area, device=safe.device).scatter_add_(1, index, ones)
     counts = counts.view(n, planes, h_low, w_low)[:, :c]
     if opts.pool == "max":
         return counts.clamp(max=1)
     return counts / (s * s)
-
-
-def _ones(like: torch.Tensor) -> torch.Tensor:
-    """A float32 vector of ones as long as `like`, without allocating it."""
-    return torch.ones(1, device=like.device).expand(like.shape[0])
 
 
 def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
