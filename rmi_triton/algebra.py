@@ -118,8 +118,19 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     """h = sum_i log(diag(chol(V + aI))_i + 1e-8), V = Sy - Syp (Sp + aI)^-1 Syp^T.
 
     sy, sp, syp: [..., d, d] float64 centred sums (not divided by the count)
-    returns:     [...] float64, differentiable with respect to sp and syp
+    returns:     [...] float64, differentiable with respect to sy, sp and syp
+
+    In eager mode the gradient is the closed form of `_HalfLogdetPosterior` (a handful
+    of batched d x d products, where autograd would run the backward of every step);
+    under torch.compile autograd differentiates the same forward.
     """
+    if torch.compiler.is_compiling():
+        return _forward(sy, sp, syp, report)[0]
+    return _HalfLogdetPosterior.apply(sy, sp, syp, report)
+
+
+def _forward(sy, sp, syp, report):
+    """-> (h, chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI))."""
     d = sy.shape[-1]
     eye = torch.eye(d, dtype=sy.dtype, device=sy.device)
     # (Sp + aI)^-1 through its own factor: Syp M^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T
@@ -128,4 +139,32 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     posterior = sy - z.transpose(-1, -2) @ z
     posterior = 0.5 * (posterior + posterior.transpose(-1, -2))  # exact symmetry for the factorisation
     chol_v = robust_cholesky(posterior + RIDGE * eye, report)
-    return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)
+    return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1), chol_p, z, chol_v
+
+
+class _HalfLogdetPosterior(torch.autograd.Function):
+    """h's gradient in closed form. With L = chol(V + aI), dh/dL is diagonal, 1 / (L_ii + eps),
+    so the Cholesky backward gives dh/dV = L^-T diag(q) L^-1, q_i = L_ii / (2 (L_ii + eps)):
+    symmetric, and so dh/dSy. With Y = (Sp + aI)^-1 Syp^T, V = Sy - Syp Y gives
+    dh/dSyp = -2 dh/dV Y^T and dh/d(Sp + aI) = Y dh/dV Y^T. Where a factorisation needed a
+    larger ridge, the factors are those of the repaired matrices, as autograd would see."""
+
+    @staticmethod
+    def forward(ctx, sy, sp, syp, report):
+        h, chol_p, z, chol_v = _forward(sy, sp, syp, report)
+        ctx.save_for_backward(chol_p, z, chol_v)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        chol_p, z, chol_v = ctx.saved_tensors
+        diag = torch.diagonal(chol_v, dim1=-2, dim2=-1)
+        q = grad.unsqueeze(-1) * diag / (2 * (diag + LOG_EPS))
+        eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)
+        inverse = torch.linalg.solve_triangular(chol_v, eye.expand_as(chol_v), upper=False)  # L^-1
+        g_v = inverse.transpose(-1, -2) @ (q.unsqueeze(-1) * inverse)
+        y = torch.linalg.solve_triangular(chol_p.transpose(-1, -2), z, upper=True)  # (Sp + aI)^-1 Syp^T
+        g_sy = g_v if ctx.needs_input_grad[0] else None
+        g_sp = y @ g_v @ y.transpose(-1, -2) if ctx.needs_input_grad[1] else None
+        g_syp = -2 * g_v @ y.transpose(-1, -2) if ctx.needs_input_grad[2] else None
+        return g_sy, g_sp, g_syp, None
