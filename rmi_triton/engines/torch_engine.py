@@ -662,64 +662,60 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
     other planes
 
-    The vectors are centred before the float32 products (on their kept means, or with
-    every vector counting on their map's mean), so those hold the spread, not the level;
-    the per-tile products are summed in float64, and what the centre misses of the mean
-    is measured on the centred values and taken out there.
+    The vectors are centred before the float32 products (on their kept means; with every
+    vector counting, the probabilities on their map's mean and the labels, exact in
+    float32, on 0), so those hold the spread, not the level; the per-tile products are
+    summed in float64, and what the centre misses of the mean is measured on the centred
+    values and taken out there.
     """
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
     d2 = 2 * radius * radius
     planes = _indices(informative)
     y, p = _pick(y_low, planes), _pick(p_low, planes)
-    # With every vector counting the vectors are taken about one value per map (`_row_shift_sums`):
-    # 0 for the labels, whose values (multiples of 1 / s^2, or 0 and 1) and their products
-    # are exact in float32, and so are their sums over a tile; the mean for the probabilities.
-    centres = torch.stack([torch.zeros_like(p[:, 0, 0]), p.flatten(1).mean(1)], 1) if keep is None else None
-    scratch = _Scratch(y_low.device)
-    group_means, sums = [], []
-    for group in regions.plane_groups(len(planes), stacked=keep is not None):
-        if keep is None:
-            mean, gram = _row_shift_sums(regions, y[group], p[group], centres[group], scratch)
-            group_means.append(mean)
-            sums.append(gram)
-            continue
-        vec = regions.windows(regions.joint_maps(y, p, group, scratch))
-        weight = regions.weights(keep, planes[group] // c)
-        mean = regions.kept_means(vec, weight)
-        centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
-        count = regions.count(weight).view(-1, 1)
-        # the kept means were summed in float32: measure the offset on the centred values
-        offset = centred.sum(-1).double().sum(1) / count.clamp_min(1)
-        mean = mean.view(-1, d2).float().double() + offset  # exact
-        if regions.positions < FLOAT64_TILE:
-            centred = centred.double()
-        gram = (centred @ centred.transpose(-1, -2)).double().sum(1)
-        # sum of (v - centre)(v - centre)^T = centred sums + count offset offset^T
-        sums.append(gram - count.unsqueeze(-1) * offset.unsqueeze(-1) * offset.unsqueeze(-2))
-        group_means.append(mean)
     if not len(planes):
         return y_low.new_zeros(n, c, d2, dtype=torch.float64), y_low.new_zeros(n, c, d2, d2, dtype=torch.float64)
-    return _place(torch.cat(group_means), planes, (n, c, d2)), _place(torch.cat(sums), planes, (n, c, d2, d2))
+    scratch = _Scratch(y_low.device)
+    if keep is None:
+        # every vector counts: no stack of vectors (`_row_shift_sums`), taken about one value
+        # per map: 0 for the labels, whose values (multiples of 1 / s^2, or 0 and 1) and their
+        # products are exact in float32, and so are their sums over a tile; the mean for the
+        # probabilities
+        centres = torch.stack([torch.zeros_like(p[:, 0, 0]), p.flatten(1).mean(1)], 1)
+        parts = [_row_products(regions, y[group], p[group], centres[group], scratch)
+                 for group in regions.plane_groups(len(planes), stacked=False)]
+        mean, sums = _row_shift_sums(regions, centres, *(torch.cat(part) for part in zip(*parts)))
+    else:
+        group_means, group_sums = [], []
+        for group in regions.plane_groups(len(planes), stacked=True):
+            vec = regions.windows(regions.joint_maps(y, p, group, scratch))
+            weight = regions.weights(keep, planes[group] // c)
+            mean = regions.kept_means(vec, weight)
+            centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
+            count = regions.count(weight).view(-1, 1)
+            # the kept means were summed in float32: measure the offset on the centred values
+            offset = centred.sum(-1).double().sum(1) / count.clamp_min(1)
+            group_means.append(mean.view(-1, d2).float().double() + offset)  # exact
+            if regions.positions < FLOAT64_TILE:
+                centred = centred.double()
+            gram = (centred @ centred.transpose(-1, -2)).double().sum(1)
+            # sum of (v - centre)(v - centre)^T = centred sums + count offset offset^T
+            group_sums.append(gram - count.unsqueeze(-1) * offset.unsqueeze(-1) * offset.unsqueeze(-2))
+        mean, sums = torch.cat(group_means), torch.cat(group_sums)
+    return _place(mean, planes, (n, c, d2)), _place(sums, planes, (n, c, d2, d2))
 
 
-def _row_shift_sums(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
-    """(mean [B, 2d] float64, centred sums [B, 2d, 2d] float64) of a group of planes when
-    every vector counts, without a stack of region vectors.
-
-    Write u_i for the cells a region vector reads on map row i: its R columns of both
-    maps, 2R entries. The vector at grid row i stacks u_i, ..., u_{i+R-1}, so block (a, a')
-    of the Gram sums u_{i+a} u_{i+a'}^T over the grid rows: for a' = a + delta that is
-    block (0, delta) with the first a rows of the map taken out and the a rows after the
-    grid's last one put in. The blocks (0, delta) are products of the [2R, K] rows of u
-    with themselves shifted by delta map rows -- plain views, nothing stacked -- and the
-    R - 1 edge rows at the top and the bottom of the map give the rest; the sums of the
-    entries likewise. The vectors are taken about one value per map, `centre` [B, 2]
-    float32, the same for every entry so that the blocks line up (`region_moments` passes
-    0 for the labels, the mean for the probabilities); the mean's offset from it is
-    measured on the centred values, and
-    sum (v - mean)(v - mean)^T = sum (v - c)(v - c)^T - n (mean - c)(mean - c)^T.
-    y, p: the group's maps [B, H', W'] (contiguous).
+def _row_products(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
+    """The products `_row_shift_sums` assembles, for a group of planes: with u_i the 2R map
+    cells a region vector reads on map row i (R columns of both maps, less `centre`
+    [B, 2] float32), all float64:
+      first [B, R, 2R, 2R]:  sum of u_i u_{i+delta}^T over the grid rows i, delta = 0 .. R-1
+      totals [B, 2R]:        sum of u_i over the grid rows
+      pairs [B, 2(R-1) 2R, 2(R-1) 2R]: u_t u_t'^T of the R - 1 map rows above the grid's
+                             second row (0 .. R-2) and the R - 1 after its last, summed over columns
+      edge [B, 2, R-1, 2R]:  sums of u over the columns of those rows
+    u of a row is a run of the flattened maps, its shift by delta rows another: plain views,
+    nothing stacked. y, p: the group's maps [B, H', W'].
     """
     r, w, b = regions.radius, regions.width, y.shape[0]
     y, p = y.contiguous(), p.contiguous()  # read through as_strided below
@@ -735,27 +731,44 @@ def _row_shift_sums(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre:
     if regions.positions < FLOAT64_TILE:
         u = u.double()
     u = u.view(b, 2 * r, area)
-    first = u.new_zeros(b, r, 2 * r, 2 * r, dtype=torch.float64)  # [B, delta, 2R, 2R]: blocks (0, delta)
-    totals = u.new_zeros(b, 1, 2 * r, dtype=torch.float64)  # sum of u_i - c over the grid rows
+    first = u.new_zeros(b, r, 2 * r, 2 * r, dtype=torch.float64)
+    totals = u.new_zeros(b, 2 * r, dtype=torch.float64)
     for tile in range(regions.tiles):  # float32 products of up to TILE positions, summed in float64
         start, stop = tile * regions.rows * w, min((tile + 1) * regions.rows, grid_rows) * w
         rows = u[:, :, start:stop]
-        totals[:, 0] += rows.sum(-1).double()
-        for delta in range(r):
-            first[:, delta] += (rows @ u[:, :, start + delta * w:stop + delta * w].transpose(1, 2)).double()
-    a = torch.arange(r, device=u.device)
+        totals += rows.sum(-1).double()
+        first += torch.stack([rows @ u[:, :, start + delta * w:stop + delta * w].transpose(1, 2)
+                              for delta in range(r)], 1).double()
+    by_row = u.view(b, 2 * r, -1, w)
+    edge = torch.cat([by_row[:, :, :r - 1], by_row[:, :, grid_rows:grid_rows + r - 1]], 2).transpose(1, 2)
+    pairs = edge.reshape(b, -1, w) @ edge.reshape(b, -1, w).transpose(-1, -2)
+    return first, totals, pairs.double(), edge.sum(-1).double().view(b, 2, r - 1, 2 * r)
+
+
+def _row_shift_sums(regions: _Regions, centre, first, totals, pairs, edge):
+    """(mean [P, 2d] float64, centred sums [P, 2d, 2d] float64) when every vector counts,
+    from `_row_products` (its outputs for all P planes) -- without a stack of region vectors.
+
+    The vector at grid row i stacks u_i, ..., u_{i+R-1}, so block (a, a') of the Gram sums
+    u_{i+a} u_{i+a'}^T over the grid rows: for a' = a + delta that is block (0, delta) with
+    the first a rows of the map taken out and the a rows after the grid's last one put in;
+    the sums of the entries likewise. The vectors are taken about one value per map,
+    `centre` [P, 2] float32, the same for every entry so that the blocks line up
+    (`region_moments` passes 0 for the labels, the mean for the probabilities); the mean's
+    offset from it comes from the sums, and
+    sum (v - mean)(v - mean)^T = sum (v - c)(v - c)^T - n (mean - c)(mean - c)^T.
+    """
+    r, b = regions.radius, first.shape[0]
+    grid_rows, grid_cols = regions.grid
+    a = torch.arange(r, device=first.device)
     lag = a.view(1, -1) - a.view(-1, 1)  # a' - a
-    blocks = first[:, lag.abs()]  # [B, a, a', 2R, 2R]: block (0, |a' - a|)
+    blocks = first[:, lag.abs()]  # [P, a, a', 2R, 2R]: block (0, |a' - a|)
+    totals = totals.unsqueeze(1)  # [P, a, 2R]: sum of u_{i+a} over the grid rows
     if r > 1:
-        # u of map rows 0 .. R-2 and of the R - 1 rows after the grid's last one: [B, 2 (R-1), 2R, W']
-        by_row = u.view(b, 2 * r, -1, w)
-        edge = torch.cat([by_row[:, :, :r - 1], by_row[:, :, grid_rows:grid_rows + r - 1]], 2).transpose(1, 2)
-        edge_sums = edge.sum(-1).double().view(b, 2, r - 1, 2 * r)
-        totals = torch.cat([totals, totals + (edge_sums[:, 1] - edge_sums[:, 0]).cumsum(1)], 1)  # [B, a, 2R]
-        edge = edge.reshape(b, -1, w)
-        pairs = (edge @ edge.transpose(-1, -2)).double().view(b, 2, r - 1, 2 * r, 2, r - 1, 2 * r)
+        totals = torch.cat([totals, totals + (edge[:, 1] - edge[:, 0]).cumsum(1)], 1)
+        pairs = pairs.view(b, 2, r - 1, 2 * r, 2, r - 1, 2 * r)
         # change[t, t']: u u^T of the rows t, t' after the grid less that of the rows t, t' on top
-        change = (pairs[:, 1, :, :, 1] - pairs[:, 0, :, :, 0]).transpose(2, 3)  # [B, t, t', 2R, 2R]
+        change = (pairs[:, 1, :, :, 1] - pairs[:, 0, :, :, 0]).transpose(2, 3)  # [P, t, t', 2R, 2R]
         # block (a, a') with a <= a' adds change[t, t + a' - a] for t < a: sums down the diagonals
         added = torch.zeros_like(blocks)
         for t in range(r - 1):
