@@ -1,0 +1,92 @@
+"""The torch engine of another commit against the working tree's, interleaved step by step.
+
+    python bench/paired_commits.py REV [--steps 60] [--labels uniform|scenes] [N C H W POOL]
+
+Loads `rmi_triton/engines/torch_engine.py` as it was at REV (git show) beside the working
+tree's and times forward+backward of `rmi_loss` with each, alternating which goes first,
+plus `F.cross_entropy` in every round. Everything else (loss front, algebra, checks) is
+the working tree's, so the ratio is the engine's own change. Prints the median and
+quartiles of the per-step ratio (working tree / REV), its geometric mean, and the
+minimums and medians of all three.
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from providers import make_inputs  # noqa: E402
+
+import rmi_triton.loss as front  # noqa: E402
+from rmi_triton import rmi_loss  # noqa: E402
+from rmi_triton.engines import torch_engine  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def engine_at(rev: str):
+    """The torch engine module as it was at `rev`, imported under a private name."""
+    source = subprocess.check_output(["git", "-C", ROOT, "show", f"{rev}:rmi_triton/engines/torch_engine.py"],
+                                     text=True)
+    # its relative imports (..algebra, ..options, ...) resolve against the installed package
+    source = source.replace("from ..", "from rmi_triton.")
+    path = os.path.join(tempfile.mkdtemp(), "torch_engine_at_rev.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("torch_engine_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev")
+    parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--labels", choices=["uniform", "scenes"], default="uniform")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    n, c, h, w, pool = args.shape
+    logits, labels = make_inputs((n, c, h, w), labels=args.labels)
+    logits.requires_grad_(True)
+    engines = {"rev": engine_at(args.rev), "tree": torch_engine}
+    times = {"rev": [], "tree": [], "cross_entropy": []}
+    chosen = front._engine
+    try:
+        for step in range(args.steps + 2):  # two warm-up rounds
+            order = ["rev", "tree"] if step % 2 else ["tree", "rev"]
+            for name in order + ["cross_entropy"]:
+                logits.grad = None
+                start = time.perf_counter()
+                if name == "cross_entropy":
+                    F.cross_entropy(logits, labels, ignore_index=255).backward()
+                else:
+                    front._engine = lambda x, backend, module=engines[name]: module
+                    rmi_loss(logits, labels, pool_size=pool).backward()
+                if step >= 2:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        front._engine = chosen
+    ratios = sorted(t / r for t, r in zip(times["tree"], times["rev"]))
+    quarter, mid = len(ratios) // 4, len(ratios) // 2
+    print(f"working tree / {args.rev}: per-step median {ratios[mid]:.3f} "
+          f"(quartiles {ratios[quarter]:.3f}..{ratios[-1 - quarter]:.3f}), "
+          f"geometric mean {statistics.geometric_mean(ratios):.3f}")
+    for name, values in times.items():
+        values.sort()
+        print(f"{name:14s} min {values[0] * 1e3:7.1f} ms   median {values[mid] * 1e3:7.1f} ms")
+    print(f"({n}x{c}x{h}x{w}, avg pool {pool}, {args.labels} labels, {args.threads} threads, {args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
