@@ -22,8 +22,9 @@ chunk to chunk:
   column; those positions are zeroed), centred, and multiplied in float32
   tiles by one batched matrix product, summed in float64. When every vector
   counts there is no stack at all: the Gram's blocks are products of the
-  maps' R column-shifted rows with themselves shifted by whole map rows, and
-  the map's edge rows give the rest. The backward, dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
+  maps' R column-shifted runs with themselves shifted by whole map rows, and
+  the map's edge rows give the rest. The backward,
+  dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar)
   summed over the windows that hold cell m, is a (2R-1) x (2R-1) stencil over the
   maps: one depthwise convolution, with the windows at the map's edges set right
   one by one. With `exclude_ignored` each kept vector's gradient is formed as one
