@@ -19,11 +19,10 @@ import sys
 import tempfile
 import time
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import make_inputs  # noqa: E402
+from providers import add_step_options, step_inputs  # noqa: E402
 
 import rmi_triton.loss as front  # noqa: E402
 from rmi_triton import rmi_loss  # noqa: E402
@@ -50,15 +49,11 @@ def engine_at(rev: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev")
-    parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4])
+    add_step_options(parser)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--labels", choices=["uniform", "scenes"], default="uniform")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    n, c, h, w, pool = args.shape
-    logits, labels = make_inputs((n, c, h, w), labels=args.labels)
-    logits.requires_grad_(True)
+    logits, labels, pool = step_inputs(args)
+    n, c, h, w = logits.shape
     engines = {"rev": engine_at(args.rev), "tree": torch_engine}
     times = {"rev": [], "tree": [], "cross_entropy": []}
     chosen = front._engine

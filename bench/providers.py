@@ -75,3 +75,18 @@ def loss_fn(provider: str, pool_size: int):
     if provider in ("torch", "triton"):
         return lambda x, y: rmi_loss(x, y, pool_size=pool_size, backend=provider)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def add_step_options(parser) -> None:
+    """The options of the interleaved timers (side_by_side.py, paired_commits.py)."""
+    parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4], help="N C H W POOL")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--labels", choices=["uniform", "scenes"], default="uniform")
+
+
+def step_inputs(args):
+    """-> (logits requiring grad, labels, pool size) for those options; sets the thread count."""
+    torch.set_num_threads(args.threads)
+    n, c, h, w, pool = args.shape
+    logits, labels = make_inputs((n, c, h, w), labels=args.labels)
+    return logits.requires_grad_(True), labels, pool

@@ -13,23 +13,18 @@ import os
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from providers import loss_fn, make_inputs  # noqa: E402
+from providers import add_step_options, loss_fn, step_inputs  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4])
+    add_step_options(parser)
     parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--labels", choices=["uniform", "scenes"], default="uniform")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    n, c, h, w, pool = args.shape
-    logits, labels = make_inputs((n, c, h, w), labels=args.labels)
-    logits.requires_grad_(True)
+    logits, labels, pool = step_inputs(args)
+    n, c, h, w = logits.shape
     providers = {name: loss_fn(name, pool) for name in ("cross_entropy", "torch")}
     times = {name: [] for name in providers}
     for round_ in range(args.rounds + 1):
