@@ -102,6 +102,18 @@ def test_region_moments_match_float64_unfold(monkeypatch, radius, exclude, sprea
     """Also for probabilities that barely vary (spread 3e-6 around 0.6): centring on the
     float32-rounded mean would then be off by a fair part of the spread itself. Two map
     sizes: the backward's frame of off-grid windows is a large part of the small one."""
+    _check_region_moments(monkeypatch, radius, exclude, spread, size)
+
+
+@pytest.mark.parametrize("radius, size", [(4, (5, 6)), (6, (8, 7)), (10, (12, 11)), (10, (11, 13))])
+def test_region_moments_on_maps_barely_larger_than_the_region(monkeypatch, radius, size):
+    """Fewer grid rows than the R - 1 edge rows at either end of the map: the row-shift
+    sums' rows above the grid's second row and after its last one overlap (two or three
+    grid rows: with one vector a plane, its gradient is float32 noise on an exact zero)."""
+    _check_region_moments(monkeypatch, radius, False, 0.3, size)
+
+
+def _check_region_moments(monkeypatch, radius, exclude, spread, size):
     monkeypatch.setattr(torch_engine, "TILE", 40)  # several tiles, the last one padded
     monkeypatch.setattr(torch_engine, "REGION_CHUNK", 1)  # one plane per group
     g = torch.Generator().manual_seed(radius + 10 * exclude + size[0])
