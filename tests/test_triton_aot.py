@@ -114,10 +114,12 @@ def _kernel_source(spec):
                         sums_ptr="*fp32")
     else:
         fn = te._region_grad_kernel
-        constexprs = dict(R=radius, D=d, D_PAD=te._joint_pad(d), BLOCK_Q=te._stencil_block(d, h_low * h_low),
-                          HAS_KEEP=spec.get("keep", False))
-        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", mean_ptr="*fp32", g_ptr="*fp32",
-                        out_ptr="*fp32")
+        keep = spec.get("keep", False)
+        layout = te._StencilLayout.of(h_low, h_low, radius, weighted=keep)
+        constexprs = dict(R=radius, BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w,
+                          HAS_KEEP=keep)
+        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", g_ptr="*fp32", shift_ptr="*fp32",
+                        taps_ptr="*fp32", level_ptr="*fp32", out_ptr="*fp32")
     return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
 
 

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +81,46 @@ def test_gpu_block_sizes(monkeypatch, options, shape):
     ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
     assert_close_rel(loss, ref_loss, 1e-5, "loss")
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+REGION_GRAD_MAPS = [  # (H', W', R, kept): interior tiles across and down, maps with an empty interior
+    # (R = 10: test_matches_reference_float32)
+    (23, 70, 3, False), (23, 70, 3, True), (40, 45, 1, False), (37, 53, 2, False), (37, 53, 2, True),
+    (5, 5, 3, False), (6, 9, 3, False), (5, 7, 3, True), (3, 4, 3, False), (19, 24, 5, False),
+    (19, 24, 5, True),
+]
+
+
+@pytest.mark.parametrize("h_low,w_low,radius,weighted", REGION_GRAD_MAPS)
+def test_region_grad_kernel_against_a_float64_fold(monkeypatch, h_low, w_low, radius, weighted):
+    """Kernel C alone, with small tiles and frame blocks (many of each): dL/dp'_q is the
+    sum of [G (v_m - vbar)]_k over the windows m that hold q at offset k, which
+    F.fold computes in float64 from the stack of region vectors."""
+    monkeypatch.setattr(triton_engine, "STENCIL_TILE", 64)
+    monkeypatch.setattr(triton_engine, "STENCIL_TILE_W", 16)
+    if radius < 10:  # (the interpreter's pace is set by the d x 2d loads of each frame cell)
+        monkeypatch.setattr(triton_engine, "STENCIL_FRAME_BLOCK", 128)
+    g = torch.Generator().manual_seed(h_low * 1000 + w_low * 10 + radius)
+    n, c, d = 1, 2, radius * radius
+    y = (torch.rand(n, c, h_low, w_low, generator=g) < 0.3).float()
+    p = torch.rand(n, c, h_low, w_low, generator=g) * 0.8 + 0.1
+    vectors = torch.cat([F.unfold(y.view(n * c, 1, h_low, w_low).double(), radius),
+                         F.unfold(p.view(n * c, 1, h_low, w_low).double(), radius)], 1)  # [P, 2d, M]
+    m = vectors.shape[-1]
+    keep = (torch.rand(n, m, generator=g) < 0.7).float() if weighted else None
+    if weighted:
+        keep[:, 0] = 1  # a mean to centre on
+    weight = keep.repeat_interleave(c, 0).double() if weighted else torch.ones(n * c, m, dtype=torch.float64)
+    mean = (vectors * weight.unsqueeze(1)).sum(-1) / weight.sum(-1, keepdim=True)  # [P, 2d]
+    g_joint = torch.randn(n * c, d, 2 * d, generator=g, dtype=torch.float64)
+    window_grads = g_joint @ (vectors - mean.unsqueeze(-1)) * weight.unsqueeze(1)  # [P, d, M]
+    expected = F.fold(window_grads, (h_low, w_low), radius).view(n, c, h_low, w_low)
+    got = triton_engine._launch_region_grad(y, p, keep, mean.view(n, c, 2 * d), g_joint.view(n, c, d, 2 * d),
+                                            radius)
+    layout = triton_engine._StencilLayout.of(h_low, w_low, radius, weighted)
+    assert layout.n_tiles == (0 if weighted or min(h_low, w_low) < 2 * radius - 1 else
+                              -(-(h_low - 2 * radius + 2) // layout.tile_h) * -(-(w_low - 2 * radius + 2) // layout.tile_w))
+    assert_close_rel(got, expected, 1e-5, "dL/dp'")
 
 
 @pytest.mark.parametrize("options,shape", [({"pool_size": 4}, (1, 2, 39, 43)), ({"pool_size": 3}, (1, 2, 39, 42)),

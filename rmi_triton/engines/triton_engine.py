@@ -32,8 +32,9 @@ loss in its graph.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,7 +42,7 @@ from ..algebra import merge_tiles, split_blocks
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
-from .torch_engine import Statistics, label_maps, pooled_labels
+from .torch_engine import Statistics, _stencil_taps_cpu, label_maps, pooled_labels
 
 try:
     import triton
@@ -64,15 +65,19 @@ GPU_BLOCKS = dict(
     FULL_RES_ELEMENTS=1024,  # pixels per program of kernels A and D (cells x window)
     MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
-    STENCIL_ELEMENTS=2048,  # cells x joint-vector entries per step of kernel C
+    STENCIL_FRAME_BLOCK=256,  # frame cells per program of kernel C
+    STENCIL_TILE=1024,  # interior cells per program of kernel C
+    STENCIL_TILE_W=64,  # their columns
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256,
-                          STENCIL_ELEMENTS=1 << 16)
+                          STENCIL_FRAME_BLOCK=4096, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
 FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
 MOMENT_BLOCK_M = _BLOCKS["MOMENT_BLOCK_M"]
 MOMENT_BD = _BLOCKS["MOMENT_BD"]
-STENCIL_ELEMENTS = _BLOCKS["STENCIL_ELEMENTS"]
+STENCIL_FRAME_BLOCK = _BLOCKS["STENCIL_FRAME_BLOCK"]
+STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
+STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
 NUM_WARPS = dict(pool_forward=8, region_moments=8, region_grad=8, pool_backward=8)
 MOMENT_TILE_POSITIONS = 1024  # positions per tile handed to the float64 merge
@@ -324,42 +329,97 @@ if _HAVE_TRITON:
 # ----------------------------------------------------------------------------
 
     @triton.jit
+    def _interior_grad(y_ptr, p_ptr, taps_ptr, level_ptr, out_ptr, plane, tile, H_low, W_low, H_in, W_in, tiles_w,
+                       R: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+        """dL/dp' of one TILE_H x TILE_W tile of the interior, where every window
+        holding a cell is on the grid: a fixed (2R-1) x (2R-1) stencil over the
+        y' and p' maps (centred on one value each), 2 (2R-1)^2 loads a cell."""
+        WIDTH: tl.constexpr = 2 * R - 1
+        qi = (R - 1) + (tile // tiles_w) * TILE_H + tl.arange(0, TILE_H)
+        qj = (R - 1) + (tile % tiles_w) * TILE_W + tl.arange(0, TILE_W)
+        ok = (qi < R - 1 + H_in)[:, None] & (qj < R - 1 + W_in)[None, :]
+        cells = plane * H_low * W_low + qi[:, None] * W_low + qj[None, :]
+        taps = taps_ptr + plane * (2 * WIDTH * WIDTH)
+        centre_y = tl.load(level_ptr + plane * 3)
+        centre_p = tl.load(level_ptr + plane * 3 + 1)
+        acc = tl.zeros((TILE_H, TILE_W), dtype=tl.float32)
+        for a in range(WIDTH):
+            row = cells + (a - (R - 1)) * W_low - (R - 1)
+            for b in tl.static_range(WIDTH):
+                vy = tl.load(y_ptr + row + b, mask=ok, other=0.0)
+                vp = tl.load(p_ptr + row + b, mask=ok, other=0.0)
+                acc += (tl.load(taps + a * WIDTH + b) * (vy - centre_y)
+                        + tl.load(taps + WIDTH * WIDTH + a * WIDTH + b) * (vp - centre_p))
+        acc -= tl.load(level_ptr + plane * 3 + 2)
+        tl.store(out_ptr + cells, acc, mask=ok)
+
+    @triton.jit
+    def _frame_grad(y_ptr, p_ptr, keep_ptr, g_ptr, shift_ptr, level_ptr, out_ptr, plane, block,
+                    C, H_low, W_low, H_v, W_v, M, H_in, W_in,
+                    R: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_KEEP: tl.constexpr):
+        """dL/dp' of BLOCK_Q cells of the frame around the interior (every cell
+        when H_in = W_in = 0), window by window: the sum over the offsets k whose
+        window origin m = q - offset(k) is on the grid (and kept) of
+        [G (v_m - vbar)]_k = [G (v_m - centres)]_k - shift_k, D x 2d loads a cell.
+        Frame cell f: first the H' - H_in full rows above and below the
+        interior, then the rows beside it, W' - W_in cells each."""
+        D: tl.constexpr = R * R
+        f = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        band = (H_low - H_in) * W_low
+        side_w = W_low - W_in
+        q_ok = f < band + H_in * side_w
+        side = tl.maximum(f - band, 0)
+        row = f // W_low
+        col = side % side_w
+        qi = tl.where(f < band, tl.where(row < R - 1, row, row + H_in), R - 1 + side // side_w)
+        qj = tl.where(f < band, f % W_low, tl.where(col < R - 1, col, col + W_in))
+        centre_y = tl.load(level_ptr + plane * 3)
+        centre_p = tl.load(level_ptr + plane * 3 + 1)
+        plane_base = plane * H_low * W_low
+        acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for k in range(D):
+            mi = qi - k // R
+            mj = qj - k % R
+            m_ok = q_ok & (mi >= 0) & (mi < H_v) & (mj >= 0) & (mj < W_v)
+            g_row = g_ptr + (plane * D + k) * (2 * D)
+            term = tl.zeros((BLOCK_Q,), dtype=tl.float32) - tl.load(shift_ptr + plane * D + k)
+            for a in range(R):
+                origin = plane_base + (mi + a) * W_low + mj
+                for b in tl.static_range(R):
+                    vy = tl.load(y_ptr + origin + b, mask=m_ok, other=0.0)
+                    vp = tl.load(p_ptr + origin + b, mask=m_ok, other=0.0)
+                    term += (tl.load(g_row + a * R + b) * (vy - centre_y)
+                             + tl.load(g_row + D + a * R + b) * (vp - centre_p))
+            if HAS_KEEP:
+                term = term * tl.load(keep_ptr + (plane // C) * M + mi * W_v + mj, mask=m_ok, other=0.0)
+            acc += tl.where(m_ok, term, 0.0)
+        tl.store(out_ptr + plane_base + qi * W_low + qj, acc, mask=q_ok)
+
+    @triton.jit
     def _region_grad_kernel(
         y_ptr,  # [P, H', W'] float32 pooled labels y'
         p_ptr,  # [P, H', W'] float32 pooled probabilities p'
         keep_ptr,  # [N, M] float32 0/1 kept region vectors (when HAS_KEEP)
-        mean_ptr,  # [P, 2d] float32 the plane's mean joint vector
         g_ptr,  # [P, d, 2d] float32 G = [Gyp^T, Gp + Gp^T] acting on the centred joint vector
+        shift_ptr,  # [P, d] float32 G (vbar - centres): what centring on the maps' centres adds
+        taps_ptr,  # [P, 2, (2R-1)^2] float32 G's entries summed by offset difference, y map then p map
+        level_ptr,  # [P, 3] float32 the y and p maps' centres and sum_k [G (vbar - centres)]_k
         out_ptr,  # [P, H', W'] float32 out: dL/dp'
-        C, H_low, W_low, H_v, W_v, M,
-        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        C, H_low, W_low, H_v, W_v, M, H_in, W_in, tiles_w, n_tiles,
+        R: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
         HAS_KEEP: tl.constexpr,
     ):
+        """Programs [0, n_tiles) of a plane take the interior's tiles, the rest
+        the frame's cells (see `_interior_grad` and `_frame_grad`)."""
         plane = tl.program_id(0).to(tl.int64)
-        q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        q_ok = q < H_low * W_low
-        qi = q // W_low
-        qj = q % W_low
-        J = tl.arange(0, 2 * D_PAD)
-        comp = J % D_PAD
-        ok = comp < D
-        j = (J // D_PAD) * D + comp
-        centre = tl.load(mean_ptr + plane * (2 * D) + j, mask=ok, other=0.0)
-        plane_base = plane * H_low * W_low
-        keep_base = (plane // C) * M
-        acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        for k in range(D):
-            # the window at m = q - offset(k) holds q as its k-th entry
-            mi = qi - k // R
-            mj = qj - k % R
-            m_ok = q_ok & (mi >= 0) & (mi < H_v) & (mj >= 0) & (mj < W_v)
-            v = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, W_low, R, D, D_PAD)
-            g = tl.load(g_ptr + (plane * D + k) * (2 * D) + j, mask=ok, other=0.0)
-            term = tl.sum((v - centre[None, :]) * g[None, :], axis=1)
-            if HAS_KEEP:
-                term = term * tl.load(keep_ptr + keep_base + mi * W_v + mj, mask=m_ok, other=0.0)
-            acc += tl.where(m_ok, term, 0.0)
-        tl.store(out_ptr + plane_base + q, acc, mask=q_ok)
+        pid = tl.program_id(1)
+        if pid < n_tiles:
+            _interior_grad(y_ptr, p_ptr, taps_ptr, level_ptr, out_ptr, plane, pid, H_low, W_low, H_in, W_in,
+                           tiles_w,
+                           R, TILE_H, TILE_W)
+        else:
+            _frame_grad(y_ptr, p_ptr, keep_ptr, g_ptr, shift_ptr, level_ptr, out_ptr, plane, pid - n_tiles,
+                        C, H_low, W_low, H_v, W_v, M, H_in, W_in, R, BLOCK_Q, HAS_KEEP)
 
     @triton.jit
     def _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S: tl.constexpr, POOL: tl.constexpr):
@@ -555,24 +615,73 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     return grand.view(n, c, 2 * d), joint.view(n, c, 2 * d, 2 * d)
 
 
-def _stencil_block(d: int, cells: int) -> int:
-    """Downsampled cells per program of kernel C (>= 16, a power of two)."""
-    return max(16, min(STENCIL_ELEMENTS // (2 * _joint_pad(d)), _next_pow2(cells)))
+class _StencilLayout(NamedTuple):
+    """How kernel C splits a plane: TILE_H x TILE_W tiles of the interior (the
+    h_in x w_in cells from (R-1, R-1) on, whose windows are all on the grid;
+    empty when only some region vectors count), then blocks of BLOCK_Q cells of
+    the frame around it."""
+
+    h_in: int
+    w_in: int
+    tile_h: int
+    tile_w: int
+    tiles_w: int
+    n_tiles: int
+    block_q: int
+    n_frame_blocks: int
+
+    @staticmethod
+    def of(h_low: int, w_low: int, radius: int, weighted: bool) -> "_StencilLayout":
+        h_in, w_in = h_low - 2 * radius + 2, w_low - 2 * radius + 2
+        if weighted or h_in <= 0 or w_in <= 0:
+            h_in = w_in = 0
+        tile_w = min(STENCIL_TILE_W, _next_pow2(max(w_in, 1)))
+        tile_h = min(max(1, STENCIL_TILE // tile_w), _next_pow2(max(h_in, 1)))
+        tiles_w = triton.cdiv(w_in, tile_w)
+        n_tiles = triton.cdiv(h_in, tile_h) * tiles_w
+        frame = h_low * w_low - h_in * w_in
+        block_q = max(16, min(STENCIL_FRAME_BLOCK, _next_pow2(frame)))
+        return _StencilLayout(h_in, w_in, tile_h, tile_w, max(tiles_w, 1), n_tiles, block_q,
+                              triton.cdiv(frame, block_q))
+
+
+@functools.lru_cache(maxsize=32)
+def _tap_index(radius: int, device: torch.device) -> torch.Tensor:
+    """`torch_engine._stencil_taps` kept on the device (no host copy a step)."""
+    return _stencil_taps_cpu(radius).to(device)
+
+
+def _stencil_constants(g_joint: torch.Tensor, mean: torch.Tensor, radius: int):
+    """-> taps [P, 2, (2R-1)^2], shift [P, d] and (centre y, centre p, level) [P, 3], float32.
+
+    The maps are centred on their mean entries' average, so G (v_m - vbar) =
+    G (v_m - centres) - shift, shift = G (vbar - centres), summed in float64.
+    Over the interior, dL/dp'_q = sum_k [G (v_{q - offset k} - vbar)]_k
+    = sum_e taps_e . (x_{q+e} - centres) - level, with taps_e the sum of the
+    entries of G whose offsets differ by e, and level = sum_k shift_k."""
+    planes, d = mean.shape[0], radius * radius
+    g = g_joint.reshape(planes, d, 2, d)
+    taps = g.new_zeros(planes, 2, (2 * radius - 1) ** 2)
+    taps.index_add_(2, _tap_index(radius, g.device), g.transpose(1, 2).reshape(planes, 2, d * d))
+    mean = mean.reshape(planes, 2, d)
+    centres = mean.mean(-1)
+    shift = (g * (mean - centres.unsqueeze(-1)).unsqueeze(1)).sum((2, 3))
+    return taps.float(), shift.float(), torch.cat([centres, shift.sum(1, keepdim=True)], 1).float()
 
 
 def _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius: int):
-    """Kernel C: dL/dp' [N, C, H', W'] f32 from G [N, C, d, 2d] and the joint mean [N, C, 2d]."""
+    """Kernel C: dL/dp' [N, C, H', W'] f32 from G [N, C, d, 2d] and the joint mean [N, C, 2d] (float64)."""
     n, c, h_low, w_low = p_low.shape
     d = radius * radius
-    d_pad = _joint_pad(d)
     h_v, w_v = h_low - radius + 1, w_low - radius + 1
-    block_q = _stencil_block(d, h_low * w_low)
+    layout = _StencilLayout.of(h_low, w_low, radius, weighted=keep is not None)
+    mean, g_joint = mean.reshape(n * c, 2 * d), g_joint.reshape(n * c, d, 2 * d)
+    taps, shift, level = _stencil_constants(g_joint, mean, radius)
     out = _new(p_low.shape, torch.float32, p_low.device)
-    _region_grad_kernel[(n * c, triton.cdiv(h_low * w_low, block_q))](
-        y_low, p_low, keep if keep is not None else p_low,
-        mean.float().contiguous(), g_joint.float().contiguous(), out,
-        c, h_low, w_low, h_v, w_v, h_v * w_v,
-        R=radius, D=d, D_PAD=d_pad, BLOCK_Q=block_q, HAS_KEEP=keep is not None,
+    _region_grad_kernel[(n * c, layout.n_tiles + layout.n_frame_blocks)](
+        y_low, p_low, keep if keep is not None else p_low, g_joint.float(), shift, taps, level, out,
+        c, h_low, w_low, h_v, w_v, h_v * w_v, layout.h_in, layout.w_in, layout.tiles_w, layout.n_tiles,
+        R=radius, BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w, HAS_KEEP=keep is not None,
         num_warps=NUM_WARPS["region_grad"],
     )
     return out
