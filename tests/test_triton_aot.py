@@ -3,7 +3,7 @@
 The interpreter accepts shapes and constructs the NVIDIA backend rejects, so
 each kernel is compiled for sm_80 (A100) and sm_90 (H100) with
 `triton.compile(ASTSource(...), target=GPUTarget(...))`, for the default
-specialisation and a sample of others (radius 1/3/5/10, pool sizes 1/2/4/8,
+specialisation and a sample of others (radius 1/3/5/7/10, pool sizes 1/2/4/8,
 fp32/fp16/bf16 logits, int64/int32/uint8 labels, softmax/CE, max pooling).
 `ptxas -v` on the generated PTX reports registers and spills; the kernel's
 metadata reports its shared memory.
@@ -41,6 +41,7 @@ FULL_RES_CASES = [
     dict(pool="none", s=1, softmax=True, pixel=2, logits="fp32", labels="i64", weights=True),
     dict(pool="avg", s=3, softmax=False, pixel=1, logits="fp32", labels="i64", wide=True),
 ]
+# keep: the grid's vectors weighted (exclude_ignored); else the off-grid frame for window_products
 REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7), dict(radius=10)]
 
 
@@ -51,7 +52,9 @@ def _specs():
             specs.append(dict(kernel="pool_forward", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="pool_backward", arch=arch, warp=warp, **case))
         for case in REGION_CASES:
-            specs.append(dict(kernel="region_moments", arch=arch, warp=warp, **case))
+            if not case.get("keep"):
+                specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
+            specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="region_grad", arch=arch, warp=warp, **case))
     return specs
 
@@ -106,18 +109,26 @@ def _kernel_source(spec):
     d = radius * radius
     h_low = 129  # 513 x 513 input, 4 x 4 average pooling
     m = (h_low - radius + 1) ** 2
-    if spec["kernel"] == "region_moments":
-        fn = te._region_moments_kernel
-        d_pad, bd, _, block_m, _, _ = te._moment_layout(d, m)
-        constexprs = dict(R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=spec.get("keep", False))
-        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", count_ptr="*fp32", mean_ptr="*fp32",
-                        sums_ptr="*fp32")
+    if spec["kernel"] == "shifted_products":
+        fn = te._shifted_products_kernel
+        constexprs = dict(R=radius, W_PAD=te._next_pow2(2 * radius - 1),
+                          CHUNK=te._product_chunk(radius, h_low * h_low))
+        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", centre_ptr="*fp32", prod_ptr="*fp64", sum_ptr="*fp64")
+    elif spec["kernel"] == "window_products":
+        fn = te._window_products_kernel
+        off_grid = not spec.get("keep", False) and radius > 1
+        positions = (h_low + radius - 1) ** 2 - m if off_grid else m
+        d_pad, bd, _, block_m, _, _ = te._moment_layout(d, positions)
+        constexprs = dict(R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=not off_grid,
+                          OFF_GRID=off_grid)
+        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", centre_ptr="*fp32", count_ptr="*fp64",
+                        sum_ptr="*fp64", gram_ptr="*fp64")
     else:
         fn = te._region_grad_kernel
         keep = spec.get("keep", False)
         layout = te._StencilLayout.of(h_low, h_low, radius, weighted=keep)
-        constexprs = dict(R=radius, BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w,
-                          HAS_KEEP=keep)
+        constexprs = dict(R=radius, D_PAD=te._next_pow2(d), BLOCK_Q=layout.block_q, TILE_H=layout.tile_h,
+                          TILE_W=layout.tile_w, HAS_KEEP=keep)
         pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", g_ptr="*fp32", shift_ptr="*fp32",
                         taps_ptr="*fp32", level_ptr="*fp32", out_ptr="*fp32")
     return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)

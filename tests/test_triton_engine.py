@@ -98,8 +98,7 @@ def test_region_grad_kernel_against_a_float64_fold(monkeypatch, h_low, w_low, ra
     F.fold computes in float64 from the stack of region vectors."""
     monkeypatch.setattr(triton_engine, "STENCIL_TILE", 64)
     monkeypatch.setattr(triton_engine, "STENCIL_TILE_W", 16)
-    if radius < 10:  # (the interpreter's pace is set by the d x 2d loads of each frame cell)
-        monkeypatch.setattr(triton_engine, "STENCIL_FRAME_BLOCK", 128)
+    monkeypatch.setattr(triton_engine, "STENCIL_FRAME_ELEMENTS", 4096)
     g = torch.Generator().manual_seed(h_low * 1000 + w_low * 10 + radius)
     n, c, d = 1, 2, radius * radius
     y = (torch.rand(n, c, h_low, w_low, generator=g) < 0.3).float()
@@ -121,6 +120,37 @@ def test_region_grad_kernel_against_a_float64_fold(monkeypatch, h_low, w_low, ra
     assert layout.n_tiles == (0 if weighted or min(h_low, w_low) < 2 * radius - 1 else
                               -(-(h_low - 2 * radius + 2) // layout.tile_h) * -(-(w_low - 2 * radius + 2) // layout.tile_w))
     assert_close_rel(got, expected, 1e-5, "dL/dp'")
+
+
+@pytest.mark.parametrize("h_low,w_low,radius,weighted", REGION_GRAD_MAPS)
+def test_region_moments_against_a_float64_unfold(monkeypatch, h_low, w_low, radius, weighted):
+    """Kernel B alone, with small chunks, tiles and position blocks (several of each):
+    the mean and the centred sums of products of the (kept) region vectors, against
+    F.unfold in float64; the shifted-product sums and the off-grid windows taken out
+    again must agree to float32 rounding of the products."""
+    monkeypatch.setattr(triton_engine, "PRODUCT_ELEMENTS", 256)
+    monkeypatch.setattr(triton_engine, "PRODUCT_TILE", 96)
+    monkeypatch.setattr(triton_engine, "MOMENT_BLOCK_M", 16)
+    monkeypatch.setattr(triton_engine, "MOMENT_TILE_POSITIONS", 64)
+    g = torch.Generator().manual_seed(h_low * 1000 + w_low * 10 + radius + 7)
+    n, c, d = 2, 1, radius * radius
+    y = (torch.rand(n, c, h_low, w_low, generator=g) < 0.3).float()
+    p = torch.rand(n, c, h_low, w_low, generator=g) * 0.05 + 0.9  # nearly constant: centring matters
+    vectors = torch.cat([F.unfold(y.view(n * c, 1, h_low, w_low).double(), radius),
+                         F.unfold(p.view(n * c, 1, h_low, w_low).double(), radius)], 1)  # [P, 2d, M]
+    m = vectors.shape[-1]
+    keep = (torch.rand(n, m, generator=g) < 0.7).float() if weighted else None
+    if weighted:
+        keep[:, 0] = 1
+    weight = keep.double() if weighted else torch.ones(n, m, dtype=torch.float64)
+    mean = (vectors * weight.unsqueeze(1)).sum(-1) / weight.sum(-1, keepdim=True)
+    centred = (vectors - mean.unsqueeze(-1)) * weight.unsqueeze(1)
+    expected = centred @ centred.transpose(1, 2)
+    got_mean, got = triton_engine._launch_region_moments(y, p, keep, radius)
+    assert_close_rel(got_mean.view(n * c, 2 * d), mean, 1e-7, "mean")
+    for name, rows, cols in (("Sy", slice(0, d), slice(0, d)), ("Syp", slice(0, d), slice(d, None)),
+                             ("Sp", slice(d, None), slice(d, None))):
+        assert_close_rel(got.view(n * c, 2 * d, 2 * d)[:, rows, cols], expected[:, rows, cols], 1e-6, name)
 
 
 @pytest.mark.parametrize("options,shape", [({"pool_size": 4}, (1, 2, 39, 43)), ({"pool_size": 3}, (1, 2, 39, 42)),

@@ -1,20 +1,26 @@
 """The Triton engine: fused kernels for the RMI statistics and their gradient.
 
-Four kernels, forward then backward, each reading its inputs once:
+Forward then backward, the full-resolution kernels reading their inputs once:
 
   A `_pool_forward_kernel`   full resolution, one image and a block of
       downsampled cells per program, looping over the classes: probabilities
       (sigmoid, or softmax from a first log-sum-exp loop), valid mask, the
       s x s pooling of p and of the one-hot labels (by counting), the arg-max
       of max pooling, the pixel-term partial sums and a non-finite count.
-  B `_region_moments_kernel` downsampled, one (n, c) plane, one tile of
-      region positions and one block of the joint [y; p] covariance per
-      program: float32 moments centred on the tile's own mean (sub-blocks
-      merged in registers with Chan's formula); tiles are merged in float64
-      by `algebra.merge_tiles`.
-  C `_region_grad_kernel`    downsampled, the stencil of the backward:
+  B downsampled, the sums of the region vectors and of their products, the
+      maps centred on their means (`_launch_region_moments`):
+      B1 `_shifted_products_kernel` one plane, a tile of cells and a row of
+         the (2R-1) x (2R-1) stencil per program: sums of x(u) x'(u + e) over
+         the map, which are the products' sums over every origin whose window
+         reaches the map (zeros outside it);
+      B2 `_window_products_kernel` the origins off the grid (taken out again),
+         or with exclude_ignored the grid's kept vectors: gathered, products
+         on the float64 tensor cores. The merge is float64 PyTorch.
+  C `_region_grad_kernel`    downsampled, the backward's
       dL/dp'_q = sum over the windows m that hold q at offset k of
-      [G (v_m - vbar)]_k, G = [Gyp^T, Gp + Gp^T] acting on the joint vector.
+      [G (v_m - vbar)]_k, G = [Gyp^T, Gp + Gp^T] acting on the joint vector:
+      a fixed (2R-1) x (2R-1) stencil over the interior, window by window
+      over the frame R - 1 wide around it.
   D `_pool_backward_kernel`  full resolution, same blocking as A: the pooling's
       backward (avg spreads / s^2, max routes to the stored arg-max), the
       sigmoid/softmax derivative, the valid mask and the BCE/CE gradient,
@@ -38,7 +44,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..algebra import merge_tiles, split_blocks
+from ..algebra import split_blocks
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
@@ -65,21 +71,26 @@ GPU_BLOCKS = dict(
     FULL_RES_ELEMENTS=1024,  # pixels per program of kernels A and D (cells x window)
     MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
-    STENCIL_FRAME_BLOCK=256,  # frame cells per program of kernel C
+    PRODUCT_ELEMENTS=2048,  # cells x stencil columns per step of the shifted products (kernel B1)
+    PRODUCT_TILE=4096,  # cells per program of kernel B1 (one reduction each)
+    STENCIL_FRAME_ELEMENTS=4096,  # frame cells x window offsets per program of kernel C
     STENCIL_TILE=1024,  # interior cells per program of kernel C
     STENCIL_TILE_W=64,  # their columns
 )
-INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256,
-                          STENCIL_FRAME_BLOCK=4096, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
+INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256, PRODUCT_ELEMENTS=1 << 17,
+                          PRODUCT_TILE=1 << 14,
+                          STENCIL_FRAME_ELEMENTS=1 << 16, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
 FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
 MOMENT_BLOCK_M = _BLOCKS["MOMENT_BLOCK_M"]
 MOMENT_BD = _BLOCKS["MOMENT_BD"]
-STENCIL_FRAME_BLOCK = _BLOCKS["STENCIL_FRAME_BLOCK"]
+PRODUCT_ELEMENTS = _BLOCKS["PRODUCT_ELEMENTS"]
+PRODUCT_TILE = _BLOCKS["PRODUCT_TILE"]
+STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
-NUM_WARPS = dict(pool_forward=8, region_moments=8, region_grad=8, pool_backward=8)
+NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, region_grad=8, pool_backward=8)
 MOMENT_TILE_POSITIONS = 1024  # positions per tile handed to the float64 merge
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float32 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
@@ -232,35 +243,124 @@ if _HAVE_TRITON:
         tl.store(part + 2, tl.sum(tl.sum(nonfinite, axis=1), axis=0))
 
     @triton.jit
-    def _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, W_low,
+    def _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, H_low, W_low, centre_y, centre_p,
                       R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-        """Entries J of the joint region vectors [y; p] at positions (mi, mj).
+        """Entries J of the joint region vectors [y; p] at origins (mi, mj), minus
+        the maps' centres, in float64 (where the difference of float32 values is
+        exact); 0 outside the map (origins off the grid) and at padding entries.
 
         J indexes the padded joint vector: J < D_PAD the labels' window entry
         J, else the probabilities' entry J - D_PAD (row-major in the R x R
-        window); padding entries read 0. Returns [B, len(J)] float32.
+        window). Returns [B, len(J)] float64.
         """
         is_p = J >= D_PAD
         comp = J % D_PAD
-        ok = comp < D
-        addr = plane_base + (mi[:, None] + (comp // R)[None, :]) * W_low + (mj[:, None] + (comp % R)[None, :])
-        mask = m_ok[:, None] & ok[None, :]
+        row = mi[:, None] + (comp // R)[None, :]
+        col = mj[:, None] + (comp % R)[None, :]
+        mask = m_ok[:, None] & (comp < D)[None, :] & (row >= 0) & (row < H_low) & (col >= 0) & (col < W_low)
+        addr = plane_base + row * W_low + col
         vy = tl.load(y_ptr + addr, mask=mask & (~is_p)[None, :], other=0.0)
         vp = tl.load(p_ptr + addr, mask=mask & is_p[None, :], other=0.0)
-        return vy + vp
+        centre = tl.where(is_p, centre_p, centre_y)
+        return tl.where(mask, (vy + vp).to(tl.float64) - centre[None, :], 0.0)
 
     @triton.jit
-    def _region_moments_kernel(
+    def _frame_cells(f, H, W, H_in, W_in, R: tl.constexpr):
+        """(row, col) of cell f of the frame of an H x W map around the H_in x W_in
+        interior at (R-1, R-1): first the H - H_in full rows above and below
+        the interior, then the rows beside it, W - W_in cells each."""
+        band = (H - H_in) * W
+        side_w = W - W_in
+        side = tl.maximum(f - band, 0)
+        row = f // W
+        col = side % side_w
+        qi = tl.where(f < band, tl.where(row < R - 1, row, row + H_in), R - 1 + side // side_w)
+        qj = tl.where(f < band, f % W, tl.where(col < R - 1, col, col + W_in))
+        return qi, qj
+
+    @triton.jit
+    def _shifted_products_kernel(
+        y_ptr,  # [P, H', W'] float32 pooled labels y'
+        p_ptr,  # [P, H', W'] float32 pooled probabilities p'
+        centre_ptr,  # [P, 2] float32 the centres of the y' and p' maps
+        prod_ptr,  # [P, T, 3, (2R-1)^2] float64 out: each tile's sums of yy, yp, pp products
+        sum_ptr,  # [P, T, 2] float64 out: each tile's sums of the centred y' and p'
+        H_low, W_low, T, tile_cells,
+        R: tl.constexpr, W_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """Sums over a tile of cells u (flat index) of x(u) x'(u + e) for the
+        centred maps x, x' in (y, y), (y, p), (p, p) and the offsets e of one row
+        (program axis 2) of the (2R-1) x (2R-1) stencil, with u + e in the map.
+        Over all origins whose window reaches the map (zeros outside it), the
+        region vectors' sums of products are these, summed over the tiles: entry
+        (j, j') of the joint matrix is the sum for e = offset(j') - offset(j).
+        The maps are centred in float32 (every use of a cell sees the same
+        value); products and sums are float64, where those products are exact:
+        the merge takes the sums apart again (off-grid origins, means), which
+        float32 rounding of each product would leave inconsistent -- enough to
+        move the log-determinant of a nearly singular posterior by 1e-5."""
+        WIDTH: tl.constexpr = 2 * R - 1
+        E: tl.constexpr = WIDTH * WIDTH
+        plane = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1)
+        a = tl.program_id(2)  # stencil row: row offset a - (R - 1)
+        plane_base = plane * H_low * W_low
+        centre_y = tl.load(centre_ptr + plane * 2)
+        centre_p = tl.load(centre_ptr + plane * 2 + 1)
+        b = tl.arange(0, W_PAD)  # column offsets b - (R - 1)
+        acc_yy = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
+        acc_yp = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
+        acc_pp = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
+        sum_y = tl.zeros((CHUNK,), dtype=tl.float64)
+        sum_p = tl.zeros((CHUNK,), dtype=tl.float64)
+        start = tile * tile_cells
+        stop = tl.minimum(start + tile_cells, H_low * W_low)
+        for first in range(start, stop, CHUNK):
+            q = first + tl.arange(0, CHUNK)
+            ok = q < stop
+            qi = q // W_low
+            qj = q - qi * W_low
+            y0 = tl.where(ok, tl.load(y_ptr + plane_base + q, mask=ok, other=0.0) - centre_y, 0.0).to(tl.float64)
+            p0 = tl.where(ok, tl.load(p_ptr + plane_base + q, mask=ok, other=0.0) - centre_p, 0.0).to(tl.float64)
+            sum_y += y0
+            sum_p += p0
+            rows = qi + a - (R - 1)
+            cols = qj[None, :] + b[:, None] - (R - 1)
+            shifted = ((ok & (rows >= 0) & (rows < H_low))[None, :] & (b < WIDTH)[:, None]
+                       & (cols >= 0) & (cols < W_low))
+            at = plane_base + (q + (a - (R - 1)) * W_low)[None, :] + (b[:, None] - (R - 1))
+            y1 = tl.where(shifted, tl.load(y_ptr + at, mask=shifted, other=0.0) - centre_y, 0.0).to(tl.float64)
+            p1 = tl.where(shifted, tl.load(p_ptr + at, mask=shifted, other=0.0) - centre_p, 0.0).to(tl.float64)
+            acc_yy += y0[None, :] * y1
+            acc_yp += y0[None, :] * p1
+            acc_pp += p0[None, :] * p1
+        row = prod_ptr + (plane * T + tile) * (3 * E) + a * WIDTH + b
+        tl.store(row, tl.sum(acc_yy, axis=1), mask=b < WIDTH)
+        tl.store(row + E, tl.sum(acc_yp, axis=1), mask=b < WIDTH)
+        tl.store(row + 2 * E, tl.sum(acc_pp, axis=1), mask=b < WIDTH)
+        if a == 0:
+            tl.store(sum_ptr + (plane * T + tile) * 2, tl.sum(sum_y, axis=0))
+            tl.store(sum_ptr + (plane * T + tile) * 2 + 1, tl.sum(sum_p, axis=0))
+
+    @triton.jit
+    def _window_products_kernel(
         y_ptr,  # [P, H', W'] float32 pooled labels y' (P = N * C planes)
         p_ptr,  # [P, H', W'] float32 pooled probabilities p'
         keep_ptr,  # [N, M] float32 0/1: region vector enters the statistics (when HAS_KEEP)
-        count_ptr,  # [P, T] float32 out: kept region vectors per tile
-        mean_ptr,  # [P, T, 2d] float32 out: each tile's mean joint vector
-        sums_ptr,  # [P, T, 2d, 2d] float32 out: each tile's centred sums of products
-        C, H_low, W_low, W_v, M, tile_positions, T,
+        centre_ptr,  # [P, 2] float32 the centres of the y' and p' maps
+        count_ptr,  # [P, T] float64 out: region vectors per tile
+        sum_ptr,  # [P, T, 2d] float64 out: each tile's sum of centred vectors
+        gram_ptr,  # [P, T, 2d, 2d] float64 out: each tile's sums of their products
+        C, H_low, W_low, H_v, W_v, M, tile_positions, T,
         R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BD: tl.constexpr,
-        BLOCK_M: tl.constexpr, HAS_KEEP: tl.constexpr,
+        BLOCK_M: tl.constexpr, HAS_KEEP: tl.constexpr, OFF_GRID: tl.constexpr,
     ):
+        """Sums of the centred region vectors and of their products (float64,
+        exact products; tl.dot runs on the float64 tensor cores) over M origins:
+        the grid's (m = row * W_v + col, weighted by `keep`), or with OFF_GRID
+        those off the grid whose windows reach the map (m indexes the frame,
+        R - 1 wide, around the grid in the (H' + R - 1) x (W' + R - 1) range of
+        such origins). Each program owns a BD x BD block of the joint matrix."""
         plane = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
         pair = tl.program_id(2)
@@ -270,45 +370,39 @@ if _HAVE_TRITON:
         Jr = bi * BD + tl.arange(0, BD)
         Jc = bj * BD + tl.arange(0, BD)
         plane_base = plane * H_low * W_low
-        keep_base = (plane // C) * M
+        centre_y = tl.load(centre_ptr + plane * 2)
+        centre_p = tl.load(centre_ptr + plane * 2 + 1)
         lo = tile * tile_positions
         hi = tl.minimum(lo + tile_positions, M)
 
-        n_a = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.float32), axis=0)
-        mean_r = tl.zeros((BD,), dtype=tl.float32)
-        mean_c = tl.zeros((BD,), dtype=tl.float32)
-        m2 = tl.zeros((BD, BD), dtype=tl.float32)
+        count = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        total = tl.zeros((BD,), dtype=tl.float64)
+        gram = tl.zeros((BD, BD), dtype=tl.float64)
         for start in range(lo, hi, BLOCK_M):
             m = start + tl.arange(0, BLOCK_M)
             m_ok = m < hi
-            mi = m // W_v
-            mj = m % W_v
+            if OFF_GRID:
+                mi, mj = _frame_cells(m, H_low + R - 1, W_low + R - 1, H_v, W_v, R)
+                mi -= R - 1
+                mj -= R - 1
+            else:
+                mi = m // W_v
+                mj = m % W_v
+            vr = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jr, H_low, W_low, centre_y, centre_p,
+                               R, D, D_PAD)
             if HAS_KEEP:
-                keep = tl.load(keep_ptr + keep_base + m, mask=m_ok, other=0.0)
+                keep = tl.load(keep_ptr + (plane // C) * M + m, mask=m_ok, other=0.0).to(tl.float64)
+                vr = vr * keep[:, None]
+                count += keep
             else:
-                keep = m_ok.to(tl.float32)
-            vr = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jr, W_low, R, D, D_PAD)
-            n_b = tl.sum(keep, axis=0)
-            inv_b = 1.0 / tl.maximum(n_b, 1.0)
-            mean_rb = tl.sum(vr * keep[:, None], axis=0) * inv_b
-            cr = (vr - mean_rb[None, :]) * keep[:, None]
+                count += m_ok.to(tl.float64)
             if NB == 1:  # one block holds the whole joint vector: rows and columns coincide
-                mean_cb = mean_rb
-                cc = cr
+                vc = vr
             else:
-                vc = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jc, W_low, R, D, D_PAD)
-                mean_cb = tl.sum(vc * keep[:, None], axis=0) * inv_b
-                cc = (vc - mean_cb[None, :]) * keep[:, None]
-            m2_b = tl.dot(tl.trans(cr), cc, input_precision="ieee")
-            # Chan's merge of the running moments (n_a) with this sub-block's (n_b)
-            n_ab = n_a + n_b
-            f = n_b / tl.maximum(n_ab, 1.0)
-            d_r = mean_rb - mean_r
-            d_c = mean_cb - mean_c
-            m2 += m2_b + (n_a * f) * (d_r[:, None] * d_c[None, :])
-            mean_r += d_r * f
-            mean_c += d_c * f
-            n_a = n_ab
+                vc = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jc, H_low, W_low, centre_y, centre_p,
+                                   R, D, D_PAD)
+            gram += tl.dot(tl.trans(vr), vc)
+            total += tl.sum(vr, axis=0)
 
         out = plane * T + tile
         comp_r = Jr % D_PAD
@@ -317,12 +411,13 @@ if _HAVE_TRITON:
         jc = (Jc // D_PAD) * D + comp_c
         ok_r = comp_r < D
         ok_c = comp_c < D
-        tl.store(sums_ptr + out * (4 * D * D) + jr[:, None] * (2 * D) + jc[None, :], m2,
+        tl.store(gram_ptr + out * (4 * D * D) + jr[:, None] * (2 * D) + jc[None, :], gram,
                  mask=ok_r[:, None] & ok_c[None, :])
         first_col = (Jc * 0 + bj) == 0  # [BD]: this program owns the first column block
-        tl.store(mean_ptr + out * (2 * D) + jr, mean_r, mask=ok_r & first_col)
-        lane = tl.arange(0, BD)
-        tl.store(count_ptr + out + lane, n_a + lane * 0.0, mask=(lane == 0) & ((lane * 0 + pair) == 0))
+        tl.store(sum_ptr + out * (2 * D) + jr, total, mask=ok_r & first_col)
+        lane = tl.arange(0, BLOCK_M)
+        tl.store(count_ptr + out + lane * 0, tl.sum(count, axis=0) + lane * 0.0,
+                 mask=(lane == 0) & ((lane * 0 + pair) == 0))
 
 # ----------------------------------------------------------------------------
 # backward kernels
@@ -345,7 +440,7 @@ if _HAVE_TRITON:
         acc = tl.zeros((TILE_H, TILE_W), dtype=tl.float32)
         for a in range(WIDTH):
             row = cells + (a - (R - 1)) * W_low - (R - 1)
-            for b in tl.static_range(WIDTH):
+            for b in range(WIDTH):
                 vy = tl.load(y_ptr + row + b, mask=ok, other=0.0)
                 vp = tl.load(p_ptr + row + b, mask=ok, other=0.0)
                 acc += (tl.load(taps + a * WIDTH + b) * (vy - centre_y)
@@ -356,44 +451,39 @@ if _HAVE_TRITON:
     @triton.jit
     def _frame_grad(y_ptr, p_ptr, keep_ptr, g_ptr, shift_ptr, level_ptr, out_ptr, plane, block,
                     C, H_low, W_low, H_v, W_v, M, H_in, W_in,
-                    R: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_KEEP: tl.constexpr):
+                    R: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_KEEP: tl.constexpr):
         """dL/dp' of BLOCK_Q cells of the frame around the interior (every cell
         when H_in = W_in = 0), window by window: the sum over the offsets k whose
         window origin m = q - offset(k) is on the grid (and kept) of
-        [G (v_m - vbar)]_k = [G (v_m - centres)]_k - shift_k, D x 2d loads a cell.
-        Frame cell f: first the H' - H_in full rows above and below the
-        interior, then the rows beside it, W' - W_in cells each."""
+        [G (v_m - vbar)]_k = [G (v_m - centres)]_k - shift_k. All k at once in a
+        [D_PAD, BLOCK_Q] block (cells along the fast axis: loads coalesce and
+        the sum over k stays in each thread), one window entry j at a time."""
         D: tl.constexpr = R * R
         f = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        band = (H_low - H_in) * W_low
-        side_w = W_low - W_in
-        q_ok = f < band + H_in * side_w
-        side = tl.maximum(f - band, 0)
-        row = f // W_low
-        col = side % side_w
-        qi = tl.where(f < band, tl.where(row < R - 1, row, row + H_in), R - 1 + side // side_w)
-        qj = tl.where(f < band, f % W_low, tl.where(col < R - 1, col, col + W_in))
+        q_ok = f < H_low * W_low - H_in * W_in
+        qi, qj = _frame_cells(f, H_low, W_low, H_in, W_in, R)
+        k = tl.arange(0, D_PAD)
+        mi = qi[None, :] - (k // R)[:, None]
+        mj = qj[None, :] - (k % R)[:, None]
+        m_ok = (k < D)[:, None] & q_ok[None, :] & (mi >= 0) & (mi < H_v) & (mj >= 0) & (mj < W_v)
         centre_y = tl.load(level_ptr + plane * 3)
         centre_p = tl.load(level_ptr + plane * 3 + 1)
         plane_base = plane * H_low * W_low
-        acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        for k in range(D):
-            mi = qi - k // R
-            mj = qj - k % R
-            m_ok = q_ok & (mi >= 0) & (mi < H_v) & (mj >= 0) & (mj < W_v)
-            g_row = g_ptr + (plane * D + k) * (2 * D)
-            term = tl.zeros((BLOCK_Q,), dtype=tl.float32) - tl.load(shift_ptr + plane * D + k)
-            for a in range(R):
-                origin = plane_base + (mi + a) * W_low + mj
-                for b in tl.static_range(R):
-                    vy = tl.load(y_ptr + origin + b, mask=m_ok, other=0.0)
-                    vp = tl.load(p_ptr + origin + b, mask=m_ok, other=0.0)
-                    term += (tl.load(g_row + a * R + b) * (vy - centre_y)
-                             + tl.load(g_row + D + a * R + b) * (vp - centre_p))
-            if HAS_KEEP:
-                term = term * tl.load(keep_ptr + (plane // C) * M + mi * W_v + mj, mask=m_ok, other=0.0)
-            acc += tl.where(m_ok, term, 0.0)
-        tl.store(out_ptr + plane_base + qi * W_low + qj, acc, mask=q_ok)
+        g_rows = g_ptr + (plane * D + k) * (2 * D)  # [D_PAD] row k of G
+        acc = tl.zeros((D_PAD, BLOCK_Q), dtype=tl.float32) - tl.load(shift_ptr + plane * D + k, mask=k < D,
+                                                                      other=0.0)[:, None]
+        for a in range(R):
+            origin = plane_base + (mi + a) * W_low + mj
+            for b in range(R):
+                vy = tl.load(y_ptr + origin + b, mask=m_ok, other=0.0)
+                vp = tl.load(p_ptr + origin + b, mask=m_ok, other=0.0)
+                g_y = tl.load(g_rows + a * R + b, mask=k < D, other=0.0)
+                g_p = tl.load(g_rows + D + a * R + b, mask=k < D, other=0.0)
+                acc += g_y[:, None] * (vy - centre_y) + g_p[:, None] * (vp - centre_p)
+        if HAS_KEEP:
+            acc = acc * tl.load(keep_ptr + (plane // C) * M + mi * W_v + mj, mask=m_ok, other=0.0)
+        grad = tl.sum(tl.where(m_ok, acc, 0.0), axis=0)
+        tl.store(out_ptr + plane_base + qi * W_low + qj, grad, mask=q_ok)
 
     @triton.jit
     def _region_grad_kernel(
@@ -406,8 +496,8 @@ if _HAVE_TRITON:
         level_ptr,  # [P, 3] float32 the y and p maps' centres and sum_k [G (vbar - centres)]_k
         out_ptr,  # [P, H', W'] float32 out: dL/dp'
         C, H_low, W_low, H_v, W_v, M, H_in, W_in, tiles_w, n_tiles,
-        R: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-        HAS_KEEP: tl.constexpr,
+        R: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_H: tl.constexpr,
+        TILE_W: tl.constexpr, HAS_KEEP: tl.constexpr,
     ):
         """Programs [0, n_tiles) of a plane take the interior's tiles, the rest
         the frame's cells (see `_interior_grad` and `_frame_grad`)."""
@@ -419,7 +509,7 @@ if _HAVE_TRITON:
                            R, TILE_H, TILE_W)
         else:
             _frame_grad(y_ptr, p_ptr, keep_ptr, g_ptr, shift_ptr, level_ptr, out_ptr, plane, pid - n_tiles,
-                        C, H_low, W_low, H_v, W_v, M, H_in, W_in, R, BLOCK_Q, HAS_KEEP)
+                        C, H_low, W_low, H_v, W_v, M, H_in, W_in, R, D_PAD, BLOCK_Q, HAS_KEEP)
 
     @triton.jit
     def _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S: tl.constexpr, POOL: tl.constexpr):
@@ -593,25 +683,71 @@ def _moment_layout(d: int, m: int):
     return d_pad, bd, nb, block_m, per_tile, tiles
 
 
-def _launch_region_moments(y_low, p_low, keep, radius: int):
-    """Kernel B + float64 merge -> (mean [N, C, 2d] f64, joint sums [N, C, 2d, 2d] f64)."""
+def _window_products(y_low, p_low, keep, centres, radius: int, positions: int, off_grid: bool):
+    """Kernel B2 -> (count [P], sum [P, 2d], products [P, 2d, 2d]), float64, of the centred
+    region vectors of the grid (weighted by `keep`) or off the grid (`off_grid`)."""
     n, c, h_low, w_low = p_low.shape
     d = radius * radius
-    h_v, w_v = h_low - radius + 1, w_low - radius + 1
-    m = h_v * w_v
-    d_pad, bd, nb, block_m, per_tile, tiles = _moment_layout(d, m)
+    d_pad, bd, nb, block_m, per_tile, tiles = _moment_layout(d, positions)
     planes = n * c
     dev = p_low.device
-    count = _new((planes, tiles), torch.float32, dev)
-    mean = _new((planes, tiles, 2 * d), torch.float32, dev)
-    sums = _new((planes, tiles, 2 * d, 2 * d), torch.float32, dev)
-    _region_moments_kernel[(planes, tiles, nb * nb)](
-        y_low, p_low, keep if keep is not None else p_low, count, mean, sums,
-        c, h_low, w_low, w_v, m, per_tile, tiles,
-        R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None,
-        num_warps=NUM_WARPS["region_moments"],
+    count = _new((planes, tiles), torch.float64, dev)
+    total = _new((planes, tiles, 2 * d), torch.float64, dev)
+    gram = _new((planes, tiles, 2 * d, 2 * d), torch.float64, dev)
+    _window_products_kernel[(planes, tiles, nb * nb)](
+        y_low, p_low, keep if keep is not None else p_low, centres, count, total, gram,
+        c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, positions, per_tile, tiles,
+        R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, OFF_GRID=off_grid,
+        num_warps=NUM_WARPS["window_products"],
     )
-    _, grand, joint = merge_tiles(count, mean, sums)
+    return count.sum(1), total.sum(1), gram.sum(1)
+
+
+def _product_chunk(radius: int, cells: int) -> int:
+    """Cells per step of kernel B1: its float64 accumulators hold chunk x W_PAD values."""
+    return max(16, min(PRODUCT_ELEMENTS // max(8, _next_pow2(2 * radius - 1)), _next_pow2(cells)))
+
+
+def _launch_region_moments(y_low, p_low, keep, radius: int):
+    """Kernel B -> (mean [N, C, 2d] f64, joint sums [N, C, 2d, 2d] f64) of the region vectors.
+
+    The maps are centred on their means; sums of the centred vectors and of their
+    products are float64 from there (exact products of float32 values). With weights
+    (`keep`) the grid's vectors are gathered (B2). Without, the sums over every origin
+    whose window reaches the map (zeros outside it) are shifted-product sums over the
+    map, (2R-1)^2 per pair of maps (B1, `_shifted_products_kernel`), and the origins
+    off the grid (a frame R - 1 wide) are gathered (B2) and taken out."""
+    n, c, h_low, w_low = p_low.shape
+    d = radius * radius
+    m = (h_low - radius + 1) * (w_low - radius + 1)
+    planes, dev = n * c, p_low.device
+    centres = torch.stack([y_low.mean((2, 3)), p_low.mean((2, 3))], -1).view(planes, 2)
+    if keep is not None:
+        count, total, joint = _window_products(y_low, p_low, keep, centres, radius, m, off_grid=False)
+    else:
+        cells, width = h_low * w_low, 2 * radius - 1
+        chunk = _product_chunk(radius, cells)
+        tile_cells = triton.cdiv(min(cells, PRODUCT_TILE), chunk) * chunk
+        tiles = triton.cdiv(cells, tile_cells)
+        products = _new((planes, tiles, 3, width * width), torch.float64, dev)
+        sums = _new((planes, tiles, 2), torch.float64, dev)
+        _shifted_products_kernel[(planes, tiles, width)](
+            y_low, p_low, centres, products, sums, h_low, w_low, tiles, tile_cells,
+            R=radius, W_PAD=_next_pow2(width), CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
+        )
+        products = products.sum(1)[:, :, _tap_index(radius, dev)].view(planes, 3, d, d)
+        yy, yp, pp = products.unbind(1)
+        joint = torch.cat([torch.cat([yy, yp], 2), torch.cat([yp.transpose(1, 2), pp], 2)], 1)
+        total = sums.sum(1).repeat_interleave(d, 1)
+        off_grid = (h_low + radius - 1) * (w_low + radius - 1) - m
+        if off_grid:
+            _, off_total, off_joint = _window_products(y_low, p_low, None, centres, radius, off_grid, off_grid=True)
+            joint = joint - off_joint
+            total = total - off_total
+        count = torch.full((planes,), float(m), dtype=torch.float64, device=dev)
+    mean = total / count.clamp_min(1).unsqueeze(1)
+    joint = joint - count[:, None, None] * mean.unsqueeze(2) * mean.unsqueeze(1)
+    grand = mean + centres.double().repeat_interleave(d, 1)
     return grand.view(n, c, 2 * d), joint.view(n, c, 2 * d, 2 * d)
 
 
@@ -640,7 +776,7 @@ class _StencilLayout(NamedTuple):
         tiles_w = triton.cdiv(w_in, tile_w)
         n_tiles = triton.cdiv(h_in, tile_h) * tiles_w
         frame = h_low * w_low - h_in * w_in
-        block_q = max(16, min(STENCIL_FRAME_BLOCK, _next_pow2(frame)))
+        block_q = max(16, min(STENCIL_FRAME_ELEMENTS // _next_pow2(radius * radius), _next_pow2(frame)))
         return _StencilLayout(h_in, w_in, tile_h, tile_w, max(tiles_w, 1), n_tiles, block_q,
                               triton.cdiv(frame, block_q))
 
@@ -681,7 +817,8 @@ def _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius: int):
     _region_grad_kernel[(n * c, layout.n_tiles + layout.n_frame_blocks)](
         y_low, p_low, keep if keep is not None else p_low, g_joint.float(), shift, taps, level, out,
         c, h_low, w_low, h_v, w_v, h_v * w_v, layout.h_in, layout.w_in, layout.tiles_w, layout.n_tiles,
-        R=radius, BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w, HAS_KEEP=keep is not None,
+        R=radius, D_PAD=_next_pow2(d), BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w,
+        HAS_KEEP=keep is not None,
         num_warps=NUM_WARPS["region_grad"],
     )
     return out
