@@ -229,5 +229,24 @@ def test_compiles_without_spills(compiled, spec):
     assert result["shared"] <= SHARED_LIMIT[spec["arch"]], f"shared memory over the limit: {result}"
 
 
+@pytest.mark.slow
+def test_kernel_sass_counts_every_kernel():
+    """bench/kernel_sass.py (SASS instructions a cell, no GPU) finds the loop it counts in each kernel."""
+    pytest.importorskip("triton")
+    if not _cuda_backend_present():
+        pytest.skip("this Triton install has no NVIDIA backend to compile for")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "kernel_sass.py")], capture_output=True,
+                          text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\d+\.\d)", proc.stdout, re.M))
+    kernels = ["A pool_forward", "B1 shifted_products", "B2 window_products (off grid)", "C region_grad (interior)",
+               "C region_grad (frame)", "D pool_backward"]
+    assert sorted(rows) == sorted(kernels + ["total"]), proc.stdout
+    assert all(float(rows[k]) > 0 for k in kernels), proc.stdout
+    assert abs(sum(float(rows[k]) for k in kernels) - float(rows["total"])) < 0.5, proc.stdout
+
+
 if __name__ == "__main__":
     main()
