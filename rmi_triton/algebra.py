@@ -4,7 +4,6 @@ Engines reduce the full-resolution maps to per-(n, c) statistics of the region
 vectors; everything after that is tiny (d = R*R <= 100) and lives here, in
 float64 PyTorch, so autograd differentiates it:
 
-    merge_tiles:     per-tile (count, mean, centred sums) -> Chan's merge
     half_logdet_posterior:  Sy, Sp, Syp -> h = sum_i log(diag chol(V + aI)_i + 1e-8),
                      V = Sy - Syp (Sp + aI)^-1 Syp^T
 """
@@ -19,26 +18,6 @@ from .options import LOG_EPS, RIDGE
 RETRY_GROWTH = 10.0
 MAX_RETRIES = 12
 COMPILED_RETRIES = 6  # under torch.compile: ridge up to 5e-4 * 1e6, always run
-
-
-def merge_tiles(count: torch.Tensor, mean: torch.Tensor, centred: torch.Tensor):
-    """Merge per-tile moments with Chan's parallel formula, in float64.
-
-    count:   [..., T]        number of region vectors in each tile
-    mean:    [..., T, k]     each tile's mean vector
-    centred: [..., T, k, k]  each tile's sum of (x - mean_t)(x - mean_t)^T
-    returns  (total count [...], mean [..., k], centred sums [..., k, k])
-
-    Tiles are centred on their own mean, so their float32 sums keep the
-    precision the a = 5e-4 ridge needs; only the merge needs float64.
-    """
-    count = count.double()
-    mean = mean.double()
-    total = count.sum(-1)
-    grand = (count.unsqueeze(-1) * mean).sum(-2) / total.clamp_min(1).unsqueeze(-1)
-    delta = mean - grand.unsqueeze(-2)
-    spread = torch.einsum("...t,...ti,...tj->...ij", count, delta, delta)
-    return total, grand, centred.double().sum(-3) + spread
 
 
 def split_blocks(joint: torch.Tensor, d: int):
