@@ -294,19 +294,20 @@ if _HAVE_TRITON:
         Over all origins whose window reaches the map (zeros outside it), the
         region vectors' sums of products are these, summed over the tiles: entry
         (j, j') of the joint matrix is the sum for e = offset(j') - offset(j).
-        The maps are centred in float32 (every use of a cell sees the same
-        value); products and sums are float64, where those products are exact:
-        the merge takes the sums apart again (off-grid origins, means), which
-        float32 rounding of each product would leave inconsistent -- enough to
-        move the log-determinant of a nearly singular posterior by 1e-5."""
+        The maps are centred, multiplied and summed in float64, where the
+        differences and products of float32 values are exact (as in the
+        gathers of `_window_products_kernel`): the merge takes the sums apart
+        again (off-grid origins, means), which float32 rounding would leave
+        inconsistent -- enough to move the log-determinant of a nearly singular
+        posterior by 1e-5."""
         WIDTH: tl.constexpr = 2 * R - 1
         E: tl.constexpr = WIDTH * WIDTH
         plane = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
         a = tl.program_id(2)  # stencil row: row offset a - (R - 1)
         plane_base = plane * H_low * W_low
-        centre_y = tl.load(centre_ptr + plane * 2)
-        centre_p = tl.load(centre_ptr + plane * 2 + 1)
+        centre_y = tl.load(centre_ptr + plane * 2).to(tl.float64)
+        centre_p = tl.load(centre_ptr + plane * 2 + 1).to(tl.float64)
         b = tl.arange(0, W_PAD)  # column offsets b - (R - 1)
         acc_yy = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
         acc_yp = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
@@ -320,8 +321,8 @@ if _HAVE_TRITON:
             ok = q < stop
             qi = q // W_low
             qj = q - qi * W_low
-            y0 = tl.where(ok, tl.load(y_ptr + plane_base + q, mask=ok, other=0.0) - centre_y, 0.0).to(tl.float64)
-            p0 = tl.where(ok, tl.load(p_ptr + plane_base + q, mask=ok, other=0.0) - centre_p, 0.0).to(tl.float64)
+            y0 = tl.where(ok, tl.load(y_ptr + plane_base + q, mask=ok, other=0.0).to(tl.float64) - centre_y, 0.0)
+            p0 = tl.where(ok, tl.load(p_ptr + plane_base + q, mask=ok, other=0.0).to(tl.float64) - centre_p, 0.0)
             sum_y += y0
             sum_p += p0
             rows = qi + a - (R - 1)
@@ -329,8 +330,8 @@ if _HAVE_TRITON:
             shifted = ((ok & (rows >= 0) & (rows < H_low))[None, :] & (b < WIDTH)[:, None]
                        & (cols >= 0) & (cols < W_low))
             at = plane_base + (q + (a - (R - 1)) * W_low)[None, :] + (b[:, None] - (R - 1))
-            y1 = tl.where(shifted, tl.load(y_ptr + at, mask=shifted, other=0.0) - centre_y, 0.0).to(tl.float64)
-            p1 = tl.where(shifted, tl.load(p_ptr + at, mask=shifted, other=0.0) - centre_p, 0.0).to(tl.float64)
+            y1 = tl.where(shifted, tl.load(y_ptr + at, mask=shifted, other=0.0).to(tl.float64) - centre_y, 0.0)
+            p1 = tl.where(shifted, tl.load(p_ptr + at, mask=shifted, other=0.0).to(tl.float64) - centre_p, 0.0)
             acc_yy += y0[None, :] * y1
             acc_yp += y0[None, :] * p1
             acc_pp += p0[None, :] * p1
