@@ -91,8 +91,8 @@ STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
 NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, region_grad=8, pool_backward=8)
-MOMENT_TILE_POSITIONS = 1024  # positions per tile handed to the float64 merge
-MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float32 tile sums per plane
+MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are summed in PyTorch)
+MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
 
 # Tests set this to pre-fill every internal output buffer with NaN (255 for the
@@ -671,8 +671,8 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
 
 
 def _moment_layout(d: int, m: int):
-    """(D_PAD, BD, NB, BLOCK_M, tile positions, T) of kernel B for d-dim regions,
-    m positions. BLOCK_M and BD stay >= 16, the smallest float32 tl.dot."""
+    """(D_PAD, BD, NB, BLOCK_M, tile positions, T) of kernel B2 for d-dim regions,
+    m positions. BLOCK_M and BD stay >= 16, the smallest tl.dot operand."""
     d_pad = _joint_pad(d)
     block_m = max(16, min(MOMENT_BLOCK_M, _next_pow2(m)))
     bd = min(2 * d_pad, MOMENT_BD)
