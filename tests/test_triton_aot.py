@@ -36,7 +36,7 @@ LABEL_TYPES = {"i64": "*i64", "i32": "*i32", "u8": "*u8"}
 FULL_RES_CASES = [
     dict(pool="avg", s=4, softmax=False, pixel=1, logits="fp32", labels="i64"),
     dict(pool="avg", s=2, softmax=False, pixel=1, logits="fp16", labels="i32", weights=True),
-    dict(pool="max", s=4, softmax=True, pixel=2, logits="bf16", labels="u8"),
+    dict(pool="max", s=4, softmax=True, pixel=2, logits="bf16", labels="u8", layout="nhwc"),
     dict(pool="max", s=8, softmax=False, pixel=0, logits="fp32", labels="i64"),
     dict(pool="none", s=1, softmax=True, pixel=2, logits="fp32", labels="i64", weights=True),
     dict(pool="avg", s=3, softmax=False, pixel=1, logits="fp32", labels="i64", wide=True),
@@ -87,12 +87,15 @@ def _kernel_source(spec):
     if spec["kernel"] in ("pool_forward", "pool_backward"):
         code = {"avg": te.POOL_AVG, "max": te.POOL_MAX, "none": te.POOL_NONE}[spec["pool"]]
         geo = te._Geometry(513, 513, code, spec["s"])
-        constexprs = dict(S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
+        constexprs = dict(S=geo.s, PAD=geo.pad, SP=geo.sp, BLOCK=geo.block, POOL=geo.pool,
                           SOFTMAX=spec["softmax"], PIXEL=spec["pixel"],
                           HAS_WEIGHTS=spec.get("weights", False))
         logits, labels = LOGIT_TYPES[spec["logits"]], LABEL_TYPES[spec["labels"]]
         # "wide": strides of a tensor past 2**31 elements are 64-bit integers
         wide = ("sx_n", "sx_c", "sx_h", "sg_n", "sg_c", "sg_h") if spec.get("wide") else ()
+        # a stride of 1 is a constant at run time (Triton specialises integers equal to 1): the
+        # width's for contiguous logits, the classes' for channels-last ones
+        ones = ("sx_c", "sg_c") if spec.get("layout") == "nhwc" else ("sx_w", "sg_w")
         if spec["kernel"] == "pool_forward":
             fn = te._pool_forward_kernel
             constexprs.update(WRITE_Y=True, CHECK_FINITE=True)
@@ -103,6 +106,7 @@ def _kernel_source(spec):
             constexprs.update(HAS_RMI=True)
             pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", g_low_ptr="*fp32", arg_ptr="*u8",
                             coef_ptr="*fp32", gx_ptr=logits)
+        constexprs.update({name: 1 for name in ones if name in fn.arg_names}, WIDE=bool(wide))
         return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs, wide), constexprs=constexprs)
 
     radius = spec["radius"]

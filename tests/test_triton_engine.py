@@ -83,6 +83,88 @@ def test_gpu_block_sizes(monkeypatch, options, shape):
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
 
 
+FULL_RES_BLOCK_CASES = [  # kernels A and D: window sides 4, 3 (padded to 4), 1, 5 (padded to 8)
+    ({}, (1, 2, 37, 53), False),
+    ({"pool": "max", "pool_size": 3, "probs": "softmax"}, (1, 3, 29, 31), True),
+    ({"pool": "none", "probs": "softmax", "pixel_loss": "ce", "class_weights": [0.5, 2.0, 1.0]}, (1, 3, 21, 23),
+     True),
+    ({"pool_size": 5, "radius": 2, "exclude_ignored": True}, (1, 2, 37, 53), False),
+]
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("options,shape,channels_last", FULL_RES_BLOCK_CASES,
+                         ids=[case_id(o) + ("-channels_last" if cl else "") for o, _, cl in FULL_RES_BLOCK_CASES])
+def test_full_resolution_blocks(monkeypatch, options, shape, channels_last, wide):
+    """Kernels A and D over many small blocks (the last one partial), with the int32
+    offsets within an image or the int64 ones an image of 2**31 elements gets."""
+    monkeypatch.setattr(triton_engine, "FULL_RES_ELEMENTS", 256)
+    monkeypatch.setattr(triton_engine, "_wide", lambda *images: wide)
+    logits, labels = random_inputs(*shape, seed=12)
+    if channels_last:
+        logits = logits.to(memory_format=torch.channels_last)
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+def test_wide_offsets_decided_by_the_image_extent():
+    """int64 offsets exactly when an image's last pixel (or label) lies 2**31 elements on."""
+    def meta(shape, stride):
+        return torch.empty_strided(shape, stride, device="meta")
+
+    small = meta((2, 150, 1024, 2048), (150 * 1024 * 2048, 1024 * 2048, 2048, 1))
+    assert not triton_engine._wide(small)  # 16 x 150 x 1024 x 2048 images stay int32 within an image
+    def channels_last(c, h, w):
+        return meta((1, c, h, w), (c * h * w, 1, w * c, c))
+
+    assert not triton_engine._wide(channels_last(1024, 2048, 1024))  # (H-1, W-1): 2047 * 2**20 + 1023 * 2**10
+    assert triton_engine._wide(channels_last(1024, 2049, 1024))  # 2**31 + 1023 * 2**10
+    assert not triton_engine._wide(meta((1, 1, 46340, 46340), (46340**2,) * 2 + (46340, 1)))
+    assert triton_engine._wide(meta((1, 1, 46341, 46341), (46341**2,) * 2 + (46341, 1)))  # the labels
+    strided = meta((1, 1, 3, 3), (10, 10, 2**30 - 1, 1))  # 2 (2**30 - 1) + 2 = 2**31
+    assert triton_engine._wide(strided)
+    assert not triton_engine._wide(meta((1, 1, 3, 3), (10, 10, 2**30 - 2, 1)))  # 2**31 - 2
+
+
+def test_sigmoid_and_softplus_pieces():
+    """The kernels' sigmoid (one exp2 and an rsqrt squared) and log(1 + exp(-|x|)) (a
+    polynomial) against float64 over |x| <= 80, tiny values included: within 3e-7 (1 + |x|)
+    relative, the float32 rounding of |x| / ln 2 in the exponent growing with |x|."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pieces(x_ptr, p_ptr, l_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x = tl.load(x_ptr + i)
+        p, e = triton_engine._sigmoid_and_exp(x)
+        tl.store(p_ptr + i, p)
+        tl.store(l_ptr + i, triton_engine._log1p_unit(e))
+
+    x = torch.cat([torch.linspace(-80, 80, 4093), torch.tensor([0.0, 1e-7, -1e-7])])
+    p, l = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    pieces[(1,)](x, p, l, N=x.numel())
+    x64 = x.double()
+    exact_p, exact_l = torch.sigmoid(x64), torch.log1p(torch.exp(-x64.abs()))
+    bound = 3e-7 * (1 + x64.abs())
+    assert ((p.double() - exact_p).abs() / exact_p <= bound).all()
+    assert ((l.double() - exact_l).abs() / exact_l <= bound).all()
+
+
+def test_max_pool_ties_route_like_torch():
+    """Windows whose maximum is shared (logits on a coarse grid): the gradient goes to the
+    first maximal pixel in row-major order, where torch's max pooling routes it."""
+    logits, labels = random_inputs(2, 3, 37, 53, seed=13)
+    logits = (logits * 0.5).round()  # values -3 .. 3: most windows hold ties
+    options = dict(pool="max")
+    loss, grad = loss_and_grad(_triton, logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
 REGION_GRAD_MAPS = [  # (H', W', R, kept): interior tiles across and down, maps with an empty interior
     # (R = 10: test_matches_reference_float32)
     (23, 45, 3, False), (23, 45, 3, True), (40, 45, 1, False), (37, 53, 2, False), (37, 53, 2, True),
@@ -239,10 +321,17 @@ def test_non_finite_logits_raise(bad):
     logits[0, 1, 5, 7] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         _triton(logits, labels)
-    # validate=False skips the check: the engine runs through (the non-finite value propagates)
+    # validate=False skips the check: the engine runs through. NaN and +inf propagate; a logit
+    # of -inf is a probability of exactly 0 and softplus(-inf) = 0 (its label is class 0 here)
     opts = RMIOptions(backend="triton", validate=False)
     stats = triton_engine.statistics(logits, labels, opts)
-    assert not torch.isfinite(stats.pixel)
+    if bad == -float("inf"):
+        assert labels[0, 5, 7] == 0
+        finite = triton_engine.statistics(logits.nan_to_num(neginf=-200.0), labels, opts)
+        torch.testing.assert_close(stats.pixel, finite.pixel, rtol=0, atol=0)
+        torch.testing.assert_close(stats.sp, finite.sp, rtol=0, atol=0)
+    else:
+        assert not torch.isfinite(stats.pixel)
 
 
 def test_rmi_only_gradient_and_pixel_only_gradient():

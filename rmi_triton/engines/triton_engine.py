@@ -68,7 +68,7 @@ PIXEL_NONE, PIXEL_BCE, PIXEL_CE = 0, 1, 2
 # operation rather than per element, so under TRITON_INTERPRET=1 the blocks are
 # larger; tests that need the GPU blocking set these module constants back.
 GPU_BLOCKS = dict(
-    FULL_RES_ELEMENTS=1024,  # pixels per program of kernels A and D (cells x window)
+    FULL_RES_ELEMENTS=2048,  # pixels per program of kernels A and D (cells x padded window)
     MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
     PRODUCT_ELEMENTS=2048,  # cells x stencil columns per step of the shifted products (kernel B1)
@@ -94,6 +94,8 @@ NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, region_g
 MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are summed in PyTorch)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
+LOG2E = tl.constexpr(1.4426950408889634) if _HAVE_TRITON else None  # 1 / ln 2
+LN2 = tl.constexpr(0.6931471805599453) if _HAVE_TRITON else None
 
 # Tests set this to pre-fill every internal output buffer with NaN (255 for the
 # uint8 arg-max), so that an element a kernel forgot to write cannot pass.
@@ -123,40 +125,108 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _window(pid_block, n_cells, W_cells, H, W, H_low, W_low,
-                S: tl.constexpr, PAD: tl.constexpr, SS: tl.constexpr, BLOCK: tl.constexpr):
+                S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
         """Geometry of a block of downsampled cells and their s x s windows.
 
         Cells tile the image without overlap (kernel = stride = s, shifted by
         the padding); the cell grid runs one row/column past the pooled map
         where needed so that every pixel lies in exactly one cell.
         Returns [BLOCK] cell row/col, [BLOCK] "cell is in the pooled map",
-        [BLOCK, SS] pixel row/col (int64) and [BLOCK, SS] "pixel exists".
+        [SP, BLOCK, SP] pixel row/col (clamped into the image: every address
+        the kernels form is in bounds, so their loads need no mask) and
+        "pixel exists", SP = s rounded up to a power of two. The axes are the
+        window's row, the cell, the window's column: threads run along image
+        rows (window column, then cell), so a warp's loads and stores
+        coalesce, and each thread holds its windows' rows, so the pooling's
+        sums and maxima stay inside a thread but for a few lanes.
         """
         cell = pid_block * BLOCK + tl.arange(0, BLOCK)
         cell_ok = cell < n_cells
         cell_r = cell // W_cells
         cell_c = cell % W_cells
-        k = tl.arange(0, SS)
-        row = (cell_r * S - PAD)[:, None] + (k // S)[None, :]
-        col = (cell_c * S - PAD)[:, None] + (k % S)[None, :]
-        pix_ok = (cell_ok[:, None] & (k < S * S)[None, :] & (row >= 0) & (row < H)
+        i = tl.arange(0, SP)[:, None, None]
+        j = tl.arange(0, SP)[None, None, :]
+        row = i + (cell_r * S - PAD)[None, :, None]
+        col = j + (cell_c * S - PAD)[None, :, None]
+        pix_ok = (cell_ok[None, :, None] & (i < S) & (j < S) & (row >= 0) & (row < H)
                   & (col >= 0) & (col < W))
         pooled = cell_ok & (cell_r < H_low) & (cell_c < W_low)
-        return cell_r, cell_c, pooled, row.to(tl.int64), col.to(tl.int64), pix_ok
+        row = tl.minimum(tl.maximum(row, 0), H - 1)
+        col = tl.minimum(tl.maximum(col, 0), W - 1)
+        return cell_r, cell_c, pooled, row, col, pix_ok
 
     @triton.jit
-    def _log_sum_exp(x_ptrs, C, sx_c, pix_ok):
-        """Per-pixel log-sum-exp over the C classes, float32 [BLOCK, SS];
-        x_ptrs [BLOCK, SS] point at class 0, classes are sx_c elements apart."""
-        m = tl.where(pix_ok, -float("inf"), 0.0)
-        total = tl.zeros(pix_ok.shape, dtype=tl.float32)
+    def _window_index(S: tl.constexpr, SP: tl.constexpr):
+        """[SP, 1, SP] row-major index of each pixel in its s x s window (the max-pool arg-max)."""
+        return tl.arange(0, SP)[:, None, None] * S + tl.arange(0, SP)[None, None, :]
+
+    @triton.jit
+    def _offsets(row, col, s_h, s_w, WIDE: tl.constexpr):
+        """row * s_h + col * s_w: int32 (an address is then one multiply-add
+        on a GPU), int64 when an image spans 2**31 elements or more (WIDE)."""
+        if WIDE:
+            offsets = row.to(tl.int64) * s_h + col.to(tl.int64) * s_w
+        else:
+            offsets = row * s_h + col * s_w
+        return offsets
+
+    @triton.jit
+    def _cell_sum(v):
+        """[SP, BLOCK, SP] -> [BLOCK]: the sum over each cell's window."""
+        return tl.sum(tl.sum(v, axis=0), axis=1)
+
+    @triton.jit
+    def _cell_max(v):
+        """[SP, BLOCK, SP] -> [BLOCK]: the maximum over each cell's window."""
+        return tl.max(tl.max(v, axis=0), axis=1)
+
+    @triton.jit
+    def _block_sum(v):
+        """[SP, BLOCK, SP] -> scalar."""
+        return tl.sum(_cell_sum(v), axis=0)
+
+    @triton.jit
+    def _sigmoid_and_exp(x):
+        """(sigmoid(x), exp(-|x|)) from one exponential: exp(-|x|) is in (0, 1],
+        so 1 / (1 + exp(-|x|)) cannot overflow and is taken as rsqrt(.)^2 (one
+        instruction on a GPU, without a division's range checks). Within
+        3e-7 (1 + |x|) relative: the float32 |x| / ln 2 in the exponent rounds."""
+        e = tl.exp2(tl.abs(x) * -LOG2E)
+        r = tl.rsqrt(1.0 + e)
+        r = r * r
+        return tl.where(x >= 0, r, e * r), e
+
+    @triton.jit
+    def _log1p_unit(e):
+        """log(1 + e) for e in [0, 1]: e times a degree-8 polynomial (log1p(e) / e
+        interpolated at the 9 Chebyshev nodes of [0, 1], in the power basis),
+        2.4e-7 relative error in float32 arithmetic -- no library logarithm
+        (about 20 instructions on a GPU), and full relative precision for small
+        e, where log(1 + e) has none."""
+        q = 0.005126102361828089 * e - 0.029074065387248993
+        q = q * e + 0.0775160863995552
+        q = q * e - 0.13602247834205627
+        q = q * e + 0.19076880812644958
+        q = q * e - 0.2483539879322052
+        q = q * e + 0.3331812024116516
+        q = q * e - 0.4999944567680359
+        q = q * e + 0.9999999403953552
+        return q * e
+
+    @triton.jit
+    def _log_sum_exp(x_base, x_off, C, sx_c):
+        """Per-pixel log-sum-exp over the C classes, float32 [SP, BLOCK, SP];
+        x_base + x_off point at class 0, classes are sx_c elements apart.
+        Base 2 inside (one exp2 instruction each on a GPU)."""
+        m = tl.full(x_off.shape, -float("inf"), tl.float32)
+        total = tl.zeros(x_off.shape, dtype=tl.float32)
         for _ in range(C):
-            x = tl.load(x_ptrs, mask=pix_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_base + x_off).to(tl.float32) * LOG2E
             m_new = tl.maximum(m, x)
-            total = total * tl.exp(m - m_new) + tl.exp(x - m_new)
+            total = total * tl.exp2(m - m_new) + tl.exp2(x - m_new)
             m = m_new
-            x_ptrs += sx_c
-        return m + tl.log(total)
+            x_base += sx_c
+        return (m + tl.log2(total)) * LN2
 
     @triton.jit
     def _pool_forward_kernel(
@@ -166,81 +236,84 @@ if _HAVE_TRITON:
         p_low_ptr,  # [N, C, H', W'] float32 out: pooled probabilities p'
         y_low_ptr,  # [N, C, H', W'] float32 out: pooled one-hot labels y' (when WRITE_Y)
         arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
-        part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, non-finite count
+        part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, 0 or NaN (non-finite logits)
         C, H, W, H_low, W_low, W_cells, n_cells,
         sx_n, sx_c, sx_h, sx_w,
         ignore_index,
-        S: tl.constexpr, PAD: tl.constexpr, SS: tl.constexpr, BLOCK: tl.constexpr,
+        S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
-        HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr, WIDE: tl.constexpr,
     ):
         pid_block = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
         cell_r, cell_c, pooled, row, col, pix_ok = _window(
-            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SS, BLOCK)
-        x_ptrs = x_ptr + (n * sx_n + row * sx_h + col * sx_w)  # class 0; classes sx_c apart
-        lab = tl.load(lab_ptr + n * H * W + row * W + col, mask=pix_ok, other=0).to(tl.int32)
+            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SP, BLOCK)
+        x_base = x_ptr + n * sx_n  # class 0; classes sx_c apart
+        x_off = _offsets(row, col, sx_h, sx_w, WIDE)
+        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE)).to(tl.int32)
         valid = pix_ok & (lab != ignore_index)
         vf = valid.to(tl.float32)
+        lab = tl.where(valid, lab, -1)  # matches no class
         hw_low = H_low * W_low
         low = (n * C * H_low + cell_r) * W_low + cell_c  # [BLOCK] int64, class 0; classes hw_low apart
-        k = tl.arange(0, SS)[None, :]
 
         if SOFTMAX or PIXEL == 2:
-            lse = _log_sum_exp(x_ptrs, C, sx_c, pix_ok)
-        loss = tl.zeros((BLOCK, SS), dtype=tl.float32)
-        nonfinite = tl.zeros((BLOCK, SS), dtype=tl.float32)
+            lse = _log_sum_exp(x_base, x_off, C, sx_c)
+        loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
+        bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
         for c in range(C):
-            x = tl.load(x_ptrs, mask=pix_ok, other=0.0).to(tl.float32)
-            y = (valid & (lab == c)).to(tl.float32)
+            x = tl.load(x_base + x_off).to(tl.float32)
+            is_c = lab == c
             if CHECK_FINITE:
-                nonfinite += ((x != x) | (tl.abs(x) == float("inf"))).to(tl.float32)
-            if PIXEL == 1:  # softplus(x) - x * y, summed over valid pixels
-                bce = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
+                bad += x * 0.0
+            if SOFTMAX:
+                p = tl.exp2((x - lse) * LOG2E)
+                if PIXEL == 1:
+                    e = tl.exp2(tl.abs(x) * -LOG2E)
+            else:
+                p, e = _sigmoid_and_exp(x)
+            if PIXEL == 1:  # softplus(x) - x y = max(x, 0) + log(1 + exp(-|x|)) - x y
+                bce = tl.maximum(x, 0.0) + _log1p_unit(e) - tl.where(is_c, x, 0.0)
                 if HAS_WEIGHTS:
                     bce = bce * tl.load(w_ptr + c)
-                loss += bce * vf
-            if PIXEL == 2:  # lse - x_label
-                loss += tl.where(lab == c, lse - x, 0.0) * vf
-            if SOFTMAX:
-                p = tl.exp(x - lse)
-            else:
-                p = tl.sigmoid(x)
+                loss += bce
+            if PIXEL == 2:
+                loss += tl.where(is_c, x, 0.0)
             p = p * vf + PROB_CLIP_C
-            if POOL == 2:
+            y = tl.where(is_c, 1.0, 0.0)
+            if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
                 p_win = tl.where(pix_ok, p, -float("inf"))
-                p_max = tl.max(p_win, axis=1)
-                arg = tl.min(tl.where(p_win == p_max[:, None], k, SS), axis=1)
+                p_max = _cell_max(p_win)
+                first = tl.where(p_win == p_max[None, :, None], _window_index(S, SP), S * S)
+                arg = tl.min(tl.min(first, axis=0), axis=1)
                 tl.store(p_low_ptr + low, p_max, mask=pooled)
                 tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
                 if WRITE_Y:
-                    tl.store(y_low_ptr + low, tl.max(y, axis=1), mask=pooled)
-            elif POOL == 1:  # padding counts as zero in the s * s divisor
-                p_avg = tl.sum(tl.where(pix_ok, p, 0.0), axis=1) / (S * S)
-                tl.store(p_low_ptr + low, p_avg, mask=pooled)
-                if WRITE_Y:
-                    tl.store(y_low_ptr + low, tl.sum(y, axis=1) / (S * S), mask=pooled)
+                    tl.store(y_low_ptr + low, _cell_max(y), mask=pooled)
             else:
-                tl.store(p_low_ptr + low, tl.sum(tl.where(pix_ok, p, 0.0), axis=1), mask=pooled)
+                # avg: padding counts as zero in the s * s divisor; none: s = 1
+                p_sum = _cell_sum(tl.where(pix_ok, p, 0.0))
+                tl.store(p_low_ptr + low, p_sum * (1.0 / (S * S)), mask=pooled)
                 if WRITE_Y:
-                    tl.store(y_low_ptr + low, tl.sum(y, axis=1), mask=pooled)
-            x_ptrs += sx_c
+                    tl.store(y_low_ptr + low, _cell_sum(y) * (1.0 / (S * S)), mask=pooled)
+            x_base += sx_c
             low += hw_low
 
-        if PIXEL == 2:
+        if PIXEL == 2:  # w_label (lse - x_label)
+            loss = lse - loss
             if HAS_WEIGHTS:
                 pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
             else:
                 pw = vf
-            loss_sum = tl.sum(tl.sum(loss * pw, axis=1), axis=0)
-            denom = tl.sum(tl.sum(pw, axis=1), axis=0)
+            loss_sum = _block_sum(tl.where(valid, loss * pw, 0.0))
+            denom = _block_sum(pw)
         else:
-            loss_sum = tl.sum(tl.sum(loss, axis=1), axis=0)
-            denom = tl.sum(tl.sum(vf, axis=1), axis=0)
+            loss_sum = _block_sum(tl.where(valid, loss, 0.0))
+            denom = _block_sum(vf)
         part = part_ptr + (n * tl.num_programs(0) + pid_block) * 3
         tl.store(part, loss_sum)
         tl.store(part + 1, denom)
-        tl.store(part + 2, tl.sum(tl.sum(nonfinite, axis=1), axis=0))
+        tl.store(part + 2, _block_sum(bad))
 
     @triton.jit
     def _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, H_low, W_low, centre_y, centre_p,
@@ -514,16 +587,14 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S: tl.constexpr, POOL: tl.constexpr):
-        """dL/dp at full resolution [BLOCK, SS] from dL/dp' of the cells [BLOCK]
+        """dL/dp at full resolution [SP, BLOCK, SP] from dL/dp' of the cells [BLOCK]
         (zero at ignored pixels and outside the pooled map)."""
         g = tl.load(g_low_ptr + low, mask=pooled, other=0.0)
         if POOL == 2:
             arg = tl.load(arg_ptr + low, mask=pooled, other=0).to(tl.int32)
-            routed = tl.where(k == arg[:, None], g[:, None], 0.0)
-        elif POOL == 1:
-            routed = g[:, None] * (1.0 / (S * S)) + tl.zeros(k.shape, dtype=tl.float32)
-        else:
-            routed = g[:, None] + tl.zeros(k.shape, dtype=tl.float32)
+            routed = tl.where(k == arg[None, :, None], g[None, :, None], 0.0)
+        else:  # avg spreads over the s * s window; none: s = 1
+            routed = g[None, :, None] * (1.0 / (S * S))
         return tl.where(rmi_ok, routed, 0.0)
 
     @triton.jit
@@ -539,67 +610,76 @@ if _HAVE_TRITON:
         sx_n, sx_c, sx_h, sx_w,
         sg_n, sg_c, sg_h, sg_w,
         ignore_index,
-        S: tl.constexpr, PAD: tl.constexpr, SS: tl.constexpr, BLOCK: tl.constexpr,
+        S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
-        HAS_WEIGHTS: tl.constexpr, HAS_RMI: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr, HAS_RMI: tl.constexpr, WIDE: tl.constexpr,
     ):
         pid_block = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
         cell_r, cell_c, pooled, row, col, pix_ok = _window(
-            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SS, BLOCK)
-        x_ptrs = x_ptr + (n * sx_n + row * sx_h + col * sx_w)  # class 0; classes sx_c apart
-        g_ptrs = gx_ptr + (n * sg_n + row * sg_h + col * sg_w)  # class 0; classes sg_c apart
-        lab = tl.load(lab_ptr + n * H * W + row * W + col, mask=pix_ok, other=0).to(tl.int32)
+            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SP, BLOCK)
+        x_base = x_ptr + n * sx_n  # class 0; classes sx_c apart
+        x_off = _offsets(row, col, sx_h, sx_w, WIDE)
+        g_base = gx_ptr + n * sg_n  # class 0; classes sg_c apart
+        g_off = _offsets(row, col, sg_h, sg_w, WIDE)
+        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE)).to(tl.int32)
         valid = pix_ok & (lab != ignore_index)
         vf = valid.to(tl.float32)
         hw_low = H_low * W_low
         low = (n * C * H_low + cell_r) * W_low + cell_c  # [BLOCK] int64, class 0
-        k = tl.arange(0, SS)[None, :]
-        rmi_ok = pooled[:, None] & valid
+        k = _window_index(S, SP)
+        rmi_ok = pooled[None, :, None] & valid
 
         if PIXEL != 0:
             coef = tl.load(coef_ptr)
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
-            lse = _log_sum_exp(x_ptrs, C, sx_c, pix_ok)
+            lse = _log_sum_exp(x_base, x_off, C, sx_c)
         if SOFTMAX and HAS_RMI:
             # sum_c dL/dp_c * softmax_c, the softmax Jacobian's shared term
-            dot = tl.zeros((BLOCK, SS), dtype=tl.float32)
-            xs = x_ptrs
+            dot = tl.zeros(pix_ok.shape, dtype=tl.float32)
+            xs = x_base
             low_c = low
             for _ in range(C):
-                x = tl.load(xs, mask=pix_ok, other=0.0).to(tl.float32)
+                x = tl.load(xs + x_off).to(tl.float32)
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
-                dot += gp * tl.exp(x - lse)
+                dot += gp * tl.exp2((x - lse) * LOG2E)
                 xs += sx_c
                 low_c += hw_low
 
         for c in range(C):
-            x = tl.load(x_ptrs, mask=pix_ok, other=0.0).to(tl.float32)
-            grad = tl.zeros((BLOCK, SS), dtype=tl.float32)
+            x = tl.load(x_base + x_off).to(tl.float32)
+            grad = tl.zeros(pix_ok.shape, dtype=tl.float32)
             if SOFTMAX:
-                prob = tl.exp(x - lse)
+                prob = tl.exp2((x - lse) * LOG2E)
             else:
-                prob = tl.sigmoid(x)
+                prob, _ = _sigmoid_and_exp(x)
             if HAS_RMI:
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S, POOL)
                 if SOFTMAX:
                     grad += prob * (gp - dot)
                 else:
                     grad += gp * prob * (1.0 - prob)
-            y = (lab == c).to(tl.float32)
+            y = tl.where(lab == c, 1.0, 0.0)
             if PIXEL == 1:
                 c_coef = coef
                 if HAS_WEIGHTS:
                     c_coef = coef * tl.load(w_ptr + c)
-                grad += c_coef * (tl.sigmoid(x) - y)
+                if SOFTMAX:
+                    sig, _ = _sigmoid_and_exp(x)
+                    grad += c_coef * (sig - y)
+                else:
+                    grad += c_coef * (prob - y)
             if PIXEL == 2:
-                grad += coef * (tl.exp(x - lse) - y)
+                if SOFTMAX:
+                    grad += coef * (prob - y)
+                else:
+                    grad += coef * (tl.exp2((x - lse) * LOG2E) - y)
             grad = grad * vf
-            tl.store(g_ptrs, grad.to(gx_ptr.dtype.element_ty), mask=pix_ok)
-            x_ptrs += sx_c
-            g_ptrs += sg_c
+            tl.store(g_base + g_off, grad.to(gx_ptr.dtype.element_ty), mask=pix_ok)
+            x_base += sx_c
+            g_base += sg_c
             low += hw_low
 
 # ----------------------------------------------------------------------------
@@ -626,9 +706,18 @@ class _Geometry:
         self.h_cells = (h - 1 + self.pad) // self.s + 1
         self.w_cells = (w - 1 + self.pad) // self.s + 1
         self.n_cells = self.h_cells * self.w_cells
-        self.ss = _next_pow2(self.s * self.s)
-        self.block = min(max(1, FULL_RES_ELEMENTS // self.ss), _next_pow2(self.n_cells))
+        self.sp = _next_pow2(self.s)  # the window's side in the kernels' blocks
+        self.block = min(max(1, FULL_RES_ELEMENTS // (self.sp * self.sp)), _next_pow2(self.n_cells))
         self.n_blocks = triton.cdiv(self.n_cells, self.block)
+
+
+def _wide(*images: torch.Tensor) -> bool:
+    """Whether kernels A and D need int64 offsets within an image: some [N, C, H, W]
+    tensor's (H-1, W-1) pixel, or the [N, H, W] labels' last, lies 2**31 elements or
+    more past the image's first."""
+    h, w = images[0].shape[-2:]
+    extent = max([h * w] + [(h - 1) * t.stride(2) + (w - 1) * t.stride(3) for t in images])
+    return extent >= 2**31
 
 
 def _pool_code(opts: RMIOptions) -> int:
@@ -662,9 +751,9 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
         x, labels, w_arg, p_low, y_low, arg, parts,
         c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
         *x.stride(), _ignore_value(opts.ignore_index),
-        S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
+        S=geo.s, PAD=geo.pad, SP=geo.sp, BLOCK=geo.block, POOL=geo.pool,
         SOFTMAX=opts.probs == "softmax", PIXEL=_pixel_code(opts.pixel_loss),
-        HAS_WEIGHTS=weights is not None, WRITE_Y=write_y, CHECK_FINITE=opts.validate,
+        HAS_WEIGHTS=weights is not None, WRITE_Y=write_y, CHECK_FINITE=opts.validate, WIDE=_wide(x),
         num_warps=NUM_WARPS["pool_forward"],
     )
     return p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts
@@ -840,9 +929,9 @@ def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, coef
         coef if coef is not None else dummy, grad,
         c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
         *x.stride(), *grad.stride(), _ignore_value(opts.ignore_index),
-        S=geo.s, PAD=geo.pad, SS=geo.ss, BLOCK=geo.block, POOL=geo.pool,
+        S=geo.s, PAD=geo.pad, SP=geo.sp, BLOCK=geo.block, POOL=geo.pool,
         SOFTMAX=opts.probs == "softmax", PIXEL=pixel,
-        HAS_WEIGHTS=weights is not None, HAS_RMI=g_low is not None,
+        HAS_WEIGHTS=weights is not None, HAS_RMI=g_low is not None, WIDE=_wide(x, grad),
         num_warps=NUM_WARPS["pool_backward"],
     )
     return grad
