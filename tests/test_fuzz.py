@@ -161,6 +161,13 @@ def test_torch_engine_fuzz(case):
 @example(({"radius": 1, "pool": "avg", "pool_size": 1, "pixel_loss": "bce", "probs": "sigmoid",
            "exclude_ignored": False, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
            "rmi_weight": 0.5}, torch.tensor([[[[-0.581]]]]), torch.tensor([[[0]]]), False))  # aliased outputs
+@example(({"radius": 1, "pool": "avg", "pool_size": 1, "pixel_loss": "ce", "probs": "sigmoid",
+           "exclude_ignored": False, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
+           "rmi_weight": 0.5}, torch.tensor([[[[12883.9229]]]]), torch.tensor([[[0]]]), False))
+@example(({"radius": 1, "pool": "avg", "pool_size": 1, "pixel_loss": "ce", "probs": "sigmoid",
+           "exclude_ignored": False, "class_reduction": "sum", "combine": "weighted", "ignore_index": 255,
+           "rmi_weight": 0.5}, torch.tensor([[[[3.4894]]]]), torch.tensor([[[0]]]),
+          False))  # these two: a log-sum-exp whose maximum went through base 2 (lse != x for one class)
 def test_triton_engine_fuzz(case):
     pytest.importorskip("triton")
     _check(*case, backend="triton")

@@ -217,16 +217,19 @@ if _HAVE_TRITON:
     def _log_sum_exp(x_base, x_off, C, sx_c):
         """Per-pixel log-sum-exp over the C classes, float32 [SP, BLOCK, SP];
         x_base + x_off point at class 0, classes are sx_c elements apart.
-        Base 2 inside (one exp2 instruction each on a GPU)."""
+        Exponentials in base 2 (one exp2 instruction each on a GPU) of
+        differences from the running maximum, which stays in natural units: the
+        largest logit's term is exactly 1, and lse - x for the largest x is
+        rounded relative to the other terms, not to x (logits of 1e4 and more)."""
         m = tl.full(x_off.shape, -float("inf"), tl.float32)
         total = tl.zeros(x_off.shape, dtype=tl.float32)
         for _ in range(C):
-            x = tl.load(x_base + x_off).to(tl.float32) * LOG2E
+            x = tl.load(x_base + x_off).to(tl.float32)
             m_new = tl.maximum(m, x)
-            total = total * tl.exp2(m - m_new) + tl.exp2(x - m_new)
+            total = total * tl.exp2((m - m_new) * LOG2E) + tl.exp2((x - m_new) * LOG2E)
             m = m_new
             x_base += sx_c
-        return (m + tl.log2(total)) * LN2
+        return m + tl.log2(total) * LN2
 
     @triton.jit
     def _pool_forward_kernel(
