@@ -25,8 +25,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# the test files spread over the CPU cores (pytest-xdist), each file kept in one worker
+# so that its module-wide fixtures (the AOT compilation, the exported networks) run once
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q
