@@ -153,6 +153,28 @@ def test_sigmoid_and_softplus_pieces():
     assert ((l.double() - exact_l).abs() / exact_l <= bound).all()
 
 
+def test_launches_of_a_step(monkeypatch):
+    """bench/op_count.py's count of a training step: the five kernels A, B1, B2, C, D, the
+    ATen ops of the custom ops' bodies seen too, and no host synchronisation but the
+    two Cholesky checks (validate=False)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "op_count.py")
+    spec = importlib.util.spec_from_file_location("op_count", path)
+    op_count = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op_count)
+    counter = op_count.OpCounter()
+    launches = op_count.count_triton_launches(counter, monkeypatch.setattr)
+    logits, labels = random_inputs(1, 2, 21, 23, seed=14)
+    op_count.step(counter, launches, logits, labels, backend="triton", validate=False)
+    assert sorted(launches) == sorted(op_count.KERNELS) and set(launches.values()) == {1}
+    assert counter.syncs == 2
+    assert counter.ops["linalg_cholesky_ex"] == 2
+    assert counter.ops["clamp_min"] == 1 and counter.ops["index_add_"] == 1  # in the custom ops' bodies
+    assert not set(counter.ops) & op_count.NO_KERNEL
+
+
 def test_max_pool_ties_route_like_torch():
     """Windows whose maximum is shared (logits on a coarse grid): the gradient goes to the
     first maximal pixel in row-major order, where torch's max pooling routes it."""
