@@ -232,6 +232,26 @@ if _HAVE_TRITON:
         return m + tl.log2(total) * LN2
 
     @triton.jit
+    def _block_pixels(x_ptr, lab_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_h, sx_w, ignore_index,
+                      S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+                      WIDE: tl.constexpr):
+        """What kernels A and D know of their block before the class loop: the
+        cells' index into the [N, C, H', W'] maps (class 0; classes H' W' apart)
+        and whether they are in the pooled map, "pixel exists", the logits' base
+        (class 0; classes sx_c apart) and offsets, the labels and the valid
+        mask, as bool and as float."""
+        pid_block = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        cell_r, cell_c, pooled, row, col, pix_ok = _window(
+            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SP, BLOCK)
+        x_base = x_ptr + n * sx_n
+        x_off = _offsets(row, col, sx_h, sx_w, WIDE)
+        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE)).to(tl.int32)
+        valid = pix_ok & (lab != ignore_index)
+        low = (n * C * H_low + cell_r) * W_low + cell_c
+        return low, pooled, pix_ok, x_base, x_off, row, col, lab, valid, valid.to(tl.float32)
+
+    @triton.jit
     def _pool_forward_kernel(
         x_ptr,  # [N, C, H, W] logits (float32/16/bf16), strides sx_*
         lab_ptr,  # [N, H, W] labels (int64/int32/uint8), contiguous
@@ -247,18 +267,11 @@ if _HAVE_TRITON:
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
         HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr, WIDE: tl.constexpr,
     ):
-        pid_block = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        cell_r, cell_c, pooled, row, col, pix_ok = _window(
-            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SP, BLOCK)
-        x_base = x_ptr + n * sx_n  # class 0; classes sx_c apart
-        x_off = _offsets(row, col, sx_h, sx_w, WIDE)
-        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE)).to(tl.int32)
-        valid = pix_ok & (lab != ignore_index)
-        vf = valid.to(tl.float32)
+        low, pooled, pix_ok, x_base, x_off, _, _, lab, valid, vf = _block_pixels(
+            x_ptr, lab_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_h, sx_w, ignore_index,
+            S, PAD, SP, BLOCK, WIDE)
         lab = tl.where(valid, lab, -1)  # matches no class
         hw_low = H_low * W_low
-        low = (n * C * H_low + cell_r) * W_low + cell_c  # [BLOCK] int64, class 0; classes hw_low apart
 
         if SOFTMAX or PIXEL == 2:
             lse = _log_sum_exp(x_base, x_off, C, sx_c)
@@ -313,7 +326,7 @@ if _HAVE_TRITON:
         else:
             loss_sum = _block_sum(tl.where(valid, loss, 0.0))
             denom = _block_sum(vf)
-        part = part_ptr + (n * tl.num_programs(0) + pid_block) * 3
+        part = part_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 3
         tl.store(part, loss_sum)
         tl.store(part + 1, denom)
         tl.store(part + 2, _block_sum(bad))
@@ -617,19 +630,12 @@ if _HAVE_TRITON:
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
         HAS_WEIGHTS: tl.constexpr, HAS_RMI: tl.constexpr, WIDE: tl.constexpr,
     ):
-        pid_block = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        cell_r, cell_c, pooled, row, col, pix_ok = _window(
-            pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SP, BLOCK)
-        x_base = x_ptr + n * sx_n  # class 0; classes sx_c apart
-        x_off = _offsets(row, col, sx_h, sx_w, WIDE)
-        g_base = gx_ptr + n * sg_n  # class 0; classes sg_c apart
+        low, pooled, pix_ok, x_base, x_off, row, col, lab, valid, vf = _block_pixels(
+            x_ptr, lab_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_h, sx_w, ignore_index,
+            S, PAD, SP, BLOCK, WIDE)
+        g_base = gx_ptr + tl.program_id(1).to(tl.int64) * sg_n  # class 0; classes sg_c apart
         g_off = _offsets(row, col, sg_h, sg_w, WIDE)
-        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE)).to(tl.int32)
-        valid = pix_ok & (lab != ignore_index)
-        vf = valid.to(tl.float32)
         hw_low = H_low * W_low
-        low = (n * C * H_low + cell_r) * W_low + cell_c  # [BLOCK] int64, class 0
         k = _window_index(S, SP)
         rmi_ok = pooled[None, :, None] & valid
 
