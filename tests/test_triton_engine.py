@@ -155,8 +155,8 @@ def test_sigmoid_and_softplus_pieces():
 
 def test_launches_of_a_step(monkeypatch):
     """bench/op_count.py's count of a training step: the five kernels A, B1, B2, C, D, the
-    ATen ops of the custom ops' bodies seen too, and no host synchronisation but the
-    two Cholesky checks (validate=False)."""
+    ATen ops of the custom ops' bodies seen too, no host synchronisation but the two
+    Cholesky checks (validate=False), and no zero-filled gradient maps."""
     import importlib.util
     import os
 
@@ -172,6 +172,7 @@ def test_launches_of_a_step(monkeypatch):
     assert counter.syncs == 2
     assert counter.ops["linalg_cholesky_ex"] == 2
     assert counter.ops["clamp_min"] == 1 and counter.ops["index_add_"] == 1  # in the custom ops' bodies
+    assert counter.ops["zeros"] == 0  # no zero gradients for y', p', ... (set_materialize_grads)
     assert not set(counter.ops) & op_count.NO_KERNEL
 
 

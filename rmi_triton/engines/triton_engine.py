@@ -1050,6 +1050,9 @@ def _setup_context(ctx, inputs, output):
     _, _, _, _, denom, y_low, p_low, arg, mean = output
     ctx.save_for_backward(logits, labels, keep, weights, y_low, p_low, arg, mean, denom)
     ctx.config = (radius, pool, pool_size, pixel_loss, probs, ignore_index)
+    # outputs without a gradient (y', p', the arg-max, ...) pass None to `_backward`, not
+    # zero tensors autograd would otherwise fill: two [N, C, H', W'] float32 maps a step
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_pixel, _g_sy, g_sp, g_syp, *_unused):
