@@ -19,6 +19,9 @@
 4. Mixed precision: autocast float16 and bfloat16 logits against float32 (1e-2),
    gradients in the logits' dtype; then 300 training steps on the Triton engine
    with the allocated device memory read every 25 (flat after warm-up).
+5. Where a Triton-engine step goes (torch.profiler, the first timing shape):
+   the GPU time of each of its five kernels, of the other (glue) kernels, and
+   the step's wall time -- whether the small ops' launches are hidden.
 
 The table printed last is the result; `--out DIR` also writes it as JSON.
 """
@@ -250,6 +253,47 @@ def run_timings(bandwidth):
     return rows
 
 
+TRITON_KERNELS = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
+                  "_region_grad_kernel", "_pool_backward_kernel")
+
+
+def profile_triton_step(steps=5):
+    """GPU time per kernel of a Triton-engine forward+backward (mean over `steps` after
+    warm-up) against its wall time. On the CPU dry run there are no GPU kernels: the
+    section then reports the wall time only, which still runs this code."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    shape, pool_size = BENCH_SHAPES[0]
+    result = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", steps=steps)
+    try:
+        logits, labels = random_inputs(shape, seed=2)
+        loss_fn = provider_loss("triton_engine", pool_size)
+        x = logits.detach().clone().requires_grad_(True)
+        for _ in range(2):
+            torch.autograd.grad(loss_fn(x, labels), x)
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                torch.autograd.grad(loss_fn(x, labels), x)
+            sync()
+            result["wall_ms"] = (time.perf_counter() - t0) * 1e3 / steps
+        kernels = {name: [0, 0.0] for name in TRITON_KERNELS + ("other",)}  # launches, GPU ms a step
+        for event in prof.events():
+            if event.device_type != DeviceType.CUDA:
+                continue
+            name = next((k for k in TRITON_KERNELS if k in event.name), "other")
+            kernels[name][0] += 1 / steps
+            kernels[name][1] += event.time_range.elapsed_us() * 1e-3 / steps
+        result["kernels"] = kernels
+        result["gpu_ms"] = sum(ms for _, ms in kernels.values())
+    except Exception as exc:  # noqa: BLE001 - a breakdown must not cost the rest of the report
+        result["error"] = f"{type(exc).__name__}: {exc}"[-300:]
+    return result
+
+
 # ----------------------------------------------------------------------------
 # 3. torch.compile of a tiny training step
 # ----------------------------------------------------------------------------
@@ -343,7 +387,7 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_report(machine, correctness, bandwidth, timings, compiled, mixed):
+def print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown):
     print()
     print(f"== machine: {machine}")
     bad = [r for r in correctness if not r["ok"]]
@@ -381,6 +425,11 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed):
         print(f"{r['shape']:>16s} {r['pool']:>5s} {r['provider']:>14s} {fmt(r.get('fwd_ms')):>9s} "
               f"{fmt(r.get('bwd_ms')):>9s} {fmt(r.get('full_ms')):>9s} {fmt(r.get('extra_mb'), '.0f'):>10s} "
               f"{fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  {r.get('note', '')}")
+    print(f"== Triton-engine step, profiled ({breakdown['shape']} {breakdown['pool']}, mean of "
+          f"{breakdown['steps']}): wall {fmt(breakdown.get('wall_ms'))} ms, GPU kernels "
+          f"{fmt(breakdown.get('gpu_ms'))} ms {breakdown.get('error', '')}")
+    for name, (launches, ms) in breakdown.get("kernels", {}).items():
+        print(f"     {name:28s} {launches:5.0f} launches {ms:8.3f} ms")
     print(f"== total {time.time() - START:.0f}s")
 
 
@@ -404,12 +453,14 @@ def main():
     compiled = check_compile()
     log("autocast and memory soak")
     mixed = check_autocast_and_soak(iterations=20 if ARGS.dry_run else 300, block=5 if ARGS.dry_run else 25)
-    print_report(machine, correctness, bandwidth, timings, compiled, mixed)
+    log("profiled Triton-engine step")
+    breakdown = profile_triton_step()
+    print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown)
     if ARGS.out:
         os.makedirs(ARGS.out, exist_ok=True)
         with open(os.path.join(ARGS.out, "gpu_check.json"), "w") as f:
             json.dump(dict(machine=machine, correctness=correctness, bandwidth=bandwidth, timings=timings,
-                           compile=compiled, mixed=mixed), f, indent=1, default=str)
+                           compile=compiled, mixed=mixed, breakdown=breakdown), f, indent=1, default=str)
     return 0 if all(r["ok"] for r in correctness) and compiled.get("ok") and mixed.get("ok") else 1
 
 
