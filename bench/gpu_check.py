@@ -253,10 +253,6 @@ def run_timings(bandwidth):
     return rows
 
 
-TRITON_KERNELS = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
-                  "_region_grad_kernel", "_pool_backward_kernel")
-
-
 def profile_triton_step(steps=5):
     """GPU time per kernel of a Triton-engine forward+backward (mean over `steps` after
     warm-up) against its wall time. On the CPU dry run there are no GPU kernels: the
@@ -280,11 +276,12 @@ def profile_triton_step(steps=5):
                 torch.autograd.grad(loss_fn(x, labels), x)
             sync()
             result["wall_ms"] = (time.perf_counter() - t0) * 1e3 / steps
-        kernels = {name: [0, 0.0] for name in TRITON_KERNELS + ("other",)}  # launches, GPU ms a step
+        # launches and GPU ms a step of each kernel, the glue's together as "other"
+        kernels = {name: [0, 0.0] for name in triton_engine.KERNEL_NAMES + ("other",)}
         for event in prof.events():
             if event.device_type != DeviceType.CUDA:
                 continue
-            name = next((k for k in TRITON_KERNELS if k in event.name), "other")
+            name = next((k for k in triton_engine.KERNEL_NAMES if k in event.name), "other")
             kernels[name][0] += 1 / steps
             kernels[name][1] += event.time_range.elapsed_us() * 1e-3 / steps
         result["kernels"] = kernels

@@ -35,8 +35,6 @@ NO_KERNEL = {"view", "_unsafe_view", "as_strided", "transpose", "t", "expand", "
              "squeeze", "permute", "detach", "alias", "diagonal", "unflatten", "split", "split_with_sizes",
              "unbind", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 SYNC = {"_local_scalar_dense"}  # a tensor's value read on the host: .item(), bool(), int()
-KERNELS = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
-           "_region_grad_kernel", "_pool_backward_kernel")
 
 
 class OpCounter(TorchDispatchMode):
@@ -92,7 +90,7 @@ def count_triton_launches(counter: OpCounter, set_attribute=setattr):
                     counter.paused = False
             return launch
 
-    for name in KERNELS:
+    for name in triton_engine.KERNEL_NAMES:
         set_attribute(triton_engine, name, Launcher(name, getattr(triton_engine, name)))
     return launches
 

@@ -91,6 +91,10 @@ STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
 NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, region_grad=8, pool_backward=8)
+# the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
+# bench/gpu_check.py)
+KERNEL_NAMES = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
+                "_region_grad_kernel", "_pool_backward_kernel")
 MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are summed in PyTorch)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
