@@ -122,23 +122,34 @@ def check_correctness():
                                                logits, labels)
             loss_tol, grad_tol = TOL[dtype]
             for backend in ("torch", "triton"):
-                loss, grad = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **opts), logits, labels)
-                le, ge = rel_err(loss, ref_loss), rel_err(grad, ref_grad)
-                ok = le <= loss_tol and ge <= grad_tol and grad.dtype == dtype
-                rows.append(dict(backend=backend, dtype=str(dtype).split(".")[-1], options=opts or "defaults",
-                                 loss_rel=le, grad_rel=ge, ok=ok))
-        logits, labels = random_inputs(CHECK_SHAPE, seed=7)
-        fn = lambda x, y: rmi_loss(x, y, backend="triton", probs="softmax")  # noqa: E731
-        first, second = loss_and_grad(fn, logits, labels), loss_and_grad(fn, logits, labels)
-        same = torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-        rows.append(dict(backend="triton", dtype="float32", options="two runs bitwise identical",
-                         loss_rel=0.0, grad_rel=0.0, ok=same))
-        cl = logits.to(memory_format=torch.channels_last)
-        cl_loss, cl_grad = loss_and_grad(fn, cl, labels)
-        rows.append(dict(backend="triton", dtype="float32", options="channels_last vs contiguous",
-                         loss_rel=rel_err(cl_loss, first[0]), grad_rel=rel_err(cl_grad, first[1]),
-                         ok=rel_err(cl_grad, first[1]) < 1e-6 and cl_grad.is_contiguous(
-                             memory_format=torch.channels_last)))
+                row = dict(backend=backend, dtype=str(dtype).split(".")[-1], options=opts or "defaults",
+                           loss_rel=float("nan"), grad_rel=float("nan"), ok=False)
+                try:  # one failing case must not cost the rest of the lease's report
+                    loss, grad = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **opts),
+                                               logits, labels)
+                    row.update(loss_rel=rel_err(loss, ref_loss), grad_rel=rel_err(grad, ref_grad))
+                    row["ok"] = row["loss_rel"] <= loss_tol and row["grad_rel"] <= grad_tol and grad.dtype == dtype
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                log("check", row)
+                rows.append(row)
+        try:
+            logits, labels = random_inputs(CHECK_SHAPE, seed=7)
+            fn = lambda x, y: rmi_loss(x, y, backend="triton", probs="softmax")  # noqa: E731
+            first, second = loss_and_grad(fn, logits, labels), loss_and_grad(fn, logits, labels)
+            same = torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+            rows.append(dict(backend="triton", dtype="float32", options="two runs bitwise identical",
+                             loss_rel=0.0, grad_rel=0.0, ok=same))
+            cl = logits.to(memory_format=torch.channels_last)
+            cl_loss, cl_grad = loss_and_grad(fn, cl, labels)
+            rows.append(dict(backend="triton", dtype="float32", options="channels_last vs contiguous",
+                             loss_rel=rel_err(cl_loss, first[0]), grad_rel=rel_err(cl_grad, first[1]),
+                             ok=rel_err(cl_grad, first[1]) < 1e-6 and cl_grad.is_contiguous(
+                                 memory_format=torch.channels_last)))
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            rows.append(dict(backend="triton", dtype="float32", options="determinism and channels_last",
+                             loss_rel=float("nan"), grad_rel=float("nan"), ok=False,
+                             error=f"{type(exc).__name__}: {exc}"[:300]))
     finally:
         triton_engine.FILL_OUTPUTS_WITH_NAN = False
     return rows
@@ -226,6 +237,8 @@ def time_provider(name, shape, pool_size):
         row["seconds"] = time.time() - t0
     except torch.cuda.OutOfMemoryError:
         row["note"] = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - one provider's failure must not cost the other rows
+        row["note"] = f"error: {type(exc).__name__}: {exc}"[:300]
     finally:
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
@@ -249,6 +262,7 @@ def run_timings(bandwidth):
             row = time_provider(name, shape, pool_size)
             if "bytes" in row and bandwidth and "full_ms" in row:
                 row["bw_fraction"] = row["bytes"] / (row["full_ms"] * 1e-3) / bandwidth
+            log("timed", row)
             rows.append(row)
     return rows
 
@@ -393,7 +407,7 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
     for r in correctness:
         flag = "ok  " if r["ok"] else "FAIL"
         print(f"  {flag} {r['backend']:6s} {r['dtype']:8s} loss {r['loss_rel']:.1e} grad {r['grad_rel']:.1e}  "
-              f"{r['options']}")
+              f"{r['options']} {r.get('error', '')}")
     print(f"== torch.compile step ({compiled.get('backend')}): ok={compiled.get('ok')} "
           f"graph_breaks={compiled.get('graph_breaks')} loss_rel={fmt(compiled.get('loss_rel'), '.1e')} "
           f"grad_rel={fmt(compiled.get('grad_rel'), '.1e')} {compiled.get('error', '')}")
