@@ -40,6 +40,7 @@ FULL_RES_CASES = [
     dict(pool="max", s=8, softmax=False, pixel=0, logits="fp32", labels="i64"),
     dict(pool="none", s=1, softmax=True, pixel=2, logits="fp32", labels="i64", weights=True),
     dict(pool="avg", s=3, softmax=False, pixel=1, logits="fp32", labels="i64", wide=True),
+    dict(pool="avg", s=4, softmax=True, pixel=1, logits="fp32", labels="i64"),  # softmax with BCE
 ]
 # keep: the grid's vectors weighted (exclude_ignored); else the off-grid frame for window_products
 REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7), dict(radius=10)]

@@ -654,7 +654,7 @@ if _HAVE_TRITON:
             dot = tl.zeros(pix_ok.shape, dtype=tl.float32)
             xs = x_base
             low_c = low
-            for _ in range(C):
+            for c in range(C):  # a named loop variable: Triton carries `_` into the next loop
                 x = tl.load(xs + x_off).to(tl.float32)
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
                 dot += gp * tl.exp2((x - lse) * LOG2E)
@@ -667,7 +667,7 @@ if _HAVE_TRITON:
             if SOFTMAX:
                 prob = tl.exp2((x - lse) * LOG2E)
             else:
-                prob, _ = _sigmoid_and_exp(x)
+                prob = _sigmoid_and_exp(x)[0]
             if HAS_RMI:
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S, POOL)
                 if SOFTMAX:
@@ -680,7 +680,7 @@ if _HAVE_TRITON:
                 if HAS_WEIGHTS:
                     c_coef = coef * tl.load(w_ptr + c)
                 if SOFTMAX:
-                    sig, _ = _sigmoid_and_exp(x)
+                    sig = _sigmoid_and_exp(x)[0]
                     grad += c_coef * (sig - y)
                 else:
                     grad += c_coef * (prob - y)
