@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py              # on a CUDA machine (an H100 lease): < 8 minutes
     python bench/gpu_check.py --dry-run    # on a CPU: tiny shapes, Triton interpreter
+    ncu ... python bench/gpu_check.py --steps 8   # only 8 Triton-engine steps, for a profiler
 
 1. Correctness on the GPU: the torch and Triton engines against the float64
    reference (`reference_rmi`) for float32 / float16 / bfloat16 logits and a
@@ -21,7 +22,11 @@
    with the allocated device memory read every 25 (flat after warm-up).
 5. Where a Triton-engine step goes (torch.profiler, the first timing shape):
    the GPU time of each of its five kernels, of the other (glue) kernels, and
-   the step's wall time -- whether the small ops' launches are hidden.
+   the step's wall time -- whether the small ops' launches are hidden; the host
+   time by op, and a timeline in $OUT/triton_step_trace.json.
+6. The same step timed side by side as shipped, without the Cholesky checks'
+   host syncs (measurement only), as a CUDA-graph replay (the GPU time alone)
+   and under torch.compile: what the host's work costs.
 
 The table printed last is the result; `--out DIR` also writes it as JSON.
 """
@@ -39,6 +44,9 @@ _ARGS.add_argument("--dry-run", action="store_true",
 _ARGS.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json (default: $OUT)")
 _ARGS.add_argument("--budget-s", type=float, default=380.0,
                    help="stop starting new timings after this many seconds")
+_ARGS.add_argument("--steps", type=int, default=0,
+                   help="only run this many Triton-engine forward+backward steps at the first timing "
+                        "shape (for an external profiler such as ncu), then exit")
 ARGS = _ARGS.parse_args() if __name__ == "__main__" else _ARGS.parse_args([])
 if ARGS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -209,7 +217,8 @@ def measure_copy_bandwidth():
 
 def time_provider(name, shape, pool_size):
     logits, labels = random_inputs(shape, seed=1)
-    row = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", provider=name)
+    row = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", provider=name,
+               logits_mb=logits.numel() * logits.element_size() / 2**20)
     if name == "published_f64" and not published_fits(shape):
         row["note"] = "skipped: needs more memory than the GPU has free"
         return row
@@ -300,8 +309,67 @@ def profile_triton_step(steps=5):
             kernels[name][1] += event.time_range.elapsed_us() * 1e-3 / steps
         result["kernels"] = kernels
         result["gpu_ms"] = sum(ms for _, ms in kernels.values())
+        # host time by op and a timeline, for reading after the lease
+        result["host_table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        if ARGS.out:
+            os.makedirs(ARGS.out, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(ARGS.out, "triton_step_trace.json"))
     except Exception as exc:  # noqa: BLE001 - a breakdown must not cost the rest of the report
         result["error"] = f"{type(exc).__name__}: {exc}"[-300:]
+    return result
+
+
+def time_step_variants():
+    """Where a Triton-engine step's wall time goes (the first timing shape), timed side
+    by side: eager as shipped; eager without the Cholesky checks' host syncs (unsafe:
+    measurement only); a CUDA-graph replay of that step (no host work at all: the GPU
+    time alone); the loss under torch.compile (inductor fuses the glue)."""
+    from rmi_triton import algebra
+
+    shape, pool_size = BENCH_SHAPES[0]
+    result = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}")
+    logits, labels = random_inputs(shape, seed=3)
+    x = logits.detach().clone().requires_grad_(True)
+    loss_fn = provider_loss("triton_engine", pool_size)
+
+    def step():
+        return torch.autograd.grad(loss_fn(x, labels), x)
+
+    def guarded(name, measure):
+        if time.time() - START > ARGS.budget_s + 60:
+            result[name] = "skipped: time budget of the lease spent"
+            return
+        try:
+            result[name] = measure()
+        except Exception as exc:  # noqa: BLE001 - a variant must not cost the report
+            result[name] = f"{type(exc).__name__}: {exc}"[:200]
+        log("variant", name, result[name])
+
+    guarded("eager_ms", lambda: bench_ms(step))
+    checked = algebra.robust_cholesky
+    algebra.robust_cholesky = lambda matrix, report=None: torch.linalg.cholesky_ex(matrix)[0]
+    try:
+        guarded("eager_no_sync_ms", lambda: bench_ms(step))
+
+        def graph_replay():
+            if DEVICE.type != "cuda":
+                return None
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            return bench_ms(graph.replay)
+
+        guarded("graph_replay_ms", graph_replay)
+    finally:
+        algebra.robust_cholesky = checked
+    compiled = torch.compile(loss_fn, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    guarded("compiled_ms", lambda: bench_ms(lambda: torch.autograd.grad(compiled(x, labels), x)))
     return result
 
 
@@ -398,7 +466,7 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown):
+def print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown, variants):
     print()
     print(f"== machine: {machine}")
     bad = [r for r in correctness if not r["ok"]]
@@ -421,9 +489,10 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
     print(f"== device copy bandwidth (read + write): "
           f"{'-' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}")
     print("== timings: medians in ms (do_bench), RMI providers with validate=False; "
-          "extra = peak memory beyond the inputs for one forward+backward")
+          "extra = peak memory beyond the inputs for one forward+backward, gradient included; "
+          "% = extra beyond the gradient, in % of the logits")
     header = f"{'shape':>16s} {'pool':>5s} {'provider':>14s} {'fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} " \
-             f"{'extra MiB':>10s} {'x CE':>7s} {'bw frac':>7s}  note"
+             f"{'extra MiB':>10s} {'%':>5s} {'x CE':>7s} {'bw frac':>7s}  note"
     print(header)
     ce = {}
     for r in timings:
@@ -433,18 +502,40 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
         ratio = None
         if "full_ms" in r and (r["shape"], r["pool"]) in ce:
             ratio = r["full_ms"] / ce[(r["shape"], r["pool"])]
+        beyond = None
+        if "extra_mb" in r:
+            beyond = 100 * (r["extra_mb"] - r["logits_mb"]) / r["logits_mb"]
         print(f"{r['shape']:>16s} {r['pool']:>5s} {r['provider']:>14s} {fmt(r.get('fwd_ms')):>9s} "
               f"{fmt(r.get('bwd_ms')):>9s} {fmt(r.get('full_ms')):>9s} {fmt(r.get('extra_mb'), '.0f'):>10s} "
-              f"{fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  {r.get('note', '')}")
+              f"{fmt(beyond, '.0f'):>5s} {fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  "
+              f"{r.get('note', '')}")
     print(f"== Triton-engine step, profiled ({breakdown['shape']} {breakdown['pool']}, mean of "
           f"{breakdown['steps']}): wall {fmt(breakdown.get('wall_ms'))} ms, GPU kernels "
           f"{fmt(breakdown.get('gpu_ms'))} ms {breakdown.get('error', '')}")
     for name, (launches, ms) in breakdown.get("kernels", {}).items():
         print(f"     {name:28s} {launches:5.0f} launches {ms:8.3f} ms")
+    print(f"== Triton-engine step variants ({variants.get('shape')} {variants.get('pool')}), fwd+bwd medians:")
+    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "compiled_ms"):
+        value = variants.get(name)
+        print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
     print(f"== total {time.time() - START:.0f}s")
 
 
+def run_steps(steps):
+    shape, pool_size = BENCH_SHAPES[0]
+    logits, labels = random_inputs(shape, seed=4)
+    x = logits.detach().clone().requires_grad_(True)
+    loss_fn = provider_loss("triton_engine", pool_size)
+    for _ in range(steps):
+        torch.autograd.grad(loss_fn(x, labels), x)
+    sync()
+    log(f"{steps} Triton-engine steps at {shape} avg {pool_size}")
+
+
 def main():
+    if ARGS.steps:
+        run_steps(ARGS.steps)
+        return 0
     if DEVICE.type == "cuda":
         machine = f"{torch.cuda.get_device_name()} torch {torch.__version__}"
     else:
@@ -466,12 +557,17 @@ def main():
     mixed = check_autocast_and_soak(iterations=20 if ARGS.dry_run else 300, block=5 if ARGS.dry_run else 25)
     log("profiled Triton-engine step")
     breakdown = profile_triton_step()
-    print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown)
+    log("Triton-engine step variants")
+    variants = time_step_variants()
+    if breakdown.get("host_table"):
+        print(breakdown["host_table"])
+    print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown, variants)
     if ARGS.out:
         os.makedirs(ARGS.out, exist_ok=True)
         with open(os.path.join(ARGS.out, "gpu_check.json"), "w") as f:
             json.dump(dict(machine=machine, correctness=correctness, bandwidth=bandwidth, timings=timings,
-                           compile=compiled, mixed=mixed, breakdown=breakdown), f, indent=1, default=str)
+                           compile=compiled, mixed=mixed, breakdown=breakdown, variants=variants), f, indent=1,
+                      default=str)
     return 0 if all(r["ok"] for r in correctness) and compiled.get("ok") and mixed.get("ok") else 1
 
 
