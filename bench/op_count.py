@@ -49,10 +49,6 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         kwargs = kwargs or {}
-        body = CUSTOM_OPS.get(name)
-        if body is not None:  # the Triton engine's custom ops: count what their bodies run
-            with self:
-                return body()(*args, **kwargs)
         if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
             with self:  # `to`, `reshape`, ...: count what they decompose into (a copy, or nothing)
                 return func.decompose(*args, **kwargs)
@@ -62,11 +58,6 @@ class OpCounter(TorchDispatchMode):
             elif name not in NO_KERNEL:
                 self.ops[name] += 1
         return func(*args, **kwargs)
-
-
-# the Triton engine's torch.library ops, whose bodies a dispatch mode does not see otherwise
-CUSTOM_OPS = {"triton_statistics": lambda: triton_engine._statistics_op._init_fn,
-              "triton_statistics_backward": lambda: triton_engine._statistics_backward_op._init_fn}
 
 
 def count_triton_launches(counter: OpCounter, set_attribute=setattr):

@@ -965,8 +965,7 @@ def _low_shape(logits, opts):
     return (n, c, *opts.pooled_size(h, w))
 
 
-@torch.library.custom_op("rmi_triton::triton_statistics", mutates_args=())
-def _statistics_op(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
+def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
                    weights: Optional[torch.Tensor], radius: int, pool: str, pool_size: int,
                    pixel_loss: str, probs: str, ignore_index: int, exclude_ignored: bool,
                    validate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -1001,6 +1000,12 @@ def _statistics_op(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[to
     return pixel, sy, sp, syp, denom, y_low, p_low, arg, mean
 
 
+# The op torch.compile sees (a schema, a fake implementation, autograd). Eager calls take
+# `_EagerStatistics` below to the same functions: the torch.library dispatch costs more host
+# time a step than the loss's ~100 small ATen ops together (measured on the CPU).
+_statistics_op = torch.library.custom_op("rmi_triton::triton_statistics", _statistics_impl, mutates_args=())
+
+
 @_statistics_op.register_fake
 def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pixel_loss, probs,
                      ignore_index, exclude_ignored, validate):
@@ -1017,8 +1022,7 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
             logits.new_empty((n, c, 2 * d), **f64))
 
 
-@torch.library.custom_op("rmi_triton::triton_statistics_backward", mutates_args=())
-def _statistics_backward_op(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
+def _statistics_backward_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
                             weights: Optional[torch.Tensor], y_low: torch.Tensor, p_low: torch.Tensor,
                             arg: torch.Tensor, mean: torch.Tensor, denom: torch.Tensor,
                             g_pixel: Optional[torch.Tensor], g_sp: Optional[torch.Tensor],
@@ -1043,17 +1047,22 @@ def _statistics_backward_op(logits: torch.Tensor, labels: torch.Tensor, keep: Op
                                  arg if arg.numel() else None, coef)
 
 
+_statistics_backward_op = torch.library.custom_op("rmi_triton::triton_statistics_backward",
+                                                  _statistics_backward_impl, mutates_args=())
+
+
 @_statistics_backward_op.register_fake
 def _statistics_backward_fake(logits, labels, keep, weights, y_low, p_low, arg, mean, denom, g_pixel,
                               g_sp, g_syp, radius, pool, pool_size, pixel_loss, probs, ignore_index):
     return torch.empty_like(logits)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, backward_op=_statistics_backward_op):
     logits, labels, keep, weights, radius, pool, pool_size, pixel_loss, probs, ignore_index, _, _ = inputs
     _, _, _, _, denom, y_low, p_low, arg, mean = output
     ctx.save_for_backward(logits, labels, keep, weights, y_low, p_low, arg, mean, denom)
     ctx.config = (radius, pool, pool_size, pixel_loss, probs, ignore_index)
+    ctx.backward_op = backward_op
     # outputs without a gradient (y', p', the arg-max, ...) pass None to `_backward`, not
     # zero tensors autograd would otherwise fill: two [N, C, H', W'] float32 maps a step
     ctx.set_materialize_grads(False)
@@ -1063,12 +1072,27 @@ def _backward(ctx, g_pixel, _g_sy, g_sp, g_syp, *_unused):
     logits, labels, keep, weights, y_low, p_low, arg, mean, denom = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _statistics_backward_op(logits, labels, keep, weights, y_low, p_low, arg, mean, denom,
-                                       g_pixel, g_sp, g_syp, *ctx.config)
+        grad = ctx.backward_op(logits, labels, keep, weights, y_low, p_low, arg, mean, denom,
+                               g_pixel, g_sp, g_syp, *ctx.config)
     return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 _statistics_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerStatistics(torch.autograd.Function):
+    """`_statistics_op` without the torch.library dispatch, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _statistics_impl(*inputs)
+        _setup_context(ctx, inputs, output, backward_op=_statistics_backward_impl)
+        ctx.mark_non_differentiable(*output[4:])
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 # ----------------------------------------------------------------------------
@@ -1086,7 +1110,8 @@ def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> 
         ignored = (labels == opts.ignore_index).unsqueeze(1).float()
         keep = kept_regions(ignored, opts).flatten(1).float().contiguous()
     weights = opts.weights_tensor(logits.shape[1], logits.device, dtype=torch.float32)
-    pixel, sy, sp, syp, *_ = _statistics_op(
+    op = _statistics_op if torch.compiler.is_compiling() else _EagerStatistics.apply
+    pixel, sy, sp, syp, *_ = op(
         logits, labels, keep, weights, opts.radius, opts.pool, opts.pool_size, opts.pixel_loss or "",
         opts.probs, opts.ignore_index, opts.exclude_ignored, opts.validate)
     return Statistics(pixel, sy, sp, syp)
