@@ -55,11 +55,11 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
     """
     if torch.compiler.is_compiling():
         return _cholesky_fixed_retries(matrix, report)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     factor, info = torch.linalg.cholesky_ex(matrix)
     failed = info != 0
     if not bool(failed.any()):
         return factor
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     ridge = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
     ridge = torch.where(failed, RIDGE, ridge)
     for _ in range(MAX_RETRIES):
@@ -108,16 +108,37 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     return _HalfLogdetPosterior.apply(sy, sp, syp, report)
 
 
-def _forward(sy, sp, syp, report):
-    """-> (h, chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI))."""
-    d = sy.shape[-1]
-    eye = torch.eye(d, dtype=sy.dtype, device=sy.device)
-    # (Sp + aI)^-1 through its own factor: Syp M^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T
-    chol_p = robust_cholesky(sp + RIDGE * eye, report)
-    z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
+def _plus_ridge(matrix):
+    """matrix + aI as a new tensor (no identity matrix built and multiplied)."""
+    out = matrix.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(RIDGE)
+    return out
+
+
+def _posterior_plus_ridge(sy, z):
+    """V + aI, V = Sy - Z^T Z made exactly symmetric for the factorisation."""
     posterior = sy - z.transpose(-1, -2) @ z
-    posterior = 0.5 * (posterior + posterior.transpose(-1, -2))  # exact symmetry for the factorisation
-    chol_v = robust_cholesky(posterior + RIDGE * eye, report)
+    posterior = (posterior + posterior.transpose(-1, -2)) * 0.5
+    posterior.diagonal(dim1=-2, dim2=-1).add_(RIDGE)
+    return posterior
+
+
+def _forward(sy, sp, syp, report):
+    """-> (h, chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI)).
+
+    (Sp + aI)^-1 goes through its own factor: Syp (Sp + aI)^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T.
+    In eager mode both factorisations are tried first and checked together, one host sync;
+    only if one failed is the chain redone with `robust_cholesky`'s repairs."""
+    healthy = False
+    if not torch.compiler.is_compiling():
+        chol_p, info_p = torch.linalg.cholesky_ex(_plus_ridge(sp))
+        z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
+        chol_v, info_v = torch.linalg.cholesky_ex(_posterior_plus_ridge(sy, z))
+        healthy = not bool((info_p | info_v).any())
+    if not healthy:  # rare in eager mode: redone with the repairs (healthy matrices unchanged)
+        chol_p = robust_cholesky(_plus_ridge(sp), report)
+        z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
+        chol_v = robust_cholesky(_posterior_plus_ridge(sy, z), report)
     return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1), chol_p, z, chol_v
 
 
