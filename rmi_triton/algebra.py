@@ -123,6 +123,11 @@ def _posterior_plus_ridge(sy, z):
     return posterior
 
 
+def _all_factored(info_p, info_v) -> bool:
+    """Whether both factorisations succeeded: the step's one host sync (eager mode)."""
+    return not bool((info_p | info_v).any())
+
+
 def _forward(sy, sp, syp, report):
     """-> (h, chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI)).
 
@@ -134,7 +139,7 @@ def _forward(sy, sp, syp, report):
         chol_p, info_p = torch.linalg.cholesky_ex(_plus_ridge(sp))
         z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
         chol_v, info_v = torch.linalg.cholesky_ex(_posterior_plus_ridge(sy, z))
-        healthy = not bool((info_p | info_v).any())
+        healthy = _all_factored(info_p, info_v)
     if not healthy:  # rare in eager mode: redone with the repairs (healthy matrices unchanged)
         chol_p = robust_cholesky(_plus_ridge(sp), report)
         z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
