@@ -26,7 +26,8 @@
    time by op, and a timeline in $OUT/triton_step_trace.json.
 6. The same step timed side by side as shipped, without the Cholesky check's
    host sync (measurement only), as a CUDA-graph replay (the GPU time alone)
-   and under torch.compile: what the host's work costs.
+   and under torch.compile (default and "reduce-overhead"): what the host's work
+   costs.
 
 The table printed last is the result; `--out DIR` also writes it as JSON.
 """
@@ -323,7 +324,8 @@ def time_step_variants():
     """Where a Triton-engine step's wall time goes (the first timing shape), timed side
     by side: eager as shipped; eager without the Cholesky check's host sync (unsafe:
     measurement only); a CUDA-graph replay of that step (no host work at all: the GPU
-    time alone); the loss under torch.compile (inductor fuses the glue)."""
+    time alone); the loss under torch.compile (inductor fuses the glue), and compiled
+    with mode="reduce-overhead" (inductor replays it as CUDA graphs)."""
     from rmi_triton import algebra
 
     shape, pool_size = BENCH_SHAPES[0]
@@ -370,6 +372,10 @@ def time_step_variants():
         algebra._all_factored = checked
     compiled = torch.compile(loss_fn, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
     guarded("compiled_ms", lambda: bench_ms(lambda: torch.autograd.grad(compiled(x, labels), x)))
+    if DEVICE.type == "cuda":  # inductor's CUDA graphs: the compiled step replayed, no per-op host work
+        graphed = torch.compile(loss_fn, mode="reduce-overhead")
+        guarded("compiled_reduce_overhead_ms",
+                lambda: bench_ms(lambda: torch.autograd.grad(graphed(x, labels), x)))
     return result
 
 
@@ -515,7 +521,7 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
     for name, (launches, ms) in breakdown.get("kernels", {}).items():
         print(f"     {name:28s} {launches:5.0f} launches {ms:8.3f} ms")
     print(f"== Triton-engine step variants ({variants.get('shape')} {variants.get('pool')}), fwd+bwd medians:")
-    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "compiled_ms"):
+    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "compiled_ms", "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
     print(f"== total {time.time() - START:.0f}s")
