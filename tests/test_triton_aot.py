@@ -60,6 +60,7 @@ def _specs():
             if not case.get("keep"):
                 specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
+            specs.append(dict(kernel="merge_moments", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="region_grad", arch=arch, warp=warp, **case))
     return specs
 
@@ -132,6 +133,13 @@ def _kernel_source(spec):
                           OFF_GRID=off_grid)
         pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", centre_ptr="*fp32", count_ptr="*fp64",
                         sum_ptr="*fp64", gram_ptr="*fp64")
+    elif spec["kernel"] == "merge_moments":
+        fn = te._merge_moments_kernel
+        j_pad = te._next_pow2(2 * d)
+        constexprs = dict(R=radius, D=d, ROWS=min(j_pad, te.MERGE_ELEMENTS // j_pad), J_PAD=j_pad,
+                          SHIFTED=not spec.get("keep", False), HAS_B2=radius > 1 or spec.get("keep", False))
+        pointers = dict(prod_ptr="*fp64", sums_ptr="*fp64", count_ptr="*fp64", total_ptr="*fp64", gram_ptr="*fp64",
+                        centre_ptr="*fp32", sy_ptr="*fp64", sp_ptr="*fp64", syp_ptr="*fp64", mean_ptr="*fp64")
     else:
         fn = te._region_grad_kernel
         keep = spec.get("keep", False)

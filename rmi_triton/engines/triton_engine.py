@@ -15,7 +15,9 @@ Forward then backward, the full-resolution kernels reading their inputs once:
          reaches the map (zeros outside it);
       B2 `_window_products_kernel` the origins off the grid (taken out again),
          or with exclude_ignored the grid's kept vectors: gathered, products
-         on the float64 tensor cores. The merge is float64 PyTorch.
+         on the float64 tensor cores;
+      B3 `_merge_moments_kernel` the tiles' float64 sums merged into Sy, Sp,
+         Syp and the mean (one launch where ~25 PyTorch ops were).
   C `_region_grad_kernel`    downsampled, the backward's
       dL/dp'_q = sum over the windows m that hold q at offset k of
       [G (v_m - vbar)]_k, G = [Gyp^T, Gp + Gp^T] acting on the joint vector:
@@ -27,7 +29,7 @@ Forward then backward, the full-resolution kernels reading their inputs once:
       writing dL/dlogits once in the logits' dtype and layout.
 
 Every reduction is a fixed-order sum inside one program or a float64 sum of
-per-program partials in PyTorch: no atomics, so results are bitwise
+per-program partials (B3, or PyTorch): no atomics, so results are bitwise
 reproducible. "interp" pooling runs A and D at full resolution (no pooling)
 and lets PyTorch do the bilinear interpolation and its backward in between.
 
@@ -44,7 +46,6 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..algebra import split_blocks
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
@@ -73,12 +74,13 @@ GPU_BLOCKS = dict(
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
     PRODUCT_ELEMENTS=2048,  # cells x stencil columns per step of the shifted products (kernel B1)
     PRODUCT_TILE=4096,  # cells per program of kernel B1 (one reduction each)
+    MERGE_ELEMENTS=1024,  # joint-matrix entries per program of kernel B3
     STENCIL_FRAME_ELEMENTS=4096,  # frame cells x window offsets per program of kernel C
     STENCIL_TILE=1024,  # interior cells per program of kernel C
     STENCIL_TILE_W=64,  # their columns
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256, PRODUCT_ELEMENTS=1 << 17,
-                          PRODUCT_TILE=1 << 14,
+                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16,
                           STENCIL_FRAME_ELEMENTS=1 << 16, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
 FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
@@ -86,16 +88,18 @@ MOMENT_BLOCK_M = _BLOCKS["MOMENT_BLOCK_M"]
 MOMENT_BD = _BLOCKS["MOMENT_BD"]
 PRODUCT_ELEMENTS = _BLOCKS["PRODUCT_ELEMENTS"]
 PRODUCT_TILE = _BLOCKS["PRODUCT_TILE"]
+MERGE_ELEMENTS = _BLOCKS["MERGE_ELEMENTS"]
 STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
-NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, region_grad=8, pool_backward=8)
+NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, merge_moments=4, region_grad=8,
+                 pool_backward=8)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
 KERNEL_NAMES = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
-                "_region_grad_kernel", "_pool_backward_kernel")
-MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are summed in PyTorch)
+                "_merge_moments_kernel", "_region_grad_kernel", "_pool_backward_kernel")
+MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
 LOG2E = tl.constexpr(1.4426950408889634) if _HAVE_TRITON else None  # 1 / ln 2
@@ -528,6 +532,90 @@ if _HAVE_TRITON:
         tl.store(count_ptr + out + lane * 0, tl.sum(count, axis=0) + lane * 0.0,
                  mask=(lane == 0) & ((lane * 0 + pair) == 0))
 
+    @triton.jit
+    def _merge_moments_kernel(
+        prod_ptr,  # [P, T, 3, (2R-1)^2] float64 B1's tile sums of the yy, yp, pp shifted products (SHIFTED)
+        sums_ptr,  # [P, T, 2] float64 B1's tile sums of the centred y' and p' (SHIFTED)
+        count_ptr,  # [P, T2] float64 B2's tile weights (read unless SHIFTED)
+        total_ptr,  # [P, T2, 2D] float64 B2's tile sums of the centred vectors (read when HAS_B2)
+        gram_ptr,  # [P, T2, 2D, 2D] float64 B2's tile sums of their products (read when HAS_B2)
+        centre_ptr,  # [P, 2] float32 the centres of the y' and p' maps
+        sy_ptr, sp_ptr, syp_ptr,  # [P, D, D] float64 out: the centred sums Sy, Sp, Syp
+        mean_ptr,  # [P, 2D] float64 out: the region vectors' mean
+        T, T2, m,
+        R: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, J_PAD: tl.constexpr,
+        SHIFTED: tl.constexpr, HAS_B2: tl.constexpr,
+    ):
+        """B3: the tile sums of B1 and B2 merged into the joint [y; p] covariance
+        blocks, rows ROWS of one plane per program, in float64. SHIFTED: entry
+        (j, j') of the joint sums is the shifted-product sum of its pair of maps
+        for e = offset(j') - offset(j), over every origin whose window reaches
+        the map, minus B2's off-grid origins (HAS_B2), over the m origins of the
+        grid; else B2's sums over the grid's weighted vectors. Centred on the
+        mean: S = sum - count mean mean^T (each plane's sums, as Chan's merge)."""
+        E: tl.constexpr = (2 * R - 1) * (2 * R - 1)
+        plane = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        j = tl.arange(0, J_PAD)
+        i_ok = i < 2 * D
+        j_ok = j < 2 * D
+        ok = i_ok[:, None] & j_ok[None, :]
+        row_y = (i < D)[:, None]
+        col_y = (j < D)[None, :]
+        tot_i = tl.zeros((ROWS,), dtype=tl.float64)
+        tot_j = tl.zeros((J_PAD,), dtype=tl.float64)
+        joint = tl.zeros((ROWS, J_PAD), dtype=tl.float64)
+        count = tl.zeros((), dtype=tl.float64)
+        if SHIFTED:
+            count += m
+            # the pair of maps and the stencil offset of each entry: yy, yp, yp^T (p rows, y
+            # columns: the yp sum at the swapped offsets) or pp
+            a = tl.where(row_y, i[:, None], i[:, None] - D)
+            b = tl.where(col_y, j[None, :], j[None, :] - D)
+            swap = (~row_y) & col_y
+            first = tl.where(swap, b, a)
+            second = tl.where(swap, a, b)
+            tap = (second // R - first // R + R - 1) * (2 * R - 1) + (second % R - first % R + R - 1)
+            pair = tl.where(row_y & col_y, 0, tl.where((~row_y) & (~col_y), 2, 1))
+            at = pair * E + tap
+            for t in range(T):
+                tile = plane * T + t
+                s_y = tl.load(sums_ptr + tile * 2)
+                s_p = tl.load(sums_ptr + tile * 2 + 1)
+                tot_i += tl.where(i < D, s_y, s_p)
+                tot_j += tl.where(j < D, s_y, s_p)
+                joint += tl.load(prod_ptr + tile * (3 * E) + at, mask=ok, other=0.0)
+        else:
+            for t in range(T2):
+                count += tl.load(count_ptr + plane * T2 + t)
+        if HAS_B2:
+            for t in range(T2):
+                tile = plane * T2 + t
+                vec = total_ptr + tile * (2 * D)
+                b2_i = tl.load(vec + i, mask=i_ok, other=0.0)
+                b2_j = tl.load(vec + j, mask=j_ok, other=0.0)
+                b2 = tl.load(gram_ptr + tile * (4 * D * D) + i[:, None] * (2 * D) + j[None, :], mask=ok, other=0.0)
+                if SHIFTED:  # the off-grid origins, taken out
+                    tot_i -= b2_i
+                    tot_j -= b2_j
+                    joint -= b2
+                else:
+                    tot_i += b2_i
+                    tot_j += b2_j
+                    joint += b2
+        mean_i = tot_i / tl.maximum(count, 1.0)
+        mean_j = tot_j / tl.maximum(count, 1.0)
+        cov = joint - count * mean_i[:, None] * mean_j[None, :]
+        block = plane * (D * D)
+        ii = tl.where(row_y, i[:, None], i[:, None] - D)
+        jj = tl.where(col_y, j[None, :], j[None, :] - D)
+        tl.store(sy_ptr + block + ii * D + jj, cov, mask=ok & row_y & col_y)
+        tl.store(sp_ptr + block + ii * D + jj, cov, mask=ok & (~row_y) & (~col_y))
+        tl.store(syp_ptr + block + ii * D + jj, cov, mask=ok & row_y & (~col_y))
+        centre = tl.where(j < D, tl.load(centre_ptr + plane * 2), tl.load(centre_ptr + plane * 2 + 1))
+        first_rows = (j * 0 + tl.program_id(1)) == 0  # [J_PAD]: the program that writes the mean
+        tl.store(mean_ptr + plane * (2 * D) + j, mean_j + centre.to(tl.float64), mask=j_ok & first_rows)
+
 # ----------------------------------------------------------------------------
 # backward kernels
 # ----------------------------------------------------------------------------
@@ -802,8 +890,9 @@ def _moment_layout(d: int, m: int):
 
 
 def _window_products(y_low, p_low, keep, centres, radius: int, positions: int, off_grid: bool):
-    """Kernel B2 -> (count [P], sum [P, 2d], products [P, 2d, 2d]), float64, of the centred
-    region vectors of the grid (weighted by `keep`) or off the grid (`off_grid`)."""
+    """Kernel B2 -> each tile's (count [P, T2], sum [P, T2, 2d], products [P, T2, 2d, 2d]),
+    float64, of the centred region vectors of the grid (weighted by `keep`) or off the grid
+    (`off_grid`)."""
     n, c, h_low, w_low = p_low.shape
     d = radius * radius
     d_pad, bd, nb, block_m, per_tile, tiles = _moment_layout(d, positions)
@@ -818,7 +907,7 @@ def _window_products(y_low, p_low, keep, centres, radius: int, positions: int, o
         R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, OFF_GRID=off_grid,
         num_warps=NUM_WARPS["window_products"],
     )
-    return count.sum(1), total.sum(1), gram.sum(1)
+    return count, total, gram
 
 
 def _product_chunk(radius: int, cells: int) -> int:
@@ -840,8 +929,9 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     m = (h_low - radius + 1) * (w_low - radius + 1)
     planes, dev = n * c, p_low.device
     centres = torch.stack([y_low.mean((2, 3)), p_low.mean((2, 3))], -1).view(planes, 2)
+    products = sums = b2 = None
     if keep is not None:
-        count, total, joint = _window_products(y_low, p_low, keep, centres, radius, m, off_grid=False)
+        b2 = _window_products(y_low, p_low, keep, centres, radius, m, off_grid=False)
     else:
         cells, width = h_low * w_low, 2 * radius - 1
         chunk = _product_chunk(radius, cells)
@@ -853,20 +943,29 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
             y_low, p_low, centres, products, sums, h_low, w_low, tiles, tile_cells,
             R=radius, W_PAD=_next_pow2(width), CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
         )
-        products = products.sum(1)[:, :, _tap_index(radius, dev)].view(planes, 3, d, d)
-        yy, yp, pp = products.unbind(1)
-        joint = torch.cat([torch.cat([yy, yp], 2), torch.cat([yp.transpose(1, 2), pp], 2)], 1)
-        total = sums.sum(1).repeat_interleave(d, 1)
         off_grid = (h_low + radius - 1) * (w_low + radius - 1) - m
         if off_grid:
-            _, off_total, off_joint = _window_products(y_low, p_low, None, centres, radius, off_grid, off_grid=True)
-            joint = joint - off_joint
-            total = total - off_total
-        count = torch.full((planes,), float(m), dtype=torch.float64, device=dev)
-    mean = total / count.clamp_min(1).unsqueeze(1)
-    joint = joint - count[:, None, None] * mean.unsqueeze(2) * mean.unsqueeze(1)
-    grand = mean + centres.double().repeat_interleave(d, 1)
-    return grand.view(n, c, 2 * d), joint.view(n, c, 2 * d, 2 * d)
+            b2 = _window_products(y_low, p_low, None, centres, radius, off_grid, off_grid=True)
+    return _merge_moments(products, sums, b2, centres, n, c, radius, m)
+
+
+def _merge_moments(products, sums, b2, centres, n: int, c: int, radius: int, m: int):
+    """Kernel B3 -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d]), float64, from B1's and B2's tiles."""
+    d, planes, dev = radius * radius, n * c, centres.device
+    shifted = products is not None
+    dummy = torch.empty(1, dtype=torch.float64, device=dev)
+    count, total, gram = b2 if b2 is not None else (dummy, dummy, dummy)
+    sy, sp, syp = (_new((n, c, d, d), torch.float64, dev) for _ in range(3))
+    mean = _new((n, c, 2 * d), torch.float64, dev)
+    j_pad = _next_pow2(2 * d)
+    rows = min(j_pad, max(1, MERGE_ELEMENTS // j_pad))
+    _merge_moments_kernel[(planes, triton.cdiv(2 * d, rows))](
+        products if shifted else dummy, sums if shifted else dummy, count, total, gram, centres,
+        sy, sp, syp, mean, products.shape[1] if shifted else 0, count.shape[1] if b2 is not None else 0, m,
+        R=radius, D=d, ROWS=rows, J_PAD=j_pad, SHIFTED=shifted, HAS_B2=b2 is not None,
+        num_warps=NUM_WARPS["merge_moments"],
+    )
+    return mean, sy, sp, syp
 
 
 class _StencilLayout(NamedTuple):
@@ -1006,12 +1105,9 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
     else:
         denom = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
     pixel = totals[0] / denom if opts.pixel_loss is not None else torch.zeros_like(totals[0])
-    mean, joint = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius)
-    sy, sp, syp = split_blocks(joint, opts.d)
+    mean, sy, sp, syp = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius)
     if arg is None:
         arg = torch.empty(0, dtype=torch.uint8, device=logits.device)
-    # fresh tensors: a custom op's outputs may not alias each other (a view can be "contiguous")
-    sy, sp, syp = (block.clone(memory_format=torch.contiguous_format) for block in (sy, sp, syp))
     return pixel, sy, sp, syp, denom, y_low, p_low, arg, mean
 
 
