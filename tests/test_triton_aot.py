@@ -61,6 +61,7 @@ def _specs():
                 specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="merge_moments", arch=arch, warp=warp, **case))
+            specs.append(dict(kernel="grad_constants", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="region_grad", arch=arch, warp=warp, **case))
     return specs
 
@@ -140,6 +141,14 @@ def _kernel_source(spec):
                           SHIFTED=not spec.get("keep", False), HAS_B2=radius > 1 or spec.get("keep", False))
         pointers = dict(prod_ptr="*fp64", sums_ptr="*fp64", count_ptr="*fp64", total_ptr="*fp64", gram_ptr="*fp64",
                         centre_ptr="*fp32", sy_ptr="*fp64", sp_ptr="*fp64", syp_ptr="*fp64", mean_ptr="*fp64")
+    elif spec["kernel"] == "grad_constants":
+        fn = te._grad_constants_kernel
+        width = 2 * radius - 1
+        # keep: also the specialisation without dL/dSyp (autograd may pass None for it)
+        constexprs = dict(R=radius, D=d, D_PAD=te._next_pow2(d), E_PAD=te._next_pow2(width * width),
+                          HAS_SP=True, HAS_SYP=not spec.get("keep", False))
+        pointers = dict(g_sp_ptr="*fp64", g_syp_ptr="*fp64", mean_ptr="*fp64", g_ptr="*fp32", shift_ptr="*fp32",
+                        taps_ptr="*fp32", level_ptr="*fp32")
     else:
         fn = te._region_grad_kernel
         keep = spec.get("keep", False)

@@ -18,6 +18,8 @@ Forward then backward, the full-resolution kernels reading their inputs once:
          on the float64 tensor cores;
       B3 `_merge_moments_kernel` the tiles' float64 sums merged into Sy, Sp,
          Syp and the mean (one launch where ~25 PyTorch ops were).
+  C0 `_grad_constants_kernel` per plane, from dL/dSp and dL/dSyp: G, the
+      stencil's taps and the centring terms kernel C reads (float64 sums).
   C `_region_grad_kernel`    downsampled, the backward's
       dL/dp'_q = sum over the windows m that hold q at offset k of
       [G (v_m - vbar)]_k, G = [Gyp^T, Gp + Gp^T] acting on the joint vector:
@@ -40,7 +42,6 @@ loss in its graph.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -49,7 +50,7 @@ import torch
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
-from .torch_engine import Statistics, _stencil_taps_cpu, label_maps, pooled_labels
+from .torch_engine import Statistics, label_maps, pooled_labels
 
 try:
     import triton
@@ -93,12 +94,12 @@ STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
-NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, merge_moments=4, region_grad=8,
-                 pool_backward=8)
+NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, merge_moments=4, grad_constants=4,
+                 region_grad=8, pool_backward=8)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
 KERNEL_NAMES = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
-                "_merge_moments_kernel", "_region_grad_kernel", "_pool_backward_kernel")
+                "_merge_moments_kernel", "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
 MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
@@ -621,6 +622,69 @@ if _HAVE_TRITON:
 # ----------------------------------------------------------------------------
 
     @triton.jit
+    def _grad_constants_kernel(
+        g_sp_ptr,  # [P, D, D] float64 dL/dSp (read when HAS_SP)
+        g_syp_ptr,  # [P, D, D] float64 dL/dSyp (read when HAS_SYP)
+        mean_ptr,  # [P, 2D] float64 the region vectors' mean
+        g_ptr,  # [P, D, 2D] float32 out: G = [Gyp^T, Gp + Gp^T]
+        shift_ptr,  # [P, D] float32 out: G (vbar - centres)
+        taps_ptr,  # [P, 2, (2R-1)^2] float32 out: G's entries summed by offset difference, y then p
+        level_ptr,  # [P, 3] float32 out: the centres of y' and p', sum_k shift_k
+        R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, E_PAD: tl.constexpr,
+        HAS_SP: tl.constexpr, HAS_SYP: tl.constexpr,
+    ):
+        """C0: what kernel C needs of one plane, from dL/dSp and dL/dSyp, in float64.
+        The maps are centred on their mean entries' average, so G (v_m - vbar) =
+        G (v_m - centres) - shift; over the interior dL/dp'_q = sum_e taps_e .
+        (x_{q+e} - centres) - level, taps_e the sum of G's entries whose offsets
+        differ by e, level = sum_k shift_k. Row k of G is Gyp[:, k] (y part) and
+        Gp[k, :] + Gp[:, k] (p part)."""
+        WIDTH: tl.constexpr = 2 * R - 1
+        E: tl.constexpr = WIDTH * WIDTH
+        plane = tl.program_id(0).to(tl.int64)
+        block = plane * (D * D)
+        kk = tl.arange(0, D_PAD)
+        k_ok = kk < D
+        mean_y = tl.load(mean_ptr + plane * (2 * D) + kk, mask=k_ok, other=0.0)
+        mean_p = tl.load(mean_ptr + plane * (2 * D) + D + kk, mask=k_ok, other=0.0)
+        centre_y = tl.sum(mean_y, axis=0) / D
+        centre_p = tl.sum(mean_p, axis=0) / D
+        dev_y = tl.where(k_ok, mean_y - centre_y, 0.0)
+        dev_p = tl.where(k_ok, mean_p - centre_p, 0.0)
+        e = tl.arange(0, E_PAD)
+        da = e // WIDTH - (R - 1)  # the offset difference (a' - a, b' - b) of tap e
+        db = e % WIDTH - (R - 1)
+        taps_y = tl.zeros((E_PAD,), dtype=tl.float64)
+        taps_p = tl.zeros((E_PAD,), dtype=tl.float64)
+        level = tl.zeros((), dtype=tl.float64)
+        for k in range(D):
+            g_y = tl.zeros((D_PAD,), dtype=tl.float64)
+            g_p = tl.zeros((D_PAD,), dtype=tl.float64)
+            a2 = k // R + da
+            b2 = k % R + db
+            on = (e < E) & (a2 >= 0) & (a2 < R) & (b2 >= 0) & (b2 < R)
+            k2 = a2 * R + b2  # the entry k' whose offset is offset(k) + (da, db)
+            if HAS_SYP:
+                g_y = tl.load(g_syp_ptr + block + kk * D + k, mask=k_ok, other=0.0)
+                taps_y += tl.load(g_syp_ptr + block + k2 * D + k, mask=on, other=0.0)
+            if HAS_SP:
+                g_p = (tl.load(g_sp_ptr + block + k * D + kk, mask=k_ok, other=0.0)
+                       + tl.load(g_sp_ptr + block + kk * D + k, mask=k_ok, other=0.0))
+                taps_p += (tl.load(g_sp_ptr + block + k * D + k2, mask=on, other=0.0)
+                           + tl.load(g_sp_ptr + block + k2 * D + k, mask=on, other=0.0))
+            row = g_ptr + (plane * D + k) * (2 * D)
+            tl.store(row + kk, g_y.to(tl.float32), mask=k_ok)
+            tl.store(row + D + kk, g_p.to(tl.float32), mask=k_ok)
+            shift = tl.sum(g_y * dev_y + g_p * dev_p, axis=0)
+            tl.store(shift_ptr + plane * D + k, shift.to(tl.float32))
+            level += shift
+        tl.store(taps_ptr + plane * (2 * E) + e, taps_y.to(tl.float32), mask=e < E)
+        tl.store(taps_ptr + plane * (2 * E) + E + e, taps_p.to(tl.float32), mask=e < E)
+        tl.store(level_ptr + plane * 3, centre_y.to(tl.float32))
+        tl.store(level_ptr + plane * 3 + 1, centre_p.to(tl.float32))
+        tl.store(level_ptr + plane * 3 + 2, level.to(tl.float32))
+
+    @triton.jit
     def _interior_grad(y_ptr, p_ptr, taps_ptr, level_ptr, out_ptr, plane, tile, H_low, W_low, H_in, W_in, tiles_w,
                        R: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
         """dL/dp' of one TILE_H x TILE_W tile of the interior, where every window
@@ -998,41 +1062,31 @@ class _StencilLayout(NamedTuple):
                               triton.cdiv(frame, block_q))
 
 
-@functools.lru_cache(maxsize=32)
-def _tap_index(radius: int, device: torch.device) -> torch.Tensor:
-    """`torch_engine._stencil_taps` kept on the device (no host copy a step)."""
-    return _stencil_taps_cpu(radius).to(device)
+def _contiguous_or_none(t):
+    return None if t is None else t.contiguous()
 
 
-def _stencil_constants(g_joint: torch.Tensor, mean: torch.Tensor, radius: int):
-    """-> taps [P, 2, (2R-1)^2], shift [P, d] and (centre y, centre p, level) [P, 3], float32.
-
-    The maps are centred on their mean entries' average, so G (v_m - vbar) =
-    G (v_m - centres) - shift, shift = G (vbar - centres), summed in float64.
-    Over the interior, dL/dp'_q = sum_k [G (v_{q - offset k} - vbar)]_k
-    = sum_e taps_e . (x_{q+e} - centres) - level, with taps_e the sum of the
-    entries of G whose offsets differ by e, and level = sum_k shift_k."""
-    planes, d = mean.shape[0], radius * radius
-    g = g_joint.reshape(planes, d, 2, d)
-    taps = g.new_zeros(planes, 2, (2 * radius - 1) ** 2)
-    taps.index_add_(2, _tap_index(radius, g.device), g.transpose(1, 2).reshape(planes, 2, d * d))
-    mean = mean.reshape(planes, 2, d)
-    centres = mean.mean(-1)
-    shift = (g * (mean - centres.unsqueeze(-1)).unsqueeze(1)).sum((2, 3))
-    return taps.float(), shift.float(), torch.cat([centres, shift.sum(1, keepdim=True)], 1).float()
-
-
-def _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius: int):
-    """Kernel C: dL/dp' [N, C, H', W'] f32 from G [N, C, d, 2d] and the joint mean [N, C, 2d] (float64)."""
+def _launch_region_grad(y_low, p_low, keep, mean, g_sp, g_syp, radius: int):
+    """Kernels C0 and C: dL/dp' [N, C, H', W'] f32 from dL/dSp, dL/dSyp [N, C, d, d] (either
+    may be None: zero) and the joint mean [N, C, 2d] (float64)."""
     n, c, h_low, w_low = p_low.shape
-    d = radius * radius
+    d, planes, dev = radius * radius, n * c, p_low.device
+    width = 2 * radius - 1
     h_v, w_v = h_low - radius + 1, w_low - radius + 1
     layout = _StencilLayout.of(h_low, w_low, radius, weighted=keep is not None)
-    mean, g_joint = mean.reshape(n * c, 2 * d), g_joint.reshape(n * c, d, 2 * d)
-    taps, shift, level = _stencil_constants(g_joint, mean, radius)
-    out = _new(p_low.shape, torch.float32, p_low.device)
-    _region_grad_kernel[(n * c, layout.n_tiles + layout.n_frame_blocks)](
-        y_low, p_low, keep if keep is not None else p_low, g_joint.float(), shift, taps, level, out,
+    dummy = torch.empty(1, dtype=torch.float64, device=dev)
+    g_joint = _new((planes, d, 2 * d), torch.float32, dev)
+    shift = _new((planes, d), torch.float32, dev)
+    taps = _new((planes, 2, width * width), torch.float32, dev)
+    level = _new((planes, 3), torch.float32, dev)
+    _grad_constants_kernel[(planes,)](
+        g_sp if g_sp is not None else dummy, g_syp if g_syp is not None else dummy, mean, g_joint, shift, taps,
+        level, R=radius, D=d, D_PAD=_next_pow2(d), E_PAD=_next_pow2(width * width),
+        HAS_SP=g_sp is not None, HAS_SYP=g_syp is not None, num_warps=NUM_WARPS["grad_constants"],
+    )
+    out = _new(p_low.shape, torch.float32, dev)
+    _region_grad_kernel[(planes, layout.n_tiles + layout.n_frame_blocks)](
+        y_low, p_low, keep if keep is not None else p_low, g_joint, shift, taps, level, out,
         c, h_low, w_low, h_v, w_v, h_v * w_v, layout.h_in, layout.w_in, layout.tiles_w, layout.n_tiles,
         R=radius, D_PAD=_next_pow2(d), BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w,
         HAS_KEEP=keep is not None,
@@ -1144,10 +1198,8 @@ def _statistics_backward_impl(logits: torch.Tensor, labels: torch.Tensor, keep: 
     labels = labels.contiguous()
     g_low = None
     if g_sp is not None or g_syp is not None:
-        g_sp = torch.zeros_like(g_syp) if g_sp is None else g_sp
-        g_syp = torch.zeros_like(g_sp) if g_syp is None else g_syp
-        g_joint = torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1)
-        g_low = _launch_region_grad(y_low, p_low, keep, mean, g_joint, radius)
+        g_low = _launch_region_grad(y_low, p_low, keep, mean, _contiguous_or_none(g_sp),
+                                    _contiguous_or_none(g_syp), radius)
         if opts.pool == "interp" and opts.downsamples:
             g_low = torch.ops.aten.upsample_bilinear2d_backward(
                 g_low, list(g_low.shape[-2:]), list(logits.shape), True, None, None)
