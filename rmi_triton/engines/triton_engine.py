@@ -553,32 +553,29 @@ if _HAVE_TRITON:
         for e = offset(j') - offset(j), over every origin whose window reaches
         the map, minus B2's off-grid origins (HAS_B2), over the m origins of the
         grid; else B2's sums over the grid's weighted vectors. Centred on the
-        mean: S = sum - count mean mean^T (each plane's sums, as Chan's merge)."""
+        mean: S = sum - count mean mean^T (each plane's sums, as Chan's merge).
+        The p rows' y columns (Syp^T) are neither read nor written."""
         E: tl.constexpr = (2 * R - 1) * (2 * R - 1)
         plane = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
         j = tl.arange(0, J_PAD)
         i_ok = i < 2 * D
         j_ok = j < 2 * D
-        ok = i_ok[:, None] & j_ok[None, :]
         row_y = (i < D)[:, None]
         col_y = (j < D)[None, :]
+        # the entries kept: Sy, Syp and Sp (the p-rows' y-columns are Syp^T, not needed)
+        ok = i_ok[:, None] & j_ok[None, :] & (row_y | (~col_y))
         tot_i = tl.zeros((ROWS,), dtype=tl.float64)
         tot_j = tl.zeros((J_PAD,), dtype=tl.float64)
         joint = tl.zeros((ROWS, J_PAD), dtype=tl.float64)
         count = tl.zeros((), dtype=tl.float64)
         if SHIFTED:
             count += m
-            # the pair of maps and the stencil offset of each entry: yy, yp, yp^T (p rows, y
-            # columns: the yp sum at the swapped offsets) or pp
+            # the pair of maps (yy, yp or pp) and the stencil offset of each entry
             a = tl.where(row_y, i[:, None], i[:, None] - D)
             b = tl.where(col_y, j[None, :], j[None, :] - D)
-            swap = (~row_y) & col_y
-            first = tl.where(swap, b, a)
-            second = tl.where(swap, a, b)
-            tap = (second // R - first // R + R - 1) * (2 * R - 1) + (second % R - first % R + R - 1)
-            pair = tl.where(row_y & col_y, 0, tl.where((~row_y) & (~col_y), 2, 1))
-            at = pair * E + tap
+            tap = (b // R - a // R + R - 1) * (2 * R - 1) + (b % R - a % R + R - 1)
+            at = tl.where(row_y, tl.where(col_y, 0, 1), 2) * E + tap
             for t in range(T):
                 tile = plane * T + t
                 s_y = tl.load(sums_ptr + tile * 2)
@@ -611,7 +608,7 @@ if _HAVE_TRITON:
         ii = tl.where(row_y, i[:, None], i[:, None] - D)
         jj = tl.where(col_y, j[None, :], j[None, :] - D)
         tl.store(sy_ptr + block + ii * D + jj, cov, mask=ok & row_y & col_y)
-        tl.store(sp_ptr + block + ii * D + jj, cov, mask=ok & (~row_y) & (~col_y))
+        tl.store(sp_ptr + block + ii * D + jj, cov, mask=ok & (~row_y))
         tl.store(syp_ptr + block + ii * D + jj, cov, mask=ok & row_y & (~col_y))
         centre = tl.where(j < D, tl.load(centre_ptr + plane * 2), tl.load(centre_ptr + plane * 2 + 1))
         first_rows = (j * 0 + tl.program_id(1)) == 0  # [J_PAD]: the program that writes the mean
