@@ -37,7 +37,8 @@ and lets PyTorch do the bilinear interpolation and its backward in between.
 
 The two halves are registered as `torch.library` custom ops with fake
 (meta) implementations and an autograd formula, so `torch.compile` keeps the
-loss in its graph.
+loss in its graph; eager calls reach the same functions through a plain
+autograd.Function (`_EagerStatistics`), without the dispatch's host time.
 """
 
 from __future__ import annotations
