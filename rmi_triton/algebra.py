@@ -134,17 +134,23 @@ def _forward(sy, sp, syp, report):
     (Sp + aI)^-1 goes through its own factor: Syp (Sp + aI)^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T.
     In eager mode both factorisations are tried first and checked together, one host sync;
     only if one failed is the chain redone with `robust_cholesky`'s repairs."""
-    healthy = False
+    factors = None
     if not torch.compiler.is_compiling():
-        chol_p, info_p = torch.linalg.cholesky_ex(_plus_ridge(sp))
-        z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
-        chol_v, info_v = torch.linalg.cholesky_ex(_posterior_plus_ridge(sy, z))
-        healthy = _all_factored(info_p, info_v)
-    if not healthy:  # rare in eager mode: redone with the repairs (healthy matrices unchanged)
-        chol_p = robust_cholesky(_plus_ridge(sp), report)
-        z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
-        chol_v = robust_cholesky(_posterior_plus_ridge(sy, z), report)
+        factors = _factor_chain(sy, sp, syp, torch.linalg.cholesky_ex)
+        if not _all_factored(factors[3], factors[4]):
+            factors = None  # rare: redone with the repairs (healthy matrices unchanged)
+    if factors is None:
+        factors = _factor_chain(sy, sp, syp, lambda matrix: (robust_cholesky(matrix, report), None))
+    chol_p, z, chol_v = factors[:3]
     return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1), chol_p, z, chol_v
+
+
+def _factor_chain(sy, sp, syp, factor):
+    """-> (chol(Sp + aI), Z, chol(V + aI), info_p, info_v) with factor(matrix) -> (L, info)."""
+    chol_p, info_p = factor(_plus_ridge(sp))
+    z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
+    chol_v, info_v = factor(_posterior_plus_ridge(sy, z))
+    return chol_p, z, chol_v, info_p, info_v
 
 
 class _HalfLogdetPosterior(torch.autograd.Function):
