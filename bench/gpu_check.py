@@ -27,7 +27,8 @@
 6. The same step timed side by side as shipped, without the Cholesky check's
    host sync (measurement only), as a CUDA-graph replay (the GPU time alone)
    and under torch.compile (default and "reduce-overhead"): what the host's work
-   costs.
+   costs. It runs right after the timings of 2 (its "eager" repeats theirs), before
+   the compiles, the soak and the profiler of 3-5.
 
 The table printed last is the result; `--out DIR` also writes it as JSON.
 """
@@ -557,14 +558,14 @@ def main():
     log("copy bandwidth")
     bandwidth = measure_copy_bandwidth()
     timings = run_timings(bandwidth)
+    log("Triton-engine step variants")  # next to the timings, before compiles and the profiler
+    variants = time_step_variants()
     log("torch.compile")
     compiled = check_compile()
     log("autocast and memory soak")
     mixed = check_autocast_and_soak(iterations=20 if ARGS.dry_run else 300, block=5 if ARGS.dry_run else 25)
     log("profiled Triton-engine step")
     breakdown = profile_triton_step()
-    log("Triton-engine step variants")
-    variants = time_step_variants()
     if breakdown.get("host_table"):
         print(breakdown["host_table"])
     print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown, variants)
