@@ -278,6 +278,17 @@ def run_timings(bandwidth):
     return rows
 
 
+def triton_step(seed):
+    """The Triton engine's loss at the first timing shape -> (its shape and pooling as a dict,
+    loss_fn, logits requiring grad, labels, one forward+backward as a function)."""
+    shape, pool_size = BENCH_SHAPES[0]
+    logits, labels = random_inputs(shape, seed=seed)
+    x = logits.detach().clone().requires_grad_(True)
+    loss_fn = provider_loss("triton_engine", pool_size)
+    header = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}")
+    return header, loss_fn, x, labels, lambda: torch.autograd.grad(loss_fn(x, labels), x)
+
+
 def profile_triton_step(steps=5):
     """GPU time per kernel of a Triton-engine forward+backward (mean over `steps` after
     warm-up) against its wall time. On the CPU dry run there are no GPU kernels: the
@@ -285,20 +296,18 @@ def profile_triton_step(steps=5):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    shape, pool_size = BENCH_SHAPES[0]
-    result = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", steps=steps)
+    result = dict(steps=steps)
     try:
-        logits, labels = random_inputs(shape, seed=2)
-        loss_fn = provider_loss("triton_engine", pool_size)
-        x = logits.detach().clone().requires_grad_(True)
+        header, _, _, _, step = triton_step(seed=2)
+        result.update(header)
         for _ in range(2):
-            torch.autograd.grad(loss_fn(x, labels), x)
+            step()
         sync()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
-                torch.autograd.grad(loss_fn(x, labels), x)
+                step()
             sync()
             result["wall_ms"] = (time.perf_counter() - t0) * 1e3 / steps
         # launches and GPU ms a step of each kernel, the glue's together as "other"
@@ -329,14 +338,7 @@ def time_step_variants():
     with mode="reduce-overhead" (inductor replays it as CUDA graphs)."""
     from rmi_triton import algebra
 
-    shape, pool_size = BENCH_SHAPES[0]
-    result = dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}")
-    logits, labels = random_inputs(shape, seed=3)
-    x = logits.detach().clone().requires_grad_(True)
-    loss_fn = provider_loss("triton_engine", pool_size)
-
-    def step():
-        return torch.autograd.grad(loss_fn(x, labels), x)
+    result, loss_fn, x, labels, step = triton_step(seed=3)
 
     def guarded(name, measure):
         if time.time() - START > ARGS.budget_s + 60:
@@ -516,7 +518,7 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
               f"{fmt(r.get('bwd_ms')):>9s} {fmt(r.get('full_ms')):>9s} {fmt(r.get('extra_mb'), '.0f'):>10s} "
               f"{fmt(beyond, '.0f'):>5s} {fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  "
               f"{r.get('note', '')}")
-    print(f"== Triton-engine step, profiled ({breakdown['shape']} {breakdown['pool']}, mean of "
+    print(f"== Triton-engine step, profiled ({breakdown.get('shape')} {breakdown.get('pool')}, mean of "
           f"{breakdown['steps']}): wall {fmt(breakdown.get('wall_ms'))} ms, GPU kernels "
           f"{fmt(breakdown.get('gpu_ms'))} ms {breakdown.get('error', '')}")
     for name, (launches, ms) in breakdown.get("kernels", {}).items():
@@ -529,14 +531,11 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
 
 
 def run_steps(steps):
-    shape, pool_size = BENCH_SHAPES[0]
-    logits, labels = random_inputs(shape, seed=4)
-    x = logits.detach().clone().requires_grad_(True)
-    loss_fn = provider_loss("triton_engine", pool_size)
+    header, _, _, _, step = triton_step(seed=4)
     for _ in range(steps):
-        torch.autograd.grad(loss_fn(x, labels), x)
+        step()
     sync()
-    log(f"{steps} Triton-engine steps at {shape} avg {pool_size}")
+    log(f"{steps} Triton-engine steps at {header['shape']} {header['pool']}")
 
 
 def main():
