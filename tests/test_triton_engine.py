@@ -7,6 +7,7 @@ Shapes are tiny and odd: the interpreter pays per operation.
 """
 
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -385,6 +386,36 @@ def test_rmi_only_gradient_and_pixel_only_gradient():
         loss, grad = loss_and_grad(_triton, logits, labels, **options)
         ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
         assert_close_rel(grad, ref_grad, 1e-4, f"gradient {options}")
+
+
+def test_backward_frees_the_pooled_maps_before_the_gradient(monkeypatch):
+    """y' and p' go once kernel C has read them, before kernel D allocates dL/dlogits: the
+    step's peak then holds one pooled map beside the gradient, not three. With the graph
+    kept for another backward they stay, and the second backward gives the same gradient."""
+    maps, alive_at_d = [], []
+    pool_forward, pool_backward = triton_engine._launch_pool_forward, triton_engine._launch_pool_backward
+
+    def recording_forward(*args, **kwargs):
+        out = pool_forward(*args, **kwargs)
+        maps[:] = [weakref.ref(t) for t in out[:2]]  # p', y'
+        return out
+
+    def recording_backward(*args, **kwargs):
+        alive_at_d.append([m() is not None for m in maps])
+        return pool_backward(*args, **kwargs)
+
+    monkeypatch.setattr(triton_engine, "_launch_pool_forward", recording_forward)
+    monkeypatch.setattr(triton_engine, "_launch_pool_backward", recording_backward)
+    logits, labels = random_inputs(2, 3, 21, 23, seed=13)
+    x = logits.requires_grad_()
+    loss = _triton(x, labels)
+    kept = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    last = torch.autograd.grad(loss, x)[0]
+    assert alive_at_d == [[True, True], [False, False]]
+    torch.testing.assert_close(last, kept, rtol=0, atol=0)
+    del loss
+    torch.autograd.grad(_triton(x, labels), x)
+    assert alive_at_d[-1] == [False, False]
 
 
 def test_custom_op_opcheck():

@@ -1185,6 +1185,28 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
             logits.new_empty((n, c, 2 * d), **f64))
 
 
+def _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts: RMIOptions):
+    """Kernels C0 and C: dL/dp' from dL/dSp, dL/dSyp (None when neither is given), at
+    the logits' resolution for "interp" (PyTorch's interpolation backward)."""
+    if g_sp is None and g_syp is None:
+        return None
+    g_low = _launch_region_grad(y_low, p_low, keep, mean, _contiguous_or_none(g_sp), _contiguous_or_none(g_syp),
+                                opts.radius)
+    if opts.pool == "interp" and opts.downsamples:
+        g_low = torch.ops.aten.upsample_bilinear2d_backward(
+            g_low, list(g_low.shape[-2:]), list(logits.shape), True, None, None)
+    return g_low
+
+
+def _logits_grad(logits, labels, weights, g_low, arg, denom, g_pixel, opts: RMIOptions):
+    """Kernel D: dL/dlogits from dL/dp' (or None) and dL/d(pixel term) (or None)."""
+    coef = None
+    if g_pixel is not None and opts.pixel_loss is not None:
+        coef = (g_pixel.double() / denom).float().reshape(1)
+    return _launch_pool_backward(logits, labels.contiguous(), weights, opts, g_low,
+                                 arg if arg.numel() else None, coef)
+
+
 def _statistics_backward_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
                             weights: Optional[torch.Tensor], y_low: torch.Tensor, p_low: torch.Tensor,
                             arg: torch.Tensor, mean: torch.Tensor, denom: torch.Tensor,
@@ -1193,19 +1215,8 @@ def _statistics_backward_impl(logits: torch.Tensor, labels: torch.Tensor, keep: 
                             pixel_loss: str, probs: str, ignore_index: int) -> torch.Tensor:
     """dL/dlogits from dL/d(pixel term) and dL/dSp, dL/dSyp [N, C, d, d]."""
     opts = _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, False, False)
-    labels = labels.contiguous()
-    g_low = None
-    if g_sp is not None or g_syp is not None:
-        g_low = _launch_region_grad(y_low, p_low, keep, mean, _contiguous_or_none(g_sp),
-                                    _contiguous_or_none(g_syp), radius)
-        if opts.pool == "interp" and opts.downsamples:
-            g_low = torch.ops.aten.upsample_bilinear2d_backward(
-                g_low, list(g_low.shape[-2:]), list(logits.shape), True, None, None)
-    coef = None
-    if g_pixel is not None and opts.pixel_loss is not None:
-        coef = (g_pixel.double() / denom).float().reshape(1)
-    return _launch_pool_backward(logits, labels, weights, opts, g_low,
-                                 arg if arg.numel() else None, coef)
+    g_low = _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts)
+    return _logits_grad(logits, labels, weights, g_low, arg, denom, g_pixel, opts)
 
 
 _statistics_backward_op = torch.library.custom_op("rmi_triton::triton_statistics_backward",
@@ -1218,42 +1229,64 @@ def _statistics_backward_fake(logits, labels, keep, weights, y_low, p_low, arg, 
     return torch.empty_like(logits)
 
 
-def _setup_context(ctx, inputs, output, backward_op=_statistics_backward_op):
+def _setup_context(ctx, inputs, output, maps_saved=True):
     logits, labels, keep, weights, radius, pool, pool_size, pixel_loss, probs, ignore_index, _, _ = inputs
     _, _, _, _, denom, y_low, p_low, arg, mean = output
+    if not maps_saved:  # held by ctx.maps instead (`_EagerStatistics`)
+        y_low = p_low = None
     ctx.save_for_backward(logits, labels, keep, weights, y_low, p_low, arg, mean, denom)
     ctx.config = (radius, pool, pool_size, pixel_loss, probs, ignore_index)
-    ctx.backward_op = backward_op
     # outputs without a gradient (y', p', the arg-max, ...) pass None to `_backward`, not
     # zero tensors autograd would otherwise fill: two [N, C, H', W'] float32 maps a step
     ctx.set_materialize_grads(False)
+
+
+_NO_INPUT_GRADS = (None,) * 11  # the gradients of every input but the logits
 
 
 def _backward(ctx, g_pixel, _g_sy, g_sp, g_syp, *_unused):
     logits, labels, keep, weights, y_low, p_low, arg, mean, denom = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = ctx.backward_op(logits, labels, keep, weights, y_low, p_low, arg, mean, denom,
-                               g_pixel, g_sp, g_syp, *ctx.config)
-    return grad, None, None, None, None, None, None, None, None, None, None, None
+        grad = _statistics_backward_op(logits, labels, keep, weights, y_low, p_low, arg, mean, denom,
+                                       g_pixel, g_sp, g_syp, *ctx.config)
+    return (grad,) + _NO_INPUT_GRADS
 
 
 _statistics_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph for another (retain_graph=True);
+    True where this PyTorch cannot tell."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
+
+
 class _EagerStatistics(torch.autograd.Function):
-    """`_statistics_op` without the torch.library dispatch, for eager calls."""
+    """`_statistics_op` without the torch.library dispatch, for eager calls. Its backward lets
+    y' and p' go as soon as kernel C has read them, before kernel D allocates the gradient:
+    at the step's peak only dL/dp' (one [N, C, H', W'] float32 map) is held beside the
+    logits and their gradient, where the op holds y' and p' too."""
 
     @staticmethod
     def forward(ctx, *inputs):
         output = _statistics_impl(*inputs)
-        _setup_context(ctx, inputs, output, backward_op=_statistics_backward_impl)
+        _setup_context(ctx, inputs, output, maps_saved=False)
+        ctx.maps = output[5:7]  # y', p'
         ctx.mark_non_differentiable(*output[4:])
         return output
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+    def backward(ctx, g_pixel, _g_sy, g_sp, g_syp, *_unused):
+        logits, labels, keep, weights, _, _, arg, mean, denom = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) + _NO_INPUT_GRADS
+        opts = _options(*ctx.config, False, False)
+        g_low = _region_grad_low(logits, keep, *ctx.maps, mean, g_sp, g_syp, opts)
+        if not _graph_kept():
+            ctx.maps = None  # the last references to y' and p'
+        return (_logits_grad(logits, labels, weights, g_low, arg, denom, g_pixel, opts),) + _NO_INPUT_GRADS
 
 
 # ----------------------------------------------------------------------------
