@@ -117,6 +117,11 @@ def available() -> bool:
     return _HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers (triton.cdiv is a constexpr function: ~10 us a call)."""
+    return -(-a // b)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -886,7 +891,7 @@ class _Geometry:
         self.n_cells = self.h_cells * self.w_cells
         self.sp = _next_pow2(self.s)  # the window's side in the kernels' blocks
         self.block = min(max(1, FULL_RES_ELEMENTS // (self.sp * self.sp)), _next_pow2(self.n_cells))
-        self.n_blocks = triton.cdiv(self.n_cells, self.block)
+        self.n_blocks = _cdiv(self.n_cells, self.block)
 
 
 def _wide(*images: torch.Tensor) -> bool:
@@ -945,9 +950,9 @@ def _moment_layout(d: int, m: int):
     bd = min(2 * d_pad, MOMENT_BD)
     nb = 2 * d_pad // bd
     max_tiles = max(1, MOMENT_BUFFER_PER_PLANE // (4 * d * d))
-    tiles = max(1, min(triton.cdiv(m, MOMENT_TILE_POSITIONS), max_tiles))
-    per_tile = triton.cdiv(triton.cdiv(m, tiles), block_m) * block_m
-    tiles = triton.cdiv(m, per_tile)
+    tiles = max(1, min(_cdiv(m, MOMENT_TILE_POSITIONS), max_tiles))
+    per_tile = _cdiv(_cdiv(m, tiles), block_m) * block_m
+    tiles = _cdiv(m, per_tile)
     return d_pad, bd, nb, block_m, per_tile, tiles
 
 
@@ -997,8 +1002,8 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     else:
         cells, width = h_low * w_low, 2 * radius - 1
         chunk = _product_chunk(radius, cells)
-        tile_cells = triton.cdiv(min(cells, PRODUCT_TILE), chunk) * chunk
-        tiles = triton.cdiv(cells, tile_cells)
+        tile_cells = _cdiv(min(cells, PRODUCT_TILE), chunk) * chunk
+        tiles = _cdiv(cells, tile_cells)
         products = _new((planes, tiles, 3, width * width), torch.float64, dev)
         sums = _new((planes, tiles, 2), torch.float64, dev)
         _shifted_products_kernel[(planes, tiles, width)](
@@ -1021,7 +1026,7 @@ def _merge_moments(products, sums, b2, centres, n: int, c: int, radius: int, m: 
     mean = _new((n, c, 2 * d), torch.float64, dev)
     j_pad = _next_pow2(2 * d)
     rows = min(j_pad, max(1, MERGE_ELEMENTS // j_pad))
-    _merge_moments_kernel[(planes, triton.cdiv(2 * d, rows))](
+    _merge_moments_kernel[(planes, _cdiv(2 * d, rows))](
         products if shifted else dummy, sums if shifted else dummy, count, total, gram, centres,
         sy, sp, syp, mean, products.shape[1] if shifted else 0, count.shape[1] if b2 is not None else 0, m,
         R=radius, D=d, ROWS=rows, J_PAD=j_pad, SHIFTED=shifted, HAS_B2=b2 is not None,
@@ -1052,12 +1057,12 @@ class _StencilLayout(NamedTuple):
             h_in = w_in = 0
         tile_w = min(STENCIL_TILE_W, _next_pow2(max(w_in, 1)))
         tile_h = min(max(1, STENCIL_TILE // tile_w), _next_pow2(max(h_in, 1)))
-        tiles_w = triton.cdiv(w_in, tile_w)
-        n_tiles = triton.cdiv(h_in, tile_h) * tiles_w
+        tiles_w = _cdiv(w_in, tile_w)
+        n_tiles = _cdiv(h_in, tile_h) * tiles_w
         frame = h_low * w_low - h_in * w_in
         block_q = max(16, min(STENCIL_FRAME_ELEMENTS // _next_pow2(radius * radius), _next_pow2(frame)))
         return _StencilLayout(h_in, w_in, tile_h, tile_w, max(tiles_w, 1), n_tiles, block_q,
-                              triton.cdiv(frame, block_q))
+                              _cdiv(frame, block_q))
 
 
 def _contiguous_or_none(t):
