@@ -55,7 +55,8 @@ def disassemble(spec: dict, arch: int) -> list:
 
 
 def loops(lines: list) -> list:
-    """Bodies of the loops (label .. backward branch), in program order, as lists of opcodes."""
+    """Bodies of the loops (label .. backward branch), in program order, then the whole
+    kernel, as lists of opcodes."""
     ops, labels, bodies = [], {}, []
     for line in lines:
         label = re.match(r"^\s*(\.L_x_\d+):", line)
@@ -69,7 +70,7 @@ def loops(lines: list) -> list:
         target = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", instruction.group(1))
         if target and labels.get(target.group(1), len(ops)) < len(ops) - 1:  # a branch backwards
             bodies.append(ops[labels[target.group(1)]:])
-    return bodies
+    return bodies + [ops]  # last: the whole kernel
 
 
 def summary(body: list) -> str:
@@ -97,15 +98,24 @@ def main():
     layout = te._StencilLayout.of(H_LOW, H_LOW, r, weighted=False)
     warps = te.NUM_WARPS
     _, _, nb, block_m, _, _ = te._moment_layout(d, off_grid)
-    chunk = te._product_chunk(r, cells)
+    padded = (H_LOW + 2 * r - 2) ** 2  # B0's padded maps
+    positions = (H_LOW - 1) * (H_LOW + 2 * r - 2) + H_LOW  # what B1 runs over: first cell to last, padded rows
+    lanes = te._product_lanes(r)
+    groups = -(-width * width // lanes)
+    chunk = te._product_chunk(r, positions)
+    b0_block = min(te.CENTRE_ELEMENTS, te._next_pow2(padded))
     full_res = dict(pool="avg", s=4, softmax=False, pixel=1, logits="fp32", labels="i64")
 
     # (kernel, spec, which loop, warp instructions a cell from that loop's body length n, what one trip does)
     plan = [
         ("A pool_forward", dict(kernel="pool_forward", **full_res), 0,
          lambda n: n * warps["pool_forward"] / geo.block, f"one class, {geo.block} cells"),
+        ("B0 centred_maps", dict(kernel="centred_maps", radius=r), None,
+         lambda n: n * warps["centred_maps"] / b0_block * padded / cells,
+         f"the whole kernel, {b0_block} positions of the padded maps ({padded} a plane)"),
         ("B1 shifted_products", dict(kernel="shifted_products", radius=r), 0,
-         lambda n: n * warps["shifted_products"] * width / chunk, f"one stencil row, {chunk} cells; {width} rows"),
+         lambda n: n * warps["shifted_products"] * groups / chunk * positions / cells,
+         f"{lanes} stencil offsets, {chunk} positions ({positions} a plane, {groups} group(s) of offsets)"),
         ("B2 window_products (off grid)", dict(kernel="window_products", radius=r), 0,
          lambda n: n * warps["window_products"] * nb * nb / block_m * off_grid / cells,
          f"{block_m} off-grid origins ({off_grid} of them for {cells} cells)"),
@@ -128,6 +138,14 @@ def main():
         if key not in cache:
             cache[key] = loops(disassemble(spec, arch))
         bodies = cache[key]
+        if which is None:  # no loop: the kernel's instructions up to its first exit
+            body = bodies[-1]
+            body = body[:body.index("EXIT") + 1] if "EXIT" in body else body
+            cost = per_cell(len(body))
+            total += cost
+            print(f"  {name:32s} {cost:7.1f}   {summary(body)} per program: {trip}")
+            continue
+        bodies = bodies[:-1]
         if which >= len(bodies):
             print(f"  {name:32s} loop {which} not found ({len(bodies)} loops)")
             continue

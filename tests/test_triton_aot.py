@@ -57,6 +57,7 @@ def _specs():
             specs.append(dict(kernel="pool_forward", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="pool_backward", arch=arch, warp=warp, **case))
         for case in REGION_CASES:
+            specs.append(dict(kernel="centred_maps", arch=arch, warp=warp, **case))
             if not case.get("keep"):
                 specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
@@ -120,11 +121,16 @@ def _kernel_source(spec):
     d = radius * radius
     h_low = 129  # 513 x 513 input, 4 x 4 average pooling
     m = (h_low - radius + 1) ** 2
-    if spec["kernel"] == "shifted_products":
+    wp = h_low + 2 * radius - 2  # B0's padded maps
+    if spec["kernel"] == "centred_maps":
+        fn = te._centred_maps_kernel
+        constexprs = dict(R=radius, BLOCK=min(te.CENTRE_ELEMENTS, te._next_pow2(wp * wp)))
+        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", centre_ptr="*fp32", maps_ptr="*fp64")
+    elif spec["kernel"] == "shifted_products":
         fn = te._shifted_products_kernel
-        constexprs = dict(R=radius, W_PAD=te._next_pow2(2 * radius - 1),
-                          CHUNK=te._product_chunk(radius, h_low * h_low))
-        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", centre_ptr="*fp32", prod_ptr="*fp64", sum_ptr="*fp64")
+        constexprs = dict(R=radius, LANES=te._product_lanes(radius),
+                          CHUNK=te._product_chunk(radius, (h_low - 1) * wp + h_low))
+        pointers = dict(maps_ptr="*fp64", prod_ptr="*fp64", sum_ptr="*fp64")
     elif spec["kernel"] == "window_products":
         fn = te._window_products_kernel
         off_grid = not spec.get("keep", False) and radius > 1
@@ -132,8 +138,7 @@ def _kernel_source(spec):
         d_pad, bd, _, block_m, _, _ = te._moment_layout(d, positions)
         constexprs = dict(R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=not off_grid,
                           OFF_GRID=off_grid)
-        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", centre_ptr="*fp32", count_ptr="*fp64",
-                        sum_ptr="*fp64", gram_ptr="*fp64")
+        pointers = dict(maps_ptr="*fp64", keep_ptr="*fp32", count_ptr="*fp64", sum_ptr="*fp64", gram_ptr="*fp64")
     elif spec["kernel"] == "merge_moments":
         fn = te._merge_moments_kernel
         j_pad = te._next_pow2(2 * d)

@@ -74,15 +74,16 @@ GPU_BLOCKS = dict(
     FULL_RES_ELEMENTS=2048,  # pixels per program of kernels A and D (cells x padded window)
     MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
-    PRODUCT_ELEMENTS=2048,  # cells x stencil columns per step of the shifted products (kernel B1)
-    PRODUCT_TILE=4096,  # cells per program of kernel B1 (one reduction each)
+    PRODUCT_ELEMENTS=2048,  # positions x stencil offsets per step of the shifted products (kernel B1)
+    PRODUCT_TILE=4096,  # positions per program of kernel B1 (one reduction each)
     MERGE_ELEMENTS=1024,  # joint-matrix entries per program of kernel B3
+    CENTRE_ELEMENTS=1024,  # padded-map positions per program of kernel B0
     STENCIL_FRAME_ELEMENTS=4096,  # frame cells x window offsets per program of kernel C
     STENCIL_TILE=1024,  # interior cells per program of kernel C
     STENCIL_TILE_W=64,  # their columns
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256, PRODUCT_ELEMENTS=1 << 17,
-                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16,
+                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16, CENTRE_ELEMENTS=1 << 16,
                           STENCIL_FRAME_ELEMENTS=1 << 16, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
 FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
@@ -91,16 +92,17 @@ MOMENT_BD = _BLOCKS["MOMENT_BD"]
 PRODUCT_ELEMENTS = _BLOCKS["PRODUCT_ELEMENTS"]
 PRODUCT_TILE = _BLOCKS["PRODUCT_TILE"]
 MERGE_ELEMENTS = _BLOCKS["MERGE_ELEMENTS"]
+CENTRE_ELEMENTS = _BLOCKS["CENTRE_ELEMENTS"]
 STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # warps per program of each kernel (the AOT test compiles with these)
-NUM_WARPS = dict(pool_forward=8, shifted_products=8, window_products=8, merge_moments=4, grad_constants=4,
-                 region_grad=8, pool_backward=8)
+NUM_WARPS = dict(pool_forward=8, centred_maps=4, shifted_products=8, window_products=8, merge_moments=4,
+                 grad_constants=4, region_grad=8, pool_backward=8)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
-KERNEL_NAMES = ("_pool_forward_kernel", "_shifted_products_kernel", "_window_products_kernel",
-                "_merge_moments_kernel", "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
+KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
+                "_window_products_kernel", "_merge_moments_kernel", "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
 MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
@@ -362,26 +364,22 @@ if _HAVE_TRITON:
         tl.store(part + 2, _block_sum(bad))
 
     @triton.jit
-    def _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, J, H_low, W_low, centre_y, centre_p,
-                      R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-        """Entries J of the joint region vectors [y; p] at origins (mi, mj), minus
-        the maps' centres, in float64 (where the difference of float32 values is
-        exact); 0 outside the map (origins off the grid) and at padding entries.
+    def _joint_gather(maps_ptr, plane, mi, mj, m_ok, J, Hp, Wp, R: tl.constexpr, D: tl.constexpr,
+                      D_PAD: tl.constexpr):
+        """Entries J of the centred joint region vectors [y; p] at origins (mi, mj), from
+        B0's padded maps (zero outside the map: origins off the grid need no mask); 0 at
+        padding entries and where m_ok is false.
 
         J indexes the padded joint vector: J < D_PAD the labels' window entry
         J, else the probabilities' entry J - D_PAD (row-major in the R x R
         window). Returns [B, len(J)] float64.
         """
-        is_p = J >= D_PAD
+        is_p = (J >= D_PAD).to(tl.int32)
         comp = J % D_PAD
-        row = mi[:, None] + (comp // R)[None, :]
-        col = mj[:, None] + (comp % R)[None, :]
-        mask = m_ok[:, None] & (comp < D)[None, :] & (row >= 0) & (row < H_low) & (col >= 0) & (col < W_low)
-        addr = plane_base + row * W_low + col
-        vy = tl.load(y_ptr + addr, mask=mask & (~is_p)[None, :], other=0.0)
-        vp = tl.load(p_ptr + addr, mask=mask & is_p[None, :], other=0.0)
-        centre = tl.where(is_p, centre_p, centre_y)
-        return tl.where(mask, (vy + vp).to(tl.float64) - centre[None, :], 0.0)
+        row = mi[:, None] + (comp // R + R - 1)[None, :]
+        col = mj[:, None] + (comp % R + R - 1)[None, :]
+        mask = m_ok[:, None] & (comp < D)[None, :]
+        return tl.load(maps_ptr + ((plane * 2 + is_p[None, :]) * Hp + row) * Wp + col, mask=mask, other=0.0)
 
     @triton.jit
     def _frame_cells(f, H, W, H_in, W_in, R: tl.constexpr):
@@ -398,76 +396,100 @@ if _HAVE_TRITON:
         return qi, qj
 
     @triton.jit
-    def _shifted_products_kernel(
+    def _centred_maps_kernel(
         y_ptr,  # [P, H', W'] float32 pooled labels y'
         p_ptr,  # [P, H', W'] float32 pooled probabilities p'
-        centre_ptr,  # [P, 2] float32 the centres of the y' and p' maps
+        centre_ptr,  # [P, 2] float32 out: the centres of the y' and p' maps (their first cells)
+        maps_ptr,  # [P, 2, H' + 2R - 2, W' + 2R - 2] float64 out: y', p' minus their centres, 0 around them
+        H_low, W_low,
+        R: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """B0: the maps kernels B1 and B2 read, BLOCK positions of one plane's padded pair a
+        program: each map minus its centre in float64 (exact: the difference of two float32
+        values), zero in a frame R - 1 wide around it, so that every window or stencil
+        reaching the map reads in bounds without a mask, and nothing is converted or centred
+        again. The centre is the map's first cell: any value of the map is within sqrt(n)
+        standard deviations of its mean, and the float64 sums lose no more than that factor."""
+        plane = tl.program_id(0).to(tl.int64)
+        Hp = H_low + 2 * (R - 1)
+        Wp = W_low + 2 * (R - 1)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < Hp * Wp
+        row = i // Wp - (R - 1)
+        col = i % Wp - (R - 1)
+        inside = ok & (row >= 0) & (row < H_low) & (col >= 0) & (col < W_low)
+        src = plane * H_low * W_low + row * W_low + col
+        centre_y = tl.load(y_ptr + plane * H_low * W_low)
+        centre_p = tl.load(p_ptr + plane * H_low * W_low)
+        y = tl.load(y_ptr + src, mask=inside, other=0.0).to(tl.float64) - centre_y.to(tl.float64)
+        p = tl.load(p_ptr + src, mask=inside, other=0.0).to(tl.float64) - centre_p.to(tl.float64)
+        out = maps_ptr + plane * 2 * Hp * Wp + i
+        tl.store(out, tl.where(inside, y, 0.0), mask=ok)
+        tl.store(out + Hp * Wp, tl.where(inside, p, 0.0), mask=ok)
+        if tl.program_id(1) == 0:
+            tl.store(centre_ptr + plane * 2, centre_y)
+            tl.store(centre_ptr + plane * 2 + 1, centre_p)
+
+    @triton.jit
+    def _shifted_products_kernel(
+        maps_ptr,  # [P, 2, H' + 2R - 2, W' + 2R - 2] float64 B0's centred, padded y' and p'
         prod_ptr,  # [P, T, 3, (2R-1)^2] float64 out: each tile's sums of yy, yp, pp products
         sum_ptr,  # [P, T, 2] float64 out: each tile's sums of the centred y' and p'
-        H_low, W_low, T, tile_cells,
-        R: tl.constexpr, W_PAD: tl.constexpr, CHUNK: tl.constexpr,
+        H_low, W_low, T, tile_len,
+        R: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr,
     ):
-        """Sums over a tile of cells u (flat index) of x(u) x'(u + e) for the
-        centred maps x, x' in (y, y), (y, p), (p, p) and the offsets e of one row
-        (program axis 2) of the (2R-1) x (2R-1) stencil, with u + e in the map.
-        Over all origins whose window reaches the map (zeros outside it), the
-        region vectors' sums of products are these, summed over the tiles: entry
-        (j, j') of the joint matrix is the sum for e = offset(j') - offset(j).
-        The maps are centred, multiplied and summed in float64, where the
-        differences and products of float32 values are exact (as in the
-        gathers of `_window_products_kernel`): the merge takes the sums apart
-        again (off-grid origins, means), which float32 rounding would leave
-        inconsistent -- enough to move the log-determinant of a nearly singular
-        posterior by 1e-5."""
+        """Sums over a tile of positions u of x(u) x'(u + e) for the centred maps x, x'
+        in (y, y), (y, p), (p, p) and LANES offsets e of the (2R-1) x (2R-1) stencil
+        (a group of them, program axis 2), over every origin whose window reaches the map
+        (zeros outside it). Entry (j, j') of the joint sums is the sum for
+        e = offset(j') - offset(j). Positions run over B0's padded maps from the map's first
+        cell to its last, so every shifted position is an address in the plane: the frame's
+        zeros (x(u) = 0 beside the map) make the columns between the map's rows add nothing.
+        Products and sums in float64 (exact products of the exact differences)."""
         WIDTH: tl.constexpr = 2 * R - 1
         E: tl.constexpr = WIDTH * WIDTH
         plane = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
-        a = tl.program_id(2)  # stencil row: row offset a - (R - 1)
-        plane_base = plane * H_low * W_low
-        centre_y = tl.load(centre_ptr + plane * 2).to(tl.float64)
-        centre_p = tl.load(centre_ptr + plane * 2 + 1).to(tl.float64)
-        b = tl.arange(0, W_PAD)  # column offsets b - (R - 1)
-        acc_yy = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
-        acc_yp = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
-        acc_pp = tl.zeros((W_PAD, CHUNK), dtype=tl.float64)
+        Hp = H_low + 2 * (R - 1)
+        Wp = W_low + 2 * (R - 1)
+        y_base = maps_ptr + plane * 2 * Hp * Wp
+        p_base = y_base + Hp * Wp
+        e = tl.program_id(2) * LANES + tl.arange(0, LANES)
+        e_ok = e < E
+        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * Wp + (e % WIDTH - (R - 1)), 0)
+        first = (R - 1) * Wp + (R - 1)  # the map's first cell
+        start = first + tile * tile_len
+        stop = tl.minimum(start + tile_len, first + (H_low - 1) * Wp + W_low)
+        acc_yy = tl.zeros((LANES, CHUNK), dtype=tl.float64)
+        acc_yp = tl.zeros((LANES, CHUNK), dtype=tl.float64)
+        acc_pp = tl.zeros((LANES, CHUNK), dtype=tl.float64)
         sum_y = tl.zeros((CHUNK,), dtype=tl.float64)
         sum_p = tl.zeros((CHUNK,), dtype=tl.float64)
-        start = tile * tile_cells
-        stop = tl.minimum(start + tile_cells, H_low * W_low)
-        for first in range(start, stop, CHUNK):
-            q = first + tl.arange(0, CHUNK)
-            ok = q < stop
-            qi = q // W_low
-            qj = q - qi * W_low
-            y0 = tl.where(ok, tl.load(y_ptr + plane_base + q, mask=ok, other=0.0).to(tl.float64) - centre_y, 0.0)
-            p0 = tl.where(ok, tl.load(p_ptr + plane_base + q, mask=ok, other=0.0).to(tl.float64) - centre_p, 0.0)
+        for u0 in range(start, stop, CHUNK):
+            u = u0 + tl.arange(0, CHUNK)
+            ok = u < stop
+            u = tl.minimum(u, stop - 1)  # every load in the plane, no mask
+            y0 = tl.where(ok, tl.load(y_base + u), 0.0)
+            p0 = tl.where(ok, tl.load(p_base + u), 0.0)
             sum_y += y0
             sum_p += p0
-            rows = qi + a - (R - 1)
-            cols = qj[None, :] + b[:, None] - (R - 1)
-            shifted = ((ok & (rows >= 0) & (rows < H_low))[None, :] & (b < WIDTH)[:, None]
-                       & (cols >= 0) & (cols < W_low))
-            at = plane_base + (q + (a - (R - 1)) * W_low)[None, :] + (b[:, None] - (R - 1))
-            y1 = tl.where(shifted, tl.load(y_ptr + at, mask=shifted, other=0.0).to(tl.float64) - centre_y, 0.0)
-            p1 = tl.where(shifted, tl.load(p_ptr + at, mask=shifted, other=0.0).to(tl.float64) - centre_p, 0.0)
-            acc_yy += y0[None, :] * y1
+            at = u[None, :] + shift[:, None]
+            p1 = tl.load(p_base + at)
+            acc_yy += y0[None, :] * tl.load(y_base + at)
             acc_yp += y0[None, :] * p1
             acc_pp += p0[None, :] * p1
-        row = prod_ptr + (plane * T + tile) * (3 * E) + a * WIDTH + b
-        tl.store(row, tl.sum(acc_yy, axis=1), mask=b < WIDTH)
-        tl.store(row + E, tl.sum(acc_yp, axis=1), mask=b < WIDTH)
-        tl.store(row + 2 * E, tl.sum(acc_pp, axis=1), mask=b < WIDTH)
-        if a == 0:
+        row = prod_ptr + (plane * T + tile) * (3 * E) + e
+        tl.store(row, tl.sum(acc_yy, axis=1), mask=e_ok)
+        tl.store(row + E, tl.sum(acc_yp, axis=1), mask=e_ok)
+        tl.store(row + 2 * E, tl.sum(acc_pp, axis=1), mask=e_ok)
+        if tl.program_id(2) == 0:
             tl.store(sum_ptr + (plane * T + tile) * 2, tl.sum(sum_y, axis=0))
             tl.store(sum_ptr + (plane * T + tile) * 2 + 1, tl.sum(sum_p, axis=0))
 
     @triton.jit
     def _window_products_kernel(
-        y_ptr,  # [P, H', W'] float32 pooled labels y' (P = N * C planes)
-        p_ptr,  # [P, H', W'] float32 pooled probabilities p'
+        maps_ptr,  # [P, 2, H' + 2R - 2, W' + 2R - 2] float64 B0's centred, padded y' and p' (P = N * C)
         keep_ptr,  # [N, M] float32 0/1: region vector enters the statistics (when HAS_KEEP)
-        centre_ptr,  # [P, 2] float32 the centres of the y' and p' maps
         count_ptr,  # [P, T] float64 out: region vectors per tile
         sum_ptr,  # [P, T, 2d] float64 out: each tile's sum of centred vectors
         gram_ptr,  # [P, T, 2d, 2d] float64 out: each tile's sums of their products
@@ -489,9 +511,8 @@ if _HAVE_TRITON:
         bj = pair % NB
         Jr = bi * BD + tl.arange(0, BD)
         Jc = bj * BD + tl.arange(0, BD)
-        plane_base = plane * H_low * W_low
-        centre_y = tl.load(centre_ptr + plane * 2)
-        centre_p = tl.load(centre_ptr + plane * 2 + 1)
+        Hp = H_low + 2 * (R - 1)
+        Wp = W_low + 2 * (R - 1)
         lo = tile * tile_positions
         hi = tl.minimum(lo + tile_positions, M)
 
@@ -508,8 +529,7 @@ if _HAVE_TRITON:
             else:
                 mi = m // W_v
                 mj = m % W_v
-            vr = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jr, H_low, W_low, centre_y, centre_p,
-                               R, D, D_PAD)
+            vr = _joint_gather(maps_ptr, plane, mi, mj, m_ok, Jr, Hp, Wp, R, D, D_PAD)
             if HAS_KEEP:
                 keep = tl.load(keep_ptr + (plane // C) * M + m, mask=m_ok, other=0.0).to(tl.float64)
                 vr = vr * keep[:, None]
@@ -519,8 +539,7 @@ if _HAVE_TRITON:
             if NB == 1:  # one block holds the whole joint vector: rows and columns coincide
                 vc = vr
             else:
-                vc = _joint_gather(y_ptr, p_ptr, plane_base, mi, mj, m_ok, Jc, H_low, W_low, centre_y, centre_p,
-                                   R, D, D_PAD)
+                vc = _joint_gather(maps_ptr, plane, mi, mj, m_ok, Jc, Hp, Wp, R, D, D_PAD)
             gram += tl.dot(tl.trans(vr), vc)
             total += tl.sum(vr, axis=0)
 
@@ -956,20 +975,20 @@ def _moment_layout(d: int, m: int):
     return d_pad, bd, nb, block_m, per_tile, tiles
 
 
-def _window_products(y_low, p_low, keep, centres, radius: int, positions: int, off_grid: bool):
+def _window_products(maps, keep, shape, radius: int, positions: int, off_grid: bool):
     """Kernel B2 -> each tile's (count [P, T2], sum [P, T2, 2d], products [P, T2, 2d, 2d]),
     float64, of the centred region vectors of the grid (weighted by `keep`) or off the grid
-    (`off_grid`)."""
-    n, c, h_low, w_low = p_low.shape
+    (`off_grid`), gathered from B0's maps; shape: the pooled maps' [N, C, H', W']."""
+    n, c, h_low, w_low = shape
     d = radius * radius
     d_pad, bd, nb, block_m, per_tile, tiles = _moment_layout(d, positions)
     planes = n * c
-    dev = p_low.device
+    dev = maps.device
     count = _new((planes, tiles), torch.float64, dev)
     total = _new((planes, tiles, 2 * d), torch.float64, dev)
     gram = _new((planes, tiles, 2 * d, 2 * d), torch.float64, dev)
     _window_products_kernel[(planes, tiles, nb * nb)](
-        y_low, p_low, keep if keep is not None else p_low, centres, count, total, gram,
+        maps, keep if keep is not None else maps, count, total, gram,
         c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, positions, per_tile, tiles,
         R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, OFF_GRID=off_grid,
         num_warps=NUM_WARPS["window_products"],
@@ -977,42 +996,63 @@ def _window_products(y_low, p_low, keep, centres, radius: int, positions: int, o
     return count, total, gram
 
 
-def _product_chunk(radius: int, cells: int) -> int:
-    """Cells per step of kernel B1: its float64 accumulators hold chunk x W_PAD values."""
-    return max(16, min(PRODUCT_ELEMENTS // max(8, _next_pow2(2 * radius - 1)), _next_pow2(cells)))
+def _product_lanes(radius: int) -> int:
+    """Stencil offsets per program of kernel B1 (all (2R-1)^2 of them up to R = 3)."""
+    return min(32, _next_pow2((2 * radius - 1) ** 2))
+
+
+def _product_chunk(radius: int, positions: int) -> int:
+    """Positions per step of kernel B1: its float64 accumulators hold lanes x chunk values."""
+    return max(16, min(PRODUCT_ELEMENTS // _product_lanes(radius), _next_pow2(positions)))
+
+
+def _centred_maps(y_low, p_low, radius: int):
+    """Kernel B0 -> (centred maps [P, 2, H' + 2R - 2, W' + 2R - 2] float64, centres [P, 2] float32)."""
+    n, c, h_low, w_low = p_low.shape
+    planes, dev = n * c, p_low.device
+    hp, wp = h_low + 2 * radius - 2, w_low + 2 * radius - 2
+    maps = _new((planes, 2, hp, wp), torch.float64, dev)
+    centres = _new((planes, 2), torch.float32, dev)
+    block = min(CENTRE_ELEMENTS, _next_pow2(hp * wp))
+    _centred_maps_kernel[(planes, _cdiv(hp * wp, block))](
+        y_low, p_low, centres, maps, h_low, w_low, R=radius, BLOCK=block, num_warps=NUM_WARPS["centred_maps"],
+    )
+    return maps, centres
 
 
 def _launch_region_moments(y_low, p_low, keep, radius: int):
     """Kernel B -> (mean [N, C, 2d] f64, joint sums [N, C, 2d, 2d] f64) of the region vectors.
 
-    The maps are centred on their means; sums of the centred vectors and of their
-    products are float64 from there (exact products of float32 values). With weights
-    (`keep`) the grid's vectors are gathered (B2). Without, the sums over every origin
-    whose window reaches the map (zeros outside it) are shifted-product sums over the
-    map, (2R-1)^2 per pair of maps (B1, `_shifted_products_kernel`), and the origins
+    B0 centres the maps in float64 and pads them with zeros; sums of the centred vectors
+    and of their products are float64 from there (exact products of float32 values). With
+    weights (`keep`) the grid's vectors are gathered (B2). Without, the sums over every
+    origin whose window reaches the map (zeros outside it) are shifted-product sums over
+    the map, (2R-1)^2 per pair of maps (B1, `_shifted_products_kernel`), and the origins
     off the grid (a frame R - 1 wide) are gathered (B2) and taken out."""
     n, c, h_low, w_low = p_low.shape
     d = radius * radius
     m = (h_low - radius + 1) * (w_low - radius + 1)
     planes, dev = n * c, p_low.device
-    centres = torch.stack([y_low.mean((2, 3)), p_low.mean((2, 3))], -1).view(planes, 2)
+    maps, centres = _centred_maps(y_low, p_low, radius)
     products = sums = b2 = None
     if keep is not None:
-        b2 = _window_products(y_low, p_low, keep, centres, radius, m, off_grid=False)
+        b2 = _window_products(maps, keep, p_low.shape, radius, m, off_grid=False)
     else:
-        cells, width = h_low * w_low, 2 * radius - 1
-        chunk = _product_chunk(radius, cells)
-        tile_cells = _cdiv(min(cells, PRODUCT_TILE), chunk) * chunk
-        tiles = _cdiv(cells, tile_cells)
+        wp, width = w_low + 2 * radius - 2, 2 * radius - 1
+        positions = (h_low - 1) * wp + w_low  # the map's first cell to its last, in the padded rows
+        lanes = _product_lanes(radius)
+        chunk = _product_chunk(radius, positions)
+        tile_len = _cdiv(min(positions, PRODUCT_TILE), chunk) * chunk
+        tiles = _cdiv(positions, tile_len)
         products = _new((planes, tiles, 3, width * width), torch.float64, dev)
         sums = _new((planes, tiles, 2), torch.float64, dev)
-        _shifted_products_kernel[(planes, tiles, width)](
-            y_low, p_low, centres, products, sums, h_low, w_low, tiles, tile_cells,
-            R=radius, W_PAD=_next_pow2(width), CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
+        _shifted_products_kernel[(planes, tiles, _cdiv(width * width, lanes))](
+            maps, products, sums, h_low, w_low, tiles, tile_len,
+            R=radius, LANES=lanes, CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
         )
         off_grid = (h_low + radius - 1) * (w_low + radius - 1) - m
         if off_grid:
-            b2 = _window_products(y_low, p_low, None, centres, radius, off_grid, off_grid=True)
+            b2 = _window_products(maps, None, p_low.shape, radius, off_grid, off_grid=True)
     return _merge_moments(products, sums, b2, centres, n, c, radius, m)
 
 
