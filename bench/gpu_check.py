@@ -21,7 +21,7 @@
    gradients in the logits' dtype; then 300 training steps on the Triton engine
    with the allocated device memory read every 25 (flat after warm-up).
 5. Where a Triton-engine step goes (torch.profiler, the first timing shape):
-   the GPU time of each of its five kernels, of the other (glue) kernels, and
+   the GPU time of each of its kernels, of the other (glue) kernels, and
    the step's wall time -- whether the small ops' launches are hidden; the host
    time by op, and a timeline in $OUT/triton_step_trace.json.
 6. The same step timed side by side as shipped, without the Cholesky check's
@@ -234,6 +234,9 @@ def time_provider(name, shape, pool_size):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         loss = loss_fn(x, labels)
+        sync()
+        if DEVICE.type == "cuda":  # the forward's peak: when a network's activations are all held
+            row["fwd_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         torch.autograd.grad(loss, x)
         sync()
         if DEVICE.type == "cuda":
@@ -352,7 +355,7 @@ def time_step_variants():
 
     guarded("eager_ms", lambda: bench_ms(step))
     checked = algebra._all_factored
-    algebra._all_factored = lambda *infos: True  # no sync: measurement only
+    algebra._all_factored = lambda info: True  # no sync: measurement only
     try:
         guarded("eager_no_sync_ms", lambda: bench_ms(step))
 
@@ -499,9 +502,10 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
           f"{'-' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}")
     print("== timings: medians in ms (do_bench), RMI providers with validate=False; "
           "extra = peak memory beyond the inputs for one forward+backward, gradient included; "
-          "% = extra beyond the gradient, in % of the logits")
+          "% = extra beyond the gradient, in % of the logits; fwd % = the forward's own peak beyond "
+          "the inputs, in % of the logits")
     header = f"{'shape':>16s} {'pool':>5s} {'provider':>14s} {'fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} " \
-             f"{'extra MiB':>10s} {'%':>5s} {'x CE':>7s} {'bw frac':>7s}  note"
+             f"{'extra MiB':>10s} {'%':>5s} {'fwd %':>6s} {'x CE':>7s} {'bw frac':>7s}  note"
     print(header)
     ce = {}
     for r in timings:
@@ -511,12 +515,13 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
         ratio = None
         if "full_ms" in r and (r["shape"], r["pool"]) in ce:
             ratio = r["full_ms"] / ce[(r["shape"], r["pool"])]
-        beyond = None
+        beyond = fwd_share = None
         if "extra_mb" in r:
             beyond = 100 * (r["extra_mb"] - r["logits_mb"]) / r["logits_mb"]
+            fwd_share = 100 * r["fwd_extra_mb"] / r["logits_mb"]
         print(f"{r['shape']:>16s} {r['pool']:>5s} {r['provider']:>14s} {fmt(r.get('fwd_ms')):>9s} "
               f"{fmt(r.get('bwd_ms')):>9s} {fmt(r.get('full_ms')):>9s} {fmt(r.get('extra_mb'), '.0f'):>10s} "
-              f"{fmt(beyond, '.0f'):>5s} {fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  "
+              f"{fmt(beyond, '.0f'):>5s} {fmt(fwd_share, '.0f'):>6s} {fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  "
               f"{r.get('note', '')}")
     print(f"== Triton-engine step, profiled ({breakdown.get('shape')} {breakdown.get('pool')}, mean of "
           f"{breakdown['steps']}): wall {fmt(breakdown.get('wall_ms'))} ms, GPU kernels "

@@ -123,30 +123,44 @@ def _posterior_plus_ridge(sy, z):
     return posterior
 
 
-def _all_factored(info_p, info_v) -> bool:
-    """Whether both factorisations succeeded: the step's one host sync (eager mode)."""
-    return not bool((info_p | info_v).any())
+def _all_factored(info) -> bool:
+    """Whether every factorisation succeeded: the step's one host sync (eager mode)."""
+    return not bool(info.any())
 
 
 def _forward(sy, sp, syp, report):
     """-> (h, chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI)).
 
-    (Sp + aI)^-1 goes through its own factor: Syp (Sp + aI)^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T.
-    In eager mode both factorisations are tried first and checked together, one host sync;
-    only if one failed is the chain redone with `robust_cholesky`'s repairs."""
+    In eager mode one factorisation of the joint matrix [[Sp + aI, Syp^T], [Syp, Sy + aI]]
+    gives both factors: its first d columns are chol(Sp + aI) and Z^T, its last block
+    chol(Sy + aI - Z^T Z) = chol(V + aI). The joint matrix is a Gram matrix plus aI, so its
+    factorisation fails only where rounding of the statistics exceeds the ridge; it is
+    checked (one host sync) and only then is the chain redone, factor by factor, with
+    `robust_cholesky`'s repairs. Under torch.compile the chain runs factor by factor
+    with the fixed retries."""
     factors = None
     if not torch.compiler.is_compiling():
-        factors = _factor_chain(sy, sp, syp, torch.linalg.cholesky_ex)
-        if not _all_factored(factors[3], factors[4]):
-            factors = None  # rare: redone with the repairs (healthy matrices unchanged)
+        factors = _joint_factors(sy, sp, syp)
+        if not _all_factored(factors[3]):
+            factors = None  # rare: redone with the repairs
     if factors is None:
         factors = _factor_chain(sy, sp, syp, lambda matrix: (robust_cholesky(matrix, report), None))
     chol_p, z, chol_v = factors[:3]
     return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1), chol_p, z, chol_v
 
 
+def _joint_factors(sy, sp, syp):
+    """-> (chol(Sp + aI), Z, chol(V + aI), info) from one factorisation of the joint matrix."""
+    d = sy.shape[-1]
+    joint = torch.cat([torch.cat([sp, syp.transpose(-1, -2)], -1), torch.cat([syp, sy], -1)], -2)
+    joint.diagonal(dim1=-2, dim2=-1).add_(RIDGE)
+    factor, info = torch.linalg.cholesky_ex(joint)
+    return factor[..., :d, :d], factor[..., d:, :d].transpose(-1, -2), factor[..., d:, d:], info
+
+
 def _factor_chain(sy, sp, syp, factor):
-    """-> (chol(Sp + aI), Z, chol(V + aI), info_p, info_v) with factor(matrix) -> (L, info)."""
+    """-> (chol(Sp + aI), Z, chol(V + aI), info_p, info_v) with factor(matrix) -> (L, info):
+    (Sp + aI)^-1 goes through its own factor, Syp (Sp + aI)^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T."""
     chol_p, info_p = factor(_plus_ridge(sp))
     z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
     chol_v, info_v = factor(_posterior_plus_ridge(sy, z))
