@@ -184,6 +184,23 @@ def test_launches_of_a_step(monkeypatch):
     assert not set(counter.ops) & op_count.NO_KERNEL
 
 
+def test_host_time_script_runs_a_step_without_kernels():
+    """bench/host_time.py (host time a step, kernels stubbed) runs the loss and counts its Python
+    calls; in its own process, since it replaces the engine's kernels for good."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "host_time.py"), "--steps", "3",
+                           "--rounds", "2"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = re.search(r"median (\d+\.\d+), min (\d+\.\d+) .*; (\d+) Python function calls a step", proc.stdout)
+    assert found, proc.stdout
+    assert 0 < float(found.group(2)) <= float(found.group(1)) and int(found.group(3)) > 100, proc.stdout
+
+
 def test_max_pool_ties_route_like_torch():
     """Windows whose maximum is shared (logits on a coarse grid): the gradient goes to the
     first maximal pixel in row-major order, where torch's max pooling routes it."""
