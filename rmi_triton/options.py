@@ -8,6 +8,7 @@ tensor's values.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -116,9 +117,20 @@ class RMIOptions:
         return (h + 2 * pad - s) // s + 1, (w + 2 * pad - s) // s + 1
 
     def weights_tensor(self, num_classes: int, device, dtype=torch.float64) -> Optional[torch.Tensor]:
+        """The class weights on `device` (None without them); not to be modified in place.
+
+        Eager calls share one tensor per device and dtype: building it is a copy from host
+        memory, which on a GPU waits for the stream (a host sync a call, two a step)."""
         if self.class_weights is None:
             return None
-        return torch.tensor(self.class_weights, device=device, dtype=dtype)
+        if torch.compiler.is_compiling():
+            return torch.tensor(self.class_weights, device=device, dtype=dtype)
+        return _device_constant(self.class_weights, torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _check_int(name, value, lo, hi):

@@ -130,3 +130,15 @@ def test_class_weights_length(good):
 def test_empty_batch():
     with pytest.raises(ValueError, match="must not be empty"):
         rmi_loss(torch.zeros(0, 3, 32, 32), torch.zeros(0, 32, 32, dtype=torch.long))
+
+
+def test_class_weights_tensor_is_built_once_per_device_and_dtype():
+    """Building it copies from host memory (on a GPU: a wait for the stream), so eager calls share one."""
+    opts = RMIOptions(class_weights=[0.5, 2.0, 1.0])
+    first = opts.weights_tensor(3, "cpu")
+    assert first is opts.weights_tensor(3, torch.device("cpu"))
+    assert first.dtype == torch.float64 and first.tolist() == [0.5, 2.0, 1.0]
+    single = opts.weights_tensor(3, "cpu", dtype=torch.float32)
+    assert single.dtype == torch.float32 and single is not first
+    assert RMIOptions(class_weights=[0.5, 2.0, 1.0]).weights_tensor(3, "cpu") is first
+    assert RMIOptions().weights_tensor(3, "cpu") is None
