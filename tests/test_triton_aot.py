@@ -113,7 +113,7 @@ def _kernel_source(spec):
             fn = te._pool_backward_kernel
             constexprs.update(HAS_RMI=True)
             pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", g_low_ptr="*fp32", arg_ptr="*u8",
-                            coef_ptr="*fp32", gx_ptr=logits)
+                            g_pixel_ptr="*fp64", denom_ptr="*fp64", gx_ptr=logits)
         constexprs.update({name: 1 for name in ones if name in fn.arg_names}, WIDE=bool(wide))
         return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs, wide), constexprs=constexprs)
 

@@ -813,7 +813,8 @@ if _HAVE_TRITON:
         w_ptr,  # [C] float32 class weights (read when HAS_WEIGHTS)
         g_low_ptr,  # [N, C, H', W'] float32 dL/dp' (read when HAS_RMI)
         arg_ptr,  # [N, C, H', W'] uint8 window index of the max (read when POOL == max)
-        coef_ptr,  # [1] float32 dL/d(pixel term) / its denominator (read when PIXEL != 0)
+        g_pixel_ptr,  # [] float64 dL/d(pixel term) (read when PIXEL != 0)
+        denom_ptr,  # [] float64 the pixel term's denominator (read when PIXEL != 0)
         gx_ptr,  # [N, C, H, W] out: dL/dlogits in the logits' dtype, strides sg_*
         C, H, W, H_low, W_low, W_cells, n_cells,
         sx_n, sx_c, sx_h, sx_w,
@@ -833,7 +834,7 @@ if _HAVE_TRITON:
         rmi_ok = pooled[None, :, None] & valid
 
         if PIXEL != 0:
-            coef = tl.load(coef_ptr)
+            coef = (tl.load(g_pixel_ptr) / tl.load(denom_ptr)).to(tl.float32)
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
@@ -1138,19 +1139,20 @@ def _launch_region_grad(y_low, p_low, keep, mean, g_sp, g_syp, radius: int):
     return out
 
 
-def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, coef):
-    """Kernel D: dL/dlogits, same dtype and memory layout as the logits."""
+def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, g_pixel, denom):
+    """Kernel D: dL/dlogits, same dtype and memory layout as the logits; g_pixel: dL/d(pixel
+    term) or None, denom: the pixel term's denominator (float64 scalars)."""
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     grad = torch.empty_like(x)
     if FILL_OUTPUTS_WITH_NAN:
         grad.fill_(float("nan"))
-    pixel = _pixel_code(opts.pixel_loss) if coef is not None else PIXEL_NONE
+    pixel = _pixel_code(opts.pixel_loss) if g_pixel is not None else PIXEL_NONE
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
     _pool_backward_kernel[(geo.n_blocks, n)](
         x, labels, weights if weights is not None else dummy,
         g_low if g_low is not None else dummy, arg if arg is not None else dummy,
-        coef if coef is not None else dummy, grad,
+        g_pixel if g_pixel is not None else dummy, denom, grad,
         c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
         *x.stride(), *grad.stride(), _ignore_value(opts.ignore_index),
         S=geo.s, PAD=geo.pad, SP=geo.sp, BLOCK=geo.block, POOL=geo.pool,
@@ -1245,11 +1247,10 @@ def _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts: RMIOpt
 
 def _logits_grad(logits, labels, weights, g_low, arg, denom, g_pixel, opts: RMIOptions):
     """Kernel D: dL/dlogits from dL/dp' (or None) and dL/d(pixel term) (or None)."""
-    coef = None
-    if g_pixel is not None and opts.pixel_loss is not None:
-        coef = (g_pixel.double() / denom).float().reshape(1)
+    if opts.pixel_loss is None:
+        g_pixel = None
     return _launch_pool_backward(logits, labels.contiguous(), weights, opts, g_low,
-                                 arg if arg.numel() else None, coef)
+                                 arg if arg.numel() else None, g_pixel, denom)
 
 
 def _statistics_backward_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
