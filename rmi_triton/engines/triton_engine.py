@@ -78,7 +78,7 @@ GPU_BLOCKS = dict(
     PRODUCT_TILE=4096,  # positions per program of kernel B1 (one reduction each)
     MERGE_ELEMENTS=1024,  # joint-matrix entries per program of kernel B3
     CENTRE_ELEMENTS=1024,  # padded-map positions per program of kernel B0
-    STENCIL_FRAME_ELEMENTS=4096,  # frame cells x window offsets per program of kernel C
+    STENCIL_FRAME_ELEMENTS=1024,  # frame cells x window offsets per program of kernel C (sets its registers)
     STENCIL_TILE=1024,  # interior cells per program of kernel C
     STENCIL_TILE_W=64,  # their columns
 )
@@ -103,6 +103,7 @@ NUM_WARPS = dict(pool_forward=8, centred_maps=4, shifted_products=8, window_prod
 # bench/gpu_check.py)
 KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
                 "_window_products_kernel", "_merge_moments_kernel", "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
+PRODUCT_LANES = 8  # stencil offsets per program of kernel B1, at most
 MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
@@ -364,7 +365,7 @@ if _HAVE_TRITON:
         tl.store(part + 2, _block_sum(bad))
 
     @triton.jit
-    def _joint_gather(maps_ptr, plane, mi, mj, m_ok, J, Hp, Wp, R: tl.constexpr, D: tl.constexpr,
+    def _joint_gather(maps_ptr, plane, mi, mj, m_ok, J, stride, Wp, R: tl.constexpr, D: tl.constexpr,
                       D_PAD: tl.constexpr):
         """Entries J of the centred joint region vectors [y; p] at origins (mi, mj), from
         B0's padded maps (zero outside the map: origins off the grid need no mask); 0 at
@@ -379,7 +380,7 @@ if _HAVE_TRITON:
         row = mi[:, None] + (comp // R + R - 1)[None, :]
         col = mj[:, None] + (comp % R + R - 1)[None, :]
         mask = m_ok[:, None] & (comp < D)[None, :]
-        return tl.load(maps_ptr + ((plane * 2 + is_p[None, :]) * Hp + row) * Wp + col, mask=mask, other=0.0)
+        return tl.load(maps_ptr + (plane * 2 + is_p[None, :]) * stride + row * Wp + col, mask=mask, other=0.0)
 
     @triton.jit
     def _frame_cells(f, H, W, H_in, W_in, R: tl.constexpr):
@@ -400,21 +401,22 @@ if _HAVE_TRITON:
         y_ptr,  # [P, H', W'] float32 pooled labels y'
         p_ptr,  # [P, H', W'] float32 pooled probabilities p'
         centre_ptr,  # [P, 2] float32 out: the centres of the y' and p' maps (their first cells)
-        maps_ptr,  # [P, 2, H' + 2R - 2, W' + 2R - 2] float64 out: y', p' minus their centres, 0 around them
-        H_low, W_low,
+        maps_ptr,  # [P, 2, stride] float64 out: y', p' minus their centres, 0 around them (see below)
+        H_low, W_low, stride,
         R: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """B0: the maps kernels B1 and B2 read, BLOCK positions of one plane's padded pair a
+        """B0: the maps kernels B1 and B2 read, BLOCK positions of one plane's pair a
         program: each map minus its centre in float64 (exact: the difference of two float32
-        values), zero in a frame R - 1 wide around it, so that every window or stencil
-        reaching the map reads in bounds without a mask, and nothing is converted or centred
-        again. The centre is the map's first cell: any value of the map is within sqrt(n)
-        standard deviations of its mean, and the float64 sums lose no more than that factor."""
+        values), padded to (H' + 2R - 2) x (W' + 2R - 2) with a zero frame R - 1 wide and
+        followed by zeros up to `stride` (a guard for B1's last step), so that every window
+        or stencil reaching the map reads in bounds without a mask, and nothing is converted
+        or centred again. The centre is the map's first cell: any value of the map is within
+        sqrt(n) standard deviations of its mean, and the float64 sums lose no more than that
+        factor."""
         plane = tl.program_id(0).to(tl.int64)
-        Hp = H_low + 2 * (R - 1)
         Wp = W_low + 2 * (R - 1)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < Hp * Wp
+        ok = i < stride
         row = i // Wp - (R - 1)
         col = i % Wp - (R - 1)
         inside = ok & (row >= 0) & (row < H_low) & (col >= 0) & (col < W_low)
@@ -423,19 +425,19 @@ if _HAVE_TRITON:
         centre_p = tl.load(p_ptr + plane * H_low * W_low)
         y = tl.load(y_ptr + src, mask=inside, other=0.0).to(tl.float64) - centre_y.to(tl.float64)
         p = tl.load(p_ptr + src, mask=inside, other=0.0).to(tl.float64) - centre_p.to(tl.float64)
-        out = maps_ptr + plane * 2 * Hp * Wp + i
+        out = maps_ptr + plane * 2 * stride + i
         tl.store(out, tl.where(inside, y, 0.0), mask=ok)
-        tl.store(out + Hp * Wp, tl.where(inside, p, 0.0), mask=ok)
+        tl.store(out + stride, tl.where(inside, p, 0.0), mask=ok)
         if tl.program_id(1) == 0:
             tl.store(centre_ptr + plane * 2, centre_y)
             tl.store(centre_ptr + plane * 2 + 1, centre_p)
 
     @triton.jit
     def _shifted_products_kernel(
-        maps_ptr,  # [P, 2, H' + 2R - 2, W' + 2R - 2] float64 B0's centred, padded y' and p'
+        maps_ptr,  # [P, 2, stride] float64 B0's centred, padded y' and p'
         prod_ptr,  # [P, T, 3, (2R-1)^2] float64 out: each tile's sums of yy, yp, pp products
         sum_ptr,  # [P, T, 2] float64 out: each tile's sums of the centred y' and p'
-        H_low, W_low, T, tile_len,
+        H_low, W_low, stride, T, tile_len,
         R: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr,
     ):
         """Sums over a tile of positions u of x(u) x'(u + e) for the centred maps x, x'
@@ -444,56 +446,54 @@ if _HAVE_TRITON:
         (zeros outside it). Entry (j, j') of the joint sums is the sum for
         e = offset(j') - offset(j). Positions run over B0's padded maps from the map's first
         cell to its last, so every shifted position is an address in the plane: the frame's
-        zeros (x(u) = 0 beside the map) make the columns between the map's rows add nothing.
-        Products and sums in float64 (exact products of the exact differences)."""
+        zeros (x(u) = 0 beside the map) make the columns between the map's rows add nothing,
+        and the last step's positions past the map read zeros too (B0's guard). Products
+        and sums in float64 (exact products of the exact differences). A thread holds a
+        position's LANES offsets, so the position's own values are loaded once for them."""
         WIDTH: tl.constexpr = 2 * R - 1
         E: tl.constexpr = WIDTH * WIDTH
         plane = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
-        Hp = H_low + 2 * (R - 1)
         Wp = W_low + 2 * (R - 1)
-        y_base = maps_ptr + plane * 2 * Hp * Wp
-        p_base = y_base + Hp * Wp
+        y_base = maps_ptr + plane * 2 * stride
+        p_base = y_base + stride
         e = tl.program_id(2) * LANES + tl.arange(0, LANES)
         e_ok = e < E
-        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * Wp + (e % WIDTH - (R - 1)), 0)
+        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * Wp + (e % WIDTH - (R - 1)), 0)[:, None]
         first = (R - 1) * Wp + (R - 1)  # the map's first cell
         start = first + tile * tile_len
         stop = tl.minimum(start + tile_len, first + (H_low - 1) * Wp + W_low)
         acc_yy = tl.zeros((LANES, CHUNK), dtype=tl.float64)
         acc_yp = tl.zeros((LANES, CHUNK), dtype=tl.float64)
         acc_pp = tl.zeros((LANES, CHUNK), dtype=tl.float64)
-        sum_y = tl.zeros((CHUNK,), dtype=tl.float64)
-        sum_p = tl.zeros((CHUNK,), dtype=tl.float64)
+        sum_y = tl.zeros((1, CHUNK), dtype=tl.float64)
+        sum_p = tl.zeros((1, CHUNK), dtype=tl.float64)
         for u0 in range(start, stop, CHUNK):
-            u = u0 + tl.arange(0, CHUNK)
-            ok = u < stop
-            u = tl.minimum(u, stop - 1)  # every load in the plane, no mask
-            y0 = tl.where(ok, tl.load(y_base + u), 0.0)
-            p0 = tl.where(ok, tl.load(p_base + u), 0.0)
+            u = u0 + tl.arange(0, CHUNK)[None, :]
+            y0 = tl.load(y_base + u)
+            p0 = tl.load(p_base + u)
             sum_y += y0
             sum_p += p0
-            at = u[None, :] + shift[:, None]
-            p1 = tl.load(p_base + at)
-            acc_yy += y0[None, :] * tl.load(y_base + at)
-            acc_yp += y0[None, :] * p1
-            acc_pp += p0[None, :] * p1
+            p1 = tl.load(p_base + u + shift)
+            acc_yy += y0 * tl.load(y_base + u + shift)
+            acc_yp += y0 * p1
+            acc_pp += p0 * p1
         row = prod_ptr + (plane * T + tile) * (3 * E) + e
         tl.store(row, tl.sum(acc_yy, axis=1), mask=e_ok)
         tl.store(row + E, tl.sum(acc_yp, axis=1), mask=e_ok)
         tl.store(row + 2 * E, tl.sum(acc_pp, axis=1), mask=e_ok)
         if tl.program_id(2) == 0:
-            tl.store(sum_ptr + (plane * T + tile) * 2, tl.sum(sum_y, axis=0))
-            tl.store(sum_ptr + (plane * T + tile) * 2 + 1, tl.sum(sum_p, axis=0))
+            tl.store(sum_ptr + (plane * T + tile) * 2, tl.sum(tl.sum(sum_y, axis=1), axis=0))
+            tl.store(sum_ptr + (plane * T + tile) * 2 + 1, tl.sum(tl.sum(sum_p, axis=1), axis=0))
 
     @triton.jit
     def _window_products_kernel(
-        maps_ptr,  # [P, 2, H' + 2R - 2, W' + 2R - 2] float64 B0's centred, padded y' and p' (P = N * C)
+        maps_ptr,  # [P, 2, stride] float64 B0's centred, padded y' and p' (P = N * C planes)
         keep_ptr,  # [N, M] float32 0/1: region vector enters the statistics (when HAS_KEEP)
         count_ptr,  # [P, T] float64 out: region vectors per tile
         sum_ptr,  # [P, T, 2d] float64 out: each tile's sum of centred vectors
         gram_ptr,  # [P, T, 2d, 2d] float64 out: each tile's sums of their products
-        C, H_low, W_low, H_v, W_v, M, tile_positions, T,
+        C, H_low, W_low, stride, H_v, W_v, M, tile_positions, T,
         R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BD: tl.constexpr,
         BLOCK_M: tl.constexpr, HAS_KEEP: tl.constexpr, OFF_GRID: tl.constexpr,
     ):
@@ -511,7 +511,6 @@ if _HAVE_TRITON:
         bj = pair % NB
         Jr = bi * BD + tl.arange(0, BD)
         Jc = bj * BD + tl.arange(0, BD)
-        Hp = H_low + 2 * (R - 1)
         Wp = W_low + 2 * (R - 1)
         lo = tile * tile_positions
         hi = tl.minimum(lo + tile_positions, M)
@@ -529,7 +528,7 @@ if _HAVE_TRITON:
             else:
                 mi = m // W_v
                 mj = m % W_v
-            vr = _joint_gather(maps_ptr, plane, mi, mj, m_ok, Jr, Hp, Wp, R, D, D_PAD)
+            vr = _joint_gather(maps_ptr, plane, mi, mj, m_ok, Jr, stride, Wp, R, D, D_PAD)
             if HAS_KEEP:
                 keep = tl.load(keep_ptr + (plane // C) * M + m, mask=m_ok, other=0.0).to(tl.float64)
                 vr = vr * keep[:, None]
@@ -539,7 +538,7 @@ if _HAVE_TRITON:
             if NB == 1:  # one block holds the whole joint vector: rows and columns coincide
                 vc = vr
             else:
-                vc = _joint_gather(maps_ptr, plane, mi, mj, m_ok, Jc, Hp, Wp, R, D, D_PAD)
+                vc = _joint_gather(maps_ptr, plane, mi, mj, m_ok, Jc, stride, Wp, R, D, D_PAD)
             gram += tl.dot(tl.trans(vr), vc)
             total += tl.sum(vr, axis=0)
 
@@ -990,7 +989,7 @@ def _window_products(maps, keep, shape, radius: int, positions: int, off_grid: b
     gram = _new((planes, tiles, 2 * d, 2 * d), torch.float64, dev)
     _window_products_kernel[(planes, tiles, nb * nb)](
         maps, keep if keep is not None else maps, count, total, gram,
-        c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, positions, per_tile, tiles,
+        c, h_low, w_low, maps.shape[-1], h_low - radius + 1, w_low - radius + 1, positions, per_tile, tiles,
         R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, OFF_GRID=off_grid,
         num_warps=NUM_WARPS["window_products"],
     )
@@ -999,7 +998,7 @@ def _window_products(maps, keep, shape, radius: int, positions: int, off_grid: b
 
 def _product_lanes(radius: int) -> int:
     """Stencil offsets per program of kernel B1 (all (2R-1)^2 of them up to R = 3)."""
-    return min(32, _next_pow2((2 * radius - 1) ** 2))
+    return min(PRODUCT_LANES, _next_pow2((2 * radius - 1) ** 2))
 
 
 def _product_chunk(radius: int, positions: int) -> int:
@@ -1007,16 +1006,30 @@ def _product_chunk(radius: int, positions: int) -> int:
     return max(16, min(PRODUCT_ELEMENTS // _product_lanes(radius), _next_pow2(positions)))
 
 
+def _product_layout(h_low: int, w_low: int, radius: int):
+    """(positions, lanes, chunk, tile length, tiles, offset groups) of kernel B1: it runs over
+    the padded rows from the map's first cell to its last."""
+    wp, width = w_low + 2 * radius - 2, 2 * radius - 1
+    positions = (h_low - 1) * wp + w_low
+    lanes = _product_lanes(radius)
+    chunk = _product_chunk(radius, positions)
+    tile_len = _cdiv(min(positions, PRODUCT_TILE), chunk) * chunk
+    return positions, lanes, chunk, tile_len, _cdiv(positions, tile_len), _cdiv(width * width, lanes)
+
+
 def _centred_maps(y_low, p_low, radius: int):
-    """Kernel B0 -> (centred maps [P, 2, H' + 2R - 2, W' + 2R - 2] float64, centres [P, 2] float32)."""
+    """Kernel B0 -> (centred maps [P, 2, stride] float64, centres [P, 2] float32): each map
+    padded to (H' + 2R - 2) x (W' + 2R - 2), then zeros for B1's last step past the map."""
     n, c, h_low, w_low = p_low.shape
     planes, dev = n * c, p_low.device
     hp, wp = h_low + 2 * radius - 2, w_low + 2 * radius - 2
-    maps = _new((planes, 2, hp, wp), torch.float64, dev)
+    stride = hp * wp + _product_layout(h_low, w_low, radius)[2]
+    maps = _new((planes, 2, stride), torch.float64, dev)
     centres = _new((planes, 2), torch.float32, dev)
-    block = min(CENTRE_ELEMENTS, _next_pow2(hp * wp))
-    _centred_maps_kernel[(planes, _cdiv(hp * wp, block))](
-        y_low, p_low, centres, maps, h_low, w_low, R=radius, BLOCK=block, num_warps=NUM_WARPS["centred_maps"],
+    block = min(CENTRE_ELEMENTS, _next_pow2(stride))
+    _centred_maps_kernel[(planes, _cdiv(stride, block))](
+        y_low, p_low, centres, maps, h_low, w_low, stride, R=radius, BLOCK=block,
+        num_warps=NUM_WARPS["centred_maps"],
     )
     return maps, centres
 
@@ -1039,16 +1052,12 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     if keep is not None:
         b2 = _window_products(maps, keep, p_low.shape, radius, m, off_grid=False)
     else:
-        wp, width = w_low + 2 * radius - 2, 2 * radius - 1
-        positions = (h_low - 1) * wp + w_low  # the map's first cell to its last, in the padded rows
-        lanes = _product_lanes(radius)
-        chunk = _product_chunk(radius, positions)
-        tile_len = _cdiv(min(positions, PRODUCT_TILE), chunk) * chunk
-        tiles = _cdiv(positions, tile_len)
+        width = 2 * radius - 1
+        _, lanes, chunk, tile_len, tiles, groups = _product_layout(h_low, w_low, radius)
         products = _new((planes, tiles, 3, width * width), torch.float64, dev)
         sums = _new((planes, tiles, 2), torch.float64, dev)
-        _shifted_products_kernel[(planes, tiles, _cdiv(width * width, lanes))](
-            maps, products, sums, h_low, w_low, tiles, tile_len,
+        _shifted_products_kernel[(planes, tiles, groups)](
+            maps, products, sums, h_low, w_low, maps.shape[-1], tiles, tile_len,
             R=radius, LANES=lanes, CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
         )
         off_grid = (h_low + radius - 1) * (w_low + radius - 1) - m
