@@ -8,7 +8,8 @@ glue -- the d x d algebra, the merges, the checks -- costs launches rather than
 bandwidth. This counts, for the torch engine and the Triton engine (kernels
 run by the Triton interpreter, their own ops not counted), the ATen ops one
 training step of the loss dispatches, views and allocations left out, and the
-host synchronisations (reads of a tensor's value). Counts, not times: a GPU run
+host synchronisations (reads of a tensor's value), and the ops and launches after the
+last of those (on a GPU the host queues them while the device waits). Counts, not times: a GPU run
 of bench/gpu_check.py gives the times.
 """
 
@@ -44,6 +45,7 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops = collections.Counter()
         self.syncs = 0
+        self.after_sync = 0  # ops and Triton launches since the last sync: on a GPU, host work not hidden
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -55,8 +57,10 @@ class OpCounter(TorchDispatchMode):
         if not self.paused:
             if name in SYNC:
                 self.syncs += 1
+                self.after_sync = 0
             elif name not in NO_KERNEL:
                 self.ops[name] += 1
+                self.after_sync += 1
         return func(*args, **kwargs)
 
 
@@ -74,6 +78,7 @@ def count_triton_launches(counter: OpCounter, set_attribute=setattr):
 
             def launch(*args, **kwargs):
                 launches[self.name] += 1
+                counter.after_sync += 1
                 counter.paused = True
                 try:
                     return run(*args, **kwargs)
@@ -93,7 +98,7 @@ def step(counter: OpCounter, launches, logits, labels, **options):
     loss_fn(x, labels).backward()  # warm-up: caches filled outside the count
     x.grad = None
     counter.ops.clear()
-    counter.syncs = 0
+    counter.syncs = counter.after_sync = 0
     if launches is not None:
         launches.clear()
     with counter:
@@ -121,7 +126,7 @@ def main():
         kernels = sum(launches.values()) if backend == "triton" else 0
         top = ", ".join(f"{k} {v}" for k, v in counter.ops.most_common(8))
         print(f"  {backend:6s} {sum(counter.ops.values()):4d} ATen ops + {kernels} Triton kernels, "
-              f"{counter.syncs} syncs   (most: {top})")
+              f"{counter.syncs} syncs, {counter.after_sync} ops and launches after the last   (most: {top})")
 
 
 if __name__ == "__main__":

@@ -128,25 +128,31 @@ def _all_factored(info) -> bool:
     return not bool(info.any())
 
 
-def _forward(sy, sp, syp, report):
-    """-> (h, chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI)).
+def _forward(sy, sp, syp, report, extra=None):
+    """-> (h, (chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI)), extra(*factors) or None).
 
     In eager mode one factorisation of the joint matrix [[Sp + aI, Syp^T], [Syp, Sy + aI]]
     gives both factors: its first d columns are chol(Sp + aI) and Z^T, its last block
     chol(Sy + aI - Z^T Z) = chol(V + aI). The joint matrix is a Gram matrix plus aI, so its
     factorisation fails only where rounding of the statistics exceeds the ridge; it is
-    checked (one host sync) and only then is the chain redone, factor by factor, with
-    `robust_cholesky`'s repairs. Under torch.compile the chain runs factor by factor
-    with the fixed retries."""
-    factors = None
+    checked (one host sync) after h and `extra` are computed from it -- their ops are
+    queued while the engine's kernels still run -- and only if it failed is the chain
+    redone, factor by factor, with `robust_cholesky`'s repairs. Under torch.compile the
+    chain runs factor by factor with the fixed retries."""
     if not torch.compiler.is_compiling():
-        factors = _joint_factors(sy, sp, syp)
-        if not _all_factored(factors[3]):
-            factors = None  # rare: redone with the repairs
-    if factors is None:
-        factors = _factor_chain(sy, sp, syp, lambda matrix: (robust_cholesky(matrix, report), None))
-    chol_p, z, chol_v = factors[:3]
-    return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1), chol_p, z, chol_v
+        chol_p, z, chol_v, info = _joint_factors(sy, sp, syp)
+        h = _half_logdet(chol_v)
+        more = extra(chol_p, z, chol_v) if extra is not None else None
+        if _all_factored(info):
+            return h, (chol_p, z, chol_v), more
+    # rare in eager mode: redone with the repairs
+    chol_p, z, chol_v = _factor_chain(sy, sp, syp, lambda matrix: (robust_cholesky(matrix, report), None))[:3]
+    more = extra(chol_p, z, chol_v) if extra is not None else None
+    return _half_logdet(chol_v), (chol_p, z, chol_v), more
+
+
+def _half_logdet(chol_v):
+    return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)
 
 
 def _joint_factors(sy, sp, syp):
@@ -172,24 +178,32 @@ class _HalfLogdetPosterior(torch.autograd.Function):
     so the Cholesky backward gives dh/dV = L^-T diag(q) L^-1, q_i = L_ii / (2 (L_ii + eps)):
     symmetric, and so dh/dSy. With Y = (Sp + aI)^-1 Syp^T, V = Sy - Syp Y gives
     dh/dSyp = -2 dh/dV Y^T and dh/d(Sp + aI) = Y dh/dV Y^T. Where a factorisation needed a
-    larger ridge, the factors are those of the repaired matrices, as autograd would see."""
+    larger ridge, the factors are those of the repaired matrices, as autograd would see.
+    The gradients of h itself are formed in the forward, before the factorisation's check,
+    so that their ops queue behind the engine's kernels; the backward scales them by dL/dh."""
 
     @staticmethod
     def forward(ctx, sy, sp, syp, report):
-        h, chol_p, z, chol_v = _forward(sy, sp, syp, report)
-        ctx.save_for_backward(chol_p, z, chol_v)
+        needs = ctx.needs_input_grad[:3]
+        unit = (lambda *factors: _unit_gradients(*factors, needs)) if any(needs) else None
+        h, _, grads = _forward(sy, sp, syp, report, unit)
+        ctx.save_for_backward(*(grads or ()))
         return h
 
     @staticmethod
     def backward(ctx, grad):
-        chol_p, z, chol_v = ctx.saved_tensors
-        diag = torch.diagonal(chol_v, dim1=-2, dim2=-1)
-        q = grad.unsqueeze(-1) * diag / (2 * (diag + LOG_EPS))
-        eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)
-        inverse = torch.linalg.solve_triangular(chol_v, eye.expand_as(chol_v), upper=False)  # L^-1
-        g_v = inverse.transpose(-1, -2) @ (q.unsqueeze(-1) * inverse)
-        y = torch.linalg.solve_triangular(chol_p.transpose(-1, -2), z, upper=True)  # (Sp + aI)^-1 Syp^T
-        g_sy = g_v if ctx.needs_input_grad[0] else None
-        g_sp = y @ g_v @ y.transpose(-1, -2) if ctx.needs_input_grad[1] else None
-        g_syp = -2 * g_v @ y.transpose(-1, -2) if ctx.needs_input_grad[2] else None
-        return g_sy, g_sp, g_syp, None
+        scale = grad[..., None, None]
+        return tuple(None if g is None else scale * g for g in ctx.saved_tensors) + (None,)
+
+
+def _unit_gradients(chol_p, z, chol_v, needs):
+    """dh/dSy, dh/dSp, dh/dSyp (None where `needs` is false), from the factors."""
+    diag = torch.diagonal(chol_v, dim1=-2, dim2=-1)
+    q = diag / (2 * (diag + LOG_EPS))
+    eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)
+    inverse = torch.linalg.solve_triangular(chol_v, eye.expand_as(chol_v), upper=False)  # L^-1
+    g_v = inverse.transpose(-1, -2) @ (q.unsqueeze(-1) * inverse)
+    y = torch.linalg.solve_triangular(chol_p.transpose(-1, -2), z, upper=True)  # (Sp + aI)^-1 Syp^T
+    g_sp = y @ g_v @ y.transpose(-1, -2) if needs[1] else None
+    g_syp = -2 * g_v @ y.transpose(-1, -2) if needs[2] else None
+    return g_v if needs[0] else None, g_sp, g_syp

@@ -962,11 +962,11 @@ class _TorchStatistics(torch.autograd.Function):
         if opts.exclude_ignored:
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
         mean, joint = region_moments(y_low, p_low, keep, opts.radius, informative)
-        sy, sp, syp = split_blocks(joint, opts.d)
+        sy, sp, syp = (block.contiguous() for block in split_blocks(joint, opts.d))
         ctx.opts = opts
         ctx.save_for_backward(logits, valid, safe, y_low, p_low, keep, mean, indices, kept, informative)
-        ctx.mark_non_differentiable(sy)
-        return pixel, sy.contiguous(), sp.contiguous(), syp.contiguous()
+        ctx.mark_non_differentiable(sy)  # the labels' statistics: nothing to differentiate
+        return pixel, sy, sp, syp
 
     @staticmethod
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):

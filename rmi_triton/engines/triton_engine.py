@@ -1329,7 +1329,7 @@ class _EagerStatistics(torch.autograd.Function):
         output = _statistics_impl(*inputs)
         _setup_context(ctx, inputs, output, maps_saved=False)
         ctx.maps = output[5:7]  # y', p'
-        ctx.mark_non_differentiable(*output[4:])
+        ctx.mark_non_differentiable(output[1], *output[4:])  # Sy: the labels' statistics
         return output
 
     @staticmethod
