@@ -521,7 +521,8 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
             fwd_share = 100 * r["fwd_extra_mb"] / r["logits_mb"]
         print(f"{r['shape']:>16s} {r['pool']:>5s} {r['provider']:>14s} {fmt(r.get('fwd_ms')):>9s} "
               f"{fmt(r.get('bwd_ms')):>9s} {fmt(r.get('full_ms')):>9s} {fmt(r.get('extra_mb'), '.0f'):>10s} "
-              f"{fmt(beyond, '.0f'):>5s} {fmt(fwd_share, '.0f'):>6s} {fmt(ratio, '.1f'):>7s} {fmt(r.get('bw_fraction'), '.2f'):>7s}  "
+              f"{fmt(beyond, '.0f'):>5s} {fmt(fwd_share, '.0f'):>6s} {fmt(ratio, '.1f'):>7s} "
+              f"{fmt(r.get('bw_fraction'), '.2f'):>7s}  "
               f"{r.get('note', '')}")
     print(f"== Triton-engine step, profiled ({breakdown.get('shape')} {breakdown.get('pool')}, mean of "
           f"{breakdown['steps']}): wall {fmt(breakdown.get('wall_ms'))} ms, GPU kernels "

@@ -102,7 +102,8 @@ NUM_WARPS = dict(pool_forward=8, centred_maps=4, shifted_products=8, window_prod
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
 KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
-                "_window_products_kernel", "_merge_moments_kernel", "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
+                "_window_products_kernel", "_merge_moments_kernel", "_grad_constants_kernel",
+                "_region_grad_kernel", "_pool_backward_kernel")
 PRODUCT_LANES = 8  # stencil offsets per program of kernel B1, at most
 MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
