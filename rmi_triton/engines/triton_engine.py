@@ -105,7 +105,7 @@ KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_produc
                 "_window_products_kernel", "_merge_moments_kernel", "_grad_constants_kernel",
                 "_region_grad_kernel", "_pool_backward_kernel")
 PRODUCT_LANES = 8  # stencil offsets per program of kernel B1, at most
-MOMENT_TILE_POSITIONS = 1024  # positions per program of kernel B2 (its tiles are merged by B3)
+MOMENT_TILE_POSITIONS = 256  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
 LOG2E = tl.constexpr(1.4426950408889634) if _HAVE_TRITON else None  # 1 / ln 2
