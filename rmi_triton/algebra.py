@@ -146,7 +146,7 @@ def _forward(sy, sp, syp, report, extra=None):
         if _all_factored(info):
             return h, (chol_p, z, chol_v), more
     # rare in eager mode: redone with the repairs
-    chol_p, z, chol_v = _factor_chain(sy, sp, syp, lambda matrix: (robust_cholesky(matrix, report), None))[:3]
+    chol_p, z, chol_v = _factor_chain(sy, sp, syp, lambda matrix: robust_cholesky(matrix, report))
     more = extra(chol_p, z, chol_v) if extra is not None else None
     return _half_logdet(chol_v), (chol_p, z, chol_v), more
 
@@ -165,12 +165,11 @@ def _joint_factors(sy, sp, syp):
 
 
 def _factor_chain(sy, sp, syp, factor):
-    """-> (chol(Sp + aI), Z, chol(V + aI), info_p, info_v) with factor(matrix) -> (L, info):
+    """-> (chol(Sp + aI), Z, chol(V + aI)) with factor(matrix) -> L (the repairs' path):
     (Sp + aI)^-1 goes through its own factor, Syp (Sp + aI)^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T."""
-    chol_p, info_p = factor(_plus_ridge(sp))
+    chol_p = factor(_plus_ridge(sp))
     z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
-    chol_v, info_v = factor(_posterior_plus_ridge(sy, z))
-    return chol_p, z, chol_v, info_p, info_v
+    return chol_p, z, factor(_posterior_plus_ridge(sy, z))
 
 
 class _HalfLogdetPosterior(torch.autograd.Function):
