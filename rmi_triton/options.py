@@ -130,7 +130,8 @@ class RMIOptions:
 
 @functools.lru_cache(maxsize=64)
 def _device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, device=device, dtype=dtype)
+    with torch.inference_mode(False):  # built in an eval pass, still usable in training
+        return torch.tensor(values, device=device, dtype=dtype)
 
 
 def _check_int(name, value, lo, hi):

@@ -142,3 +142,16 @@ def test_class_weights_tensor_is_built_once_per_device_and_dtype():
     assert single.dtype == torch.float32 and single is not first
     assert RMIOptions(class_weights=[0.5, 2.0, 1.0]).weights_tensor(3, "cpu") is first
     assert RMIOptions().weights_tensor(3, "cpu") is None
+
+
+def test_class_weights_first_built_in_inference_mode_still_train():
+    """An eval pass under torch.inference_mode (a trainer's sanity check) may build the shared
+    class-weight tensor first; training afterwards saves it for backward."""
+    weights = [0.25, 3.0, 1.5]
+    logits, labels = random_inputs(1, 3, 20, 20, seed=21)
+    loss_fn = RMILoss(class_weights=weights, backend="torch")
+    with torch.inference_mode():
+        loss_fn(logits, labels)
+    x = logits.clone().requires_grad_()
+    loss_fn(x, labels).backward()
+    assert torch.isfinite(x.grad).all()
