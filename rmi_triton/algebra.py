@@ -103,7 +103,7 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     of batched d x d products, where autograd would run the backward of every step);
     under torch.compile autograd differentiates the same forward.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # no gradients to form ahead
         return _forward(sy, sp, syp, report)[0]
     return _HalfLogdetPosterior.apply(sy, sp, syp, report)
 

@@ -154,3 +154,21 @@ def test_joint_factorisation_matches_the_chain():
     assert (fast[3] == 0).all()
     for got, want, name in zip(fast[:3], chain, ("chol(Sp + aI)", "Z", "chol(V + aI)")):
         assert_close_rel(got, want, 1e-10, name)
+
+
+def test_no_gradients_formed_without_grad_mode(monkeypatch):
+    """Under torch.no_grad (evaluation) the forward skips the gradients it forms ahead for the backward."""
+    import rmi_triton.algebra as algebra
+
+    calls = []
+    real = algebra._unit_gradients
+    monkeypatch.setattr(algebra, "_unit_gradients", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 8, 30, dtype=torch.float64, generator=g)
+    joint = x @ x.transpose(1, 2)
+    blocks = [t.clone().requires_grad_() for t in (joint[:, :4, :4], joint[:, 4:, 4:], joint[:, :4, 4:])]
+    with torch.no_grad():
+        evaluated = half_logdet_posterior(*blocks)
+    assert not calls
+    trained = half_logdet_posterior(*blocks)
+    assert calls and torch.equal(evaluated, trained.detach())

@@ -1323,7 +1323,9 @@ class _EagerStatistics(torch.autograd.Function):
     """`_statistics_op` without the torch.library dispatch, for eager calls. Its backward lets
     y' and p' go as soon as kernel C has read them, before kernel D allocates the gradient:
     at the step's peak only dL/dp' (one [N, C, H', W'] float32 map) is held beside the
-    logits and their gradient, where the op holds y' and p' too."""
+    logits and their gradient, where the op holds y' and p' too. Held on ctx, not saved,
+    they pass no saved_tensors_hooks (torch.autograd.graph.save_on_cpu leaves them on the
+    device)."""
 
     @staticmethod
     def forward(ctx, *inputs):
