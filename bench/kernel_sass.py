@@ -136,29 +136,20 @@ def main():
         key = tuple(sorted(spec.items()))
         if key not in cache:
             cache[key] = loops(disassemble(spec, arch))
-        bodies = cache[key]
+        *loop_bodies, whole = cache[key]
         if which is None:  # no loop: the kernel's instructions up to its first exit
-            body = bodies[-1]
-            body = body[:body.index("EXIT") + 1] if "EXIT" in body else body
-            cost = per_cell(len(body))
-            total += cost
-            print(f"  {name:32s} {cost:7.1f}   {summary(body)} per program: {trip}")
+            body, unit = whole[:whole.index("EXIT") + 1] if "EXIT" in whole else whole, "per program"
+        elif which == "rest":  # every instruction outside loop 0, once
+            start = next(i for i in range(len(whole)) if whole[i:i + len(loop_bodies[0])] == loop_bodies[0])
+            body, unit = whole[:start] + whole[start + len(loop_bodies[0]):], "per program"
+        elif which < len(loop_bodies):
+            body, unit = loop_bodies[which], f"loop {which}: per trip"
+        else:
+            print(f"  {name:32s} loop {which} not found ({len(loop_bodies)} loops)")
             continue
-        if which == "rest":  # every instruction outside loop 0, once
-            body = list(bodies[-1])
-            start = next(i for i in range(len(body)) if body[i:i + len(bodies[0])] == bodies[0])
-            del body[start:start + len(bodies[0])]
-            cost = per_cell(len(body))
-            total += cost
-            print(f"  {name:32s} {cost:7.1f}   {summary(body)} per program: {trip}")
-            continue
-        bodies = bodies[:-1]
-        if which >= len(bodies):
-            print(f"  {name:32s} loop {which} not found ({len(bodies)} loops)")
-            continue
-        cost = per_cell(len(bodies[which]))
+        cost = per_cell(len(body))
         total += cost
-        print(f"  {name:32s} {cost:7.1f}   loop {which}: {summary(bodies[which])} per trip: {trip}")
+        print(f"  {name:32s} {cost:7.1f}   {summary(body)} {unit}: {trip}")
     print(f"  {'total':32s} {total:7.1f}")
 
 
