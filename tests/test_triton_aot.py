@@ -43,11 +43,11 @@ FULL_RES_CASES = [
     dict(pool="avg", s=4, softmax=True, pixel=1, logits="fp32", labels="i64"),  # softmax with BCE
 ]
 # Blocks an SM that the memory-bound passes keep at the paper's setting (registers decide):
-# on an H200, D at 2 where it had 3 ran 0.44 ms instead of 0.42 (more loads in flight a
-# thread, fewer threads)
+# on an H200, D at 2 blocks of 8 warps where it had 3 ran 0.44 ms instead of 0.42 (more loads
+# in flight a thread, fewer threads); A and D now run blocks of one warp (16 and 24 warps an SM)
 # C at 4 where it had 1 (192 registers, set by its frame blocks, in Triton 3.6; H200: 0.244 ms
 # for 6% of the bytes A moves)
-MIN_BLOCKS = {"pool_forward": 2, "pool_backward": 3, "region_grad": 4, "shifted_products": 2}
+MIN_BLOCKS = {"pool_forward": 16, "pool_backward": 24, "region_grad": 4, "shifted_products": 2}
 # keep: the grid's vectors weighted (exclude_ignored); else the off-grid frame for window_products
 REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7), dict(radius=10)]
 

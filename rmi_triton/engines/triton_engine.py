@@ -71,7 +71,7 @@ PIXEL_NONE, PIXEL_BCE, PIXEL_CE = 0, 1, 2
 # operation rather than per element, so under TRITON_INTERPRET=1 the blocks are
 # larger; tests that need the GPU blocking set these module constants back.
 GPU_BLOCKS = dict(
-    FULL_RES_ELEMENTS=2048,  # pixels per program of kernels A and D (cells x padded window)
+    FULL_RES_ELEMENTS=256,  # pixels per program of kernels A and D (cells x padded window): one warp's
     MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
     PRODUCT_ELEMENTS=2048,  # positions x stencil offsets per step of the shifted products (kernel B1)
@@ -96,9 +96,13 @@ CENTRE_ELEMENTS = _BLOCKS["CENTRE_ELEMENTS"]
 STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
-# warps per program of each kernel (the AOT test compiles with these)
-NUM_WARPS = dict(pool_forward=8, centred_maps=4, shifted_products=8, window_products=8, merge_moments=4,
-                 grad_constants=4, region_grad=8, pool_backward=8)
+# warps per program of each kernel (the AOT test compiles with these). Kernels A and D run
+# one warp a program: A's cell sums of each class reach their store through shared memory,
+# and with 8 warps that took 4 barriers of the whole block a class (Triton 3.6 and 3.9
+# alike); a one-warp program needs none, in the same registers and instructions. D (no
+# barriers either way) keeps A's geometry.
+NUM_WARPS = dict(pool_forward=1, centred_maps=4, shifted_products=8, window_products=8, merge_moments=4,
+                 grad_constants=4, region_grad=8, pool_backward=1)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
 KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
