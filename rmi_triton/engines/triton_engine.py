@@ -76,7 +76,7 @@ GPU_BLOCKS = dict(
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
     PRODUCT_ELEMENTS=2048,  # positions x stencil offsets per step of the shifted products (kernel B1)
     PRODUCT_TILE=4096,  # positions per program of kernel B1 (one reduction each)
-    MERGE_ELEMENTS=1024,  # joint-matrix entries per program of kernel B3
+    MERGE_ELEMENTS=512,  # joint-matrix entries per program of kernel B3
     CENTRE_ELEMENTS=1024,  # padded-map positions per program of kernel B0
     STENCIL_FRAME_ELEMENTS=1024,  # frame cells x window offsets per program of kernel C (sets its registers)
     STENCIL_TILE=1024,  # interior cells per program of kernel C
@@ -100,8 +100,9 @@ STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # one warp a program: A's cell sums of each class reach their store through shared memory,
 # and with 8 warps that took 4 barriers of the whole block a class (Triton 3.6 and 3.9
 # alike); a one-warp program needs none, in the same registers and instructions. D (no
-# barriers either way) keeps A's geometry.
-NUM_WARPS = dict(pool_forward=1, centred_maps=4, shifted_products=8, window_products=8, merge_moments=4,
+# barriers either way) keeps A's geometry. B3 runs 2 warps over 512 entries: with 4 over
+# 1024, Triton 3.6's ptxas spilled predicates to local memory at R = 10 on sm_80.
+NUM_WARPS = dict(pool_forward=1, centred_maps=4, shifted_products=8, window_products=8, merge_moments=2,
                  grad_constants=4, region_grad=8, pool_backward=1)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
@@ -563,6 +564,15 @@ if _HAVE_TRITON:
                  mask=(lane == 0) & ((lane * 0 + pair) == 0))
 
     @triton.jit
+    def _reciprocal(x):
+        """1 / x for a float64 x >= 1, within an ulp, with no division: a float64 division
+        is a call on a GPU, and at R = 10 its call spilled registers to local memory (ptxas,
+        sm_80). The float32 estimate (within 2**-21) squares its error in each Newton step."""
+        r = tl.fdiv(1.0, x.to(tl.float32), ieee_rounding=False).to(tl.float64)
+        r = r * (2.0 - x * r)
+        return r * (2.0 - x * r)
+
+    @triton.jit
     def _merge_moments_kernel(
         prod_ptr,  # [P, T, 3, (2R-1)^2] float64 B1's tile sums of the yy, yp, pp shifted products (SHIFTED)
         sums_ptr,  # [P, T, 2] float64 B1's tile sums of the centred y' and p' (SHIFTED)
@@ -594,12 +604,17 @@ if _HAVE_TRITON:
         col_y = (j < D)[None, :]
         # the entries kept: Sy, Syp and Sp (the p-rows' y-columns are Syp^T, not needed)
         ok = i_ok[:, None] & j_ok[None, :] & (row_y | (~col_y))
-        tot_i = tl.zeros((ROWS,), dtype=tl.float64)
-        tot_j = tl.zeros((J_PAD,), dtype=tl.float64)
-        joint = tl.zeros((ROWS, J_PAD), dtype=tl.float64)
         count = tl.zeros((), dtype=tl.float64)
         if SHIFTED:
             count += m
+        else:
+            for t in range(T2):
+                count += tl.load(count_ptr + plane * T2 + t)
+        inv_count = _reciprocal(tl.maximum(count, 1.0))
+        tot_i = tl.zeros((ROWS,), dtype=tl.float64)
+        tot_j = tl.zeros((J_PAD,), dtype=tl.float64)
+        joint = tl.zeros((ROWS, J_PAD), dtype=tl.float64)
+        if SHIFTED:
             # the pair of maps (yy, yp or pp) and the stencil offset of each entry
             a = tl.where(row_y, i[:, None], i[:, None] - D)
             b = tl.where(col_y, j[None, :], j[None, :] - D)
@@ -612,9 +627,6 @@ if _HAVE_TRITON:
                 tot_i += tl.where(i < D, s_y, s_p)
                 tot_j += tl.where(j < D, s_y, s_p)
                 joint += tl.load(prod_ptr + tile * (3 * E) + at, mask=ok, other=0.0)
-        else:
-            for t in range(T2):
-                count += tl.load(count_ptr + plane * T2 + t)
         if HAS_B2:
             for t in range(T2):
                 tile = plane * T2 + t
@@ -630,8 +642,8 @@ if _HAVE_TRITON:
                     tot_i += b2_i
                     tot_j += b2_j
                     joint += b2
-        mean_i = tot_i / tl.maximum(count, 1.0)
-        mean_j = tot_j / tl.maximum(count, 1.0)
+        mean_i = tot_i * inv_count
+        mean_j = tot_j * inv_count
         cov = joint - count * mean_i[:, None] * mean_j[None, :]
         block = plane * (D * D)
         ii = tl.where(row_y, i[:, None], i[:, None] - D)
@@ -673,8 +685,8 @@ if _HAVE_TRITON:
         k_ok = kk < D
         mean_y = tl.load(mean_ptr + plane * (2 * D) + kk, mask=k_ok, other=0.0)
         mean_p = tl.load(mean_ptr + plane * (2 * D) + D + kk, mask=k_ok, other=0.0)
-        centre_y = tl.sum(mean_y, axis=0) / D
-        centre_p = tl.sum(mean_p, axis=0) / D
+        centre_y = tl.sum(mean_y, axis=0) * (1.0 / D)  # a product: a float64 division is a call
+        centre_p = tl.sum(mean_p, axis=0) * (1.0 / D)
         dev_y = tl.where(k_ok, mean_y - centre_y, 0.0)
         dev_p = tl.where(k_ok, mean_p - centre_p, 0.0)
         e = tl.arange(0, E_PAD)
