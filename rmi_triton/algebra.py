@@ -93,19 +93,45 @@ def _cholesky_fixed_retries(matrix: torch.Tensor, report: CholeskyReport | None)
 
 
 def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
-                          report: CholeskyReport | None = None) -> torch.Tensor:
+                          report: CholeskyReport | None = None, then=None):
     """h = sum_i log(diag(chol(V + aI))_i + 1e-8), V = Sy - Syp (Sp + aI)^-1 Syp^T.
 
     sy, sp, syp: [..., d, d] float64 centred sums (not divided by the count)
-    returns:     [...] float64, differentiable with respect to sy, sp and syp
+    then:        optional function of h, whose result is returned instead of h. In eager
+                 mode its ops are queued before the factorisation is checked (the step's one
+                 host sync), so that the host does not queue them while the device waits; if
+                 the factorisation failed, it is called again on the repaired h.
+    returns:     [...] float64 (or then(h)), differentiable with respect to sy, sp and syp
 
-    In eager mode the gradient is the closed form of `_HalfLogdetPosterior` (a handful
-    of batched d x d products, where autograd would run the backward of every step);
-    under torch.compile autograd differentiates the same forward.
+    One factorisation of the joint matrix [[Sp + aI, Syp^T], [Syp, Sy + aI]] gives both
+    factors: its first d columns are chol(Sp + aI) and Z^T = (L^-1 Syp^T)^T, its last block
+    chol(Sy + aI - Z^T Z) = chol(V + aI). It is a Gram matrix plus aI, so it fails only where
+    rounding of the statistics exceeds the ridge; only then is the chain redone, factor by
+    factor, with `robust_cholesky`'s repairs. In eager mode the gradient is the closed form
+    of `_HalfLogdetPosterior` (a handful of batched d x d products, where autograd would run
+    the backward of every step); under torch.compile autograd differentiates the chain, which
+    repairs with fixed retries and no check.
     """
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # no gradients to form ahead
-        return _forward(sy, sp, syp, report)[0]
-    return _HalfLogdetPosterior.apply(sy, sp, syp, report)
+    if then is None:
+        then = _same
+    if torch.compiler.is_compiling():
+        return then(_repaired(sy, sp, syp, report)[0])
+    closed_form = torch.is_grad_enabled()  # else no gradients to form ahead
+    if closed_form:
+        h, info = _HalfLogdetPosterior.apply(sy, sp, syp, report, False)
+    else:
+        h, info, _ = _attempt(sy, sp, syp)
+    out = then(h)
+    if _all_factored(info):
+        return out
+    # rare: redone with the repairs
+    h = _HalfLogdetPosterior.apply(sy, sp, syp, report, True)[0] if closed_form else \
+        _repaired(sy, sp, syp, report)[0]
+    return then(h)
+
+
+def _same(h):
+    return h
 
 
 def _plus_ridge(matrix):
@@ -128,27 +154,17 @@ def _all_factored(info) -> bool:
     return not bool(info.any())
 
 
-def _forward(sy, sp, syp, report, extra=None):
-    """-> (h, (chol(Sp + aI), Z = chol(Sp + aI)^-1 Syp^T, chol(V + aI)), extra(*factors) or None).
+def _attempt(sy, sp, syp, extra=None):
+    """-> (h, info, extra(chol(Sp + aI), Z, chol(V + aI)) or None) from one factorisation of
+    the joint matrix, unchecked (info != 0 where it failed)."""
+    chol_p, z, chol_v, info = _joint_factors(sy, sp, syp)
+    return _half_logdet(chol_v), info, (extra(chol_p, z, chol_v) if extra is not None else None)
 
-    In eager mode one factorisation of the joint matrix [[Sp + aI, Syp^T], [Syp, Sy + aI]]
-    gives both factors: its first d columns are chol(Sp + aI) and Z^T, its last block
-    chol(Sy + aI - Z^T Z) = chol(V + aI). The joint matrix is a Gram matrix plus aI, so its
-    factorisation fails only where rounding of the statistics exceeds the ridge; it is
-    checked (one host sync) after h and `extra` are computed from it -- their ops are
-    queued while the engine's kernels still run -- and only if it failed is the chain
-    redone, factor by factor, with `robust_cholesky`'s repairs. Under torch.compile the
-    chain runs factor by factor with the fixed retries."""
-    if not torch.compiler.is_compiling():
-        chol_p, z, chol_v, info = _joint_factors(sy, sp, syp)
-        h = _half_logdet(chol_v)
-        more = extra(chol_p, z, chol_v) if extra is not None else None
-        if _all_factored(info):
-            return h, (chol_p, z, chol_v), more
-    # rare in eager mode: redone with the repairs
+
+def _repaired(sy, sp, syp, report, extra=None):
+    """-> (h, extra(*factors) or None) from the chain of factorisations with the repairs."""
     chol_p, z, chol_v = _factor_chain(sy, sp, syp, lambda matrix: robust_cholesky(matrix, report))
-    more = extra(chol_p, z, chol_v) if extra is not None else None
-    return _half_logdet(chol_v), (chol_p, z, chol_v), more
+    return _half_logdet(chol_v), (extra(chol_p, z, chol_v) if extra is not None else None)
 
 
 def _half_logdet(chol_v):
@@ -179,20 +195,28 @@ class _HalfLogdetPosterior(torch.autograd.Function):
     dh/dSyp = -2 dh/dV Y^T and dh/d(Sp + aI) = Y dh/dV Y^T. Where a factorisation needed a
     larger ridge, the factors are those of the repaired matrices, as autograd would see.
     The gradients of h itself are formed in the forward, before the factorisation's check,
-    so that their ops queue behind the engine's kernels; the backward scales them by dL/dh."""
+    so that their ops queue behind the engine's kernels; the backward scales them by dL/dh.
+    -> (h, info): `_attempt`'s unchecked one, or (repair) the chain's, info None."""
 
     @staticmethod
-    def forward(ctx, sy, sp, syp, report):
+    def forward(ctx, sy, sp, syp, report, repair):
         needs = ctx.needs_input_grad[:3]
         unit = (lambda *factors: _unit_gradients(*factors, needs)) if any(needs) else None
-        h, _, grads = _forward(sy, sp, syp, report, unit)
+        if repair:
+            (h, grads), info = _repaired(sy, sp, syp, report, unit), None
+        else:
+            h, info, grads = _attempt(sy, sp, syp, unit)
+            ctx.mark_non_differentiable(info)
         ctx.save_for_backward(*(grads or ()))
-        return h
+        ctx.set_materialize_grads(False)  # no zeros made for info's (absent) gradient
+        return h, info
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_info):
+        if grad is None:
+            return (None,) * 5
         scale = grad[..., None, None]
-        return tuple(None if g is None else scale * g for g in ctx.saved_tensors) + (None,)
+        return tuple(None if g is None else scale * g for g in ctx.saved_tensors) + (None, None)
 
 
 def _unit_gradients(chol_p, z, chol_v, needs):

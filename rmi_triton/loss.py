@@ -71,23 +71,31 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     engine = _engine(logits, opts.backend)
     local = report if report is not None else CholeskyReport()
     # Under autocast the network's logits arrive in half precision; the statistics and the
-    # d x d algebra must still run in float32 / float64, so autocast is off in here.
+    # d x d algebra must still run in float32 / float64, so autocast is off in here. The terms
+    # are combined before the algebra checks its factorisation (a host sync): their ops are
+    # queued while the device still works, not after it.
     with _autocast_off(logits.device.type):
         stats = engine.statistics(logits, labels, opts)
-        half_logdet = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local)
+        terms = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local,
+                                      then=lambda half_logdet: _combine(stats.pixel, half_logdet, opts))
     if report is None and not torch.compiler.is_compiling() and local.retried:
         warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=2)
-    per_class = half_logdet.mean(0) / opts.d
+    return terms
+
+
+def _combine(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> RMITerms:
+    """The terms from the pixel term and h [N, C]."""
+    per_class = half_logdet.sum(0) * (1.0 / (half_logdet.shape[0] * opts.d))  # mean over N, / d: one op back
     weights = opts.weights_tensor(per_class.shape[0], per_class.device)
     if weights is not None:
         per_class = per_class * weights
     rmi = per_class.sum() if opts.class_reduction == "sum" else per_class.mean()
     lam = opts.rmi_weight
     if opts.combine == "weighted":
-        loss = lam * stats.pixel + (1 - lam) * rmi
+        loss = lam * pixel + (1 - lam) * rmi
     else:
-        loss = stats.pixel + lam * rmi
-    return RMITerms(loss.float(), stats.pixel.float(), rmi.float(), per_class.float())
+        loss = pixel + lam * rmi
+    return RMITerms(loss.float(), pixel.float(), rmi.float(), per_class.float())
 
 
 def _autocast_off(device_type: str):

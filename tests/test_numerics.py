@@ -116,9 +116,9 @@ def test_branch_free_repair_matches_eager():
 
 @pytest.mark.parametrize("retry", [False, True])
 def test_half_logdet_closed_form_gradient_matches_autograd(retry):
-    """The eager closed-form backward against autograd through the same forward (what
-    torch.compile differentiates), also where a factorisation needed a larger ridge."""
-    from rmi_triton.algebra import _forward
+    """The eager closed-form backward against autograd through the chain of factorisations
+    (what torch.compile differentiates), also where a factorisation needed a larger ridge."""
+    from rmi_triton.algebra import _repaired
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 8, 40, dtype=torch.float64, generator=g)
@@ -128,7 +128,7 @@ def test_half_logdet_closed_form_gradient_matches_autograd(retry):
         sy[1] -= 1e3 * torch.eye(4, dtype=torch.float64)  # V + aI indefinite: retried
     weight = torch.randn(5, dtype=torch.float64, generator=g)  # grad_output != 1
     grads = []
-    for fn in (half_logdet_posterior, lambda *a: _forward(*a, None)[0]):
+    for fn in (half_logdet_posterior, lambda *a: _repaired(*a, None)[0]):
         inputs = [t.clone().requires_grad_() for t in (sy, sp, syp)]
         (fn(*inputs) * weight).sum().backward()
         grads.append([t.grad for t in inputs])
