@@ -92,15 +92,17 @@ def main():
     d, width = r * r, 2 * r - 1
     cells = H_LOW * H_LOW
     grid = (H_LOW - r + 1) ** 2
-    off_grid = (H_LOW + r - 1) ** 2 - grid
+    corners = 4 * (r - 1) ** 2  # B2's origins beside the grid's corners
     interior = max(0, H_LOW - 2 * r + 2) ** 2
     geo = te._Geometry(513, 513, te.POOL_AVG, 4)
     layout = te._StencilLayout.of(H_LOW, H_LOW, r, weighted=False)
     warps = te.NUM_WARPS
-    _, _, nb, block_m, _, _ = te._moment_layout(d, off_grid)
+    _, _, nb, _, _, _ = te._moment_layout(d, corners)
     # what B1 runs over: the map's first cell to its last, in B0's padded rows
     positions, lanes, chunk, _, _, groups = te._product_layout(H_LOW, H_LOW, r)
     padded = (H_LOW + 2 * r - 2) ** 2 + chunk  # B0's padded map and B1's guard
+    line_chunk = max(16, min(te.BORDER_ELEMENTS // lanes, te._next_pow2(H_LOW)))  # B1b's positions a step
+    line_trips = 4 * groups * (r - 1) * -(-H_LOW // line_chunk)  # of B1b's loop, a plane
     b0_block = min(te.CENTRE_ELEMENTS, te._next_pow2(padded))
     full_res = dict(pool="avg", s=4, softmax=False, pixel=1, logits="fp32", labels="i64")
 
@@ -114,9 +116,12 @@ def main():
         ("B1 shifted_products", dict(kernel="shifted_products", radius=r), 0,
          lambda n: n * warps["shifted_products"] * groups / chunk * positions / cells,
          f"{lanes} stencil offsets, {chunk} positions ({positions} a plane, {groups} group(s) of offsets)"),
-        ("B2 window_products (off grid)", dict(kernel="window_products", radius=r), 0,
-         lambda n: n * warps["window_products"] * nb * nb / block_m * off_grid / cells,
-         f"{block_m} off-grid origins ({off_grid} of them for {cells} cells)"),
+        ("B1b border_sums", dict(kernel="border_sums", radius=r), 0,
+         lambda n: n * warps["border_sums"] * line_trips / cells,
+         f"{lanes} stencil offsets, {line_chunk} positions of a line ({line_trips} trips a plane)"),
+        ("B2 window_products (corners)", dict(kernel="window_products", radius=r), None,
+         lambda n: n * warps["window_products"] * nb * nb / cells,
+         f"the whole kernel, the {corners} origins beside the grid's corners ({nb * nb} program(s) a plane)"),
         ("C region_grad (interior)", dict(kernel="region_grad", radius=r), 0,
          lambda n: n * warps["region_grad"] * width / (layout.tile_h * layout.tile_w) * interior / cells,
          f"one stencil row, {layout.tile_h}x{layout.tile_w} cells ({interior} interior cells)"),

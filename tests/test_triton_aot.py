@@ -62,6 +62,8 @@ def _specs():
             specs.append(dict(kernel="centred_maps", arch=arch, warp=warp, **case))
             if not case.get("keep"):
                 specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
+                if case["radius"] > 1:
+                    specs.append(dict(kernel="border_sums", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="merge_moments", arch=arch, warp=warp, **case))
             specs.append(dict(kernel="grad_constants", arch=arch, warp=warp, **case))
@@ -133,21 +135,27 @@ def _kernel_source(spec):
         fn = te._shifted_products_kernel
         constexprs = dict(R=radius, LANES=lanes, CHUNK=chunk)
         pointers = dict(maps_ptr="*fp64", prod_ptr="*fp64", sum_ptr="*fp64")
+    elif spec["kernel"] == "border_sums":
+        fn = te._border_sums_kernel
+        chunk = max(16, min(te.BORDER_ELEMENTS // lanes, te._next_pow2(h_low)))
+        constexprs = dict(R=radius, LANES=lanes, CHUNK=chunk)
+        pointers = dict(maps_ptr="*fp64", border_ptr="*fp64", lin_ptr="*fp64")
     elif spec["kernel"] == "window_products":
         fn = te._window_products_kernel
-        off_grid = not spec.get("keep", False) and radius > 1
-        positions = (h_low + radius - 1) ** 2 - m if off_grid else m
+        corners = not spec.get("keep", False) and radius > 1
+        positions = 4 * (radius - 1) ** 2 if corners else m
         d_pad, bd, _, block_m, _, _ = te._moment_layout(d, positions)
-        constexprs = dict(R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=not off_grid,
-                          OFF_GRID=off_grid)
+        constexprs = dict(R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=not corners,
+                          CORNERS=corners)
         pointers = dict(maps_ptr="*fp64", keep_ptr="*fp32", count_ptr="*fp64", sum_ptr="*fp64", gram_ptr="*fp64")
     elif spec["kernel"] == "merge_moments":
         fn = te._merge_moments_kernel
         j_pad = te._next_pow2(2 * d)
         constexprs = dict(R=radius, D=d, ROWS=min(j_pad, te.MERGE_ELEMENTS // j_pad), J_PAD=j_pad,
                           SHIFTED=not spec.get("keep", False), HAS_B2=radius > 1 or spec.get("keep", False))
-        pointers = dict(prod_ptr="*fp64", sums_ptr="*fp64", count_ptr="*fp64", total_ptr="*fp64", gram_ptr="*fp64",
-                        centre_ptr="*fp32", sy_ptr="*fp64", sp_ptr="*fp64", syp_ptr="*fp64", mean_ptr="*fp64")
+        pointers = dict(prod_ptr="*fp64", sums_ptr="*fp64", border_ptr="*fp64", lin_ptr="*fp64", count_ptr="*fp64",
+                        total_ptr="*fp64", gram_ptr="*fp64", centre_ptr="*fp32", sy_ptr="*fp64", sp_ptr="*fp64",
+                        syp_ptr="*fp64", mean_ptr="*fp64")
     elif spec["kernel"] == "grad_constants":
         fn = te._grad_constants_kernel
         width = 2 * radius - 1
@@ -282,8 +290,8 @@ def test_kernel_sass_counts_every_per_cell_kernel():
                           text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = dict(re.findall(r"^  (\S.*?)\s{2,}(\d+\.\d)", proc.stdout, re.M))
-    kernels = ["A pool_forward", "B0 centred_maps", "B1 shifted_products", "B2 window_products (off grid)",
-               "C region_grad (interior)", "C region_grad (frame)", "D pool_backward"]
+    kernels = ["A pool_forward", "B0 centred_maps", "B1 shifted_products", "B1b border_sums",
+               "B2 window_products (corners)", "C region_grad (interior)", "C region_grad (frame)", "D pool_backward"]
     assert sorted(rows) == sorted(kernels + ["total"]), proc.stdout
     assert all(float(rows[k]) > 0 for k in kernels), proc.stdout
     assert abs(sum(float(rows[k]) for k in kernels) - float(rows["total"])) < 0.5, proc.stdout

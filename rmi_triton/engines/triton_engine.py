@@ -7,17 +7,22 @@ Forward then backward, the full-resolution kernels reading their inputs once:
       (sigmoid, or softmax from a first log-sum-exp loop), valid mask, the
       s x s pooling of p and of the one-hot labels (by counting), the arg-max
       of max pooling, the pixel-term partial sums and a non-finite count.
-  B downsampled, the sums of the region vectors and of their products, the
-      maps centred on their means (`_launch_region_moments`):
-      B1 `_shifted_products_kernel` one plane, a tile of cells and a row of
-         the (2R-1) x (2R-1) stencil per program: sums of x(u) x'(u + e) over
-         the map, which are the products' sums over every origin whose window
-         reaches the map (zeros outside it);
-      B2 `_window_products_kernel` the origins off the grid (taken out again),
-         or with exclude_ignored the grid's kept vectors: gathered, products
-         on the float64 tensor cores;
-      B3 `_merge_moments_kernel` the tiles' float64 sums merged into Sy, Sp,
-         Syp and the mean (one launch where ~25 PyTorch ops were).
+  B downsampled, the sums of the region vectors and of their products
+      (`_launch_region_moments`):
+      B0 `_centred_maps_kernel` y' and p' minus their first cells, float64,
+         framed with zeros;
+      B1 `_shifted_products_kernel` one plane, a tile of cells and a group of
+         offsets of the (2R-1) x (2R-1) stencil per program: sums of
+         x(u) x'(u + e) over the map, which are the products' sums over every
+         origin whose window reaches the map (zeros outside it);
+      B1b `_border_sums_kernel` the same sums along the map's R - 1 outermost
+         rows and columns on each side: the origins above, below and beside
+         the grid, taken out again;
+      B2 `_window_products_kernel` the origins beside the grid's corners (taken
+         out twice by B1b, put back), or with exclude_ignored the grid's kept
+         vectors: gathered, products on the float64 tensor cores;
+      B3 `_merge_moments_kernel` the float64 sums merged into Sy, Sp, Syp and
+         the mean (one launch where ~25 PyTorch ops were).
   C0 `_grad_constants_kernel` per plane, from dL/dSp and dL/dSyp: G, the
       stencil's taps and the centring terms kernel C reads (float64 sums).
   C `_region_grad_kernel`    downsampled, the backward's
@@ -76,14 +81,16 @@ GPU_BLOCKS = dict(
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
     PRODUCT_ELEMENTS=2048,  # positions x stencil offsets per step of the shifted products (kernel B1)
     PRODUCT_TILE=4096,  # positions per program of kernel B1 (one reduction each)
-    MERGE_ELEMENTS=512,  # joint-matrix entries per program of kernel B3
+    MERGE_ELEMENTS=256,  # joint-matrix entries per program of kernel B3
+    BORDER_ELEMENTS=1024,  # line positions x stencil offsets per step of kernel B1b
     CENTRE_ELEMENTS=1024,  # padded-map positions per program of kernel B0
     STENCIL_FRAME_ELEMENTS=1024,  # frame cells x window offsets per program of kernel C (sets its registers)
     STENCIL_TILE=1024,  # interior cells per program of kernel C
     STENCIL_TILE_W=64,  # their columns
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256, PRODUCT_ELEMENTS=1 << 17,
-                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16, CENTRE_ELEMENTS=1 << 16,
+                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16, BORDER_ELEMENTS=1 << 14,
+                          CENTRE_ELEMENTS=1 << 16,
                           STENCIL_FRAME_ELEMENTS=1 << 16, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
 FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
@@ -92,6 +99,7 @@ MOMENT_BD = _BLOCKS["MOMENT_BD"]
 PRODUCT_ELEMENTS = _BLOCKS["PRODUCT_ELEMENTS"]
 PRODUCT_TILE = _BLOCKS["PRODUCT_TILE"]
 MERGE_ELEMENTS = _BLOCKS["MERGE_ELEMENTS"]
+BORDER_ELEMENTS = _BLOCKS["BORDER_ELEMENTS"]
 CENTRE_ELEMENTS = _BLOCKS["CENTRE_ELEMENTS"]
 STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
@@ -100,15 +108,15 @@ STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
 # one warp a program: A's cell sums of each class reach their store through shared memory,
 # and with 8 warps that took 4 barriers of the whole block a class (Triton 3.6 and 3.9
 # alike); a one-warp program needs none, in the same registers and instructions. D (no
-# barriers either way) keeps A's geometry. B3 runs 2 warps over 512 entries: with 4 over
-# 1024, Triton 3.6's ptxas spilled predicates to local memory at R = 10 on sm_80.
-NUM_WARPS = dict(pool_forward=1, centred_maps=4, shifted_products=8, window_products=8, merge_moments=2,
-                 grad_constants=4, region_grad=8, pool_backward=1)
+# barriers either way) keeps A's geometry. B3 runs 2 warps over 256 entries: with more a
+# program, ptxas (sm_80) spilled a few bytes at R = 3 or 10, Triton 3.6 or 3.9.
+NUM_WARPS = dict(pool_forward=1, centred_maps=4, shifted_products=8, border_sums=4, window_products=8,
+                 merge_moments=2, grad_constants=4, region_grad=8, pool_backward=1)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
 KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
-                "_window_products_kernel", "_merge_moments_kernel", "_grad_constants_kernel",
-                "_region_grad_kernel", "_pool_backward_kernel")
+                "_border_sums_kernel", "_window_products_kernel", "_merge_moments_kernel",
+                "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
 PRODUCT_LANES = 8  # stencil offsets per program of kernel B1, at most
 MOMENT_TILE_POSITIONS = 256  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
@@ -389,6 +397,18 @@ if _HAVE_TRITON:
         return tl.load(maps_ptr + (plane * 2 + is_p[None, :]) * stride + row * Wp + col, mask=mask, other=0.0)
 
     @triton.jit
+    def _corner_origins(m, H_v, W_v, R: tl.constexpr):
+        """(row, col) of origin m of the 4 (R - 1) x (R - 1) blocks of origins off the
+        H_v x W_v grid beside its corners (above and left of its first origin, above and
+        right, below and left, below and right), row-major within each block."""
+        K: tl.constexpr = (R - 1) * (R - 1)
+        corner = m // K
+        i = (m % K) // (R - 1)
+        j = (m % K) % (R - 1)
+        return (tl.where(corner < 2, i - (R - 1), H_v + i),
+                tl.where(corner % 2 == 0, j - (R - 1), W_v + j))
+
+    @triton.jit
     def _frame_cells(f, H, W, H_in, W_in, R: tl.constexpr):
         """(row, col) of cell f of the frame of an H x W map around the H_in x W_in
         interior at (R-1, R-1): first the H - H_in full rows above and below
@@ -493,6 +513,73 @@ if _HAVE_TRITON:
             tl.store(sum_ptr + (plane * T + tile) * 2 + 1, tl.sum(tl.sum(sum_p, axis=1), axis=0))
 
     @triton.jit
+    def _border_sums_kernel(
+        maps_ptr,  # [P, 2, stride] float64 B0's centred, padded y' and p'
+        border_ptr,  # [P, 4, R-1, 3, (2R-1)^2] float64 out: sums of yy, yp, pp products along the sides' lines
+        lin_ptr,  # [P, 4, R-1, 2] float64 out: sums of the centred y' and p' along them
+        H_low, W_low, stride,
+        R: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """B1b: what B1's sums over the whole map hold beyond the grid's region vectors, by
+        lines. Side 0 takes the map's top rows, 1 its bottom rows, 2 its left columns, 3 its
+        right columns (program axis 1); record k - 1 of a side sums over its k outermost
+        lines (k = 1 .. R - 1): x(u) x'(u + e) for the pairs (y, y), (y, p), (p, p) and
+        LANES stencil offsets e (a group of them, axis 2), and x(u) for y' and p'. The
+        component at window offset (a, b) never sees the top a rows, the bottom R - 1 - a,
+        the left b columns and the right R - 1 - b from the grid (B3 takes them out; the
+        corners, taken out twice, are B2's)."""
+        WIDTH: tl.constexpr = 2 * R - 1
+        E: tl.constexpr = WIDTH * WIDTH
+        plane = tl.program_id(0).to(tl.int64)
+        side = tl.program_id(1)
+        Wp = W_low + 2 * (R - 1)
+        y_base = maps_ptr + plane * 2 * stride
+        p_base = y_base + stride
+        e = tl.program_id(2) * LANES + tl.arange(0, LANES)
+        e_ok = e < E
+        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * Wp + (e % WIDTH - (R - 1)), 0)[:, None]
+        rows = side < 2
+        length = tl.where(rows, W_low, H_low)  # cells along a line
+        last = tl.where(rows, H_low, W_low) - 1  # the far side's outermost line
+        sum_yy = tl.zeros((LANES,), dtype=tl.float64)
+        sum_yp = tl.zeros((LANES,), dtype=tl.float64)
+        sum_pp = tl.zeros((LANES,), dtype=tl.float64)
+        sum_y = tl.zeros((), dtype=tl.float64)
+        sum_p = tl.zeros((), dtype=tl.float64)
+        for k in range(R - 1):
+            line = tl.where(side % 2 == 0, k, last - k)
+            acc_yy = tl.zeros((LANES, CHUNK), dtype=tl.float64)
+            acc_yp = tl.zeros((LANES, CHUNK), dtype=tl.float64)
+            acc_pp = tl.zeros((LANES, CHUNK), dtype=tl.float64)
+            acc_y = tl.zeros((1, CHUNK), dtype=tl.float64)
+            acc_p = tl.zeros((1, CHUNK), dtype=tl.float64)
+            for t0 in range(0, length, CHUNK):
+                t = t0 + tl.arange(0, CHUNK)[None, :]
+                t_ok = t < length
+                u = (tl.where(rows, line, t) + R - 1) * Wp + tl.where(rows, t, line) + R - 1
+                y0 = tl.load(y_base + u, mask=t_ok, other=0.0)
+                p0 = tl.load(p_base + u, mask=t_ok, other=0.0)
+                acc_y += y0
+                acc_p += p0
+                p1 = tl.load(p_base + u + shift, mask=t_ok, other=0.0)
+                acc_yy += y0 * tl.load(y_base + u + shift, mask=t_ok, other=0.0)
+                acc_yp += y0 * p1
+                acc_pp += p0 * p1
+            sum_yy += tl.sum(acc_yy, axis=1)
+            sum_yp += tl.sum(acc_yp, axis=1)
+            sum_pp += tl.sum(acc_pp, axis=1)
+            sum_y += tl.sum(tl.sum(acc_y, axis=1), axis=0)
+            sum_p += tl.sum(tl.sum(acc_p, axis=1), axis=0)
+            record = (plane * 4 + side) * (R - 1) + k
+            out = border_ptr + record * (3 * E) + e
+            tl.store(out, sum_yy, mask=e_ok)
+            tl.store(out + E, sum_yp, mask=e_ok)
+            tl.store(out + 2 * E, sum_pp, mask=e_ok)
+            if tl.program_id(2) == 0:
+                tl.store(lin_ptr + record * 2, sum_y)
+                tl.store(lin_ptr + record * 2 + 1, sum_p)
+
+    @triton.jit
     def _window_products_kernel(
         maps_ptr,  # [P, 2, stride] float64 B0's centred, padded y' and p' (P = N * C planes)
         keep_ptr,  # [N, M] float32 0/1: region vector enters the statistics (when HAS_KEEP)
@@ -501,14 +588,13 @@ if _HAVE_TRITON:
         gram_ptr,  # [P, T, 2d, 2d] float64 out: each tile's sums of their products
         C, H_low, W_low, stride, H_v, W_v, M, tile_positions, T,
         R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BD: tl.constexpr,
-        BLOCK_M: tl.constexpr, HAS_KEEP: tl.constexpr, OFF_GRID: tl.constexpr,
+        BLOCK_M: tl.constexpr, HAS_KEEP: tl.constexpr, CORNERS: tl.constexpr,
     ):
         """Sums of the centred region vectors and of their products (float64,
         exact products; tl.dot runs on the float64 tensor cores) over M origins:
-        the grid's (m = row * W_v + col, weighted by `keep`), or with OFF_GRID
-        those off the grid whose windows reach the map (m indexes the frame,
-        R - 1 wide, around the grid in the (H' + R - 1) x (W' + R - 1) range of
-        such origins). Each program owns a BD x BD block of the joint matrix."""
+        the grid's (m = row * W_v + col, weighted by `keep`), or with CORNERS the
+        4 (R - 1)^2 off the grid beside its corners, diagonally (`_corner_origins`).
+        Each program owns a BD x BD block of the joint matrix."""
         plane = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
         pair = tl.program_id(2)
@@ -527,10 +613,8 @@ if _HAVE_TRITON:
         for start in range(lo, hi, BLOCK_M):
             m = start + tl.arange(0, BLOCK_M)
             m_ok = m < hi
-            if OFF_GRID:
-                mi, mj = _frame_cells(m, H_low + R - 1, W_low + R - 1, H_v, W_v, R)
-                mi -= R - 1
-                mj -= R - 1
+            if CORNERS:
+                mi, mj = _corner_origins(m, H_v, W_v, R)
             else:
                 mi = m // W_v
                 mj = m % W_v
@@ -573,9 +657,28 @@ if _HAVE_TRITON:
         return r * (2.0 - x * r)
 
     @triton.jit
+    def _unseen_lines(ptr, record, comp, idx, mask, WIDTH, R: tl.constexpr):
+        """B1b's sums along the lines the component at window offset comp never sees from
+        the grid: the top comp // R rows, the bottom R - 1 - comp // R, the left comp % R
+        columns and the right R - 1 - comp % R; entry idx of records WIDTH long, records
+        (side, k - 1) from `record` on. Broadcasts comp, idx and mask."""
+        a = comp // R
+        b = comp % R
+        return (_lines(ptr, record, 0, a, idx, mask, WIDTH, R) + _lines(ptr, record, 1, R - 1 - a, idx, mask, WIDTH, R)
+                + _lines(ptr, record, 2, b, idx, mask, WIDTH, R) + _lines(ptr, record, 3, R - 1 - b, idx, mask, WIDTH, R))
+
+    @triton.jit
+    def _lines(ptr, record, side, k, idx, mask, WIDTH, R: tl.constexpr):
+        """B1b's sum along side `side`'s k outermost lines (0 where k = 0)."""
+        at = (record + side * (R - 1) + tl.maximum(k - 1, 0)) * WIDTH + idx
+        return tl.load(ptr + at, mask=mask & (k > 0), other=0.0)
+
+    @triton.jit
     def _merge_moments_kernel(
         prod_ptr,  # [P, T, 3, (2R-1)^2] float64 B1's tile sums of the yy, yp, pp shifted products (SHIFTED)
         sums_ptr,  # [P, T, 2] float64 B1's tile sums of the centred y' and p' (SHIFTED)
+        border_ptr,  # [P, 4, R-1, 3, (2R-1)^2] float64 B1b's sums along the sides' lines (SHIFTED, R > 1)
+        lin_ptr,  # [P, 4, R-1, 2] float64 B1b's sums of y' and p' along them (SHIFTED, R > 1)
         count_ptr,  # [P, T2] float64 B2's tile weights (read unless SHIFTED)
         total_ptr,  # [P, T2, 2D] float64 B2's tile sums of the centred vectors (read when HAS_B2)
         gram_ptr,  # [P, T2, 2D, 2D] float64 B2's tile sums of their products (read when HAS_B2)
@@ -586,14 +689,16 @@ if _HAVE_TRITON:
         R: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, J_PAD: tl.constexpr,
         SHIFTED: tl.constexpr, HAS_B2: tl.constexpr,
     ):
-        """B3: the tile sums of B1 and B2 merged into the joint [y; p] covariance
-        blocks, rows ROWS of one plane per program, in float64. SHIFTED: entry
-        (j, j') of the joint sums is the shifted-product sum of its pair of maps
-        for e = offset(j') - offset(j), over every origin whose window reaches
-        the map, minus B2's off-grid origins (HAS_B2), over the m origins of the
-        grid; else B2's sums over the grid's weighted vectors. Centred on the
-        mean: S = sum - count mean mean^T (each plane's sums, as Chan's merge).
-        The p rows' y columns (Syp^T) are neither read nor written."""
+        """B3: the tile sums of B1, B1b and B2 merged into the joint [y; p] covariance
+        blocks, rows ROWS of one plane per program, in float64. SHIFTED: entry (j, j') of
+        the joint sums is the shifted-product sum of its pair of maps for
+        e = offset(j') - offset(j) over the whole map (B1), less the map's lines that
+        component j does not see from the grid (B1b: the origins of the rows of origins
+        above and below the grid and of the columns beside it), plus the origins in both,
+        beside the grid's corners (B2, HAS_B2): the m origins of the grid. Else B2's sums
+        over the grid's weighted vectors. Centred on the mean: S = sum - count mean mean^T
+        (each plane's sums, as Chan's merge). The p rows' y columns (Syp^T) are neither
+        read nor written."""
         E: tl.constexpr = (2 * R - 1) * (2 * R - 1)
         plane = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
@@ -627,21 +732,21 @@ if _HAVE_TRITON:
                 tot_i += tl.where(i < D, s_y, s_p)
                 tot_j += tl.where(j < D, s_y, s_p)
                 joint += tl.load(prod_ptr + tile * (3 * E) + at, mask=ok, other=0.0)
+            if R > 1:
+                record = plane * 4 * (R - 1)
+                joint -= _unseen_lines(border_ptr, record, a, at, ok, 3 * E, R)
+                comp_i = tl.where(i < D, i, i - D)
+                comp_j = tl.where(j < D, j, j - D)
+                tot_i -= _unseen_lines(lin_ptr, record, comp_i, (i >= D).to(tl.int32), i_ok, 2, R)
+                tot_j -= _unseen_lines(lin_ptr, record, comp_j, (j >= D).to(tl.int32), j_ok, 2, R)
         if HAS_B2:
             for t in range(T2):
                 tile = plane * T2 + t
                 vec = total_ptr + tile * (2 * D)
-                b2_i = tl.load(vec + i, mask=i_ok, other=0.0)
-                b2_j = tl.load(vec + j, mask=j_ok, other=0.0)
-                b2 = tl.load(gram_ptr + tile * (4 * D * D) + i[:, None] * (2 * D) + j[None, :], mask=ok, other=0.0)
-                if SHIFTED:  # the off-grid origins, taken out
-                    tot_i -= b2_i
-                    tot_j -= b2_j
-                    joint -= b2
-                else:
-                    tot_i += b2_i
-                    tot_j += b2_j
-                    joint += b2
+                tot_i += tl.load(vec + i, mask=i_ok, other=0.0)
+                tot_j += tl.load(vec + j, mask=j_ok, other=0.0)
+                joint += tl.load(gram_ptr + tile * (4 * D * D) + i[:, None] * (2 * D) + j[None, :], mask=ok,
+                                 other=0.0)
         mean_i = tot_i * inv_count
         mean_j = tot_j * inv_count
         cov = joint - count * mean_i[:, None] * mean_j[None, :]
@@ -992,10 +1097,11 @@ def _moment_layout(d: int, m: int):
     return d_pad, bd, nb, block_m, per_tile, tiles
 
 
-def _window_products(maps, keep, shape, radius: int, positions: int, off_grid: bool):
+def _window_products(maps, keep, shape, radius: int, positions: int, corners: bool):
     """Kernel B2 -> each tile's (count [P, T2], sum [P, T2, 2d], products [P, T2, 2d, 2d]),
-    float64, of the centred region vectors of the grid (weighted by `keep`) or off the grid
-    (`off_grid`), gathered from B0's maps; shape: the pooled maps' [N, C, H', W']."""
+    float64, of the centred region vectors of the grid (weighted by `keep`) or of the origins
+    beside its corners (`corners`), gathered from B0's maps; shape: the pooled maps'
+    [N, C, H', W']."""
     n, c, h_low, w_low = shape
     d = radius * radius
     d_pad, bd, nb, block_m, per_tile, tiles = _moment_layout(d, positions)
@@ -1007,10 +1113,26 @@ def _window_products(maps, keep, shape, radius: int, positions: int, off_grid: b
     _window_products_kernel[(planes, tiles, nb * nb)](
         maps, keep if keep is not None else maps, count, total, gram,
         c, h_low, w_low, maps.shape[-1], h_low - radius + 1, w_low - radius + 1, positions, per_tile, tiles,
-        R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, OFF_GRID=off_grid,
+        R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, CORNERS=corners,
         num_warps=NUM_WARPS["window_products"],
     )
     return count, total, gram
+
+
+def _border_sums(maps, shape, radius: int):
+    """Kernel B1b -> (shifted-product sums [P, 4, R-1, 3, (2R-1)^2], map sums [P, 4, R-1, 2]),
+    float64, along each side's k outermost lines of the map, k = 1 .. R - 1."""
+    n, c, h_low, w_low = shape
+    planes, width, dev = n * c, 2 * radius - 1, maps.device
+    lanes = _product_lanes(radius)
+    chunk = max(16, min(BORDER_ELEMENTS // lanes, _next_pow2(max(h_low, w_low))))
+    border = _new((planes, 4, radius - 1, 3, width * width), torch.float64, dev)
+    lin = _new((planes, 4, radius - 1, 2), torch.float64, dev)
+    _border_sums_kernel[(planes, 4, _cdiv(width * width, lanes))](
+        maps, border, lin, h_low, w_low, maps.shape[-1], R=radius, LANES=lanes, CHUNK=chunk,
+        num_warps=NUM_WARPS["border_sums"],
+    )
+    return border, lin
 
 
 def _product_lanes(radius: int) -> int:
@@ -1058,16 +1180,18 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     and of their products are float64 from there (exact products of float32 values). With
     weights (`keep`) the grid's vectors are gathered (B2). Without, the sums over every
     origin whose window reaches the map (zeros outside it) are shifted-product sums over
-    the map, (2R-1)^2 per pair of maps (B1, `_shifted_products_kernel`), and the origins
-    off the grid (a frame R - 1 wide) are gathered (B2) and taken out."""
+    the map, (2R-1)^2 per pair of maps (B1, `_shifted_products_kernel`); the origins off the
+    grid -- a frame R - 1 wide -- are taken out as the rows of origins above and below the
+    grid and the columns beside it, whose sums are those along the map's outer lines (B1b),
+    and the origins beside the corners, in both, are gathered (B2) and put back."""
     n, c, h_low, w_low = p_low.shape
     d = radius * radius
     m = (h_low - radius + 1) * (w_low - radius + 1)
     planes, dev = n * c, p_low.device
     maps, centres = _centred_maps(y_low, p_low, radius)
-    products = sums = b2 = None
+    products = sums = border = b2 = None
     if keep is not None:
-        b2 = _window_products(maps, keep, p_low.shape, radius, m, off_grid=False)
+        b2 = _window_products(maps, keep, p_low.shape, radius, m, corners=False)
     else:
         width = 2 * radius - 1
         _, lanes, chunk, tile_len, tiles, groups = _product_layout(h_low, w_low, radius)
@@ -1077,24 +1201,26 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
             maps, products, sums, h_low, w_low, maps.shape[-1], tiles, tile_len,
             R=radius, LANES=lanes, CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
         )
-        off_grid = (h_low + radius - 1) * (w_low + radius - 1) - m
-        if off_grid:
-            b2 = _window_products(maps, None, p_low.shape, radius, off_grid, off_grid=True)
-    return _merge_moments(products, sums, b2, centres, n, c, radius, m)
+        if radius > 1:
+            border = _border_sums(maps, p_low.shape, radius)
+            b2 = _window_products(maps, None, p_low.shape, radius, 4 * (radius - 1) ** 2, corners=True)
+    return _merge_moments(products, sums, border, b2, centres, n, c, radius, m)
 
 
-def _merge_moments(products, sums, b2, centres, n: int, c: int, radius: int, m: int):
-    """Kernel B3 -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d]), float64, from B1's and B2's tiles."""
+def _merge_moments(products, sums, border, b2, centres, n: int, c: int, radius: int, m: int):
+    """Kernel B3 -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d]), float64, from B1's, B1b's
+    and B2's sums."""
     d, planes, dev = radius * radius, n * c, centres.device
     shifted = products is not None
     dummy = torch.empty(1, dtype=torch.float64, device=dev)
     count, total, gram = b2 if b2 is not None else (dummy, dummy, dummy)
+    lines, lin = border if border is not None else (dummy, dummy)
     sy, sp, syp = (_new((n, c, d, d), torch.float64, dev) for _ in range(3))
     mean = _new((n, c, 2 * d), torch.float64, dev)
     j_pad = _next_pow2(2 * d)
     rows = min(j_pad, max(1, MERGE_ELEMENTS // j_pad))
     _merge_moments_kernel[(planes, _cdiv(2 * d, rows))](
-        products if shifted else dummy, sums if shifted else dummy, count, total, gram, centres,
+        products if shifted else dummy, sums if shifted else dummy, lines, lin, count, total, gram, centres,
         sy, sp, syp, mean, products.shape[1] if shifted else 0, count.shape[1] if b2 is not None else 0, m,
         R=radius, D=d, ROWS=rows, J_PAD=j_pad, SHIFTED=shifted, HAS_B2=b2 is not None,
         num_warps=NUM_WARPS["merge_moments"],
