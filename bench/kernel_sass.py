@@ -101,8 +101,8 @@ def main():
     # what B1 runs over: the map's first cell to its last, in B0's padded rows
     positions, lanes, chunk, _, _, groups = te._product_layout(H_LOW, H_LOW, r)
     padded = (H_LOW + 2 * r - 2) ** 2 + chunk  # B0's padded map and B1's guard
-    line_chunk = max(16, min(te.BORDER_ELEMENTS // lanes, te._next_pow2(H_LOW)))  # B1b's positions a step
-    line_trips = 4 * groups * (r - 1) * -(-H_LOW // line_chunk)  # of B1b's loop, a plane
+    line_lanes, line_chunk = te._border_layout(H_LOW, H_LOW, r)  # B1b's offsets and positions a step
+    line_trips = 4 * -(-width * width // line_lanes) * (r - 1) * -(-H_LOW // line_chunk)  # of its loop, a plane
     b0_block = min(te.CENTRE_ELEMENTS, te._next_pow2(padded))
     full_res = dict(pool="avg", s=4, softmax=False, pixel=1, logits="fp32", labels="i64")
 
@@ -118,7 +118,7 @@ def main():
          f"{lanes} stencil offsets, {chunk} positions ({positions} a plane, {groups} group(s) of offsets)"),
         ("B1b border_sums", dict(kernel="border_sums", radius=r), 0,
          lambda n: n * warps["border_sums"] * line_trips / cells,
-         f"{lanes} stencil offsets, {line_chunk} positions of a line ({line_trips} trips a plane)"),
+         f"{line_lanes} stencil offsets, {line_chunk} positions of a line ({line_trips} trips a plane)"),
         ("B2 window_products (corners)", dict(kernel="window_products", radius=r), None,
          lambda n: n * warps["window_products"] * nb * nb / cells,
          f"the whole kernel, the {corners} origins beside the grid's corners ({nb * nb} program(s) a plane)"),

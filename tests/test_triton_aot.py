@@ -137,8 +137,8 @@ def _kernel_source(spec):
         pointers = dict(maps_ptr="*fp64", prod_ptr="*fp64", sum_ptr="*fp64")
     elif spec["kernel"] == "border_sums":
         fn = te._border_sums_kernel
-        chunk = max(16, min(te.BORDER_ELEMENTS // lanes, te._next_pow2(h_low)))
-        constexprs = dict(R=radius, LANES=lanes, CHUNK=chunk)
+        line_lanes, line_chunk = te._border_layout(h_low, h_low, radius)
+        constexprs = dict(R=radius, LANES=line_lanes, CHUNK=line_chunk)
         pointers = dict(maps_ptr="*fp64", border_ptr="*fp64", lin_ptr="*fp64")
     elif spec["kernel"] == "window_products":
         fn = te._window_products_kernel

@@ -48,6 +48,7 @@ autograd.Function (`_EagerStatistics`), without the dispatch's host time.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -89,7 +90,7 @@ GPU_BLOCKS = dict(
     STENCIL_TILE_W=64,  # their columns
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256, PRODUCT_ELEMENTS=1 << 17,
-                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16, BORDER_ELEMENTS=1 << 14,
+                          PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16, BORDER_ELEMENTS=1 << 15,
                           CENTRE_ELEMENTS=1 << 16,
                           STENCIL_FRAME_ELEMENTS=1 << 16, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
@@ -1119,13 +1120,19 @@ def _window_products(maps, keep, shape, radius: int, positions: int, corners: bo
     return count, total, gram
 
 
+def _border_layout(h_low: int, w_low: int, radius: int):
+    """(stencil offsets, line positions) a step of kernel B1b: a line in one step where
+    BORDER_ELEMENTS allow, then as many offsets as fit."""
+    chunk = max(16, min(BORDER_ELEMENTS // 4, _next_pow2(max(h_low, w_low))))
+    return max(1, min(_next_pow2((2 * radius - 1) ** 2), BORDER_ELEMENTS // chunk)), chunk
+
+
 def _border_sums(maps, shape, radius: int):
     """Kernel B1b -> (shifted-product sums [P, 4, R-1, 3, (2R-1)^2], map sums [P, 4, R-1, 2]),
     float64, along each side's k outermost lines of the map, k = 1 .. R - 1."""
     n, c, h_low, w_low = shape
     planes, width, dev = n * c, 2 * radius - 1, maps.device
-    lanes = _product_lanes(radius)
-    chunk = max(16, min(BORDER_ELEMENTS // lanes, _next_pow2(max(h_low, w_low))))
+    lanes, chunk = _border_layout(h_low, w_low, radius)
     border = _new((planes, 4, radius - 1, 3, width * width), torch.float64, dev)
     lin = _new((planes, 4, radius - 1, 2), torch.float64, dev)
     _border_sums_kernel[(planes, 4, _cdiv(width * width, lanes))](
@@ -1319,7 +1326,10 @@ def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, g_pi
 # the two halves as torch.library custom ops, and their autograd formula
 # ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
 def _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_ignored, validate):
+    """The engine's options from the op's arguments (frozen: one object per setting, not two
+    checked constructions a step)."""
     return RMIOptions(radius=radius, pool=pool, pool_size=pool_size, pixel_loss=pixel_loss or None,
                       probs=probs, ignore_index=ignore_index, exclude_ignored=exclude_ignored,
                       validate=validate, backend="triton")
