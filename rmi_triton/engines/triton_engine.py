@@ -460,6 +460,19 @@ if _HAVE_TRITON:
             tl.store(centre_ptr + plane * 2 + 1, centre_p)
 
     @triton.jit
+    def _offset_group(maps_ptr, stride, W_low, R: tl.constexpr, LANES: tl.constexpr):
+        """B1's and B1b's plane (program axis 0), its y' and p' in B0's maps, and their group
+        of LANES stencil offsets e (axis 2): e, e < (2R-1)^2, and the address shift of each,
+        [LANES, 1] (0 for padding lanes)."""
+        WIDTH: tl.constexpr = 2 * R - 1
+        plane = tl.program_id(0).to(tl.int64)
+        y_base = maps_ptr + plane * 2 * stride
+        e = tl.program_id(2) * LANES + tl.arange(0, LANES)
+        e_ok = e < WIDTH * WIDTH
+        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * (W_low + 2 * (R - 1)) + (e % WIDTH - (R - 1)), 0)[:, None]
+        return plane, y_base, y_base + stride, e, e_ok, shift
+
+    @triton.jit
     def _shifted_products_kernel(
         maps_ptr,  # [P, 2, stride] float64 B0's centred, padded y' and p'
         prod_ptr,  # [P, T, 3, (2R-1)^2] float64 out: each tile's sums of yy, yp, pp products
@@ -477,16 +490,10 @@ if _HAVE_TRITON:
         and the last step's positions past the map read zeros too (B0's guard). Products
         and sums in float64 (exact products of the exact differences). A thread holds a
         position's LANES offsets, so the position's own values are loaded once for them."""
-        WIDTH: tl.constexpr = 2 * R - 1
-        E: tl.constexpr = WIDTH * WIDTH
-        plane = tl.program_id(0).to(tl.int64)
+        E: tl.constexpr = (2 * R - 1) * (2 * R - 1)
+        plane, y_base, p_base, e, e_ok, shift = _offset_group(maps_ptr, stride, W_low, R, LANES)
         tile = tl.program_id(1)
         Wp = W_low + 2 * (R - 1)
-        y_base = maps_ptr + plane * 2 * stride
-        p_base = y_base + stride
-        e = tl.program_id(2) * LANES + tl.arange(0, LANES)
-        e_ok = e < E
-        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * Wp + (e % WIDTH - (R - 1)), 0)[:, None]
         first = (R - 1) * Wp + (R - 1)  # the map's first cell
         start = first + tile * tile_len
         stop = tl.minimum(start + tile_len, first + (H_low - 1) * Wp + W_low)
@@ -529,16 +536,10 @@ if _HAVE_TRITON:
         component at window offset (a, b) never sees the top a rows, the bottom R - 1 - a,
         the left b columns and the right R - 1 - b from the grid (B3 takes them out; the
         corners, taken out twice, are B2's)."""
-        WIDTH: tl.constexpr = 2 * R - 1
-        E: tl.constexpr = WIDTH * WIDTH
-        plane = tl.program_id(0).to(tl.int64)
+        E: tl.constexpr = (2 * R - 1) * (2 * R - 1)
+        plane, y_base, p_base, e, e_ok, shift = _offset_group(maps_ptr, stride, W_low, R, LANES)
         side = tl.program_id(1)
         Wp = W_low + 2 * (R - 1)
-        y_base = maps_ptr + plane * 2 * stride
-        p_base = y_base + stride
-        e = tl.program_id(2) * LANES + tl.arange(0, LANES)
-        e_ok = e < E
-        shift = tl.where(e_ok, (e // WIDTH - (R - 1)) * Wp + (e % WIDTH - (R - 1)), 0)[:, None]
         rows = side < 2
         length = tl.where(rows, W_low, H_low)  # cells along a line
         last = tl.where(rows, H_low, W_low) - 1  # the far side's outermost line
