@@ -48,7 +48,7 @@ FULL_RES_CASES = [
 # C at 4 where it had 1 (192 registers, set by its frame blocks, in Triton 3.6; H200: 0.244 ms
 # for 6% of the bytes A moves)
 MIN_BLOCKS = {"pool_forward": 16, "pool_backward": 24, "region_grad": 4, "shifted_products": 2}
-# keep: the grid's vectors weighted (exclude_ignored); else the off-grid frame for window_products
+# keep: the grid's vectors weighted (exclude_ignored); else the origins beside the corners for window_products
 REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7), dict(radius=10)]
 
 

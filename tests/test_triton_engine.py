@@ -275,13 +275,15 @@ def test_region_grad_kernel_against_a_float64_fold(monkeypatch, h_low, w_low, ra
 def test_region_moments_against_a_float64_unfold(monkeypatch, h_low, w_low, radius, weighted):
     """Kernel B alone, with small chunks, tiles, position blocks and merge row blocks
     (several of each): the mean and the centred sums of products of the (kept) region
-    vectors, against F.unfold in float64; the shifted-product sums and the off-grid
-    windows taken out again must agree to float32 rounding of the products. Outputs are
+    vectors, against F.unfold in float64; the shifted-product sums, the outer lines' sums
+    taken out again (several offset groups and steps a line) and the origins beside the
+    corners put back must agree to float32 rounding of the products. Outputs are
     pre-filled with NaN: B0 must write every entry of its padded maps, B3 every entry of
     the sums. The maps are centred on their first cells, here an outlier."""
     monkeypatch.setattr(triton_engine, "FILL_OUTPUTS_WITH_NAN", True)
     monkeypatch.setattr(triton_engine, "CENTRE_ELEMENTS", 64)
     monkeypatch.setattr(triton_engine, "MERGE_ELEMENTS", 64)
+    monkeypatch.setattr(triton_engine, "BORDER_ELEMENTS", 64)
     monkeypatch.setattr(triton_engine, "PRODUCT_ELEMENTS", 256)
     monkeypatch.setattr(triton_engine, "PRODUCT_TILE", 96)
     monkeypatch.setattr(triton_engine, "MOMENT_BLOCK_M", 16)
