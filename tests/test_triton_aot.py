@@ -215,7 +215,16 @@ def _compile_one(spec):
     spill_st = re.search(r"(\d+) bytes spill stores", info)
     spill_ld = re.search(r"(\d+) bytes spill loads", info)
     return dict(spec=spec, shared=int(compiled.metadata.shared), registers=int(regs.group(1)),
-                spill_stores=int(spill_st.group(1)), spill_loads=int(spill_ld.group(1)))
+                spill_stores=int(spill_st.group(1)), spill_loads=int(spill_ld.group(1)),
+                pixel_warps=_pixel_warps(compiled.asm["ttgir"]))
+
+
+def _pixel_warps(ttgir: str) -> list:
+    """threadsPerWarp of the layout of each load and store of a 2-D [window row, window
+    columns] pixel tensor in kernel A's or D's TTGIR."""
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{.*?threadsPerWarp = \[([\d, ]+)\]", ttgir, re.M))
+    ops = re.findall(r"tt\.(?:load|store) .*?: tensor<\d+x\d+x!tt\.ptr<\w+>, (#\w+)>", ttgir)
+    return [[int(t) for t in layouts[op].split(",")] for op in ops]
 
 
 def _worker(spec):
@@ -275,6 +284,11 @@ def test_compiles_without_spills(compiled, spec):
         threads = 32 * te.NUM_WARPS[spec["kernel"]]
         blocks = 65536 // (-(-result["registers"] // 8) * 8 * threads)  # 64 K registers an SM
         assert blocks >= MIN_BLOCKS[spec["kernel"]], f"{blocks} blocks an SM: {result}"
+    if spec["kernel"] in ("pool_forward", "pool_backward") and spec.get("layout") != "nhwc":
+        # a warp's load or store of the logits, labels or gradient covers 32 neighbouring
+        # pixels of one image row (on [window row, cell, window column] blocks, Triton 3.6
+        # ran the threads down 4 window rows: 4 times the sectors a load or store touched)
+        assert result["pixel_warps"] and all(w == [1, 32] for w in result["pixel_warps"]), result
 
 
 @pytest.mark.slow

@@ -157,41 +157,50 @@ def _joint_pad(d: int) -> int:
 if _HAVE_TRITON:
 
     @triton.jit
+    def _cells(cell, n_cells, W_cells, H_low, W_low):
+        """Row, column, "in the cell grid" and "in the pooled map" of cells."""
+        cell_r = cell // W_cells
+        cell_c = cell % W_cells
+        cell_ok = cell < n_cells
+        return cell_r, cell_c, cell_ok, cell_ok & (cell_r < H_low) & (cell_c < W_low)
+
+    @triton.jit
     def _window(pid_block, n_cells, W_cells, H, W, H_low, W_low,
                 S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
         """Geometry of a block of downsampled cells and their s x s windows.
 
         Cells tile the image without overlap (kernel = stride = s, shifted by
         the padding); the cell grid runs one row/column past the pooled map
-        where needed so that every pixel lies in exactly one cell.
-        Returns [BLOCK] cell row/col, [BLOCK] "cell is in the pooled map",
-        [SP, BLOCK, SP] pixel row/col (clamped into the image: every address
-        the kernels form is in bounds, so their loads need no mask) and
-        "pixel exists", SP = s rounded up to a power of two. The axes are the
-        window's row, the cell, the window's column: threads run along image
-        rows (window column, then cell), so a warp's loads and stores
-        coalesce, and each thread holds its windows' rows, so the pooling's
-        sums and maxima stay inside a thread but for a few lanes.
+        where needed so that every pixel lies in exactly one cell. A block's
+        pixels are [SP, BLOCK * SP]: the window's row, then the BLOCK cells'
+        window columns side by side (cell k // SP, column k % SP), SP = s
+        rounded up to a power of two. Along the last axis the addresses run
+        along an image row, and Triton sees that (contiguous runs of SP): it
+        puts a warp's threads along it, so a warp's load or store is 32
+        neighbouring pixels of one row, and each thread holds its windows'
+        rows, so the pooling's sums and maxima stay inside a thread but for a
+        few lanes. (On [SP, BLOCK, SP] blocks with the coordinates clamped
+        into the image, Triton 3.6 saw no contiguity and ran the threads down
+        the window's rows: each load and store touched the sectors of 4 rows,
+        4 times what its pixels fill.) Pixels outside the image keep their
+        coordinates; loads and stores are masked with "pixel exists".
+        Returns the [BLOCK * SP] row, column and "in the pooled map" of each
+        window column's cell, and the [SP, BLOCK * SP] pixel row, column and
+        "pixel exists".
         """
-        cell = pid_block * BLOCK + tl.arange(0, BLOCK)
-        cell_ok = cell < n_cells
-        cell_r = cell // W_cells
-        cell_c = cell % W_cells
-        i = tl.arange(0, SP)[:, None, None]
-        j = tl.arange(0, SP)[None, None, :]
-        row = i + (cell_r * S - PAD)[None, :, None]
-        col = j + (cell_c * S - PAD)[None, :, None]
-        pix_ok = (cell_ok[None, :, None] & (i < S) & (j < S) & (row >= 0) & (row < H)
-                  & (col >= 0) & (col < W))
-        pooled = cell_ok & (cell_r < H_low) & (cell_c < W_low)
-        row = tl.minimum(tl.maximum(row, 0), H - 1)
-        col = tl.minimum(tl.maximum(col, 0), W - 1)
+        k = tl.arange(0, BLOCK * SP)
+        cell_r, cell_c, cell_ok, pooled = _cells(pid_block * BLOCK + k // SP, n_cells, W_cells, H_low, W_low)
+        i = tl.arange(0, SP)[:, None]
+        j = (k % SP)[None, :]
+        row = i + (cell_r * S - PAD)[None, :]
+        col = j + (cell_c * S - PAD)[None, :]
+        pix_ok = cell_ok[None, :] & (i < S) & (j < S) & (row >= 0) & (row < H) & (col >= 0) & (col < W)
         return cell_r, cell_c, pooled, row, col, pix_ok
 
     @triton.jit
-    def _window_index(S: tl.constexpr, SP: tl.constexpr):
-        """[SP, 1, SP] row-major index of each pixel in its s x s window (the max-pool arg-max)."""
-        return tl.arange(0, SP)[:, None, None] * S + tl.arange(0, SP)[None, None, :]
+    def _window_index(S: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+        """[SP, BLOCK * SP] row-major index of each pixel in its s x s window (the max-pool arg-max)."""
+        return tl.arange(0, SP)[:, None] * S + (tl.arange(0, BLOCK * SP) % SP)[None, :]
 
     @triton.jit
     def _offsets(row, col, s_h, s_w, WIDE: tl.constexpr):
@@ -204,19 +213,37 @@ if _HAVE_TRITON:
         return offsets
 
     @triton.jit
-    def _cell_sum(v):
-        """[SP, BLOCK, SP] -> [BLOCK]: the sum over each cell's window."""
-        return tl.sum(tl.sum(v, axis=0), axis=1)
+    def _load_pixels(ptr, pix_ok):
+        """[SP, BLOCK * SP] logits in their dtype where the pixel exists, 0 elsewhere."""
+        return tl.load(ptr, mask=pix_ok, other=0.0)
 
     @triton.jit
-    def _cell_max(v):
-        """[SP, BLOCK, SP] -> [BLOCK]: the maximum over each cell's window."""
-        return tl.max(tl.max(v, axis=0), axis=1)
+    def _cell_sum(v, SP: tl.constexpr, BLOCK: tl.constexpr):
+        """[SP, BLOCK * SP] -> [BLOCK]: the sum over each cell's window."""
+        return tl.sum(tl.reshape(tl.sum(v, axis=0), (BLOCK, SP)), axis=1)
+
+    @triton.jit
+    def _cell_max(v, SP: tl.constexpr, BLOCK: tl.constexpr):
+        """[SP, BLOCK * SP] -> [BLOCK]: the maximum over each cell's window."""
+        return tl.max(tl.reshape(tl.max(v, axis=0), (BLOCK, SP)), axis=1)
+
+    @triton.jit
+    def _cell_argmax(v, S: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr):
+        """[SP, BLOCK * SP] -> [BLOCK] maximum over each cell's window and its first index
+        in row-major order (as torch's max pooling): each window column's maximum and first
+        row holding it, then the first of the columns whose maximum is the window's."""
+        col_max = tl.max(v, axis=0)
+        rows = tl.arange(0, SP)[:, None]
+        col_arg = tl.min(tl.where(v == col_max[None, :], rows, SP), axis=0)
+        index = tl.reshape(col_arg * S + tl.arange(0, BLOCK * SP) % SP, (BLOCK, SP))
+        col_max = tl.reshape(col_max, (BLOCK, SP))
+        cell_max = tl.max(col_max, axis=1)
+        return cell_max, tl.min(tl.where(col_max == cell_max[:, None], index, S * S), axis=1)
 
     @triton.jit
     def _block_sum(v):
-        """[SP, BLOCK, SP] -> scalar."""
-        return tl.sum(_cell_sum(v), axis=0)
+        """[SP, BLOCK * SP] -> scalar."""
+        return tl.sum(tl.sum(v, axis=0), axis=0)
 
     @triton.jit
     def _sigmoid_and_exp(x):
@@ -247,8 +274,8 @@ if _HAVE_TRITON:
         return q * e
 
     @triton.jit
-    def _log_sum_exp(x_base, x_off, C, sx_c):
-        """Per-pixel log-sum-exp over the C classes, float32 [SP, BLOCK, SP];
+    def _log_sum_exp(x_base, x_off, pix_ok, C, sx_c):
+        """Per-pixel log-sum-exp over the C classes, float32 [SP, BLOCK * SP];
         x_base + x_off point at class 0, classes are sx_c elements apart.
         Exponentials in base 2 (one exp2 instruction each on a GPU) of
         differences from the running maximum, which stays in natural units: the
@@ -257,7 +284,7 @@ if _HAVE_TRITON:
         m = tl.full(x_off.shape, -float("inf"), tl.float32)
         total = tl.zeros(x_off.shape, dtype=tl.float32)
         for _ in range(C):
-            x = tl.load(x_base + x_off).to(tl.float32)
+            x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
             m_new = tl.maximum(m, x)
             total = total * tl.exp2((m - m_new) * LOG2E) + tl.exp2((x - m_new) * LOG2E)
             m = m_new
@@ -265,33 +292,39 @@ if _HAVE_TRITON:
         return m + tl.log2(total) * LN2
 
     @triton.jit
-    def _load_next_class(x_base, x_off, sx_c, c, C):
+    def _load_next_class(x_base, x_off, pix_ok, sx_c, c, C):
         """Class c + 1's logits (class c's again after the last class), loaded while class c
         is processed: two loads in flight per element instead of one. Kernel A's class loop
         waited on memory (ncu, H200: most cycles stalled on the L1TEX scoreboard, 27% of
         the DRAM bandwidth); with this, 0.34 -> 0.23 ms at 16x21x513x513. Kernel D went
         0.42 -> 0.44 ms with it (14 more registers: 3 blocks an SM down to 2), so D loads
         as it goes."""
-        return tl.load(x_base + tl.where(c + 1 < C, sx_c, 0) + x_off)
+        return _load_pixels(x_base + tl.where(c + 1 < C, sx_c, 0) + x_off, pix_ok)
+
+    @triton.jit
+    def _map_index(cell_r, cell_c, C, H_low, W_low):
+        """Index of cells in the [N, C, H', W'] maps: image program_id(1), class 0."""
+        return (tl.program_id(1).to(tl.int64) * C * H_low + cell_r) * W_low + cell_c
 
     @triton.jit
     def _block_pixels(x_ptr, lab_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_h, sx_w, ignore_index,
                       S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
                       WIDE: tl.constexpr):
-        """What kernels A and D know of their block before the class loop: the
-        cells' index into the [N, C, H', W'] maps (class 0; classes H' W' apart)
-        and whether they are in the pooled map, "pixel exists", the logits' base
-        (class 0; classes sx_c apart) and offsets, the labels and the valid
-        mask, as bool and as float."""
+        """What kernels A and D know of their block before the class loop: for each
+        window column [BLOCK * SP], its cell's index into the [N, C, H', W'] maps
+        (class 0; classes H' W' apart) and whether it is in the pooled map; for each
+        pixel [SP, BLOCK * SP], "pixel exists", the logits' base (class 0; classes
+        sx_c apart) and offsets, the labels and the valid mask, as bool and as
+        float."""
         pid_block = tl.program_id(0)
         n = tl.program_id(1).to(tl.int64)
         cell_r, cell_c, pooled, row, col, pix_ok = _window(
             pid_block, n_cells, W_cells, H, W, H_low, W_low, S, PAD, SP, BLOCK)
         x_base = x_ptr + n * sx_n
         x_off = _offsets(row, col, sx_h, sx_w, WIDE)
-        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE)).to(tl.int32)
+        lab = tl.load(lab_ptr + n * H * W + _offsets(row, col, W, 1, WIDE), mask=pix_ok).to(tl.int32)
         valid = pix_ok & (lab != ignore_index)
-        low = (n * C * H_low + cell_r) * W_low + cell_c
+        low = _map_index(cell_r, cell_c, C, H_low, W_low)
         return low, pooled, pix_ok, x_base, x_off, row, col, lab, valid, valid.to(tl.float32)
 
     @triton.jit
@@ -310,23 +343,26 @@ if _HAVE_TRITON:
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
         HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr, WIDE: tl.constexpr,
     ):
-        low, pooled, pix_ok, x_base, x_off, _, _, lab, valid, vf = _block_pixels(
+        _, _, pix_ok, x_base, x_off, _, _, lab, valid, vf = _block_pixels(
             x_ptr, lab_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_h, sx_w, ignore_index,
             S, PAD, SP, BLOCK, WIDE)
+        cell_r, cell_c, _, pooled = _cells(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), n_cells, W_cells,
+                                           H_low, W_low)
+        low = _map_index(cell_r, cell_c, C, H_low, W_low)  # [BLOCK], where the cells' results go
         lab = tl.where(valid, lab, -1)  # matches no class
         hw_low = H_low * W_low
 
         if SOFTMAX or PIXEL == 2:
-            lse = _log_sum_exp(x_base, x_off, C, sx_c)
+            lse = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
         loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
         bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
-        x_next = tl.load(x_base + x_off)
+        x_next = _load_pixels(x_base + x_off, pix_ok)
         for c in range(C):
             if POOL == 2:  # max pooling: the second load's registers would halve the blocks an SM holds
-                x = tl.load(x_base + x_off).to(tl.float32)
+                x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
             else:
                 x = x_next.to(tl.float32)
-                x_next = _load_next_class(x_base, x_off, sx_c, c, C)
+                x_next = _load_next_class(x_base, x_off, pix_ok, sx_c, c, C)
             is_c = lab == c
             if CHECK_FINITE:
                 bad += x * 0.0
@@ -346,20 +382,17 @@ if _HAVE_TRITON:
             p = p * vf + PROB_CLIP_C
             y = tl.where(is_c, 1.0, 0.0)
             if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
-                p_win = tl.where(pix_ok, p, -float("inf"))
-                p_max = _cell_max(p_win)
-                first = tl.where(p_win == p_max[None, :, None], _window_index(S, SP), S * S)
-                arg = tl.min(tl.min(first, axis=0), axis=1)
+                p_max, arg = _cell_argmax(tl.where(pix_ok, p, -float("inf")), S, SP, BLOCK)
                 tl.store(p_low_ptr + low, p_max, mask=pooled)
                 tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
                 if WRITE_Y:
-                    tl.store(y_low_ptr + low, _cell_max(y), mask=pooled)
+                    tl.store(y_low_ptr + low, _cell_max(y, SP, BLOCK), mask=pooled)
             else:
                 # avg: padding counts as zero in the s * s divisor; none: s = 1
-                p_sum = _cell_sum(tl.where(pix_ok, p, 0.0))
+                p_sum = _cell_sum(tl.where(pix_ok, p, 0.0), SP, BLOCK)
                 tl.store(p_low_ptr + low, p_sum * (1.0 / (S * S)), mask=pooled)
                 if WRITE_Y:
-                    tl.store(y_low_ptr + low, _cell_sum(y) * (1.0 / (S * S)), mask=pooled)
+                    tl.store(y_low_ptr + low, _cell_sum(y, SP, BLOCK) * (1.0 / (S * S)), mask=pooled)
             x_base += sx_c
             low += hw_low
 
@@ -919,14 +952,14 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S: tl.constexpr, POOL: tl.constexpr):
-        """dL/dp at full resolution [SP, BLOCK, SP] from dL/dp' of the cells [BLOCK]
-        (zero at ignored pixels and outside the pooled map)."""
+        """dL/dp at full resolution [SP, BLOCK * SP] from dL/dp' of the window columns'
+        cells [BLOCK * SP] (zero at ignored pixels and outside the pooled map)."""
         g = tl.load(g_low_ptr + low, mask=pooled, other=0.0)
         if POOL == 2:
             arg = tl.load(arg_ptr + low, mask=pooled, other=0).to(tl.int32)
-            routed = tl.where(k == arg[None, :, None], g[None, :, None], 0.0)
+            routed = tl.where(k == arg[None, :], g[None, :], 0.0)
         else:  # avg spreads over the s * s window; none: s = 1
-            routed = g[None, :, None] * (1.0 / (S * S))
+            routed = g[None, :] * (1.0 / (S * S))
         return tl.where(rmi_ok, routed, 0.0)
 
     @triton.jit
@@ -953,29 +986,29 @@ if _HAVE_TRITON:
         g_base = gx_ptr + tl.program_id(1).to(tl.int64) * sg_n  # class 0; classes sg_c apart
         g_off = _offsets(row, col, sg_h, sg_w, WIDE)
         hw_low = H_low * W_low
-        k = _window_index(S, SP)
-        rmi_ok = pooled[None, :, None] & valid
+        k = _window_index(S, SP, BLOCK)
+        rmi_ok = pooled[None, :] & valid
 
         if PIXEL != 0:
             coef = (tl.load(g_pixel_ptr) / tl.load(denom_ptr)).to(tl.float32)
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
-            lse = _log_sum_exp(x_base, x_off, C, sx_c)
+            lse = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
         if SOFTMAX and HAS_RMI:
             # sum_c dL/dp_c * softmax_c, the softmax Jacobian's shared term
             dot = tl.zeros(pix_ok.shape, dtype=tl.float32)
             xs = x_base
             low_c = low
             for c in range(C):  # a named loop variable: Triton carries `_` into the next loop
-                x = tl.load(xs + x_off).to(tl.float32)
+                x = _load_pixels(xs + x_off, pix_ok).to(tl.float32)
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
                 dot += gp * tl.exp2((x - lse) * LOG2E)
                 xs += sx_c
                 low_c += hw_low
 
         for c in range(C):
-            x = tl.load(x_base + x_off).to(tl.float32)
+            x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
             grad = tl.zeros(pix_ok.shape, dtype=tl.float32)
             if SOFTMAX:
                 prob = tl.exp2((x - lse) * LOG2E)
