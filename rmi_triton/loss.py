@@ -67,6 +67,13 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     opts = options if options is not None else RMIOptions(**kwargs)
     if options is not None and kwargs:
         raise TypeError("pass either options= or keyword options, not both")
+    return _evaluate(logits, labels, num_classes, opts, report, _terms)
+
+
+def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[CholeskyReport], combine):
+    """combine(pixel term, h [N, C], opts) of the inputs: `_terms` or `_loss`. Warns of
+    repaired factorisations (at the line that called rmi_terms or rmi_loss) unless a
+    `report` (RMILoss's) is given to count them."""
     check_inputs(logits, labels, opts, num_classes)
     engine = _engine(logits, opts.backend)
     local = report if report is not None else CholeskyReport()
@@ -76,15 +83,16 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     # queued while the device still works, not after it.
     with _autocast_off(logits.device.type):
         stats = engine.statistics(logits, labels, opts)
-        terms = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local,
-                                      then=lambda half_logdet: _combine(stats.pixel, half_logdet, opts))
+        out = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local,
+                                    then=lambda half_logdet: combine(stats.pixel, half_logdet, opts),
+                                    joint=stats.joint)
     if report is None and not torch.compiler.is_compiling() and local.retried:
-        warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=2)
-    return terms
+        warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=3)
+    return out
 
 
-def _combine(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> RMITerms:
-    """The terms from the pixel term and h [N, C]."""
+def _combined(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions):
+    """(loss, rmi, per-class terms), float64, from the pixel term and h [N, C]."""
     per_class = half_logdet.sum(0) * (1.0 / (half_logdet.shape[0] * opts.d))  # mean over N, / d: one op back
     weights = opts.weights_tensor(per_class.shape[0], per_class.device)
     if weights is not None:
@@ -92,10 +100,21 @@ def _combine(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -
     rmi = per_class.sum() if opts.class_reduction == "sum" else per_class.mean()
     lam = opts.rmi_weight
     if opts.combine == "weighted":
-        loss = lam * pixel + (1 - lam) * rmi
+        loss = torch.lerp(rmi, pixel, lam)  # lam * pixel + (1 - lam) * rmi, one op
     else:
-        loss = pixel + lam * rmi
+        loss = torch.add(pixel, rmi, alpha=lam)
+    return loss, rmi, per_class
+
+
+def _terms(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> RMITerms:
+    """All the terms, float32."""
+    loss, rmi, per_class = _combined(pixel, half_logdet, opts)
     return RMITerms(loss.float(), pixel.float(), rmi.float(), per_class.float())
+
+
+def _loss(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
+    """The loss alone, float32: what a training step uses, without the other terms' casts."""
+    return _combined(pixel, half_logdet, opts)[0].float()
 
 
 def _autocast_off(device_type: str):
@@ -107,7 +126,7 @@ def _autocast_off(device_type: str):
 
 def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
     """Functional form of `RMILoss`: the scalar loss. Options as in `RMILoss`."""
-    return rmi_terms(logits, labels, **options).loss
+    return _evaluate(logits, labels, None, RMIOptions(**options), None, _loss)
 
 
 def _retry_message(count: int) -> str:
@@ -184,14 +203,17 @@ class RMILoss(torch.nn.Module):
             warnings.warn(_retry_message(self._report.retried), RMINumericsWarning, stacklevel=stacklevel)
 
     def terms(self, logits: torch.Tensor, labels: torch.Tensor) -> RMITerms:
-        out = rmi_terms(logits, labels, num_classes=self.num_classes, options=self.options,
-                        report=self._report)
+        """The loss with the pixel term, the RMI term and the per-class RMI terms."""
+        return self._evaluate(logits, labels, _terms)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(logits, labels, _loss)
+
+    def _evaluate(self, logits, labels, combine):
+        out = _evaluate(logits, labels, self.num_classes, self.options, self._report, combine)
         if not torch.compiler.is_compiling():  # in a compiled graph: warned when the count is read
             self._warn_once(stacklevel=4)
         return out
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.terms(logits, labels).loss
 
     def extra_repr(self) -> str:
         o = self.options
