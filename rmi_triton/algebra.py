@@ -10,6 +10,8 @@ float64 PyTorch, so autograd differentiates it:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .options import LOG_EPS, RIDGE
@@ -93,7 +95,7 @@ def _cholesky_fixed_retries(matrix: torch.Tensor, report: CholeskyReport | None)
 
 
 def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
-                          report: CholeskyReport | None = None, then=None):
+                          report: CholeskyReport | None = None, then=None, joint: torch.Tensor | None = None):
     """h = sum_i log(diag(chol(V + aI))_i + 1e-8), V = Sy - Syp (Sp + aI)^-1 Syp^T.
 
     sy, sp, syp: [..., d, d] float64 centred sums (not divided by the count)
@@ -101,6 +103,9 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
                  mode its ops are queued before the factorisation is checked (the step's one
                  host sync), so that the host does not queue them while the device waits; if
                  the factorisation failed, it is called again on the repaired h.
+    joint:       optional [..., 2d, 2d] float64 [[Sp + aI, Syp^T], [Syp, Sy + aI]] with the
+                 same values (an engine that writes it with the statistics saves the ops
+                 that build it here); not differentiated
     returns:     [...] float64 (or then(h)), differentiable with respect to sy, sp and syp
 
     One factorisation of the joint matrix [[Sp + aI, Syp^T], [Syp, Sy + aI]] gives both
@@ -118,14 +123,14 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
         return then(_repaired(sy, sp, syp, report)[0])
     closed_form = torch.is_grad_enabled()  # else no gradients to form ahead
     if closed_form:
-        h, info = _HalfLogdetPosterior.apply(sy, sp, syp, report, False)
+        h, info = _HalfLogdetPosterior.apply(sy, sp, syp, report, joint)
     else:
-        h, info, _ = _attempt(sy, sp, syp)
+        h, info, _ = _attempt(sy, sp, syp, joint)
     out = then(h)
     if _all_factored(info):
         return out
     # rare: redone with the repairs
-    h = _HalfLogdetPosterior.apply(sy, sp, syp, report, True)[0] if closed_form else \
+    h = _HalfLogdetPosterior.apply(sy, sp, syp, report, _REPAIR)[0] if closed_form else \
         _repaired(sy, sp, syp, report)[0]
     return then(h)
 
@@ -154,10 +159,10 @@ def _all_factored(info) -> bool:
     return not bool(info.any())
 
 
-def _attempt(sy, sp, syp, extra=None):
+def _attempt(sy, sp, syp, joint=None, extra=None):
     """-> (h, info, extra(chol(Sp + aI), Z, chol(V + aI)) or None) from one factorisation of
-    the joint matrix, unchecked (info != 0 where it failed)."""
-    chol_p, z, chol_v, info = _joint_factors(sy, sp, syp)
+    the joint matrix (`joint`, or built from the blocks), unchecked (info != 0 where it failed)."""
+    chol_p, z, chol_v, info = _joint_factors(sy, sp, syp, joint)
     return _half_logdet(chol_v), info, (extra(chol_p, z, chol_v) if extra is not None else None)
 
 
@@ -171,11 +176,20 @@ def _half_logdet(chol_v):
     return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)
 
 
-def _joint_factors(sy, sp, syp):
-    """-> (chol(Sp + aI), Z, chol(V + aI), info) from one factorisation of the joint matrix."""
-    d = sy.shape[-1]
+def joint_matrix(sy, sp, syp):
+    """[[Sp + aI, Syp^T], [Syp, Sy + aI]] [..., 2d, 2d], the matrix `half_logdet_posterior`
+    factorises (an engine may write it with the statistics and pass it as `joint`)."""
     joint = torch.cat([torch.cat([sp, syp.transpose(-1, -2)], -1), torch.cat([syp, sy], -1)], -2)
     joint.diagonal(dim1=-2, dim2=-1).add_(RIDGE)
+    return joint
+
+
+def _joint_factors(sy, sp, syp, joint=None):
+    """-> (chol(Sp + aI), Z, chol(V + aI), info) from one factorisation of the joint matrix
+    [[Sp + aI, Syp^T], [Syp, Sy + aI]] (built here unless given)."""
+    d = sy.shape[-1]
+    if joint is None:
+        joint = joint_matrix(sy, sp, syp)
     factor, info = torch.linalg.cholesky_ex(joint)
     return factor[..., :d, :d], factor[..., d:, :d].transpose(-1, -2), factor[..., d:, d:], info
 
@@ -188,6 +202,9 @@ def _factor_chain(sy, sp, syp, factor):
     return chol_p, z, factor(_posterior_plus_ridge(sy, z))
 
 
+_REPAIR = object()  # `_HalfLogdetPosterior`: factorise by the chain, with the repairs
+
+
 class _HalfLogdetPosterior(torch.autograd.Function):
     """h's gradient in closed form. With L = chol(V + aI), dh/dL is diagonal, 1 / (L_ii + eps),
     so the Cholesky backward gives dh/dV = L^-T diag(q) L^-1, q_i = L_ii / (2 (L_ii + eps)):
@@ -196,16 +213,17 @@ class _HalfLogdetPosterior(torch.autograd.Function):
     larger ridge, the factors are those of the repaired matrices, as autograd would see.
     The gradients of h itself are formed in the forward, before the factorisation's check,
     so that their ops queue behind the engine's kernels; the backward scales them by dL/dh.
-    -> (h, info): `_attempt`'s unchecked one, or (repair) the chain's, info None."""
+    -> (h, info): `_attempt`'s unchecked one (`how`: the joint matrix or None), or (`how` is
+    `_REPAIR`) the chain's, info None."""
 
     @staticmethod
-    def forward(ctx, sy, sp, syp, report, repair):
+    def forward(ctx, sy, sp, syp, report, how):
         needs = ctx.needs_input_grad[:3]
         unit = (lambda *factors: _unit_gradients(*factors, needs)) if any(needs) else None
-        if repair:
+        if how is _REPAIR:
             (h, grads), info = _repaired(sy, sp, syp, report, unit), None
         else:
-            h, info, grads = _attempt(sy, sp, syp, unit)
+            h, info, grads = _attempt(sy, sp, syp, how, unit)
             ctx.mark_non_differentiable(info)
         ctx.save_for_backward(*(grads or ()))
         ctx.set_materialize_grads(False)  # no zeros made for info's (absent) gradient
@@ -223,10 +241,16 @@ def _unit_gradients(chol_p, z, chol_v, needs):
     """dh/dSy, dh/dSp, dh/dSyp (None where `needs` is false), from the factors."""
     diag = torch.diagonal(chol_v, dim1=-2, dim2=-1)
     q = diag / (2 * (diag + LOG_EPS))
-    eye = torch.eye(diag.shape[-1], dtype=diag.dtype, device=diag.device)
-    inverse = torch.linalg.solve_triangular(chol_v, eye.expand_as(chol_v), upper=False)  # L^-1
+    inverse = torch.linalg.solve_triangular(chol_v, _identity(diag.shape[-1], diag.dtype, diag.device).expand_as(
+        chol_v), upper=False)  # L^-1
     g_v = inverse.transpose(-1, -2) @ (q.unsqueeze(-1) * inverse)
     y = torch.linalg.solve_triangular(chol_p.transpose(-1, -2), z, upper=True)  # (Sp + aI)^-1 Syp^T
     g_sp = y @ g_v @ y.transpose(-1, -2) if needs[1] else None
     g_syp = -2 * g_v @ y.transpose(-1, -2) if needs[2] else None
     return g_v if needs[0] else None, g_sp, g_syp
+
+
+@functools.lru_cache(maxsize=32)
+def _identity(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The n x n identity, made once per size, dtype and device (read only: one op a step fewer)."""
+    return torch.eye(n, dtype=dtype, device=device)

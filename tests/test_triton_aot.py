@@ -150,12 +150,13 @@ def _kernel_source(spec):
         pointers = dict(maps_ptr="*fp64", keep_ptr="*fp32", count_ptr="*fp64", sum_ptr="*fp64", gram_ptr="*fp64")
     elif spec["kernel"] == "merge_moments":
         fn = te._merge_moments_kernel
-        j_pad = te._next_pow2(2 * d)
-        constexprs = dict(R=radius, D=d, ROWS=min(j_pad, te.MERGE_ELEMENTS // j_pad), J_PAD=j_pad,
-                          SHIFTED=not spec.get("keep", False), HAS_B2=radius > 1 or spec.get("keep", False))
+        j_pad, rows = te._merge_layout(d)
+        constexprs = dict(R=radius, D=d, ROWS=rows, J_PAD=j_pad,
+                          SHIFTED=not spec.get("keep", False), HAS_B2=radius > 1 or spec.get("keep", False),
+                          RIDGE_A=te.RIDGE)
         pointers = dict(prod_ptr="*fp64", sums_ptr="*fp64", border_ptr="*fp64", lin_ptr="*fp64", count_ptr="*fp64",
                         total_ptr="*fp64", gram_ptr="*fp64", centre_ptr="*fp32", sy_ptr="*fp64", sp_ptr="*fp64",
-                        syp_ptr="*fp64", mean_ptr="*fp64")
+                        syp_ptr="*fp64", joint_ptr="*fp64", mean_ptr="*fp64")
     elif spec["kernel"] == "grad_constants":
         fn = te._grad_constants_kernel
         width = 2 * radius - 1

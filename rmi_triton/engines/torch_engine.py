@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,9 @@ class Statistics(NamedTuple):
     sy: torch.Tensor  # [N, C, d, d] float64
     sp: torch.Tensor  # [N, C, d, d] float64, differentiable
     syp: torch.Tensor  # [N, C, d, d] float64, differentiable
+    # [N, C, 2d, 2d] float64 [[Sp + aI, Syp^T], [Syp, Sy + aI]], not differentiable: the matrix
+    # the algebra factorises, where an engine forms it with the statistics (else built from them)
+    joint: Optional[torch.Tensor] = None
 
 
 def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> Statistics:

@@ -54,7 +54,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..options import PROB_CLIP, RMIOptions
+from ..options import PROB_CLIP, RIDGE, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
 from .torch_engine import Statistics, label_maps, pooled_labels
@@ -82,7 +82,7 @@ GPU_BLOCKS = dict(
     MOMENT_BD=32,  # side of the joint-covariance block one program of kernel B owns
     PRODUCT_ELEMENTS=2048,  # positions x stencil offsets per step of the shifted products (kernel B1)
     PRODUCT_TILE=4096,  # positions per program of kernel B1 (one reduction each)
-    MERGE_ELEMENTS=256,  # joint-matrix entries per program of kernel B3
+    MERGE_ELEMENTS=128,  # joint-matrix entries per program of kernel B3 (256 spilled with Triton 3.6)
     BORDER_ELEMENTS=1024,  # line positions x stencil offsets per step of kernel B1b
     CENTRE_ELEMENTS=1024,  # padded-map positions per program of kernel B0
     STENCIL_FRAME_ELEMENTS=1024,  # frame cells x window offsets per program of kernel C (sets its registers)
@@ -719,10 +719,11 @@ if _HAVE_TRITON:
         gram_ptr,  # [P, T2, 2D, 2D] float64 B2's tile sums of their products (read when HAS_B2)
         centre_ptr,  # [P, 2] float32 the centres of the y' and p' maps
         sy_ptr, sp_ptr, syp_ptr,  # [P, D, D] float64 out: the centred sums Sy, Sp, Syp
+        joint_ptr,  # [P, 2D, 2D] float64 out: [[Sp + aI, Syp^T], [Syp, Sy + aI]], what the algebra factorises
         mean_ptr,  # [P, 2D] float64 out: the region vectors' mean
         T, T2, m,
         R: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, J_PAD: tl.constexpr,
-        SHIFTED: tl.constexpr, HAS_B2: tl.constexpr,
+        SHIFTED: tl.constexpr, HAS_B2: tl.constexpr, RIDGE_A: tl.constexpr,
     ):
         """B3: the tile sums of B1, B1b and B2 merged into the joint [y; p] covariance
         blocks, rows ROWS of one plane per program, in float64. SHIFTED: entry (j, j') of
@@ -732,8 +733,10 @@ if _HAVE_TRITON:
         above and below the grid and of the columns beside it), plus the origins in both,
         beside the grid's corners (B2, HAS_B2): the m origins of the grid. Else B2's sums
         over the grid's weighted vectors. Centred on the mean: S = sum - count mean mean^T
-        (each plane's sums, as Chan's merge). The p rows' y columns (Syp^T) are neither
-        read nor written."""
+        (each plane's sums, as Chan's merge). The p rows' y columns (Syp^T) are not
+        computed: Syp's entries are written there too, transposed, in the matrix the
+        algebra factorises (p first, the ridge a = RIDGE_A, a float64 constant, on its
+        diagonal: exactly what the algebra would build from Sy, Sp, Syp)."""
         E: tl.constexpr = (2 * R - 1) * (2 * R - 1)
         plane = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
@@ -791,6 +794,12 @@ if _HAVE_TRITON:
         tl.store(sy_ptr + block + ii * D + jj, cov, mask=ok & row_y & col_y)
         tl.store(sp_ptr + block + ii * D + jj, cov, mask=ok & (~row_y))
         tl.store(syp_ptr + block + ii * D + jj, cov, mask=ok & row_y & (~col_y))
+        r = tl.where(row_y, D + ii, ii)
+        q = tl.where(col_y, D + jj, jj)
+        ridge = tl.where(r == q, tl.full((), RIDGE_A, tl.float64), 0.0)
+        factored = joint_ptr + plane * (4 * D * D)
+        tl.store(factored + r * (2 * D) + q, cov + ridge, mask=ok)
+        tl.store(factored + q * (2 * D) + r, cov, mask=ok & row_y & (~col_y))
         centre = tl.where(j < D, tl.load(centre_ptr + plane * 2), tl.load(centre_ptr + plane * 2 + 1))
         first_rows = (j * 0 + tl.program_id(1)) == 0  # [J_PAD]: the program that writes the mean
         tl.store(mean_ptr + plane * (2 * D) + j, mean_j + centre.to(tl.float64), mask=j_ok & first_rows)
@@ -1215,7 +1224,8 @@ def _centred_maps(y_low, p_low, radius: int):
 
 
 def _launch_region_moments(y_low, p_low, keep, radius: int):
-    """Kernel B -> (mean [N, C, 2d] f64, joint sums [N, C, 2d, 2d] f64) of the region vectors.
+    """Kernel B -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d], the matrix the algebra factorises
+    [N, C, 2d, 2d]), float64, of the region vectors.
 
     B0 centres the maps in float64 and pads them with zeros; sums of the centred vectors
     and of their products are float64 from there (exact products of float32 values). With
@@ -1248,25 +1258,31 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     return _merge_moments(products, sums, border, b2, centres, n, c, radius, m)
 
 
+def _merge_layout(d: int):
+    """(J_PAD, ROWS) of kernel B3: the joint matrix's padded side, its rows a program."""
+    j_pad = _next_pow2(2 * d)
+    return j_pad, min(j_pad, max(1, MERGE_ELEMENTS // j_pad))
+
+
 def _merge_moments(products, sums, border, b2, centres, n: int, c: int, radius: int, m: int):
-    """Kernel B3 -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d]), float64, from B1's, B1b's
-    and B2's sums."""
+    """Kernel B3 -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d], the matrix the algebra
+    factorises [N, C, 2d, 2d]), float64, from B1's, B1b's and B2's sums."""
     d, planes, dev = radius * radius, n * c, centres.device
     shifted = products is not None
     dummy = torch.empty(1, dtype=torch.float64, device=dev)
     count, total, gram = b2 if b2 is not None else (dummy, dummy, dummy)
     lines, lin = border if border is not None else (dummy, dummy)
     sy, sp, syp = (_new((n, c, d, d), torch.float64, dev) for _ in range(3))
+    joint = _new((n, c, 2 * d, 2 * d), torch.float64, dev)
     mean = _new((n, c, 2 * d), torch.float64, dev)
-    j_pad = _next_pow2(2 * d)
-    rows = min(j_pad, max(1, MERGE_ELEMENTS // j_pad))
+    j_pad, rows = _merge_layout(d)
     _merge_moments_kernel[(planes, _cdiv(2 * d, rows))](
         products if shifted else dummy, sums if shifted else dummy, lines, lin, count, total, gram, centres,
-        sy, sp, syp, mean, products.shape[1] if shifted else 0, count.shape[1] if b2 is not None else 0, m,
-        R=radius, D=d, ROWS=rows, J_PAD=j_pad, SHIFTED=shifted, HAS_B2=b2 is not None,
+        sy, sp, syp, joint, mean, products.shape[1] if shifted else 0, count.shape[1] if b2 is not None else 0,
+        m, R=radius, D=d, ROWS=rows, J_PAD=j_pad, SHIFTED=shifted, HAS_B2=b2 is not None, RIDGE_A=RIDGE,
         num_warps=NUM_WARPS["merge_moments"],
     )
-    return mean, sy, sp, syp
+    return mean, sy, sp, syp, joint
 
 
 class _StencilLayout(NamedTuple):
@@ -1379,10 +1395,11 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
                    pixel_loss: str, probs: str, ignore_index: int, exclude_ignored: bool,
                    validate: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor]:
-    """-> pixel term, Sy, Sp, Syp (float64), and what backward needs: the
-    pixel term's denominator, y', p' [N,C,H',W'], the max-pool arg-max (uint8,
-    empty unless pool="max") and the joint mean [N, C, 2d] float64."""
+                                            torch.Tensor, torch.Tensor]:
+    """-> pixel term, Sy, Sp, Syp (float64), what backward needs: the pixel term's
+    denominator, y', p' [N,C,H',W'], the max-pool arg-max (uint8, empty unless
+    pool="max") and the joint mean [N, C, 2d] float64; and the matrix the algebra
+    factorises, [[Sp + aI, Syp^T], [Syp, Sy + aI]] [N, C, 2d, 2d] float64."""
     opts = _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_ignored, validate)
     labels = labels.contiguous()
     interp = opts.pool == "interp" and opts.downsamples
@@ -1400,10 +1417,10 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
     else:
         denom = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
     pixel = totals[0] / denom if opts.pixel_loss is not None else torch.zeros_like(totals[0])
-    mean, sy, sp, syp = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius)
+    mean, sy, sp, syp, joint = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius)
     if arg is None:
         arg = torch.empty(0, dtype=torch.uint8, device=logits.device)
-    return pixel, sy, sp, syp, denom, y_low, p_low, arg, mean
+    return pixel, sy, sp, syp, denom, y_low, p_low, arg, mean, joint
 
 
 # The op torch.compile sees (a schema, a fake implementation, autograd). Eager calls take
@@ -1425,7 +1442,7 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
             logits.new_empty((n, c, d, d), **f64), logits.new_empty((n, c, d, d), **f64),
             logits.new_empty((), **f64), logits.new_empty(low, dtype=torch.float32),
             logits.new_empty(low, dtype=torch.float32), logits.new_empty(arg_shape, dtype=torch.uint8),
-            logits.new_empty((n, c, 2 * d), **f64))
+            logits.new_empty((n, c, 2 * d), **f64), logits.new_empty((n, c, 2 * d, 2 * d), **f64))
 
 
 def _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts: RMIOptions):
@@ -1473,7 +1490,7 @@ def _statistics_backward_fake(logits, labels, keep, weights, y_low, p_low, arg, 
 
 def _setup_context(ctx, inputs, output, maps_saved=True):
     logits, labels, keep, weights, radius, pool, pool_size, pixel_loss, probs, ignore_index, _, _ = inputs
-    _, _, _, _, denom, y_low, p_low, arg, mean = output
+    _, _, _, _, denom, y_low, p_low, arg, mean, _ = output
     if not maps_saved:  # held by ctx.maps instead (`_EagerStatistics`)
         y_low = p_low = None
     ctx.save_for_backward(logits, labels, keep, weights, y_low, p_low, arg, mean, denom)
@@ -1549,7 +1566,7 @@ def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> 
         keep = kept_regions(ignored, opts).flatten(1).float().contiguous()
     weights = opts.weights_tensor(logits.shape[1], logits.device, dtype=torch.float32)
     op = _statistics_op if torch.compiler.is_compiling() else _EagerStatistics.apply
-    pixel, sy, sp, syp, *_ = op(
+    pixel, sy, sp, syp, *_, joint = op(
         logits, labels, keep, weights, opts.radius, opts.pool, opts.pool_size, opts.pixel_loss or "",
         opts.probs, opts.ignore_index, opts.exclude_ignored, opts.validate)
-    return Statistics(pixel, sy, sp, syp)
+    return Statistics(pixel, sy, sp, syp, joint)
