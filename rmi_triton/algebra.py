@@ -245,8 +245,9 @@ def _unit_gradients(chol_p, z, chol_v, needs):
         chol_v), upper=False)  # L^-1
     g_v = inverse.transpose(-1, -2) @ (q.unsqueeze(-1) * inverse)
     y = torch.linalg.solve_triangular(chol_p.transpose(-1, -2), z, upper=True)  # (Sp + aI)^-1 Syp^T
-    g_sp = y @ g_v @ y.transpose(-1, -2) if needs[1] else None
-    g_syp = -2 * g_v @ y.transpose(-1, -2) if needs[2] else None
+    g_v_yt = g_v @ y.transpose(-1, -2) if needs[1] or needs[2] else None  # shared: dh/dSyp = -2 of it
+    g_sp = y @ g_v_yt if needs[1] else None
+    g_syp = -2 * g_v_yt if needs[2] else None
     return g_v if needs[0] else None, g_sp, g_syp
 
 

@@ -1411,7 +1411,7 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
         y_low = pooled_labels(valid, safe, logits.shape[1], opts)
     if validate:
         raise_if_nonfinite(parts[..., 2].sum() == 0)
-    totals = parts.double().sum((0, 1))
+    totals = parts.sum((0, 1), dtype=torch.float64)
     if opts.pixel_loss == "bce":
         denom = totals[1] + 1
     else:
