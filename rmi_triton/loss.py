@@ -64,10 +64,13 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     options: an `RMIOptions`, or its fields as keyword arguments
     returns `RMITerms` with float32 scalars (loss, pixel, rmi) and rmi_per_class [C]
     """
-    opts = options if options is not None else RMIOptions(**kwargs)
+    return _evaluate(logits, labels, num_classes, _resolved(options, kwargs), report, _terms)
+
+
+def _resolved(options: Optional[RMIOptions], kwargs: dict) -> RMIOptions:
     if options is not None and kwargs:
         raise TypeError("pass either options= or keyword options, not both")
-    return _evaluate(logits, labels, num_classes, opts, report, _terms)
+    return options if options is not None else RMIOptions(**kwargs)
 
 
 def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[CholeskyReport], combine):
@@ -124,9 +127,11 @@ def _autocast_off(device_type: str):
         return contextlib.nullcontext()
 
 
-def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
-    """Functional form of `RMILoss`: the scalar loss. Options as in `RMILoss`."""
-    return _evaluate(logits, labels, None, RMIOptions(**options), None, _loss)
+def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Optional[int] = None,
+             options: Optional[RMIOptions] = None, report: Optional[CholeskyReport] = None,
+             **kwargs) -> torch.Tensor:
+    """Functional form of `RMILoss`: the scalar loss. Arguments as `rmi_terms`'s."""
+    return _evaluate(logits, labels, num_classes, _resolved(options, kwargs), report, _loss)
 
 
 def _retry_message(count: int) -> str:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rmi_triton import RMILoss, reference_rmi, rmi_loss, rmi_terms
+from rmi_triton import RMILoss, RMIOptions, reference_rmi, rmi_loss, rmi_terms
+from rmi_triton.algebra import CholeskyReport
 from rmi_triton.engines import torch_engine
 
 from helpers import OPTION_CASES, assert_close_rel, case_id, loss_and_grad, random_inputs
@@ -100,6 +101,21 @@ def test_module_defaults_are_the_paper_setting():
                           probs="sigmoid", rmi_weight=0.5, combine="weighted", class_reduction="sum")
     assert_close_rel(crit(logits, labels), paper.loss, 1e-5, "default loss")
     assert crit.terms(logits, labels).loss.item() == crit(logits, labels).item()
+
+
+def test_functional_forms_take_the_same_arguments():
+    """rmi_loss takes what rmi_terms takes (num_classes, options, report or keyword options)
+    and gives the same loss, bitwise, as rmi_terms and RMILoss."""
+    logits, labels = random_inputs(1, 3, 32, 32, seed=21)
+    opts = RMIOptions(backend="torch", radius=2)
+    expected = rmi_terms(logits, labels, options=opts).loss
+    assert rmi_loss(logits, labels, num_classes=3, options=opts).item() == expected.item()
+    assert rmi_loss(logits, labels, backend="torch", radius=2, report=CholeskyReport()).item() == expected.item()
+    assert RMILoss(3, backend="torch", radius=2)(logits, labels).item() == expected.item()
+    with pytest.raises(ValueError, match="4"):
+        rmi_loss(logits, labels, num_classes=4, options=opts)
+    with pytest.raises(TypeError, match="either options"):
+        rmi_loss(logits, labels, options=opts, radius=2)
 
 
 def test_no_grad_for_labels_and_works_without_grad():
