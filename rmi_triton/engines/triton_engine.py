@@ -233,9 +233,8 @@ if _HAVE_TRITON:
         in row-major order (as torch's max pooling): each window column's maximum and first
         row holding it, then the first of the columns whose maximum is the window's."""
         col_max = tl.max(v, axis=0)
-        rows = tl.arange(0, SP)[:, None]
-        col_arg = tl.min(tl.where(v == col_max[None, :], rows, SP), axis=0)
-        index = tl.reshape(col_arg * S + tl.arange(0, BLOCK * SP) % SP, (BLOCK, SP))
+        index = tl.min(tl.where(v == col_max[None, :], _window_index(S, SP, BLOCK), S * SP), axis=0)
+        index = tl.reshape(index, (BLOCK, SP))
         col_max = tl.reshape(col_max, (BLOCK, SP))
         cell_max = tl.max(col_max, axis=1)
         return cell_max, tl.min(tl.where(col_max == cell_max[:, None], index, S * S), axis=1)
