@@ -23,41 +23,14 @@ import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # the engine counts as available; no kernel runs
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # rmi_triton and the other bench modules
+
+from stubbed import count_repairs, stub_kernels  # noqa: E402  (first: sets TRITON_INTERPRET)
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from rmi_triton import RMILoss, algebra  # noqa: E402
-from rmi_triton.engines import triton_engine  # noqa: E402
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-class _MergeStub:
-    """Kernel B3 stubbed: the matrix it writes for the algebra gets its ridge, aI (zero
-    statistics then factorise like real ones, with no repair); one fill_ where a launch was."""
-
-    joint_at = triton_engine._merge_moments_kernel.arg_names.index("joint_ptr")
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            joint = args[self.joint_at]
-            joint.diagonal(dim1=-2, dim2=-1).fill_(kwargs["RIDGE_A"])
-        return launch
-
-
-def stub_kernels():
-    for name in triton_engine.KERNEL_NAMES:
-        setattr(triton_engine, name, _NoLaunch())
-    triton_engine._merge_moments_kernel = _MergeStub()
-    # zero statistics factorise (Sp + aI, V + aI = aI) like real ones
-    triton_engine._new = lambda shape, dtype, device, fill=None: torch.zeros(shape, dtype=dtype, device=device)
+from rmi_triton import RMILoss  # noqa: E402
 
 
 def main():
@@ -69,14 +42,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     stub_kernels()
-    repairs = []
-    repaired = algebra._repaired
-
-    def counted(*args, **kwargs):
-        repairs.append(1)
-        return repaired(*args, **kwargs)
-
-    algebra._repaired = counted
+    repairs = count_repairs()
     n, c, h, w = args.shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, h, w, generator=g).requires_grad_(True)
