@@ -29,8 +29,11 @@
    and under torch.compile (default and "reduce-overhead"): what the host's work
    costs. It runs right after the timings of 2 (its "eager" repeats theirs), before
    the compiles, the soak and the profiler of 3-5.
+7. Issue 3's bars at 16x21x513x513 avg 4, read from 2 and 5: forward+backward
+   against cross-entropy's and the published formula's, the extra memory beyond
+   the gradient, and kernels A and D's least bytes moved over the copy bandwidth.
 
-The table printed last is the result; `--out DIR` also writes it as JSON.
+The report printed last is the result; `--out DIR` also writes it as JSON.
 """
 
 from __future__ import annotations
@@ -478,6 +481,46 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
+def kernel_bytes(shape, pool_size, logit_bytes=4, label_bytes=8):
+    """The least bytes kernels A and D move at a shape with avg pooling (float32 logits, int64
+    labels): A reads the logits and labels and writes y' and p'; D reads the logits, the labels
+    and dL/dp' and writes the gradient."""
+    n, c, h, w = shape
+    geo = triton_engine._Geometry(h, w, triton_engine.POOL_AVG, pool_size)
+    full, labels, pooled = n * c * h * w * logit_bytes, n * h * w * label_bytes, n * c * geo.h_low * geo.w_low * 4
+    return {"_pool_forward_kernel": full + labels + 2 * pooled, "_pool_backward_kernel": 2 * full + labels + pooled}
+
+
+def bars(timings, breakdown, bandwidth):
+    """Issue 3's bars at the first timing shape (16x21x513x513, avg 4, on a GPU) -> rows of
+    (bar, measured, met: True / False / None where a figure is missing)."""
+    shape, pool_size = BENCH_SHAPES[0]
+    key = ("x".join(map(str, shape)), f"avg {pool_size}")
+    row = {r["provider"]: r for r in timings if (r["shape"], r["pool"]) == key}
+    triton_row = row.get("triton_engine", {})
+    ms = {name: row.get(name, {}).get("full_ms") for name in ("cross_entropy", "published_f64", "triton_engine")}
+    out = []
+    ratio = ms["triton_engine"] / ms["cross_entropy"] if ms["triton_engine"] and ms["cross_entropy"] else None
+    out.append(("fwd+bwd <= 1.3x F.cross_entropy", f"{fmt(ratio)}x ({fmt(ms['triton_engine'], '.3f')} / "
+                f"{fmt(ms['cross_entropy'], '.3f')} ms)", None if ratio is None else ratio <= 1.3))
+    speedup = ms["published_f64"] / ms["triton_engine"] if ms["triton_engine"] and ms["published_f64"] else None
+    out.append((">= 20x faster than the published formula", f"{fmt(speedup, '.1f')}x",
+                None if speedup is None else speedup >= 20))
+    beyond = None
+    if "extra_mb" in triton_row:
+        beyond = (triton_row["extra_mb"] - triton_row["logits_mb"]) / triton_row["logits_mb"]
+    out.append(("extra peak memory beyond the gradient <= 10% of the logits",
+                f"{fmt(None if beyond is None else 100 * beyond, '.1f')}%", None if beyond is None else beyond <= 0.10))
+    kernels = breakdown.get("kernels", {})
+    if breakdown.get("shape") == key[0] and breakdown.get("pool") == key[1]:
+        for name, moved in kernel_bytes(shape, pool_size).items():
+            kernel_ms = kernels.get(name, (0, 0.0))[1]
+            fraction = moved / (kernel_ms * 1e-3) / bandwidth if kernel_ms > 0 and bandwidth else None
+            out.append((f"{name} >= 60% of copy bandwidth", f"{fmt(None if fraction is None else 100 * fraction, '.0f')}% "
+                        f"({moved / 1e6:.0f} MB in {kernel_ms:.3f} ms)", None if fraction is None else fraction >= 0.6))
+    return out
+
+
 def print_report(machine, correctness, bandwidth, timings, compiled, mixed, breakdown, variants):
     print()
     print(f"== machine: {machine}")
@@ -533,6 +576,9 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
     for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "compiled_ms", "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
+    print(f"== issue 3's bars ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")
+    for bar, measured, met in bars(timings, breakdown, bandwidth):
+        print(f"     {'-' if met is None else 'met' if met else 'NOT met':8s} {bar:60s} {measured}")
     print(f"== total {time.time() - START:.0f}s")
 
 
@@ -578,7 +624,8 @@ def main():
         os.makedirs(ARGS.out, exist_ok=True)
         with open(os.path.join(ARGS.out, "gpu_check.json"), "w") as f:
             json.dump(dict(machine=machine, correctness=correctness, bandwidth=bandwidth, timings=timings,
-                           compile=compiled, mixed=mixed, breakdown=breakdown, variants=variants), f, indent=1,
+                           compile=compiled, mixed=mixed, breakdown=breakdown, variants=variants,
+                           bars=bars(timings, breakdown, bandwidth)), f, indent=1,
                       default=str)
     return 0 if all(r["ok"] for r in correctness) and compiled.get("ok") and mixed.get("ok") else 1
 

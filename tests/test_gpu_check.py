@@ -1,0 +1,55 @@
+"""bench/gpu_check.py's reading of issue 3's bars, from the figures a GPU run reports
+(the run itself needs a GPU; `--dry-run` runs its code on the CPU in about 3 minutes)."""
+
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # parses no command line when imported
+    assert module.BENCH_SHAPES[0] == ((16, 21, 513, 513), 4)
+    return module
+
+
+def _figures(ce_ms, published_ms, triton_ms, extra_mb, a_ms, d_ms):
+    shape, pool = "16x21x513x513", "avg 4"
+    timings = [dict(shape=shape, pool=pool, provider="cross_entropy", full_ms=ce_ms),
+               dict(shape=shape, pool=pool, provider="published_f64", full_ms=published_ms),
+               dict(shape=shape, pool=pool, provider="triton_engine", full_ms=triton_ms, extra_mb=extra_mb,
+                    logits_mb=16 * 21 * 513 * 513 * 4 / 2**20),
+               dict(shape=shape, pool="avg 2", provider="triton_engine", full_ms=0.1)]  # another shape: not read
+    breakdown = dict(shape=shape, pool=pool, kernels={"_pool_forward_kernel": (1, a_ms),
+                                                      "_pool_backward_kernel": (1, d_ms), "other": (30, 0.1)})
+    return timings, breakdown
+
+
+def test_bars_of_the_fifth_h200_run(gpu_check):
+    """b50df00's H200 figures (bench/RESULTS.md): the bars as the hand-made table read them."""
+    rows = gpu_check.bars(*_figures(1.17, 23.93, 2.71, 402.0, 0.229, 0.421), 4236e9)
+    assert [met for _, _, met in rows] == [False] * 5
+    measured = [m for _, m, _ in rows]
+    assert measured[0].startswith("2.32x") and measured[1] == "8.8x" and measured[2] == "19.2%"
+    assert measured[3] == "45% (432 MB in 0.229 ms)" and measured[4] == "43% (763 MB in 0.421 ms)"
+
+
+def test_bars_met_and_missing(gpu_check):
+    rows = gpu_check.bars(*_figures(1.17, 23.93, 1.0, 359.1, 0.15, 0.28), 4236e9)
+    assert [met for _, _, met in rows] == [True] * 5
+    timings, breakdown = _figures(1.17, None, 1.0, 359.1, 0.15, 0.28)
+    rows = gpu_check.bars(timings, {}, None)  # the published formula skipped, no profile, no bandwidth
+    assert [met for _, _, met in rows] == [True, None, True]
+
+
+def test_kernel_bytes(gpu_check):
+    """A: logits + labels read, y' and p' written; D: logits, labels and dL/dp' read, gradient written."""
+    logits, labels, pooled = 16 * 21 * 513 * 513 * 4, 16 * 513 * 513 * 8, 16 * 21 * 129 * 129 * 4
+    moved = gpu_check.kernel_bytes((16, 21, 513, 513), 4)
+    assert moved == {"_pool_forward_kernel": logits + labels + 2 * pooled,
+                     "_pool_backward_kernel": 2 * logits + labels + pooled}
