@@ -511,13 +511,13 @@ def bars(timings, breakdown, bandwidth):
         beyond = (triton_row["extra_mb"] - triton_row["logits_mb"]) / triton_row["logits_mb"]
     out.append(("extra peak memory beyond the gradient <= 10% of the logits",
                 f"{fmt(None if beyond is None else 100 * beyond, '.1f')}%", None if beyond is None else beyond <= 0.10))
-    kernels = breakdown.get("kernels", {})
-    if breakdown.get("shape") == key[0] and breakdown.get("pool") == key[1]:
-        for name, moved in kernel_bytes(shape, pool_size).items():
-            kernel_ms = kernels.get(name, (0, 0.0))[1]
-            fraction = moved / (kernel_ms * 1e-3) / bandwidth if kernel_ms > 0 and bandwidth else None
-            out.append((f"{name} >= 60% of copy bandwidth", f"{fmt(None if fraction is None else 100 * fraction, '.0f')}% "
-                        f"({moved / 1e6:.0f} MB in {kernel_ms:.3f} ms)", None if fraction is None else fraction >= 0.6))
+    profiled = (breakdown.get("shape"), breakdown.get("pool")) == key
+    for name, moved in kernel_bytes(shape, pool_size).items():
+        kernel_ms = breakdown.get("kernels", {}).get(name, (0, 0.0))[1] if profiled else 0.0
+        fraction = moved / (kernel_ms * 1e-3) / bandwidth if kernel_ms > 0 and bandwidth else None
+        out.append((f"{name} >= 60% of copy bandwidth", f"{fmt(None if fraction is None else 100 * fraction, '.0f')}% "
+                    f"({moved / 1e6:.0f} MB in {fmt(kernel_ms or None, '.3f')} ms)",
+                    None if fraction is None else fraction >= 0.6))
     return out
 
 
