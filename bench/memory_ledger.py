@@ -12,8 +12,8 @@ zero-filled) and follows the CPU allocator's live bytes through the torch profil
 memory events. The CPU allocator does not round sizes up as the CUDA caching allocator
 does (to 512 bytes), and the d x d algebra's LAPACK calls keep their workspace outside it
 (kilobytes): the figures agreed with an H200's to about 1 MiB at these shapes
-(bench/RESULTS.md). The other providers run for real on the CPU (slow at large shapes); their CPU kernels may
-allocate differently from their CUDA ones.
+(bench/RESULTS.md). The other providers run for real on the CPU (slow at large shapes);
+their CPU kernels may allocate differently from their CUDA ones.
 
 Per shape: the logits' size, the gradient's, the forward's peak, what the forward leaves
 for the backward (the saved tensors), the forward+backward's peak, and that peak beyond
