@@ -160,20 +160,25 @@ def _all_factored(info) -> bool:
 
 
 def _attempt(sy, sp, syp, joint=None, extra=None):
-    """-> (h, info, extra(chol(Sp + aI), Z, chol(V + aI)) or None) from one factorisation of
-    the joint matrix (`joint`, or built from the blocks), unchecked (info != 0 where it failed)."""
+    """-> (h, info, extra(chol(Sp + aI), Z, chol(V + aI), diag(chol(V + aI)) + eps) or None) from
+    one factorisation of the joint matrix (`joint`, or built from the blocks), unchecked (info != 0
+    where it failed)."""
     chol_p, z, chol_v, info = _joint_factors(sy, sp, syp, joint)
-    return _half_logdet(chol_v), info, (extra(chol_p, z, chol_v) if extra is not None else None)
+    h, more = _half_logdet(chol_p, z, chol_v, extra)
+    return h, info, more
 
 
 def _repaired(sy, sp, syp, report, extra=None):
     """-> (h, extra(*factors) or None) from the chain of factorisations with the repairs."""
     chol_p, z, chol_v = _factor_chain(sy, sp, syp, lambda matrix: robust_cholesky(matrix, report))
-    return _half_logdet(chol_v), (extra(chol_p, z, chol_v) if extra is not None else None)
+    return _half_logdet(chol_p, z, chol_v, extra)
 
 
-def _half_logdet(chol_v):
-    return torch.log(torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS).sum(-1)
+def _half_logdet(chol_p, z, chol_v, extra=None):
+    """-> (h, extra(chol_p, z, chol_v, shifted) or None), shifted = diag(chol_v) + eps (h's
+    terms before the log, which the closed-form gradient shares)."""
+    shifted = torch.diagonal(chol_v, dim1=-2, dim2=-1) + LOG_EPS
+    return torch.log(shifted).sum(-1), (extra(chol_p, z, chol_v, shifted) if extra is not None else None)
 
 
 def joint_matrix(sy, sp, syp):
@@ -212,7 +217,8 @@ class _HalfLogdetPosterior(torch.autograd.Function):
     dh/dSyp = -2 dh/dV Y^T and dh/d(Sp + aI) = Y dh/dV Y^T. Where a factorisation needed a
     larger ridge, the factors are those of the repaired matrices, as autograd would see.
     The gradients of h itself are formed in the forward, before the factorisation's check,
-    so that their ops queue behind the engine's kernels; the backward scales them by dL/dh.
+    so that their ops queue behind the engine's kernels; the backward scales them by dL/dh
+    (and by `_UNIT_FACTORS`, in the same op).
     -> (h, info): `_attempt`'s unchecked one (`how`: the joint matrix or None), or (`how` is
     `_REPAIR`) the chain's, info None."""
 
@@ -233,25 +239,40 @@ class _HalfLogdetPosterior(torch.autograd.Function):
     def backward(ctx, grad, _grad_info):
         if grad is None:
             return (None,) * 5
-        scale = grad[..., None, None]
-        return tuple(None if g is None else scale * g for g in ctx.saved_tensors) + (None, None)
+        scale, zero = grad[..., None, None], _zero(grad.dtype, grad.device)
+        return tuple(None if g is None else torch.addcmul(zero, scale, g, value=factor)
+                     for g, factor in zip(ctx.saved_tensors, _UNIT_FACTORS)) + (None, None)
 
 
-def _unit_gradients(chol_p, z, chol_v, needs):
-    """dh/dSy, dh/dSp, dh/dSyp (None where `needs` is false), from the factors."""
+# `_unit_gradients` forms 2 dh/dSy, 2 dh/dSp and -dh/dSyp (two ops fewer than the gradients
+# themselves); the backward's scaling by dL/dh multiplies by these factors in the same op
+_UNIT_FACTORS = (0.5, 0.5, -1.0)
+
+
+def _unit_gradients(chol_p, z, chol_v, shifted, needs):
+    """2 dh/dSy, 2 dh/dSp and -dh/dSyp (None where `needs` is false), from the factors and
+    shifted = diag(chol(V + aI)) + eps."""
     diag = torch.diagonal(chol_v, dim1=-2, dim2=-1)
-    q = diag / (2 * (diag + LOG_EPS))
     inverse = torch.linalg.solve_triangular(chol_v, _identity(diag.shape[-1], diag.dtype, diag.device).expand_as(
         chol_v), upper=False)  # L^-1
-    g_v = inverse.transpose(-1, -2) @ (q.unsqueeze(-1) * inverse)
+    g_v2 = inverse.transpose(-1, -2) @ ((diag / shifted).unsqueeze(-1) * inverse)  # 2 dh/dV: 2 q = L_ii / (L_ii + eps)
+    if not (needs[1] or needs[2]):
+        return g_v2, None, None
     y = torch.linalg.solve_triangular(chol_p.transpose(-1, -2), z, upper=True)  # (Sp + aI)^-1 Syp^T
-    g_v_yt = g_v @ y.transpose(-1, -2) if needs[1] or needs[2] else None  # shared: dh/dSyp = -2 of it
-    g_sp = y @ g_v_yt if needs[1] else None
-    g_syp = -2 * g_v_yt if needs[2] else None
-    return g_v if needs[0] else None, g_sp, g_syp
+    g_syp_neg = g_v2 @ y.transpose(-1, -2)  # 2 dh/dV Y^T = -dh/dSyp
+    g_sp2 = y @ g_syp_neg if needs[1] else None  # 2 Y dh/dV Y^T
+    return g_v2 if needs[0] else None, g_sp2, g_syp_neg if needs[2] else None
 
 
 @functools.lru_cache(maxsize=32)
 def _identity(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The n x n identity, made once per size, dtype and device (read only: one op a step fewer)."""
-    return torch.eye(n, dtype=dtype, device=device)
+    with torch.inference_mode(False):  # made in an evaluation pass, still usable in training
+        return torch.eye(n, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d zero, made once per dtype and device (read only): addcmul's addend."""
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=dtype, device=device)
