@@ -94,30 +94,39 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
     return out
 
 
-def _combined(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions):
-    """(loss, rmi, per-class terms), float64, from the pixel term and h [N, C]."""
-    per_class = half_logdet.sum(0) * (1.0 / (half_logdet.shape[0] * opts.d))  # mean over N, / d: one op back
+def _rmi(half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
+    """The RMI term, float64, from h [N, C]: one weighted sum (2 ops)."""
+    n, c = half_logdet.shape
+    scale = 1.0 / (n * opts.d * (c if opts.class_reduction == "mean" else 1))  # mean over images, / d
+    weights = opts.weights_tensor(c, half_logdet.device)
+    total = half_logdet.sum() if weights is None else half_logdet.sum(0) @ weights
+    return total * scale
+
+
+def _per_class(half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
+    """The per-class RMI terms [C], float64, class weights applied: sum (or mean) to `_rmi`."""
+    per_class = half_logdet.sum(0) * (1.0 / (half_logdet.shape[0] * opts.d))
     weights = opts.weights_tensor(per_class.shape[0], per_class.device)
-    if weights is not None:
-        per_class = per_class * weights
-    rmi = per_class.sum() if opts.class_reduction == "sum" else per_class.mean()
+    return per_class if weights is None else per_class * weights
+
+
+def _mixed(pixel: torch.Tensor, rmi: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
+    """The loss, float32, from the pixel term and the RMI term."""
     lam = opts.rmi_weight
     if opts.combine == "weighted":
-        loss = torch.lerp(rmi, pixel, lam)  # lam * pixel + (1 - lam) * rmi, one op
-    else:
-        loss = torch.add(pixel, rmi, alpha=lam)
-    return loss, rmi, per_class
+        return torch.lerp(rmi, pixel, lam).float()  # lam * pixel + (1 - lam) * rmi
+    return torch.add(pixel, rmi, alpha=lam).float()
 
 
 def _terms(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> RMITerms:
-    """All the terms, float32."""
-    loss, rmi, per_class = _combined(pixel, half_logdet, opts)
-    return RMITerms(loss.float(), pixel.float(), rmi.float(), per_class.float())
+    """All the terms, float32, from the pixel term and h [N, C] (float64)."""
+    rmi = _rmi(half_logdet, opts)
+    return RMITerms(_mixed(pixel, rmi, opts), pixel.float(), rmi.float(), _per_class(half_logdet, opts).float())
 
 
 def _loss(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
-    """The loss alone, float32: what a training step uses, without the other terms' casts."""
-    return _combined(pixel, half_logdet, opts)[0].float()
+    """The loss alone, float32 (the same value as `_terms`'s): what a training step uses."""
+    return _mixed(pixel, _rmi(half_logdet, opts), opts)
 
 
 def _autocast_off(device_type: str):

@@ -172,3 +172,45 @@ def test_no_gradients_formed_without_grad_mode(monkeypatch):
     assert not calls
     trained = half_logdet_posterior(*blocks)
     assert calls and torch.equal(evaluated, trained.detach())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("combine", ["weighted", "additive"])
+@pytest.mark.parametrize("weights", [None, (0.5, 2.0, 0.0)])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_loss_combines_the_terms_as_the_paper(reduction, combine, weights, lam):
+    """The training loss (one weighted sum of h) and the reported terms against the formula
+    written out -- per class: the mean over images of h / d times the class weight; RMI: their
+    sum or mean; loss: lam * pixel + (1 - lam) * RMI, or pixel + lam * RMI -- values and
+    gradients with respect to h and the pixel term."""
+    from rmi_triton.loss import _loss, _terms
+    from rmi_triton.options import RMIOptions
+
+    opts = RMIOptions(radius=3, class_reduction=reduction, combine=combine, class_weights=weights, rmi_weight=lam)
+    g = torch.Generator().manual_seed(9)
+    h0, pixel0 = torch.randn(4, 3, dtype=torch.float64, generator=g), torch.rand((), dtype=torch.float64, generator=g)
+    per_class = h0.mean(0) / 9 * (torch.tensor(weights, dtype=torch.float64) if weights else 1.0)
+    rmi = per_class.sum() if reduction == "sum" else per_class.mean()
+    want = lam * pixel0 + (1 - lam) * rmi if combine == "weighted" else pixel0 + lam * rmi
+    terms = _terms(pixel0, h0, opts)
+    assert_close_rel(terms.rmi, rmi, 1e-6, "rmi")  # float32 terms
+    assert_close_rel(terms.rmi_per_class, per_class, 1e-6, "per class")
+    assert terms.loss.dtype == torch.float32
+    grads = []
+    for fn in (lambda p, h: _loss(p, h, opts), lambda p, h: _terms(p, h, opts).loss,
+               lambda p, h: (lam * p + (1 - lam) * _formula_rmi(h, weights, reduction) if combine == "weighted"
+                             else p + lam * _formula_rmi(h, weights, reduction)).float()):
+        pixel, h = pixel0.clone().requires_grad_(), h0.clone().requires_grad_()
+        value = fn(pixel, h)
+        assert value.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
+        value.backward()
+        grads.append((pixel.grad, h.grad))
+    for got in grads[:2]:
+        assert_close_rel(got[0], grads[2][0], 1e-12, "dL/dpixel")
+        assert_close_rel(got[1], grads[2][1], 1e-12, "dL/dh")
+    assert _loss(pixel0, h0, opts).item() == terms.loss.item()
+
+
+def _formula_rmi(h, weights, reduction):
+    per_class = h.mean(0) / 9 * (torch.tensor(weights, dtype=torch.float64) if weights else 1.0)
+    return per_class.sum() if reduction == "sum" else per_class.mean()
