@@ -94,39 +94,44 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
     return out
 
 
-def _rmi(half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
-    """The RMI term, float64, from h [N, C]: one weighted sum (2 ops)."""
+def _rmi_sum(half_logdet: torch.Tensor, opts: RMIOptions):
+    """-> (total, scale): the RMI term is total * scale, total a weighted sum of h [N, C]
+    (float64, one op; two with class weights), scale the mean over images, / d, and over
+    classes for class_reduction="mean"."""
     n, c = half_logdet.shape
-    scale = 1.0 / (n * opts.d * (c if opts.class_reduction == "mean" else 1))  # mean over images, / d
     weights = opts.weights_tensor(c, half_logdet.device)
     total = half_logdet.sum() if weights is None else half_logdet.sum(0) @ weights
-    return total * scale
+    return total, 1.0 / (n * opts.d * (c if opts.class_reduction == "mean" else 1))
 
 
 def _per_class(half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
-    """The per-class RMI terms [C], float64, class weights applied: sum (or mean) to `_rmi`."""
+    """The per-class RMI terms [C], float64, class weights applied: they sum (or average) to
+    the RMI term."""
     per_class = half_logdet.sum(0) * (1.0 / (half_logdet.shape[0] * opts.d))
     weights = opts.weights_tensor(per_class.shape[0], per_class.device)
     return per_class if weights is None else per_class * weights
 
 
-def _mixed(pixel: torch.Tensor, rmi: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
-    """The loss, float32, from the pixel term and the RMI term."""
+def _mixed(pixel: torch.Tensor, total: torch.Tensor, scale: float, opts: RMIOptions) -> torch.Tensor:
+    """The loss, float32, from the pixel term and the RMI term total * scale: lam * pixel +
+    (1 - lam) * rmi ("weighted") or pixel + lam * rmi, as total * c + pixel * c' in one product
+    and one add (alpha = c'), whose backward forms dL/dpixel in one op (none for "additive")
+    and dL/dtotal in one."""
     lam = opts.rmi_weight
-    if opts.combine == "weighted":
-        return torch.lerp(rmi, pixel, lam).float()  # lam * pixel + (1 - lam) * rmi
-    return torch.add(pixel, rmi, alpha=lam).float()
+    rmi_factor, pixel_factor = ((1 - lam) * scale, lam) if opts.combine == "weighted" else (lam * scale, 1.0)
+    return torch.add(total * rmi_factor, pixel, alpha=pixel_factor).float()
 
 
 def _terms(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> RMITerms:
     """All the terms, float32, from the pixel term and h [N, C] (float64)."""
-    rmi = _rmi(half_logdet, opts)
-    return RMITerms(_mixed(pixel, rmi, opts), pixel.float(), rmi.float(), _per_class(half_logdet, opts).float())
+    total, scale = _rmi_sum(half_logdet, opts)
+    return RMITerms(_mixed(pixel, total, scale, opts), pixel.float(), (total * scale).float(),
+                    _per_class(half_logdet, opts).float())
 
 
 def _loss(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
     """The loss alone, float32 (the same value as `_terms`'s): what a training step uses."""
-    return _mixed(pixel, _rmi(half_logdet, opts), opts)
+    return _mixed(pixel, *_rmi_sum(half_logdet, opts), opts)
 
 
 def _autocast_off(device_type: str):
