@@ -70,3 +70,16 @@ OPTION_CASES = [
 
 def case_id(options: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+def bench_module(name: str):
+    """A script of bench/ (e.g. "op_count") imported as a module, for its functions; importing
+    runs no benchmark."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,14 @@
 """bench/gpu_check.py's reading of issue 3's bars, from the figures a GPU run reports
 (the run itself needs a GPU; `--dry-run` runs its code on the CPU in about 3 minutes)."""
 
-import importlib.util
-import os
-
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.py")
+from helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # parses no command line when imported
+    module = bench_module("gpu_check")  # parses no command line when imported
     assert module.BENCH_SHAPES[0] == ((16, 21, 513, 513), 4)
     return module
 

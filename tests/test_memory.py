@@ -1,8 +1,11 @@
-"""Memory stability: 300 training iterations with RMILoss leave resident memory flat."""
+"""Memory: 300 training iterations with RMILoss leave resident memory flat; the peak of a
+Triton-engine step, its allocations counted."""
 
 import os
 import subprocess
 import sys
+
+from helpers import bench_module
 
 SOAK = os.path.join(os.path.dirname(__file__), "memory_soak.py")
 
@@ -25,16 +28,6 @@ def test_resident_memory_stays_flat():
     assert growth_kb < 8 * 1024, f"resident memory grew by {growth_kb / 1024:.1f} MB: {readings}"
 
 
-def _bench_module(name):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_triton_step_peak_allocation_at_the_paper_setting(monkeypatch):
     """Issue 3's memory bar, by bench/memory_ledger.py's count of a Triton-engine step's
     allocations (kernels stubbed, a GPU's block sizes) at 16x21x513x513, avg 4: the step's
@@ -44,8 +37,8 @@ def test_triton_step_peak_allocation_at_the_paper_setting(monkeypatch):
     (The ledger reproduced the H200's torch.cuda.max_memory_allocated at b50df00 to 1 MiB.)"""
     import torch
 
-    ledger = _bench_module("memory_ledger")
-    stubbed = _bench_module("stubbed")
+    ledger = bench_module("memory_ledger")
+    stubbed = bench_module("stubbed")
     stubbed.stub_kernels(monkeypatch.setattr)
     repairs = stubbed.count_repairs(monkeypatch.setattr)
     from rmi_triton import rmi_loss

@@ -20,7 +20,7 @@ from rmi_triton.algebra import joint_matrix
 from rmi_triton.engines import triton_engine
 from rmi_triton.options import RMIOptions
 
-from helpers import OPTION_CASES, assert_close_rel, case_id, loss_and_grad, random_inputs
+from helpers import OPTION_CASES, assert_close_rel, bench_module, case_id, loss_and_grad, random_inputs
 
 pytestmark = pytest.mark.skipif(not triton_engine.available(),
                                 reason="triton is not installed or TRITON_INTERPRET is not set")
@@ -160,13 +160,7 @@ def test_launches_of_a_step(monkeypatch):
     calls skip the torch.library dispatch (its host time exceeds the glue's); one host
     synchronisation, the check of the one (joint) Cholesky factorisation (validate=False); no
     zero-filled gradient maps."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "op_count.py")
-    spec = importlib.util.spec_from_file_location("op_count", path)
-    op_count = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(op_count)
+    op_count = bench_module("op_count")
     monkeypatch.setattr(triton_engine, "FILL_OUTPUTS_WITH_NAN", False)  # count what a user's step runs
     counter = op_count.OpCounter()
     launches = op_count.count_triton_launches(counter, monkeypatch.setattr)
