@@ -94,20 +94,25 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
     return out
 
 
+def _image_scale(half_logdet: torch.Tensor, opts: RMIOptions) -> float:
+    """1 / (N d): a class's RMI term is the mean of h over the images, divided by d."""
+    return 1.0 / (half_logdet.shape[0] * opts.d)
+
+
 def _rmi_sum(half_logdet: torch.Tensor, opts: RMIOptions):
     """-> (total, scale): the RMI term is total * scale, total a weighted sum of h [N, C]
     (float64, one op; two with class weights), scale the mean over images, / d, and over
     classes for class_reduction="mean"."""
-    n, c = half_logdet.shape
+    c = half_logdet.shape[1]
     weights = opts.weights_tensor(c, half_logdet.device)
     total = half_logdet.sum() if weights is None else half_logdet.sum(0) @ weights
-    return total, 1.0 / (n * opts.d * (c if opts.class_reduction == "mean" else 1))
+    return total, _image_scale(half_logdet, opts) / (c if opts.class_reduction == "mean" else 1)
 
 
 def _per_class(half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
     """The per-class RMI terms [C], float64, class weights applied: they sum (or average) to
     the RMI term."""
-    per_class = half_logdet.sum(0) * (1.0 / (half_logdet.shape[0] * opts.d))
+    per_class = half_logdet.sum(0) * _image_scale(half_logdet, opts)
     weights = opts.weights_tensor(per_class.shape[0], per_class.device)
     return per_class if weights is None else per_class * weights
 
