@@ -16,7 +16,6 @@ region vector is left out when any of its R x R cells is ignored.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import NamedTuple, Optional
 
@@ -24,6 +23,7 @@ import torch
 
 from .algebra import CholeskyReport, half_logdet_posterior
 from .options import RMIOptions
+from .precision import autocast_off
 from .validation import check_inputs
 
 
@@ -84,7 +84,7 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
     # d x d algebra must still run in float32 / float64, so autocast is off in here. The terms
     # are combined before the algebra checks its factorisation (a host sync): their ops are
     # queued while the device still works, not after it.
-    with _autocast_off(logits.device.type):
+    with autocast_off(logits.device.type):
         stats = engine.statistics(logits, labels, opts)
         out = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local,
                                     then=lambda half_logdet: combine(stats.pixel, half_logdet, opts),
@@ -137,13 +137,6 @@ def _terms(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> 
 def _loss(pixel: torch.Tensor, half_logdet: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
     """The loss alone, float32 (the same value as `_terms`'s): what a training step uses."""
     return _mixed(pixel, *_rmi_sum(half_logdet, opts), opts)
-
-
-def _autocast_off(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
-        return contextlib.nullcontext()
 
 
 def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Optional[int] = None,

@@ -51,3 +51,23 @@ def test_statistics_run_in_full_precision_inside_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = crit(logits, labels)
     assert_close_rel(inside, plain, 1e-6, "float32 logits inside an autocast region")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("options", [{}, {"pool": "interp"}, {"exclude_ignored": True, "pool": "max"}])
+def test_backward_inside_the_autocast_region(backend, options):
+    """A training loop that calls backward() before leaving its autocast block: the engines'
+    backward runs in full precision too (autocast would make the torch engine's float32
+    matmuls bfloat16 and fail to write them into its float32 gradient), with the gradient of
+    backward() called outside the block."""
+    logits, labels = random_inputs(2, 3, 37, 45, seed=4)
+    crit = RMILoss(backend=backend, **options)
+    outside = logits.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(outside, labels)
+    loss.backward()
+    inside = logits.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crit(inside, labels).backward()
+    assert inside.grad.dtype == torch.bfloat16
+    assert torch.equal(inside.grad, outside.grad)

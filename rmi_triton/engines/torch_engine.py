@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from ..algebra import split_blocks
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
+from ..precision import autocast_off
 from ..validation import raise_if_nonfinite
 
 FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
@@ -977,13 +978,14 @@ class _TorchStatistics(torch.autograd.Function):
         opts = ctx.opts
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        g_p_low = None
-        if g_sp is not None or g_syp is not None:
-            zeros = mean.new_zeros(*mean.shape[:2], opts.d, opts.d)
-            g_sp = zeros if g_sp is None else g_sp
-            g_syp = zeros if g_syp is None else g_syp
-            g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius, informative)
-        weights = opts.weights_tensor(logits.shape[1], logits.device)
-        grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low,
-                                  indices, kept, informative)
+        with autocast_off(logits.device.type):  # backward() may be called inside an autocast block
+            g_p_low = None
+            if g_sp is not None or g_syp is not None:
+                zeros = mean.new_zeros(*mean.shape[:2], opts.d, opts.d)
+                g_sp = zeros if g_sp is None else g_sp
+                g_syp = zeros if g_syp is None else g_syp
+                g_p_low = region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, opts.radius, informative)
+            weights = opts.weights_tensor(logits.shape[1], logits.device)
+            grad = _full_res_backward(logits, valid, safe, opts, weights, g_pixel, g_p_low,
+                                      indices, kept, informative)
         return grad, None, None
