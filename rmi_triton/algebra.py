@@ -267,12 +267,10 @@ def _unit_gradients(chol_p, z, chol_v, shifted, needs):
 @functools.lru_cache(maxsize=32)
 def _identity(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The n x n identity, made once per size, dtype and device (read only: one op a step fewer)."""
-    with torch.inference_mode(False):  # made in an evaluation pass, still usable in training
-        return torch.eye(n, dtype=dtype, device=device)
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
 def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A 0-d zero, made once per dtype and device (read only): addcmul's addend."""
-    with torch.inference_mode(False):
-        return torch.zeros((), dtype=dtype, device=device)
+    return torch.zeros((), dtype=dtype, device=device)
