@@ -214,3 +214,16 @@ def test_loss_combines_the_terms_as_the_paper(reduction, combine, weights, lam):
 def _formula_rmi(h, weights, reduction):
     per_class = h.mean(0) / 9 * (torch.tensor(weights, dtype=torch.float64) if weights else 1.0)
     return per_class.sum() if reduction == "sum" else per_class.mean()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_differentiable_once(backend):
+    """With create_graph=True the gradient carries no graph from the loss: a second
+    derivative through it fails, where a graph through the recomputed probabilities alone
+    would give a partial one without a word."""
+    logits, labels = random_inputs(1, 2, 21, 23, seed=1)
+    x = logits.requires_grad_()
+    (grad,) = torch.autograd.grad(rmi_loss(x, labels, backend=backend), x, create_graph=True)
+    assert not grad.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        (grad * grad).sum().backward()
