@@ -18,7 +18,8 @@
 3. torch.compile of a tiny training step with the loss (graph breaks counted,
    values compared with eager).
 4. Mixed precision: autocast float16 and bfloat16 logits against float32 (1e-2),
-   gradients in the logits' dtype; then 300 training steps on the Triton engine
+   gradients in the logits' dtype, the same with backward() inside the autocast block
+   (both engines); then 300 training steps on the Triton engine
    with the allocated device memory read every 25 (flat after warm-up).
 5. Where a Triton-engine step goes (torch.profiler, the first timing shape):
    the GPU time of each of its kernels, of the other (glue) kernels, and
@@ -449,11 +450,23 @@ def check_autocast_and_soak(iterations=300, block=25):
                 loss = crit(logits, labels)
             logits.retain_grad()
             loss.backward()
+            # backward() inside the autocast block, both engines: the same gradient as outside it
+            inside = {}
+            for backend in ("triton", "torch"):
+                outside_x = logits.detach().clone().requires_grad_()
+                inside_x = logits.detach().clone().requires_grad_()
+                loss_fn = RMILoss(c, backend=backend)
+                with torch.autocast(DEVICE.type, dtype=dtype):
+                    outside_loss = loss_fn(outside_x, labels)
+                outside_loss.backward()
+                with torch.autocast(DEVICE.type, dtype=dtype):
+                    loss_fn(inside_x, labels).backward()
+                inside[backend] = bool(torch.equal(inside_x.grad, outside_x.grad))
             result["autocast"][str(dtype).replace("torch.", "")] = dict(
                 logits=str(logits.dtype).replace("torch.", ""), loss=str(loss.dtype).replace("torch.", ""),
                 rel=abs(loss.item() - reference) / abs(reference),
                 grad_dtype=str(logits.grad.dtype).replace("torch.", ""),
-                finite=bool(torch.isfinite(logits.grad).all()))
+                finite=bool(torch.isfinite(logits.grad).all()), backward_inside=inside)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         readings = []
         for step in range(iterations):
@@ -465,7 +478,8 @@ def check_autocast_and_soak(iterations=300, block=25):
                 sync()
                 readings.append(torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0)
         result["soak_growth_bytes"] = max(readings[1:]) - readings[1]
-        result["ok"] = (all(r["rel"] < 1e-2 and r["finite"] for r in result["autocast"].values())
+        result["ok"] = (all(r["rel"] < 1e-2 and r["finite"] and all(r["backward_inside"].values())
+                            for r in result["autocast"].values())
                         and result["soak_growth_bytes"] <= 1 << 20)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         result["ok"] = False
@@ -540,7 +554,8 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
           f"growth of allocated memory after warm-up {mixed.get('soak_growth_bytes')} B {mixed.get('error', '')}")
     for name, r in mixed.get("autocast", {}).items():
         print(f"     autocast {name}: logits {r['logits']}, loss {r['loss']} (rel to float32 {r['rel']:.1e}), "
-              f"grad {r['grad_dtype']}, finite={r['finite']}")
+              f"grad {r['grad_dtype']}, finite={r['finite']}, backward inside the block gives the same "
+              f"gradient: {r['backward_inside']}")
     print(f"== device copy bandwidth (read + write): "
           f"{'-' if bandwidth is None else f'{bandwidth / 1e9:.0f} GB/s'}")
     print("== timings: medians in ms (do_bench), RMI providers with validate=False; "
