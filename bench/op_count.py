@@ -117,6 +117,7 @@ def main():
     print(f"RMILoss() forward+backward at {n}x{c}x{h}x{w}, validate={args.validate}: ops that launch a kernel "
           f"on a GPU (views and allocations left out), host synchronisations")
     counter = OpCounter()
+    triton_engine.use_gpu_blocks()  # the blocking, and so the launches, of a GPU step
     launches = count_triton_launches(counter) if triton_engine.available() else None
     for backend in ("torch", "triton"):
         if backend == "triton" and launches is None:

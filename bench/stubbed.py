@@ -45,10 +45,9 @@ def _zeros(shape, dtype, device, *args, **kwargs):
 
 def stub_kernels(setattr=setattr) -> None:
     """Replace the engine's kernels and buffer allocation (for good, or through
-    `setattr`, e.g. pytest's monkeypatch.setattr, until it undoes them), and give it a GPU's
-    block sizes (the interpreter's larger ones shape some buffers differently)."""
-    for name, value in triton_engine.GPU_BLOCKS.items():
-        setattr(triton_engine, name, value)
+    `setattr`, e.g. pytest's monkeypatch.setattr, until it undoes them), with a GPU's
+    block sizes."""
+    triton_engine.use_gpu_blocks(setattr)
     merge = _MergeStub(triton_engine._merge_moments_kernel)
     for name in triton_engine.KERNEL_NAMES:
         setattr(triton_engine, name, _NoLaunch())

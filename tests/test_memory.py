@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import bench_module
 
 SOAK = os.path.join(os.path.dirname(__file__), "memory_soak.py")
@@ -56,3 +58,30 @@ def test_triton_step_peak_allocation_at_the_paper_setting(monkeypatch):
     assert step["forward peak"] < step["gradient"]  # the backward sets the step's peak
     assert 0 <= step["peak"] - step["gradient"] - pooled_map < small, step
     assert ledger.beyond_gradient(step) <= 0.10
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_triton_forward_peak_with_large_pooled_maps(pool, monkeypatch):
+    """Without pooling or with 2 x 2, kernel B0's float64 maps outweigh y' and p': made a run
+    of images at a time, they take at most MAP_BYTES_PER_LOGIT bytes a logit (or one image's),
+    so the forward's peak is y', p' and one run's maps (at pool 1, 523% of the logits beyond the gradient
+    when all the maps were made at once; now about cross-entropy's 200%)."""
+    import torch
+
+    ledger = bench_module("memory_ledger")
+    stubbed = bench_module("stubbed")
+    stubbed.stub_kernels(monkeypatch.setattr)
+    from rmi_triton import rmi_loss
+    from rmi_triton.engines import triton_engine
+
+    n, c, h, w = 8, 21, 256, 256  # the maps: 183 MB at pool 1, 48 MB at pool 2
+    logits, labels = torch.zeros(n, c, h, w), torch.zeros(n, h, w, dtype=torch.long)
+    step = ledger.step_ledger(lambda x, y: rmi_loss(x, y, pool_size=pool, validate=False, backend="triton"),
+                              logits, labels)
+    low = h // pool + (1 if pool > 1 else 0)  # ceil-mode pooling with padding s // 2
+    pooled_maps = 2 * n * c * low * low * 4
+    one_image = c * 2 * triton_engine._map_stride(low, low, 3) * 8  # a run holds one image at least
+    budget = max(triton_engine.MAP_BYTES_PER_LOGIT * logits.numel(), triton_engine.MAP_BYTES_FLOOR, one_image)
+    sums = 8 << 20  # B1, B1b and B2's sums, every plane's kept across the runs, and the rest
+    assert step["forward peak"] <= pooled_maps + budget + sums, step
+    assert ledger.beyond_gradient(step) <= {1: 2.05, 2: 0.30}[pool]

@@ -76,8 +76,7 @@ GPU_BLOCK_CASES = [
 @pytest.mark.parametrize("options,shape", GPU_BLOCK_CASES, ids=[case_id(o) for o, _ in GPU_BLOCK_CASES])
 def test_gpu_block_sizes(monkeypatch, options, shape):
     """The blocking a GPU gets (the interpreter otherwise uses larger blocks)."""
-    for name, value in triton_engine.GPU_BLOCKS.items():
-        monkeypatch.setattr(triton_engine, name, value)
+    triton_engine.use_gpu_blocks(monkeypatch.setattr)
     logits, labels = random_inputs(*shape, seed=11)
     loss, grad = loss_and_grad(_triton, logits, labels, **options)
     ref_loss, ref_grad = loss_and_grad(_ref, logits, labels, **options)
@@ -162,6 +161,7 @@ def test_launches_of_a_step(monkeypatch):
     zero-filled gradient maps."""
     op_count = bench_module("op_count")
     monkeypatch.setattr(triton_engine, "FILL_OUTPUTS_WITH_NAN", False)  # count what a user's step runs
+    triton_engine.use_gpu_blocks(monkeypatch.setattr)  # and with a GPU's blocking
     counter = op_count.OpCounter()
     launches = op_count.count_triton_launches(counter, monkeypatch.setattr)
     logits, labels = random_inputs(1, 2, 21, 23, seed=14)
@@ -308,7 +308,7 @@ def test_region_moments_against_a_float64_unfold(monkeypatch, h_low, w_low, radi
     mean = (vectors * weight.unsqueeze(1)).sum(-1) / weight.sum(-1, keepdim=True)
     centred = (vectors - mean.unsqueeze(-1)) * weight.unsqueeze(1)
     expected = centred @ centred.transpose(1, 2)
-    got_mean, *blocks = triton_engine._launch_region_moments(y, p, keep, radius)
+    got_mean, *blocks = triton_engine._launch_region_moments(y, p, keep, radius, 0)  # B0's maps an image a run
     assert_close_rel(got_mean.view(n * c, 2 * d), mean, 1e-7, "mean")
     for got, (name, rows, cols) in zip(blocks, (("Sy", slice(0, d), slice(0, d)), ("Sp", slice(d, None), slice(d, None)),
                                                 ("Syp", slice(0, d), slice(d, None)))):
@@ -355,6 +355,25 @@ def test_random_geometry(h, w, pool, pool_size, radius, c, seed):
     assert_close_rel(terms.rmi, ref.rmi, 1e-5, "rmi term")
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * 0.5 * (abs(ref.pixel.item()) + abs(ref.rmi.item()))
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("options", [{}, {"exclude_ignored": True}, {"radius": 1}, {"pool": "interp"},
+                                     {"pool_size": 2, "radius": 5}], ids=case_id)
+def test_region_moments_by_runs_of_images(options, monkeypatch):
+    """Kernel B0's float64 maps made a run of images at a time (MAP_BYTES_PER_LOGIT) give the
+    loss and gradient bitwise: each plane's sums are the same whichever run makes them, and
+    B3 merges the runs' sums. One run where the maps fit, one image a run where they do not."""
+    logits, labels = random_inputs(3, 2, 37, 53, ignore_frac=0.003, seed=31)  # a few ignored pixels an image
+    results, runs = [], []
+    chunks = triton_engine._image_chunks
+    monkeypatch.setattr(triton_engine, "_image_chunks", lambda *a: runs.append(chunks(*a)) or runs[-1])
+    monkeypatch.setattr(triton_engine, "MAP_BYTES_FLOOR", 0)
+    for budget in (1 << 40, 0):
+        monkeypatch.setattr(triton_engine, "MAP_BYTES_PER_LOGIT", budget)
+        results.append(loss_and_grad(_triton, logits, labels, **options))
+    assert [len(r) for r in runs] == [1, 3]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
 
 
 def test_bitwise_deterministic():

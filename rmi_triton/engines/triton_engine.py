@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -105,6 +106,15 @@ CENTRE_ELEMENTS = _BLOCKS["CENTRE_ELEMENTS"]
 STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
+
+
+def use_gpu_blocks(set_attribute=setattr) -> None:
+    """Give this module a GPU's block sizes, for tests and tools that run the interpreter and
+    need a GPU's blocking (which also shapes some buffers, and the runs of images B0's maps
+    are made in); `set_attribute`: e.g. pytest's monkeypatch.setattr, to have them put back."""
+    module = sys.modules[__name__]
+    for name, value in GPU_BLOCKS.items():
+        set_attribute(module, name, value)
 # warps per program of each kernel (the AOT test compiles with these). Kernels A and D run
 # one warp a program: A's cell sums of each class reach their store through shared memory,
 # and with 8 warps that took 4 barriers of the whole block a class (Triton 3.6 and 3.9
@@ -121,6 +131,12 @@ KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_produc
 PRODUCT_LANES = 8  # stencil offsets per program of kernel B1, at most
 MOMENT_TILE_POSITIONS = 256  # positions per program of kernel B2 (its tiles are merged by B3)
 MOMENT_BUFFER_PER_PLANE = 16384  # at most about this many float64 tile sums per plane
+# B0's float64 maps are made a run of images at a time, at most this many bytes a logit
+# (half a float32 logits' size) or MAP_BYTES_FLOOR if more (their launches would cost more
+# than the memory saves): one run at the paper's setting (1.1 bytes a logit with 4 x 4
+# pooling), 3 at 2 x 2 (4.1), one image at a time without pooling (16.6 at R = 3)
+MAP_BYTES_PER_LOGIT = 2
+MAP_BYTES_FLOOR = 32 << 20
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
 LOG2E = tl.constexpr(1.4426950408889634) if _HAVE_TRITON else None  # 1 / ln 2
 LN2 = tl.constexpr(0.6931471805599453) if _HAVE_TRITON else None
@@ -1205,13 +1221,18 @@ def _product_layout(h_low: int, w_low: int, radius: int):
     return positions, lanes, chunk, tile_len, _cdiv(positions, tile_len), _cdiv(width * width, lanes)
 
 
+def _map_stride(h_low: int, w_low: int, radius: int) -> int:
+    """Elements of one of B0's maps: the map padded to (H' + 2R - 2) x (W' + 2R - 2), then
+    zeros for B1's last step past it."""
+    return (h_low + 2 * radius - 2) * (w_low + 2 * radius - 2) + _product_layout(h_low, w_low, radius)[2]
+
+
 def _centred_maps(y_low, p_low, radius: int):
     """Kernel B0 -> (centred maps [P, 2, stride] float64, centres [P, 2] float32): each map
     padded to (H' + 2R - 2) x (W' + 2R - 2), then zeros for B1's last step past the map."""
     n, c, h_low, w_low = p_low.shape
     planes, dev = n * c, p_low.device
-    hp, wp = h_low + 2 * radius - 2, w_low + 2 * radius - 2
-    stride = hp * wp + _product_layout(h_low, w_low, radius)[2]
+    stride = _map_stride(h_low, w_low, radius)
     maps = _new((planes, 2, stride), torch.float64, dev)
     centres = _new((planes, 2), torch.float32, dev)
     block = min(CENTRE_ELEMENTS, _next_pow2(stride))
@@ -1222,7 +1243,7 @@ def _centred_maps(y_low, p_low, radius: int):
     return maps, centres
 
 
-def _launch_region_moments(y_low, p_low, keep, radius: int):
+def _launch_region_moments(y_low, p_low, keep, radius: int, map_budget: int):
     """Kernel B -> (mean [N, C, 2d], Sy, Sp, Syp [N, C, d, d], the matrix the algebra factorises
     [N, C, 2d, 2d]), float64, of the region vectors.
 
@@ -1233,9 +1254,39 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
     the map, (2R-1)^2 per pair of maps (B1, `_shifted_products_kernel`); the origins off the
     grid -- a frame R - 1 wide -- are taken out as the rows of origins above and below the
     grid and the columns beside it, whose sums are those along the map's outer lines (B1b),
-    and the origins beside the corners, in both, are gathered (B2) and put back."""
+    and the origins beside the corners, in both, are gathered (B2) and put back. B0's maps
+    are made for as many images at a time as fit in `map_budget` bytes (at least one), each
+    such chunk's sums written before the next chunk's maps; B3 merges them all."""
     n, c, h_low, w_low = p_low.shape
-    d = radius * radius
+    m = (h_low - radius + 1) * (w_low - radius + 1)
+    chunks = [_region_sums(y_low[a:b], p_low[a:b], None if keep is None else keep[a:b], radius)
+              for a, b in _image_chunks(n, c, h_low, w_low, radius, map_budget)]
+    return _merge_moments(*_cat_planes(chunks), n, c, radius, m)
+
+
+def _image_chunks(n: int, c: int, h_low: int, w_low: int, radius: int, map_budget: int):
+    """[(first image, end)]: runs of images whose B0 maps take at most `map_budget` bytes."""
+    per_image = c * 2 * _map_stride(h_low, w_low, radius) * 8
+    step = max(1, min(n, map_budget // per_image))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _cat_planes(chunks):
+    """The chunks' sums (tuples of [planes, ...] tensors, nested, or None) joined along the planes."""
+    if len(chunks) == 1:
+        return chunks[0]
+    first = chunks[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(_cat_planes([chunk[i] for chunk in chunks]) for i in range(len(first)))
+    return torch.cat(chunks)
+
+
+def _region_sums(y_low, p_low, keep, radius: int):
+    """Kernels B0, B1, B1b and B2 over some images -> (B1's products and sums, B1b's border
+    sums, B2's tile sums, B0's centres) for `_merge_moments` (None where a kernel did not run)."""
+    n, c, h_low, w_low = p_low.shape
     m = (h_low - radius + 1) * (w_low - radius + 1)
     planes, dev = n * c, p_low.device
     maps, centres = _centred_maps(y_low, p_low, radius)
@@ -1254,7 +1305,7 @@ def _launch_region_moments(y_low, p_low, keep, radius: int):
         if radius > 1:
             border = _border_sums(maps, p_low.shape, radius)
             b2 = _window_products(maps, None, p_low.shape, radius, 4 * (radius - 1) ** 2, corners=True)
-    return _merge_moments(products, sums, border, b2, centres, n, c, radius, m)
+    return products, sums, border, b2, centres
 
 
 def _merge_layout(d: int):
@@ -1416,7 +1467,8 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
     else:
         denom = torch.where(totals[1] > 0, totals[1], torch.ones_like(totals[1]))
     pixel = totals[0] / denom if opts.pixel_loss is not None else torch.zeros_like(totals[0])
-    mean, sy, sp, syp, joint = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius)
+    mean, sy, sp, syp, joint = _launch_region_moments(y_low.contiguous(), p_low.contiguous(), keep, radius,
+                                                      max(MAP_BYTES_PER_LOGIT * logits.numel(), MAP_BYTES_FLOOR))
     if arg is None:
         arg = torch.empty(0, dtype=torch.uint8, device=logits.device)
     return pixel, sy, sp, syp, denom, y_low, p_low, arg, mean, joint
