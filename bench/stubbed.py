@@ -2,9 +2,8 @@
 
 Every Triton launch does nothing, every engine buffer is zero-filled and the block sizes
 are a GPU's, so a step runs the engine's Python, its ATen ops (on zero data) and its
-allocations as on a GPU,
-without the kernels' work: bench/host_time.py times that host work, bench/memory_ledger.py
-adds up the allocations. Import this module before triton (it sets TRITON_INTERPRET=1, so
+allocations as on a GPU, without the kernels' work: bench/host_time.py times that host
+work, bench/memory_ledger.py adds up the allocations. Import this module before triton (it sets TRITON_INTERPRET=1, so
 that the engine counts as available on a CPU).
 """
 

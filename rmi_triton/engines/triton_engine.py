@@ -115,6 +115,8 @@ def use_gpu_blocks(set_attribute=setattr) -> None:
     module = sys.modules[__name__]
     for name, value in GPU_BLOCKS.items():
         set_attribute(module, name, value)
+
+
 # warps per program of each kernel (the AOT test compiles with these). Kernels A and D run
 # one warp a program: A's cell sums of each class reach their store through shared memory,
 # and with 8 warps that took 4 barriers of the whole block a class (Triton 3.6 and 3.9
