@@ -59,11 +59,11 @@ def count_repairs(setattr=setattr) -> list:
     """-> a list that grows by one each time the algebra takes its repair path: a stubbed
     step that does is not a real step (zero statistics factorise without one)."""
     repairs = []
-    repaired = algebra._repaired
+    retried = algebra._retried_factor
 
     def counted(*args, **kwargs):
         repairs.append(1)
-        return repaired(*args, **kwargs)
+        return retried(*args, **kwargs)
 
-    setattr(algebra, "_repaired", counted)
+    setattr(algebra, "_retried_factor", counted)
     return repairs

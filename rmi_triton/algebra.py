@@ -54,13 +54,24 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
     (info != 0, e.g. rounding pushed an eigenvalue below zero) are retried
     with a ridge that grows tenfold each time, from 10 * a. Only the failed
     ones change, so every healthy matrix gets exactly the published value.
+    Eager code retries while any fails (up to MAX_RETRIES, checked on the host);
+    under torch.compile COMPILED_RETRIES retries always run, without a check.
     """
+    factor, retried = _retried_factor(matrix)
+    if report is not None:
+        report.add(retried)
+    return factor
+
+
+def _retried_factor(matrix: torch.Tensor):
+    """-> (`robust_cholesky`'s factor, how many matrices were retried: an int, or under
+    torch.compile a 0-d tensor)."""
     if torch.compiler.is_compiling():
-        return _cholesky_fixed_retries(matrix, report)
+        return _cholesky_fixed_retries(matrix)
     factor, info = torch.linalg.cholesky_ex(matrix)
     failed = info != 0
     if not bool(failed.any()):
-        return factor
+        return factor, 0
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     ridge = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
     ridge = torch.where(failed, RIDGE, ridge)
@@ -70,16 +81,15 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
         failed = info != 0
         if not bool(failed.any()):
             break
-    if report is not None:
-        report.add(int((ridge > 0).sum()))
     if bool(failed.any()):  # not finite-valued input: nothing a ridge can repair
         raise FloatingPointError("Cholesky factorisation failed on non-finite covariance statistics")
-    return factor
+    return factor, int((ridge > 0).sum())
 
 
-def _cholesky_fixed_retries(matrix: torch.Tensor, report: CholeskyReport | None) -> torch.Tensor:
+def _cholesky_fixed_retries(matrix: torch.Tensor):
     """The same repair without data-dependent branches, for torch.compile graphs: a fixed
-    number of retries, each replacing only the factors that have failed so far."""
+    number of retries, each replacing only the factors that have failed so far.
+    -> (factor, retried count as a 0-d tensor)."""
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     factor, info = torch.linalg.cholesky_ex(matrix)
     ridge = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
@@ -89,9 +99,7 @@ def _cholesky_fixed_retries(matrix: torch.Tensor, report: CholeskyReport | None)
         retry, retry_info = torch.linalg.cholesky_ex(matrix + ridge[..., None, None] * eye)
         factor = torch.where(failed[..., None, None], retry, factor)
         info = torch.where(failed, retry_info, info)
-    if report is not None:
-        report.add((ridge > 0).sum())
-    return factor
+    return factor, (ridge > 0).sum()
 
 
 def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
@@ -111,27 +119,28 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     One factorisation of the joint matrix [[Sp + aI, Syp^T], [Syp, Sy + aI]] gives both
     factors: its first d columns are chol(Sp + aI) and Z^T = (L^-1 Syp^T)^T, its last block
     chol(Sy + aI - Z^T Z) = chol(V + aI). It is a Gram matrix plus aI, so it fails only where
-    rounding of the statistics exceeds the ridge; only then is the chain redone, factor by
-    factor, with `robust_cholesky`'s repairs. In eager mode the gradient is the closed form
-    of `_HalfLogdetPosterior` (a handful of batched d x d products, where autograd would run
-    the backward of every step); under torch.compile autograd differentiates the chain, which
-    repairs with fixed retries and no check.
+    rounding of the statistics exceeds the ridge; those joint matrices are factorised again
+    with `robust_cholesky`'s growing ridge (on the whole diagonal: Sp's ridge grows with
+    V's). The gradient is the closed form of `_HalfLogdetPosterior` (a handful of batched
+    d x d products, where autograd would run the backward of every factorisation), in eager
+    mode and under torch.compile alike; there the repair's retries run without a check.
     """
     if then is None:
         then = _same
+    if joint is None:
+        joint = joint_matrix(sy.detach(), sp.detach(), syp.detach())
     if torch.compiler.is_compiling():
-        return then(_repaired(sy, sp, syp, report)[0])
-    closed_form = torch.is_grad_enabled()  # else no gradients to form ahead
-    if closed_form:
-        h, info = _HalfLogdetPosterior.apply(sy, sp, syp, report, joint)
-    else:
-        h, info, _ = _attempt(sy, sp, syp, joint)
+        h, retried = _posterior(sy, sp, syp, joint, _retried_factor)
+        if report is not None:
+            report.add(retried)
+        return then(h)
+    h, info = _posterior(sy, sp, syp, joint, torch.linalg.cholesky_ex)
     out = then(h)
     if _all_factored(info):
         return out
-    # rare: redone with the repairs
-    h = _HalfLogdetPosterior.apply(sy, sp, syp, report, _REPAIR)[0] if closed_form else \
-        _repaired(sy, sp, syp, report)[0]
+    h, retried = _posterior(sy, sp, syp, joint, _retried_factor)  # rare: the repairs
+    if report is not None:
+        report.add(retried)
     return then(h)
 
 
@@ -139,39 +148,23 @@ def _same(h):
     return h
 
 
-def _plus_ridge(matrix):
-    """matrix + aI as a new tensor (no identity matrix built and multiplied)."""
-    out = matrix.clone()
-    out.diagonal(dim1=-2, dim2=-1).add_(RIDGE)
-    return out
-
-
-def _posterior_plus_ridge(sy, z):
-    """V + aI, V = Sy - Z^T Z made exactly symmetric for the factorisation."""
-    posterior = sy - z.transpose(-1, -2) @ z
-    posterior = (posterior + posterior.transpose(-1, -2)) * 0.5
-    posterior.diagonal(dim1=-2, dim2=-1).add_(RIDGE)
-    return posterior
-
-
 def _all_factored(info) -> bool:
     """Whether every factorisation succeeded: the step's one host sync (eager mode)."""
     return not bool(info.any())
 
 
-def _attempt(sy, sp, syp, joint=None, extra=None):
-    """-> (h, info, extra(chol(Sp + aI), Z, chol(V + aI), diag(chol(V + aI)) + eps) or None) from
-    one factorisation of the joint matrix (`joint`, or built from the blocks), unchecked (info != 0
-    where it failed)."""
-    chol_p, z, chol_v, info = _joint_factors(sy, sp, syp, joint)
-    h, more = _half_logdet(chol_p, z, chol_v, extra)
-    return h, info, more
+def _posterior(sy, sp, syp, joint, factorise):
+    """-> (h, what factorise(joint) returned beside the factor: cholesky_ex's info, or the
+    retried count), differentiable with respect to sy, sp and syp where grad mode needs it."""
+    if torch.is_grad_enabled() and (sy.requires_grad or sp.requires_grad or syp.requires_grad):
+        return _HalfLogdetPosterior.apply(sy, sp, syp, joint, factorise)
+    factor, aside = factorise(joint)
+    return _half_logdet(*_blocks(factor, sy.shape[-1]))[0], aside
 
 
-def _repaired(sy, sp, syp, report, extra=None):
-    """-> (h, extra(*factors) or None) from the chain of factorisations with the repairs."""
-    chol_p, z, chol_v = _factor_chain(sy, sp, syp, lambda matrix: robust_cholesky(matrix, report))
-    return _half_logdet(chol_p, z, chol_v, extra)
+def _blocks(factor, d: int):
+    """The joint matrix's factor -> (chol(Sp + aI), Z = L^-1 Syp^T, chol(V + aI))."""
+    return factor[..., :d, :d], factor[..., d:, :d].transpose(-1, -2), factor[..., d:, d:]
 
 
 def _half_logdet(chol_p, z, chol_v, extra=None):
@@ -189,57 +182,34 @@ def joint_matrix(sy, sp, syp):
     return joint
 
 
-def _joint_factors(sy, sp, syp, joint=None):
-    """-> (chol(Sp + aI), Z, chol(V + aI), info) from one factorisation of the joint matrix
-    [[Sp + aI, Syp^T], [Syp, Sy + aI]] (built here unless given)."""
-    d = sy.shape[-1]
-    if joint is None:
-        joint = joint_matrix(sy, sp, syp)
-    factor, info = torch.linalg.cholesky_ex(joint)
-    return factor[..., :d, :d], factor[..., d:, :d].transpose(-1, -2), factor[..., d:, d:], info
-
-
-def _factor_chain(sy, sp, syp, factor):
-    """-> (chol(Sp + aI), Z, chol(V + aI)) with factor(matrix) -> L (the repairs' path):
-    (Sp + aI)^-1 goes through its own factor, Syp (Sp + aI)^-1 Syp^T = Z^T Z, Z = L^-1 Syp^T."""
-    chol_p = factor(_plus_ridge(sp))
-    z = torch.linalg.solve_triangular(chol_p, syp.transpose(-1, -2), upper=False)
-    return chol_p, z, factor(_posterior_plus_ridge(sy, z))
-
-
-_REPAIR = object()  # `_HalfLogdetPosterior`: factorise by the chain, with the repairs
-
-
 class _HalfLogdetPosterior(torch.autograd.Function):
     """h's gradient in closed form. With L = chol(V + aI), dh/dL is diagonal, 1 / (L_ii + eps),
     so the Cholesky backward gives dh/dV = L^-T diag(q) L^-1, q_i = L_ii / (2 (L_ii + eps)):
     symmetric, and so dh/dSy. With Y = (Sp + aI)^-1 Syp^T, V = Sy - Syp Y gives
     dh/dSyp = -2 dh/dV Y^T and dh/d(Sp + aI) = Y dh/dV Y^T. Where a factorisation needed a
-    larger ridge, the factors are those of the repaired matrices, as autograd would see.
-    The gradients of h itself are formed in the forward, before the factorisation's check,
-    so that their ops queue behind the engine's kernels; the backward scales them by dL/dh
-    (and by `_UNIT_FACTORS`, in the same op).
-    -> (h, info): `_attempt`'s unchecked one (`how`: the joint matrix or None), or (`how` is
-    `_REPAIR`) the chain's, info None."""
+    larger ridge, the factors are those of the repaired matrix (its ridge a constant), as
+    autograd would see. The gradients of h itself are formed in the forward, before the
+    factorisation's check, so that their ops queue behind the engine's kernels; the backward
+    scales them by dL/dh (and by `_UNIT_FACTORS`, in the same op).
+    -> (h, what factorise(joint) returned beside the factor; not differentiable)."""
 
     @staticmethod
-    def forward(ctx, sy, sp, syp, report, how):
+    def forward(ctx, sy, sp, syp, joint, factorise):
         needs = ctx.needs_input_grad[:3]
+        factor, aside = factorise(joint)
         unit = (lambda *factors: _unit_gradients(*factors, needs)) if any(needs) else None
-        if how is _REPAIR:
-            (h, grads), info = _repaired(sy, sp, syp, report, unit), None
-        else:
-            h, info, grads = _attempt(sy, sp, syp, how, unit)
-            ctx.mark_non_differentiable(info)
+        h, grads = _half_logdet(*_blocks(factor, sy.shape[-1]), unit)
+        if isinstance(aside, torch.Tensor):  # eager repairs count in an int
+            ctx.mark_non_differentiable(aside)
         ctx.save_for_backward(*(grads or ()))
-        ctx.set_materialize_grads(False)  # no zeros made for info's (absent) gradient
-        return h, info
+        ctx.set_materialize_grads(False)  # no zeros made for the (absent) gradient of `aside`
+        return h, aside
 
     @staticmethod
-    def backward(ctx, grad, _grad_info):
+    def backward(ctx, grad, _grad_aside):
         if grad is None:
             return (None,) * 5
-        scale, zero = grad[..., None, None], _zero(grad.dtype, grad.device)
+        scale, zero = grad[..., None, None], _constant(_zero, grad.dtype, grad.device)
         return tuple(None if g is None else torch.addcmul(zero, scale, g, value=factor)
                      for g, factor in zip(ctx.saved_tensors, _UNIT_FACTORS)) + (None, None)
 
@@ -253,8 +223,8 @@ def _unit_gradients(chol_p, z, chol_v, shifted, needs):
     """2 dh/dSy, 2 dh/dSp and -dh/dSyp (None where `needs` is false), from the factors and
     shifted = diag(chol(V + aI)) + eps."""
     diag = torch.diagonal(chol_v, dim1=-2, dim2=-1)
-    inverse = torch.linalg.solve_triangular(chol_v, _identity(diag.shape[-1], diag.dtype, diag.device).expand_as(
-        chol_v), upper=False)  # L^-1
+    inverse = torch.linalg.solve_triangular(chol_v, _constant(_identity, diag.shape[-1], diag.dtype,
+                                                               diag.device).expand_as(chol_v), upper=False)  # L^-1
     g_v2 = inverse.transpose(-1, -2) @ ((diag / shifted).unsqueeze(-1) * inverse)  # 2 dh/dV: 2 q = L_ii / (L_ii + eps)
     if not (needs[1] or needs[2]):
         return g_v2, None, None
@@ -262,6 +232,12 @@ def _unit_gradients(chol_p, z, chol_v, shifted, needs):
     g_syp_neg = g_v2 @ y.transpose(-1, -2)  # 2 dh/dV Y^T = -dh/dSyp
     g_sp2 = y @ g_syp_neg if needs[1] else None  # 2 Y dh/dV Y^T
     return g_v2 if needs[0] else None, g_sp2, g_syp_neg if needs[2] else None
+
+
+def _constant(make, *args) -> torch.Tensor:
+    """make(*args) from its cache; under torch.compile made in the graph (which folds it),
+    where the compiler would trace through the cache."""
+    return make.__wrapped__(*args) if torch.compiler.is_compiling() else make(*args)
 
 
 @functools.lru_cache(maxsize=32)

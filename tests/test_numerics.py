@@ -107,19 +107,56 @@ def test_branch_free_repair_matches_eager():
 
     good = torch.eye(3, dtype=torch.float64) * 2
     bad = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
-    eager_report, fixed_report = CholeskyReport(), CholeskyReport()
+    eager_report = CholeskyReport()
     eager = robust_cholesky(torch.stack([good, bad]), eager_report)
-    fixed = _cholesky_fixed_retries(torch.stack([good, bad]), fixed_report)
+    fixed, retried = _cholesky_fixed_retries(torch.stack([good, bad]))
     assert torch.equal(eager, fixed)
-    assert eager_report.retried == fixed_report.retried == 1
+    assert eager_report.retried == int(retried) == 1
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_compiled_half_logdet_matches_eager(retry):
+    """h and its closed-form gradient under torch.compile (fixed retries, no host check) equal
+    the eager ones, also where the joint matrix needed a larger ridge; the retries are counted."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 8, 40, dtype=torch.float64, generator=g)
+    joint = x @ x.transpose(1, 2)
+    blocks = [joint[:, :4, :4].clone(), joint[:, 4:, 4:].clone(), joint[:, :4, 4:].clone()]
+    if retry:
+        blocks[0][2] -= 1e2 * torch.eye(4, dtype=torch.float64)  # V + aI indefinite: retried
+    weight = torch.randn(3, dtype=torch.float64, generator=g)
+    results = []
+    for compiled in (False, True):
+        report = CholeskyReport()
+
+        def fn(*inputs):
+            return (half_logdet_posterior(*inputs, report) * weight).sum()
+
+        inputs = [t.clone().requires_grad_() for t in blocks]
+        value = (torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn)(*inputs)
+        value.backward()
+        results.append((value.detach(), [t.grad for t in inputs], report.retried))
+    (eager, eager_grads, eager_retried), (comp, comp_grads, comp_retried) = results
+    assert_close_rel(comp, eager, 1e-12, "h")
+    for got, want, name in zip(comp_grads, eager_grads, ("Sy", "Sp", "Syp")):
+        assert_close_rel(got, want, 1e-12, name)
+    assert eager_retried == comp_retried == (1 if retry else 0)
+
+
+def _half_logdet_by_autograd(sy, sp, syp):
+    """h as autograd differentiates it: the joint matrix built from the blocks and factorised
+    with `robust_cholesky`'s repairs (their ridge a constant)."""
+    from rmi_triton.algebra import joint_matrix
+
+    d = sy.shape[-1]
+    factor = robust_cholesky(joint_matrix(sy, sp, syp))
+    return torch.log(torch.diagonal(factor[..., d:, d:], dim1=-2, dim2=-1) + 1e-8).sum(-1)
 
 
 @pytest.mark.parametrize("retry", [False, True])
 def test_half_logdet_closed_form_gradient_matches_autograd(retry):
-    """The eager closed-form backward against autograd through the chain of factorisations
-    (what torch.compile differentiates), also where a factorisation needed a larger ridge."""
-    from rmi_triton.algebra import _repaired
-
+    """The closed-form backward against autograd through the factorisation of the joint matrix,
+    also where it needed a larger ridge."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 8, 40, dtype=torch.float64, generator=g)
     joint = x @ x.transpose(1, 2)
@@ -128,7 +165,7 @@ def test_half_logdet_closed_form_gradient_matches_autograd(retry):
         sy[1] -= 1e3 * torch.eye(4, dtype=torch.float64)  # V + aI indefinite: retried
     weight = torch.randn(5, dtype=torch.float64, generator=g)  # grad_output != 1
     grads = []
-    for fn in (half_logdet_posterior, lambda *a: _repaired(*a, None)[0]):
+    for fn in (half_logdet_posterior, _half_logdet_by_autograd):
         inputs = [t.clone().requires_grad_() for t in (sy, sp, syp)]
         (fn(*inputs) * weight).sum().backward()
         grads.append([t.grad for t in inputs])
@@ -136,12 +173,10 @@ def test_half_logdet_closed_form_gradient_matches_autograd(retry):
         assert_close_rel(closed, auto, 1e-10, name)
 
 
-def test_joint_factorisation_matches_the_chain():
-    """The eager fast path (one Cholesky of [[Sp + aI, Syp^T], [Syp, Sy + aI]]) against the chain
-    it replaces (chol(Sp + aI), Z = L^-1 Syp^T, chol(Sy - Z^T Z + aI)), nearly singular
-    statistics included: the same factors and log-determinants to rounding."""
-    from rmi_triton.algebra import _factor_chain, _joint_factors
-
+def test_joint_factorisation_matches_the_formula():
+    """h from one Cholesky of [[Sp + aI, Syp^T], [Syp, Sy + aI]] against DESIGN.md's formula
+    written out (V = Sy - Syp (Sp + aI)^-1 Syp^T, then chol(V + aI)), nearly singular
+    statistics included: the same log-determinants to rounding."""
     g = torch.Generator().manual_seed(5)
     d = 9
     x = torch.randn(6, 2 * d, 300, dtype=torch.float64, generator=g)
@@ -149,11 +184,13 @@ def test_joint_factorisation_matches_the_chain():
     x[2, d:] = 1e-3 * x[2, d:]  # probabilities nearly constant: Sp tiny against the ridge
     joint = x @ x.transpose(1, 2)
     sy, sp, syp = joint[:, :d, :d], joint[:, d:, d:], joint[:, :d, d:]
-    fast = _joint_factors(sy, sp, syp)
-    chain = _factor_chain(sy, sp, syp, torch.linalg.cholesky)
-    assert (fast[3] == 0).all()
-    for got, want, name in zip(fast[:3], chain, ("chol(Sp + aI)", "Z", "chol(V + aI)")):
-        assert_close_rel(got, want, 1e-10, name)
+    eye = torch.eye(d, dtype=torch.float64)
+    posterior = sy - syp @ torch.linalg.solve(sp + 5e-4 * eye, syp.transpose(-1, -2))
+    posterior = (posterior + posterior.transpose(-1, -2)) / 2
+    want = torch.log(torch.diagonal(torch.linalg.cholesky(posterior + 5e-4 * eye), dim1=-2, dim2=-1) + 1e-8).sum(-1)
+    report = CholeskyReport()
+    assert_close_rel(half_logdet_posterior(sy, sp, syp, report), want, 1e-10, "h")
+    assert report.retried == 0
 
 
 def test_no_gradients_formed_without_grad_mode(monkeypatch):
@@ -227,3 +264,34 @@ def test_differentiable_once(backend):
     assert not grad.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         (grad * grad).sum().backward()
+
+
+def test_compiled_graph_differentiates_in_closed_form():
+    """Under torch.compile the algebra's graph holds one factorisation and its fixed retries,
+    and its backward only scales the gradients formed ahead: no factorisation, triangular
+    solve or matrix product there (autograd through each retry would add dozens)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from rmi_triton.algebra import COMPILED_RETRIES
+
+    graphs = {}
+
+    def counting(name):
+        def compile_graph(gm, _inputs):
+            graphs[name] = [getattr(node.target, "__name__", str(node.target)) for node in gm.graph.nodes
+                            if node.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compile_graph
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=counting("forward"), bw_compiler=counting("backward"))
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 6, 30, dtype=torch.float64, generator=g)
+    joint = x @ x.transpose(1, 2)
+    inputs = [t.clone().requires_grad_() for t in (joint[:, :3, :3], joint[:, 3:, 3:], joint[:, :3, 3:])]
+    torch.compile(lambda *b: half_logdet_posterior(*b).sum(), backend=backend, fullgraph=True)(*inputs).backward()
+    linalg = [name for name in graphs["backward"] if "linalg" in name or "bmm" in name or "mm" in name]
+    assert linalg == [], f"the backward graph differentiates the factorisation: {linalg}"
+    assert sum("cholesky" in name for name in graphs["forward"]) == 1 + COMPILED_RETRIES
