@@ -340,8 +340,9 @@ def profile_triton_step(steps=5):
 def time_step_variants():
     """Where a Triton-engine step's wall time goes (the first timing shape), timed side
     by side: eager as shipped; eager without the Cholesky check's host sync (unsafe:
-    measurement only); a CUDA-graph replay of that step (no host work at all: the GPU
-    time alone); the loss under torch.compile (inductor fuses the glue), and compiled
+    measurement only); the step captured in a CUDA graph and replayed (no host work at
+    all: the GPU time alone; the loss's own capture path, its value and gradient checked
+    against eager); the loss under torch.compile (inductor fuses the glue), and compiled
     with mode="reduce-overhead" (inductor replays it as CUDA graphs)."""
     from rmi_triton import algebra
 
@@ -362,24 +363,33 @@ def time_step_variants():
     algebra._all_factored = lambda info: True  # no sync: measurement only
     try:
         guarded("eager_no_sync_ms", lambda: bench_ms(step))
-
-        def graph_replay():
-            if DEVICE.type != "cuda":
-                return None
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            return bench_ms(graph.replay)
-
-        guarded("graph_replay_ms", graph_replay)
     finally:
         algebra._all_factored = checked
+
+    def loss_and_grad():
+        loss = loss_fn(x, labels)
+        return (loss.detach(),) + torch.autograd.grad(loss, x)
+
+    def graph_replay():
+        if DEVICE.type != "cuda":
+            return None
+        want = loss_and_grad()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                loss_and_grad()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = loss_and_grad()
+        graph.replay()
+        sync()
+        result["graph_replay_check"] = f"loss rel err {rel_err(got[0], want[0]):.1e}, " \
+                                       f"gradient rel err {rel_err(got[1], want[1]):.1e} against eager"
+        return bench_ms(graph.replay)
+
+    guarded("graph_replay_ms", graph_replay)
     compiled = torch.compile(loss_fn, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
     guarded("compiled_ms", lambda: bench_ms(lambda: torch.autograd.grad(compiled(x, labels), x)))
     if DEVICE.type == "cuda":  # inductor's CUDA graphs: the compiled step replayed, no per-op host work
@@ -588,7 +598,8 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
     for name, (launches, ms) in breakdown.get("kernels", {}).items():
         print(f"     {name:28s} {launches:5.0f} launches {ms:8.3f} ms")
     print(f"== Triton-engine step variants ({variants.get('shape')} {variants.get('pool')}), fwd+bwd medians:")
-    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "compiled_ms", "compiled_reduce_overhead_ms"):
+    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "graph_replay_check", "compiled_ms",
+                 "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
     print(f"== issue 3's bars ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from . import capture
 from .options import LOG_EPS, RIDGE
 
 # A failed factorisation is retried with ridge * RETRY_GROWTH**k, k = 1, 2, ...
@@ -55,7 +56,8 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
     with a ridge that grows tenfold each time, from 10 * a. Only the failed
     ones change, so every healthy matrix gets exactly the published value.
     Eager code retries while any fails (up to MAX_RETRIES, checked on the host);
-    under torch.compile COMPILED_RETRIES retries always run, without a check.
+    under torch.compile or CUDA graph capture COMPILED_RETRIES retries always run,
+    without a check.
     """
     factor, retried = _retried_factor(matrix)
     if report is not None:
@@ -64,9 +66,9 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
 
 
 def _retried_factor(matrix: torch.Tensor):
-    """-> (`robust_cholesky`'s factor, how many matrices were retried: an int, or under
-    torch.compile a 0-d tensor)."""
-    if torch.compiler.is_compiling():
+    """-> (`robust_cholesky`'s factor, how many matrices were retried: an int, or where the
+    host must not read values (`capture.host_reads_forbidden`) a 0-d tensor)."""
+    if capture.host_reads_forbidden(matrix.device):
         return _cholesky_fixed_retries(matrix)
     factor, info = torch.linalg.cholesky_ex(matrix)
     failed = info != 0
@@ -87,7 +89,7 @@ def _retried_factor(matrix: torch.Tensor):
 
 
 def _cholesky_fixed_retries(matrix: torch.Tensor):
-    """The same repair without data-dependent branches, for torch.compile graphs: a fixed
+    """The same repair without data-dependent branches, for torch.compile and CUDA graphs: a fixed
     number of retries, each replacing only the factors that have failed so far.
     -> (factor, retried count as a 0-d tensor)."""
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
@@ -123,15 +125,16 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     with `robust_cholesky`'s growing ridge (on the whole diagonal: Sp's ridge grows with
     V's). The gradient is the closed form of `_HalfLogdetPosterior` (a handful of batched
     d x d products, where autograd would run the backward of every factorisation), in eager
-    mode and under torch.compile alike; there the repair's retries run without a check.
+    mode, under torch.compile and in a captured CUDA graph alike; in the last two the
+    repair's retries run without a check (and a captured graph counts none).
     """
     if then is None:
         then = _same
     if joint is None:
         joint = joint_matrix(sy.detach(), sp.detach(), syp.detach())
-    if torch.compiler.is_compiling():
+    if capture.host_reads_forbidden(joint.device):
         h, retried = _posterior(sy, sp, syp, joint, _retried_factor)
-        if report is not None:
+        if report is not None and not capture.capturing(joint.device):
             report.add(retried)
         return then(h)
     h, info = _posterior(sy, sp, syp, joint, torch.linalg.cholesky_ex)
@@ -235,9 +238,10 @@ def _unit_gradients(chol_p, z, chol_v, shifted, needs):
 
 
 def _constant(make, *args) -> torch.Tensor:
-    """make(*args) from its cache; under torch.compile made in the graph (which folds it),
-    where the compiler would trace through the cache."""
-    return make.__wrapped__(*args) if torch.compiler.is_compiling() else make(*args)
+    """make(*args) (its last argument a device) from its cache; under torch.compile or CUDA
+    graph capture made in the graph: the compiler would trace through the cache, and a tensor
+    first made in a capture holds its values only once the graph is replayed."""
+    return make.__wrapped__(*args) if capture.host_reads_forbidden(args[-1]) else make(*args)
 
 
 @functools.lru_cache(maxsize=32)

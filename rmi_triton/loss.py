@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import capture
 from .algebra import CholeskyReport, half_logdet_posterior
 from .options import RMIOptions
 from .precision import autocast_off
@@ -77,6 +78,8 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
     """combine(pixel term, h [N, C], opts) of the inputs: `_terms` or `_loss`. Warns of
     repaired factorisations (at the line that called rmi_terms or rmi_loss) unless a
     `report` (RMILoss's) is given to count them."""
+    if isinstance(logits, torch.Tensor) and capture.capturing(logits.device):
+        _check_capturable(_engine(logits, opts.backend), opts)  # before the checks that read values
     check_inputs(logits, labels, opts, num_classes)
     engine = _engine(logits, opts.backend)
     local = report if report is not None else CholeskyReport()
@@ -89,9 +92,20 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
         out = half_logdet_posterior(stats.sy, stats.sp, stats.syp, local,
                                     then=lambda half_logdet: combine(stats.pixel, half_logdet, opts),
                                     joint=stats.joint)
-    if report is None and not torch.compiler.is_compiling() and local.retried:
+    if report is None and not capture.host_reads_forbidden(logits.device) and local.retried:
         warnings.warn(_retry_message(local.retried), RMINumericsWarning, stacklevel=3)
     return out
+
+
+def _check_capturable(engine, opts: RMIOptions) -> None:
+    """A CUDA graph capture allows no host read of a device value: a clear error for what
+    would make one, where the capture would fail deep inside."""
+    if opts.validate:
+        raise ValueError("validate=True checks the labels' range and the logits' finiteness on the host, "
+                         "which a CUDA graph capture does not allow: pass validate=False to capture the loss")
+    if not engine.CAPTURABLE:
+        raise ValueError("the torch engine reads values on the host, which a CUDA graph capture does not "
+                         "allow: capture the loss with backend='triton' (or 'auto')")
 
 
 def _image_scale(half_logdet: torch.Tensor, opts: RMIOptions) -> float:
@@ -228,7 +242,7 @@ class RMILoss(torch.nn.Module):
 
     def _evaluate(self, logits, labels, combine):
         out = _evaluate(logits, labels, self.num_classes, self.options, self._report, combine)
-        if not torch.compiler.is_compiling():  # in a compiled graph: warned when the count is read
+        if not capture.host_reads_forbidden(logits.device):  # compiled: warned when the count is read
             self._warn_once(stacklevel=4)
         return out
 

@@ -50,6 +50,7 @@ from ..pooling import kept_regions
 from ..precision import autocast_off
 from ..validation import raise_if_nonfinite
 
+CAPTURABLE = False  # reads values on the host (which planes are informative): no CUDA graph capture
 FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
 REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
 TILE = 8192  # about this many region vectors per float32 Gram product before the float64 sum
