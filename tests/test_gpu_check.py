@@ -50,3 +50,14 @@ def test_kernel_bytes(gpu_check):
     moved = gpu_check.kernel_bytes((16, 21, 513, 513), 4)
     assert moved == {"_pool_forward_kernel": logits + labels + 2 * pooled,
                      "_pool_backward_kernel": 2 * logits + labels + pooled}
+
+
+def test_bar_of_the_captured_step(gpu_check):
+    """With the step's variants a last row reads the time bar on the CUDA-graph replay: b50df00's
+    H200 run replayed the step (its sync patched out then) in 1.58 ms, 1.35x cross-entropy."""
+    figures = _figures(1.17, 23.93, 2.71, 402.0, 0.229, 0.421)
+    rows = gpu_check.bars(*figures, 4236e9, dict(graph_replay_ms=1.58))
+    assert len(rows) == 6 and rows[-1][2] is False and rows[-1][1] == "1.35x (1.580 ms replayed)"
+    assert gpu_check.bars(*figures, 4236e9, dict(graph_replay_ms=1.2))[-1][2] is True
+    failed = gpu_check.bars(*figures, 4236e9, dict(graph_replay_ms="RuntimeError: capture failed"))
+    assert failed[-1][2] is None
