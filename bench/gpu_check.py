@@ -342,7 +342,8 @@ def time_step_variants():
     by side: eager as shipped; eager without the Cholesky check's host sync (unsafe:
     measurement only); the step captured in a CUDA graph and replayed (no host work at
     all: the GPU time alone; the loss's own capture path, its value and gradient checked
-    against eager); the loss under torch.compile (inductor fuses the glue), and compiled
+    against eager); the loss as a graphed callable in an eager step (checked the same way);
+    the loss under torch.compile (inductor fuses the glue), and compiled
     with mode="reduce-overhead" (inductor replays it as CUDA graphs)."""
     from rmi_triton import algebra
 
@@ -390,6 +391,22 @@ def time_step_variants():
         return bench_ms(graph.replay)
 
     guarded("graph_replay_ms", graph_replay)
+
+    def graphed_loss():
+        """The loss alone made a graphed callable (torch.cuda.make_graphed_callables): an eager
+        training loop replays its forward and backward graphs, copying the logits in."""
+        if DEVICE.type != "cuda":
+            return None
+        want = loss_and_grad()
+        graphed = torch.cuda.make_graphed_callables(loss_fn, (x, labels))
+        loss = graphed(x, labels)
+        got = (loss.detach(),) + torch.autograd.grad(loss, x)
+        sync()
+        result["graphed_loss_check"] = f"loss rel err {rel_err(got[0], want[0]):.1e}, " \
+                                       f"gradient rel err {rel_err(got[1], want[1]):.1e} against eager"
+        return bench_ms(lambda: torch.autograd.grad(graphed(x, labels), x))
+
+    guarded("graphed_loss_ms", graphed_loss)
     compiled = torch.compile(loss_fn, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
     guarded("compiled_ms", lambda: bench_ms(lambda: torch.autograd.grad(compiled(x, labels), x)))
     if DEVICE.type == "cuda":  # inductor's CUDA graphs: the compiled step replayed, no per-op host work
@@ -606,8 +623,8 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
     for name, (launches, ms) in breakdown.get("kernels", {}).items():
         print(f"     {name:28s} {launches:5.0f} launches {ms:8.3f} ms")
     print(f"== Triton-engine step variants ({variants.get('shape')} {variants.get('pool')}), fwd+bwd medians:")
-    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "graph_replay_check", "compiled_ms",
-                 "compiled_reduce_overhead_ms"):
+    for name in ("eager_ms", "eager_no_sync_ms", "graph_replay_ms", "graph_replay_check", "graphed_loss_ms",
+                 "graphed_loss_check", "compiled_ms", "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
     print(f"== issue 3's bars ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")
