@@ -2,7 +2,7 @@
 
 Engines reduce the full-resolution maps to per-(n, c) statistics of the region
 vectors; everything after that is tiny (d = R*R <= 100) and lives here, in
-float64 PyTorch, so autograd differentiates it:
+float64 PyTorch, differentiable (a closed-form gradient):
 
     half_logdet_posterior:  Sy, Sp, Syp -> h = sum_i log(diag chol(V + aI)_i + 1e-8),
                      V = Sy - Syp (Sp + aI)^-1 Syp^T
@@ -11,6 +11,7 @@ float64 PyTorch, so autograd differentiates it:
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -20,7 +21,9 @@ from .options import LOG_EPS, RIDGE
 # A failed factorisation is retried with ridge * RETRY_GROWTH**k, k = 1, 2, ...
 RETRY_GROWTH = 10.0
 MAX_RETRIES = 12
-COMPILED_RETRIES = 6  # under torch.compile: ridge up to 5e-4 * 1e6, always run
+# Without host checks (torch.compile, CUDA graph capture) every retry always runs: the ridge
+# up to 5e-4 * 1e5, then one last retry with a ridge no finite matrix fails with
+COMPILED_RETRIES = 6
 
 
 def split_blocks(joint: torch.Tensor, d: int):
@@ -57,7 +60,7 @@ def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) 
     ones change, so every healthy matrix gets exactly the published value.
     Eager code retries while any fails (up to MAX_RETRIES, checked on the host);
     under torch.compile or CUDA graph capture COMPILED_RETRIES retries always run,
-    without a check.
+    without a check (the last with a ridge that cannot fail).
     """
     factor, retried = _retried_factor(matrix)
     if report is not None:
@@ -90,18 +93,33 @@ def _retried_factor(matrix: torch.Tensor):
 
 def _cholesky_fixed_retries(matrix: torch.Tensor):
     """The same repair without data-dependent branches, for torch.compile and CUDA graphs: a fixed
-    number of retries, each replacing only the factors that have failed so far.
+    number of retries, each replacing only the factors that have failed so far. The last one
+    takes the ridge up the same ladder, a * 10^k, to at least the matrix's largest absolute row
+    sum plus a: the matrix is then strictly diagonally dominant with a positive diagonal
+    (eigenvalues >= a), so every finite one factorises, where eager code would go on growing
+    the ridge. (A ridge on the ladder is piecewise constant in the matrix: the closed-form
+    gradient, which holds it constant, stays the derivative.)
     -> (factor, retried count as a 0-d tensor)."""
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
     factor, info = torch.linalg.cholesky_ex(matrix)
     ridge = torch.zeros(matrix.shape[:-2], dtype=matrix.dtype, device=matrix.device)
-    for _ in range(COMPILED_RETRIES):
+    for retry_number in range(1, COMPILED_RETRIES + 1):
         failed = info != 0
-        ridge = torch.where(failed, torch.where(ridge > 0, ridge, RIDGE) * RETRY_GROWTH, ridge)
+        grown = torch.where(ridge > 0, ridge, RIDGE) * RETRY_GROWTH
+        if retry_number == COMPILED_RETRIES:
+            grown = torch.maximum(grown, _dominating_ridge(matrix))
+        ridge = torch.where(failed, grown, ridge)
         retry, retry_info = torch.linalg.cholesky_ex(matrix + ridge[..., None, None] * eye)
         factor = torch.where(failed[..., None, None], retry, factor)
         info = torch.where(failed, retry_info, info)
     return factor, (ridge > 0).sum()
+
+
+def _dominating_ridge(matrix: torch.Tensor) -> torch.Tensor:
+    """[...]: the smallest ridge a * RETRY_GROWTH^k at least each matrix's largest absolute row
+    sum plus a."""
+    rungs = torch.ceil(torch.log((matrix.abs().sum(-1).amax(-1) + RIDGE) / RIDGE) / math.log(RETRY_GROWTH))
+    return RIDGE * torch.pow(RETRY_GROWTH, rungs)
 
 
 def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,

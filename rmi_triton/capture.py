@@ -13,8 +13,10 @@ import torch
 
 
 def capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of `device`'s kind."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured on the current stream of `device`'s kind (never
+    while torch.compile traces: the query is no op it can put in a graph; a compiled graph
+    run in a capture took the branch-free path when it was traced)."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def host_reads_forbidden(device: torch.device) -> bool:

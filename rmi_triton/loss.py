@@ -105,7 +105,8 @@ def _check_capturable(engine, opts: RMIOptions) -> None:
                          "which a CUDA graph capture does not allow: pass validate=False to capture the loss")
     if not engine.CAPTURABLE:
         raise ValueError("the torch engine reads values on the host, which a CUDA graph capture does not "
-                         "allow: capture the loss with backend='triton' (or 'auto')")
+                         "allow: capture the loss with the Triton engine (backend='triton', or 'auto' where "
+                         "triton is installed)")
 
 
 def _image_scale(half_logdet: torch.Tensor, opts: RMIOptions) -> float:
@@ -198,7 +199,8 @@ class RMILoss(torch.nn.Module):
     Attributes:
         cholesky_retries: how many covariance matrices so far needed a larger
             ridge; a warning is given the first time it happens (inside a
-            torch.compile graph: when this count is read).
+            torch.compile graph: when this count is read; steps replayed from a
+            captured CUDA graph are not counted).
     """
 
     def __init__(self, num_classes: Optional[int] = None, *, radius: int = 3, pool: str = "avg",

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import capture
+
 POOLS = ("avg", "max", "interp", "none")
 PIXEL_LOSSES = ("bce", "ce", None)
 PROBS = ("sigmoid", "softmax")
@@ -120,12 +122,19 @@ class RMIOptions:
         """The class weights on `device` (None without them); not to be modified in place.
 
         Eager calls share one tensor per device and dtype: building it is a copy from host
-        memory, which on a GPU waits for the stream (a host sync a call, two a step)."""
+        memory, which on a GPU waits for the stream (a host sync a call, two a step). A CUDA
+        graph capture builds its own with fill kernels (a capture allows no such copy)."""
         if self.class_weights is None:
             return None
+        device = torch.device(device)
         if torch.compiler.is_compiling():
             return torch.tensor(self.class_weights, device=device, dtype=dtype)
-        return _device_constant(self.class_weights, torch.device(device), dtype)
+        if capture.capturing(device):  # no copy from host memory in a capture; kept only by the graph
+            weights = torch.empty(len(self.class_weights), device=device, dtype=dtype)
+            for i, value in enumerate(self.class_weights):
+                weights[i].fill_(value)
+            return weights
+        return _device_constant(self.class_weights, device, dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from rmi_triton import RMILoss, capture, rmi_loss
-from rmi_triton.algebra import CholeskyReport, _identity, half_logdet_posterior
+from rmi_triton.algebra import CholeskyReport, _identity, _zero, half_logdet_posterior
 from rmi_triton.engines import triton_engine
+from rmi_triton.options import _device_constant
 
 from helpers import assert_close_rel, bench_module, random_inputs
 
@@ -87,16 +88,57 @@ def test_captured_repair_matches_eager(monkeypatch):
 
 
 def test_captured_constants_are_not_cached(monkeypatch):
-    """The algebra's cached identity is made inside the graph during a capture: a tensor first
-    made there holds its values only once the graph is replayed, so it must not be kept."""
+    """The cached constants (the algebra's identity and zero, the class weights) are made inside
+    the graph during a capture, the weights with fill kernels (a capture allows no copy from host
+    memory): a tensor first made there holds its values only once the graph is replayed, so it
+    must not be kept."""
+    logits, labels = random_inputs(1, 3, 21, 23, seed=23)
+    crit = RMILoss(backend="triton", validate=False, class_weights=(0.5, 1.0, 2.0))
+    x_eager = logits.clone().requires_grad_()
+    eager = crit(x_eager, labels)
+    eager.backward()
     monkeypatch.setattr(capture, "capturing", lambda device: True)
-    _identity.cache_clear()
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 6, 30, dtype=torch.float64, generator=g)
+    caches = (_identity, _zero, _device_constant)
+    for cache in caches:
+        cache.cache_clear()
+    x = logits.clone().requires_grad_()
+
+    def step():
+        loss = crit(x, labels)
+        loss.backward()
+        return loss
+
+    loss, counter = _counted(step)
+    assert [cache.cache_info().currsize for cache in caches] == [0, 0, 0]
+    assert counter.ops["fill_"] >= 3  # the weights, one fill kernel a class
+    assert_close_rel(loss, eager, 1e-12, "loss")
+    assert_close_rel(x.grad, x_eager.grad, 1e-12, "gradient")
+
+
+def test_capture_query_compiles():
+    """torch.compile never puts the capture query in a graph (it cannot: a break): a compiled
+    graph that a capture replays took the branch-free path when it was traced."""
+    fn = torch.compile(lambda x: x + float(capture.capturing(torch.device("cuda"))), backend="eager",
+                       fullgraph=True)
+    assert fn(torch.ones(2)).tolist() == [1.0, 1.0]
+
+
+def test_captured_repair_cannot_fail_on_finite_statistics(monkeypatch):
+    """Without host checks the retries are a fixed number: the last one takes the ridge up the ladder
+    to where the matrix is diagonally dominant, so a matrix far from positive definite (eager code
+    needs 7 retries here, one more than run) still gives a finite value and gradient -- eager's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 8, 40, dtype=torch.float64, generator=g)
     joint = x @ x.transpose(1, 2)
-    inputs = [t.clone().requires_grad_() for t in (joint[:, :3, :3], joint[:, 3:, 3:], joint[:, :3, 3:])]
-    half_logdet_posterior(*inputs).sum().backward()
-    assert _identity.cache_info().currsize == 0
+    blocks = [joint[:, :4, :4].clone(), joint[:, 4:, 4:].clone(), joint[:, :4, 4:].clone()]
+    blocks[0][1] -= 2e3 * torch.eye(4, dtype=torch.float64)
+    eager = half_logdet_posterior(*blocks)
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
+    inputs = [t.clone().requires_grad_() for t in blocks]
+    captured = half_logdet_posterior(*inputs)
+    captured.sum().backward()
+    assert_close_rel(captured, eager, 1e-12, "h")
+    assert all(torch.isfinite(t.grad).all() for t in inputs[1:])
 
 
 @pytest.mark.parametrize("backend, validate, message", [("triton", True, "pass validate=False"),
