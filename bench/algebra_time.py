@@ -16,40 +16,25 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # rmi_triton and the other bench modules
+
+from paired_commits import module_at  # noqa: E402
 
 from rmi_triton import algebra  # noqa: E402
 
 LIBRARY = ("cholesky", "solve_triangular", "bmm", "mm", "matmul", "linalg")
 NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "expand", "select", "slice", "unsqueeze", "squeeze",
              "permute", "detach", "alias", "diagonal", "getitem", "empty", "empty_strided"}
-
-
-def algebra_at(rev: str):
-    """The algebra module as it was at `rev`, imported under a private name."""
-    source = subprocess.check_output(["git", "-C", ROOT, "show", f"{rev}:rmi_triton/algebra.py"], text=True)
-    source = source.replace("from .", "from rmi_triton.")
-    path = os.path.join(tempfile.mkdtemp(), "algebra_at_rev.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("algebra_at_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # torch.compile imports the modules it traces
-    spec.loader.exec_module(module)
-    return module
 
 
 def statistics_for(planes: int, d: int, seed: int = 0):
@@ -94,7 +79,7 @@ def main():
     torch.set_num_threads(args.threads)
     sy, sp, syp = statistics_for(args.planes, args.radius ** 2)
     weight = torch.rand(args.planes, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    versions = {args.rev: algebra_at(args.rev), "tree": algebra}
+    versions = {args.rev: module_at(args.rev, "rmi_triton/algebra.py"), "tree": algebra}
 
     def loss_of(module):
         return lambda a, b, c: (module.half_logdet_posterior(a, b, c) * weight).sum()

@@ -13,6 +13,7 @@ minimums and medians of all three.
 import argparse
 import importlib.util
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,17 +32,24 @@ from rmi_triton.engines import torch_engine  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def engine_at(rev: str):
-    """The torch engine module as it was at `rev`, imported under a private name."""
-    source = subprocess.check_output(["git", "-C", ROOT, "show", f"{rev}:rmi_triton/engines/torch_engine.py"],
-                                     text=True)
-    # its relative imports (..algebra, ..options, ...) resolve against the installed package
-    source = source.replace("from ..", "from rmi_triton.")
-    path = os.path.join(tempfile.mkdtemp(), "torch_engine_at_rev.py")
-    with open(path, "w") as f:
+def module_at(rev: str, path: str):
+    """The module at `path` of the repository (e.g. "rmi_triton/algebra.py") as it was at `rev`,
+    imported under a private name; its relative imports resolve against the installed package."""
+    source = subprocess.check_output(["git", "-C", ROOT, "show", f"{rev}:{path}"], text=True)
+    package = path.rsplit("/", 1)[0].split("/")
+
+    def absolute(match):  # "from ..algebra" in rmi_triton/engines -> "from rmi_triton.algebra"
+        base = ".".join(package[:len(package) + 1 - len(match.group(1))])
+        return f"from {base}.{match.group(2)}" if match.group(2) else f"from {base}"
+
+    source = re.sub(r"from (\.+)(\w*)", absolute, source)
+    name = os.path.basename(path)[:-3] + "_at_rev"
+    file = os.path.join(tempfile.mkdtemp(), name + ".py")
+    with open(file, "w") as f:
         f.write(source)
-    spec = importlib.util.spec_from_file_location("torch_engine_at_rev", path)
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # torch.compile imports the modules it traces
     spec.loader.exec_module(module)
     return module
 
@@ -54,7 +62,7 @@ def main():
     args = parser.parse_args()
     logits, labels, pool = step_inputs(args)
     n, c, h, w = logits.shape
-    engines = {"rev": engine_at(args.rev), "tree": torch_engine}
+    engines = {"rev": module_at(args.rev, "rmi_triton/engines/torch_engine.py"), "tree": torch_engine}
     times = {"rev": [], "tree": [], "cross_entropy": []}
     chosen = front._engine
     try:

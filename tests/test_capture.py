@@ -32,6 +32,29 @@ def _counted(fn):
     return out, counter
 
 
+def _eager_then_captured(monkeypatch, crit, logits, labels, before=None):
+    """A step of `crit` in eager mode (the warm-up a capture needs first), then one with the capture
+    simulated (`before()` called as it starts): asserts both give the same loss and gradient,
+    -> the op counter that watched the captured step."""
+    x_eager = logits.clone().requires_grad_()
+    eager = crit(x_eager, labels)
+    eager.backward()
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
+    if before is not None:
+        before()
+    x = logits.clone().requires_grad_()
+
+    def step():
+        loss = crit(x, labels)
+        loss.backward()
+        return loss
+
+    loss, counter = _counted(step)
+    assert_close_rel(loss, eager, 1e-12, "loss")
+    assert_close_rel(x.grad, x_eager.grad, 1e-12, "gradient")
+    return counter
+
+
 def _assert_no_host_reads(counter, what):
     assert counter.syncs == 0, f"{what}: {counter.syncs} host reads of device values"
     assert not DATA_SIZED & set(counter.ops), f"{what}: data-sized ops {DATA_SIZED & set(counter.ops)}"
@@ -42,23 +65,9 @@ def _assert_no_host_reads(counter, what):
 def test_captured_step_reads_nothing_on_the_host(monkeypatch, options):
     """Forward and backward of a Triton-engine step (validate=False) while a capture runs: not
     one host read, and the eager step's loss and gradient."""
-    logits, labels = random_inputs(2, 3, 37, 53, seed=21)
     crit = RMILoss(backend="triton", validate=False, **options)
-    x_eager = logits.clone().requires_grad_()
-    eager = crit(x_eager, labels)  # also the warm-up a capture needs first (the class weights' copy)
-    eager.backward()
-    monkeypatch.setattr(capture, "capturing", lambda device: True)
-    x = logits.clone().requires_grad_()
-
-    def step():
-        loss = crit(x, labels)
-        loss.backward()
-        return loss
-
-    loss, counter = _counted(step)
+    counter = _eager_then_captured(monkeypatch, crit, *random_inputs(2, 3, 37, 53, seed=21))
     _assert_no_host_reads(counter, f"captured step {options}")
-    assert_close_rel(loss, eager, 1e-12, "loss")
-    assert_close_rel(x.grad, x_eager.grad, 1e-12, "gradient")
     assert crit.cholesky_retries == 0
 
 
@@ -92,27 +101,12 @@ def test_captured_constants_are_not_cached(monkeypatch):
     the graph during a capture, the weights with fill kernels (a capture allows no copy from host
     memory): a tensor first made there holds its values only once the graph is replayed, so it
     must not be kept."""
-    logits, labels = random_inputs(1, 3, 21, 23, seed=23)
-    crit = RMILoss(backend="triton", validate=False, class_weights=(0.5, 1.0, 2.0))
-    x_eager = logits.clone().requires_grad_()
-    eager = crit(x_eager, labels)
-    eager.backward()
-    monkeypatch.setattr(capture, "capturing", lambda device: True)
     caches = (_identity, _zero, _device_constant)
-    for cache in caches:
-        cache.cache_clear()
-    x = logits.clone().requires_grad_()
-
-    def step():
-        loss = crit(x, labels)
-        loss.backward()
-        return loss
-
-    loss, counter = _counted(step)
+    crit = RMILoss(backend="triton", validate=False, class_weights=(0.5, 1.0, 2.0))
+    counter = _eager_then_captured(monkeypatch, crit, *random_inputs(1, 3, 21, 23, seed=23),
+                                   before=lambda: [cache.cache_clear() for cache in caches])
     assert [cache.cache_info().currsize for cache in caches] == [0, 0, 0]
     assert counter.ops["fill_"] >= 3  # the weights, one fill kernel a class
-    assert_close_rel(loss, eager, 1e-12, "loss")
-    assert_close_rel(x.grad, x_eager.grad, 1e-12, "gradient")
 
 
 def test_capture_query_compiles():
