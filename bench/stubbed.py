@@ -59,11 +59,11 @@ def count_repairs(setattr=setattr) -> list:
     """-> a list that grows by one each time the algebra takes its repair path: a stubbed
     step that does is not a real step (zero statistics factorise without one)."""
     repairs = []
-    retried = algebra._retried_factor
+    retried = algebra.repaired_cholesky
 
     def counted(*args, **kwargs):
         repairs.append(1)
         return retried(*args, **kwargs)
 
-    setattr(algebra, "_retried_factor", counted)
+    setattr(algebra, "repaired_cholesky", counted)
     return repairs

@@ -52,26 +52,18 @@ class CholeskyReport:
         return int(self._count)
 
 
-def robust_cholesky(matrix: torch.Tensor, report: CholeskyReport | None = None) -> torch.Tensor:
-    """Lower Cholesky factor of symmetric PSD matrices [..., k, k].
+def repaired_cholesky(matrix: torch.Tensor):
+    """-> (lower Cholesky factor of symmetric PSD matrices [..., k, k], how many of them were
+    retried: an int, or where the host must not read values (`capture.host_reads_forbidden`)
+    a 0-d tensor).
 
-    `cholesky_ex` never raises; matrices whose factorisation failed
-    (info != 0, e.g. rounding pushed an eigenvalue below zero) are retried
-    with a ridge that grows tenfold each time, from 10 * a. Only the failed
-    ones change, so every healthy matrix gets exactly the published value.
-    Eager code retries while any fails (up to MAX_RETRIES, checked on the host);
-    under torch.compile or CUDA graph capture COMPILED_RETRIES retries always run,
-    without a check (the last with a ridge that cannot fail).
+    `cholesky_ex` never raises; matrices whose factorisation failed (info != 0, e.g.
+    rounding pushed an eigenvalue below zero) are retried with a ridge that grows tenfold
+    each time, from 10 * a. Only the failed ones change, so every healthy matrix gets
+    exactly the published value. Eager code retries while any fails (up to MAX_RETRIES,
+    checked on the host); under torch.compile or CUDA graph capture COMPILED_RETRIES
+    retries always run, without a check (the last with a ridge that cannot fail).
     """
-    factor, retried = _retried_factor(matrix)
-    if report is not None:
-        report.add(retried)
-    return factor
-
-
-def _retried_factor(matrix: torch.Tensor):
-    """-> (`robust_cholesky`'s factor, how many matrices were retried: an int, or where the
-    host must not read values (`capture.host_reads_forbidden`) a 0-d tensor)."""
     if capture.host_reads_forbidden(matrix.device):
         return _cholesky_fixed_retries(matrix)
     factor, info = torch.linalg.cholesky_ex(matrix)
@@ -141,7 +133,7 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     factors: its first d columns are chol(Sp + aI) and Z^T = (L^-1 Syp^T)^T, its last block
     chol(Sy + aI - Z^T Z) = chol(V + aI). It is a Gram matrix plus aI, so it fails only where
     rounding of the statistics exceeds the ridge; those joint matrices are factorised again
-    with `robust_cholesky`'s growing ridge (on the whole diagonal: Sp's ridge grows with
+    with `repaired_cholesky`'s growing ridge (on the whole diagonal: Sp's ridge grows with
     V's). The gradient is the closed form of `_HalfLogdetPosterior` (a handful of batched
     d x d products, where autograd would run the backward of every factorisation), in eager
     mode, under torch.compile and in a captured CUDA graph alike; in the last two the
@@ -152,7 +144,7 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     if joint is None:
         joint = joint_matrix(sy.detach(), sp.detach(), syp.detach())
     if capture.host_reads_forbidden(joint.device):
-        h, retried = _posterior(sy, sp, syp, joint, _retried_factor)
+        h, retried = _posterior(sy, sp, syp, joint, repaired_cholesky)
         if report is not None and not capture.capturing(joint.device):
             report.add(retried)
         return then(h)
@@ -160,7 +152,7 @@ def half_logdet_posterior(sy: torch.Tensor, sp: torch.Tensor, syp: torch.Tensor,
     out = then(h)
     if _all_factored(info):
         return out
-    h, retried = _posterior(sy, sp, syp, joint, _retried_factor)  # rare: the repairs
+    h, retried = _posterior(sy, sp, syp, joint, repaired_cholesky)  # rare: the repairs
     if report is not None:
         report.add(retried)
     return then(h)

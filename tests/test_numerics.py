@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rmi_triton import RMILoss, RMINumericsWarning, reference_rmi, rmi_loss
-from rmi_triton.algebra import CholeskyReport, half_logdet_posterior, robust_cholesky
+from rmi_triton.algebra import CholeskyReport, half_logdet_posterior, repaired_cholesky
 from rmi_triton.engines import torch_engine
 
 from helpers import assert_close_rel, loss_and_grad, random_inputs
@@ -52,12 +52,11 @@ def test_degenerate_inputs_match_reference(name):
     assert_close_rel(value, reference_rmi(logits.double(), labels).loss, 1e-5, name)
 
 
-def test_robust_cholesky_retries_only_failed_matrices():
+def test_repaired_cholesky_retries_only_failed_matrices():
     good = torch.eye(3, dtype=torch.float64) * 2
     bad = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
-    report = CholeskyReport()
-    factor = robust_cholesky(torch.stack([good, bad]), report)
-    assert report.retried == 1
+    factor, retried = repaired_cholesky(torch.stack([good, bad]))
+    assert retried == 1
     assert torch.equal(factor[0], torch.linalg.cholesky(good))  # untouched
     assert torch.isfinite(factor).all() and (torch.diagonal(factor[1]) > 0).all()
 
@@ -107,11 +106,10 @@ def test_branch_free_repair_matches_eager():
 
     good = torch.eye(3, dtype=torch.float64) * 2
     bad = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
-    eager_report = CholeskyReport()
-    eager = robust_cholesky(torch.stack([good, bad]), eager_report)
+    eager, eager_retried = repaired_cholesky(torch.stack([good, bad]))
     fixed, retried = _cholesky_fixed_retries(torch.stack([good, bad]))
     assert torch.equal(eager, fixed)
-    assert eager_report.retried == int(retried) == 1
+    assert eager_retried == int(retried) == 1
 
 
 @pytest.mark.parametrize("retry", [False, True])
@@ -145,11 +143,11 @@ def test_compiled_half_logdet_matches_eager(retry):
 
 def _half_logdet_by_autograd(sy, sp, syp):
     """h as autograd differentiates it: the joint matrix built from the blocks and factorised
-    with `robust_cholesky`'s repairs (their ridge a constant)."""
+    with `repaired_cholesky`'s repairs (their ridge a constant)."""
     from rmi_triton.algebra import joint_matrix
 
     d = sy.shape[-1]
-    factor = robust_cholesky(joint_matrix(sy, sp, syp))
+    factor = repaired_cholesky(joint_matrix(sy, sp, syp))[0]
     return torch.log(torch.diagonal(factor[..., d:, d:], dim1=-2, dim2=-1) + 1e-8).sum(-1)
 
 
