@@ -25,14 +25,17 @@ class ReferenceTerms(NamedTuple):
 
 
 def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions | None = None, *,
-                  float32_statistics: bool = False, **options) -> ReferenceTerms:
+                  float32_maps: bool = False, float32_products: bool = False, **options) -> ReferenceTerms:
     """logits [N, C, H, W] (any float dtype; computed in float64), labels [N, H, W].
 
-    float32_statistics: round the probabilities to float32 and form the centred
-    products in float32, as any float32 engine does, and go on in float64. Tests use
-    it to measure how sensitive an input is to that rounding: when V is nearly
-    singular (a prediction affine in the labels), the log-determinant amplifies
-    float32's 6e-8 far beyond the contract's 1e-5.
+    float32_maps:     round the probabilities and the downsampled maps to float32, as
+                      both engines hold them, and go on in float64, as both engines form
+                      the statistics;
+    float32_products: also form the centred products in float32, as both engines' backward
+                      passes form G (v - mean).
+    Tests use them to measure how sensitive an input is to that rounding: when V is
+    nearly singular (a prediction affine in the labels, fewer region vectors than d), the
+    log-determinant amplifies float32's 6e-8 beyond the contract's 1e-5.
     """
     opts = opts or RMIOptions(**options)
     x = logits.double()
@@ -63,12 +66,15 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
     # 3. probabilities, masked and clipped
     probs = torch.sigmoid(x) if opts.probs == "sigmoid" else torch.softmax(x, dim=1)
     p = probs * vmask + PROB_CLIP
-    if float32_statistics:
+    float32_maps = float32_maps or float32_products
+    if float32_maps:
         p = p.float().double()
 
     # 4. downsampling
     y_low = pool_map(y, opts, labels_like=True)
     p_low = pool_map(p, opts)
+    if float32_maps:
+        p_low = p_low.float().double()
     h_low, w_low = y_low.shape[-2:]
     r, d = opts.radius, opts.d
 
@@ -84,7 +90,7 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
     count = keep.sum(-1, keepdim=True).clamp_min(1)
     y_cen = (y_vec - (y_vec * keep).sum(-1, keepdim=True) / count) * keep
     p_cen = (p_vec - (p_vec * keep).sum(-1, keepdim=True) / count) * keep
-    if float32_statistics:
+    if float32_products:
         y_cen, p_cen = y_cen.float(), p_cen.float()
     sy = (y_cen @ y_cen.transpose(-1, -2)).double()
     sp = (p_cen @ p_cen.transpose(-1, -2)).double()

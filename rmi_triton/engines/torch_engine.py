@@ -19,8 +19,8 @@ chunk to chunk:
   its terms has a factor that is already zero at ignored pixels.
 * downsampled, per group of (n, c) planes: the region vectors as runs of the
   flattened maps ("full width": a window row runs on past the grid's last
-  column; those positions are zeroed), centred, and multiplied in float32
-  tiles by one batched matrix product, summed in float64. When every vector
+  column; those positions are zeroed), centred, and multiplied in float64
+  tiles by one batched matrix product. When every vector
   counts there is no stack at all: the Gram's blocks are products of the
   maps' R column-shifted runs with themselves shifted by whole map rows, and
   the map's edge rows give the rest. The backward,
@@ -53,12 +53,8 @@ from ..validation import raise_if_nonfinite
 CAPTURABLE = False  # reads values on the host (which planes are informative): no CUDA graph capture
 FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
 REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
-TILE = 8192  # about this many region vectors per float32 Gram product before the float64 sum
+TILE = 8192  # about this many region vectors per Gram product
 LOG_GROUP = 32  # factors in [0.5, 1] multiplied before one log: the product stays >= 2**-32
-# Tiles of fewer region vectors multiply in float64: the float32 products of short rows are
-# two to three times less accurate than of long ones (1.6e-7 against 7.8e-8 relative, at
-# 130 and 4095 positions), which ill-conditioned inputs amplify; short ones cost little.
-FLOAT64_TILE = 512
 
 
 class Statistics(NamedTuple):
@@ -361,18 +357,18 @@ def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
 
 
 class _Scratch:
-    """Float32 buffers reused by every block of a stage: slot k hands out a view of the
-    shape asked for, growing its buffer when a larger block comes."""
+    """Buffers reused by every block of a stage: slot k hands out a view of the shape (and
+    dtype, float32 unless asked) asked for, growing its buffer when a larger block comes."""
 
     def __init__(self, device):
         self.device = device
         self.buffers = {}
 
-    def get(self, slot: int, shape) -> torch.Tensor:
+    def get(self, slot: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         size = math.prod(shape)
         buffer = self.buffers.get(slot)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.buffers[slot] = torch.empty(size, device=self.device)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
+            buffer = self.buffers[slot] = torch.empty(size, device=self.device, dtype=dtype)
         return buffer[:size].view(shape)
 
 
@@ -591,13 +587,15 @@ class _Regions(NamedTuple):
         count = self.count(weight).clamp_min(1).view(-1, 1, 1, 1)
         return (windows * weight).sum(-1).double().sum(1) / count
 
-    def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor, scratch: "_Scratch") -> torch.Tensor:
-        """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight: the centred region
-        vectors, zero at positions that do not count (with no weights: those past the grid).
-        The float64 mean is rounded to float32 first: the differences are then exact, and
-        what the rounding leaves (`rounding_offset`) is taken out in float64 afterwards."""
-        centre = mean.to(windows.dtype)[:, None, :, :, :, None]
-        out = torch.sub(windows, centre, out=scratch.get(1, windows.shape))
+    def centred(self, windows: torch.Tensor, weight, mean: torch.Tensor, scratch: "_Scratch",
+                dtype: torch.dtype) -> torch.Tensor:
+        """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight in `dtype`: the
+        centred region vectors, zero at positions that do not count (with no weights: those
+        past the grid). The float64 mean is rounded to float32 first: in float64 the
+        differences are then exact, and what the rounding leaves (`rounding_offset`) is taken
+        out in float64 afterwards."""
+        centre = mean.float().to(dtype)[:, None, :, :, :, None]
+        out = torch.sub(windows, centre, out=scratch.get(1, windows.shape, dtype))
         if weight is not None:
             return out.mul_(weight)
         grid_rows, grid_cols = self.grid
@@ -668,11 +666,13 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
     other planes
 
-    The vectors are centred before the float32 products (on their kept means; with every
-    vector counting, the probabilities on their map's mean and the labels, exact in
-    float32, on 0), so those hold the spread, not the level; the per-tile products are
-    summed in float64, and what the centre misses of the mean is measured on the centred
-    values and taken out there.
+    The vectors are centred, exactly, in float64 before the float64 products (on their
+    kept means rounded to float32; with every vector counting, the probabilities on their
+    map's float32 mean and the labels on 0), so those hold the spread, not the level, and
+    what the centre misses of the mean is measured on the centred values and taken out
+    there. Float32 products would do for most inputs, but a confident prediction (p close
+    to y) makes V = Sy - Syp (Sp + aI)^-1 Syp^T a small difference of large terms, and
+    their rounding then costs the loss 1e-4 of its value and the gradient 1e-2.
     """
     n, c, h_low, w_low = y_low.shape
     regions = _Regions.of(h_low, w_low, radius)
@@ -684,9 +684,7 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     scratch = _Scratch(y_low.device)
     if keep is None:
         # every vector counts: no stack of vectors (`_row_shift_sums`), taken about one value
-        # per map: 0 for the labels, whose values (multiples of 1 / s^2, or 0 and 1) and their
-        # products are exact in float32, and so are their sums over a tile; the mean for the
-        # probabilities
+        # per map: 0 for the labels, the mean for the probabilities
         centres = torch.stack([torch.zeros_like(p[:, 0, 0]), p.flatten(1).mean(1)], 1)
         parts = [_row_products(regions, y[group], p[group], centres[group], scratch)
                  for group in regions.plane_groups(len(planes), stacked=False)]
@@ -697,14 +695,13 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
             vec = regions.windows(regions.joint_maps(y, p, group, scratch))
             weight = regions.weights(keep, planes[group] // c)
             mean = regions.kept_means(vec, weight)
-            centred = regions.centred(vec, weight, mean, scratch).view(vec.shape[0], regions.tiles, d2, -1)
+            centred = regions.centred(vec, weight, mean, scratch, torch.float64)
+            centred = centred.view(vec.shape[0], regions.tiles, d2, -1)
             count = regions.count(weight).view(-1, 1)
             # the kept means were summed in float32: measure the offset on the centred values
-            offset = centred.sum(-1).double().sum(1) / count.clamp_min(1)
+            offset = centred.sum(-1).sum(1) / count.clamp_min(1)
             group_means.append(mean.view(-1, d2).float().double() + offset)  # exact
-            if regions.positions < FLOAT64_TILE:
-                centred = centred.double()
-            gram = (centred @ centred.transpose(-1, -2)).double().sum(1)
+            gram = (centred @ centred.transpose(-1, -2)).sum(1)
             # sum of (v - centre)(v - centre)^T = centred sums + count offset offset^T
             group_sums.append(gram - count.unsqueeze(-1) * offset.unsqueeze(-1) * offset.unsqueeze(-2))
         mean, sums = torch.cat(group_means), torch.cat(group_sums)
@@ -714,7 +711,7 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
 def _row_products(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
     """The products `_row_shift_sums` assembles, for a group of planes: with u_i the 2R map
     cells a region vector reads on map row i (R columns of both maps, less `centre`
-    [B, 2] float32), all float64:
+    [B, 2] float32, exactly in float64), all float64:
       first [B, R, 2R, 2R]:  sum of u_i u_{i+delta}^T over the grid rows i, delta = 0 .. R-1
       totals [B, 2R]:        sum of u_i over the grid rows
       pairs [B, 2(R-1) 2R, 2(R-1) 2R]: u_t u_t'^T of the R - 1 map rows above the grid's
@@ -729,26 +726,25 @@ def _row_products(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: t
     area = regions.height * w
     # u [B, (k, b), H' W']: map k from column b on, less the centre, zero past the grid's last
     # column (which is where the shifted runs reach past the map's last cell)
-    u = scratch.get(1, (b, 2, r, area))
+    u = scratch.get(1, (b, 2, r, area), torch.float64)
+    centred = scratch.get(2, (b, area), torch.float64)
     for k, m in enumerate((y, p)):
-        shifted = m.as_strided((b, r, area - r + 1), (area, 1, 1), m.storage_offset())
-        torch.sub(shifted, centre[:, k, None, None], out=u[:, k, :, :area - r + 1])
+        centred.copy_(m.view(b, area)).sub_(centre[:, k, None].double())  # exact: float32 values
+        u[:, k, :, :area - r + 1] = centred.as_strided((b, r, area - r + 1), (area, 1, 1))
     u.view(b, 2, r, -1, w)[..., grid_cols:] = 0
-    if regions.positions < FLOAT64_TILE:
-        u = u.double()
     u = u.view(b, 2 * r, area)
-    first = u.new_zeros(b, r, 2 * r, 2 * r, dtype=torch.float64)
-    totals = u.new_zeros(b, 2 * r, dtype=torch.float64)
-    for tile in range(regions.tiles):  # float32 products of up to TILE positions, summed in float64
+    first = u.new_zeros(b, r, 2 * r, 2 * r)
+    totals = u.new_zeros(b, 2 * r)
+    for tile in range(regions.tiles):
         start, stop = tile * regions.rows * w, min((tile + 1) * regions.rows, grid_rows) * w
         rows = u[:, :, start:stop]
-        totals += rows.sum(-1).double()
+        totals += rows.sum(-1)
         first += torch.stack([rows @ u[:, :, start + delta * w:stop + delta * w].transpose(1, 2)
-                              for delta in range(r)], 1).double()
+                              for delta in range(r)], 1)
     by_row = u.view(b, 2 * r, -1, w)
     edge = torch.cat([by_row[:, :, :r - 1], by_row[:, :, grid_rows:grid_rows + r - 1]], 2).transpose(1, 2)
     pairs = edge.reshape(b, -1, w) @ edge.reshape(b, -1, w).transpose(-1, -2)
-    return first, totals, pairs.double(), edge.sum(-1).double().view(b, 2, r - 1, 2 * r)
+    return first, totals, pairs, edge.sum(-1).view(b, 2, r - 1, 2 * r)
 
 
 def _row_shift_sums(regions: _Regions, centre, first, totals, pairs, edge):
@@ -941,7 +937,7 @@ def _weighted_backward(g_joint, mean, y, p, keep, images, r: int) -> torch.Tenso
     for group in regions.plane_groups(len(p), stacked=True):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, images[group])
-        centred = regions.centred(vec, weight, mean[group], scratch)
+        centred = regions.centred(vec, weight, mean[group], scratch, torch.float32)
         g_vec = g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1)
         g_vec.addcmul_(shift[group], weight.view(-1, regions.tiles, 1, regions.positions), value=-1)
         regions.fold(grad[group], g_vec)
