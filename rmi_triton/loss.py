@@ -23,7 +23,7 @@ import torch
 
 from . import capture
 from .algebra import CholeskyReport, half_logdet_posterior
-from .options import RMIOptions
+from .options import RMIOptions, check_int
 from .precision import autocast_off
 from .validation import check_inputs
 
@@ -71,7 +71,15 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
 def _resolved(options: Optional[RMIOptions], kwargs: dict) -> RMIOptions:
     if options is not None and kwargs:
         raise TypeError("pass either options= or keyword options, not both")
+    if options is not None and not isinstance(options, RMIOptions):
+        raise TypeError(f"options must be an RMIOptions (or pass its fields as keyword arguments), "
+                        f"got {type(options).__name__}")
     return options if options is not None else RMIOptions(**kwargs)
+
+
+def _num_classes(num_classes) -> Optional[int]:
+    """num_classes as an int >= 1 (numpy integers too), or None."""
+    return None if num_classes is None else check_int("num_classes", num_classes, 1, 2 ** 31 - 1)
 
 
 def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[CholeskyReport], combine):
@@ -80,7 +88,7 @@ def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[Ch
     `report` (RMILoss's) is given to count them."""
     if isinstance(logits, torch.Tensor) and capture.capturing(logits.device):
         _check_capturable(_engine(logits, opts.backend), opts)  # before the checks that read values
-    check_inputs(logits, labels, opts, num_classes)
+    check_inputs(logits, labels, opts, _num_classes(num_classes))
     engine = _engine(logits, opts.backend)
     local = report if report is not None else CholeskyReport()
     # Under autocast the network's logits arrive in half precision; the statistics and the
@@ -209,10 +217,7 @@ class RMILoss(torch.nn.Module):
                  class_reduction: str = "sum", rmi_weight: float = 0.5, combine: str = "weighted",
                  backend: str = "auto", validate: bool = True):
         super().__init__()
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = num_classes = _num_classes(num_classes)
         self.options = RMIOptions(radius=radius, pool=pool, pool_size=pool_size, pixel_loss=pixel_loss,
                                   probs=probs, ignore_index=ignore_index, exclude_ignored=exclude_ignored,
                                   class_weights=class_weights, class_reduction=class_reduction,

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
+import numpy as np
 import torch
 
 from . import capture
@@ -25,6 +29,8 @@ COMBINES = ("weighted", "additive")
 BACKENDS = ("auto", "torch", "triton")
 MAX_RADIUS = 10
 MAX_POOL_SIZE = 8
+# The Triton kernels compare labels as int32: an ignore_index outside it would match wrapped labels.
+IGNORE_INDEX_RANGE = (-2 ** 31, 2 ** 31 - 1)
 
 # Constants of the published formula (DESIGN.md section 1).
 PROB_CLIP = 1e-6  # added to every probability: p = prob * valid + 1e-6
@@ -76,20 +82,21 @@ class RMIOptions:
     validate: bool = True
 
     def __post_init__(self):
-        _check_int("radius", self.radius, 1, MAX_RADIUS)
+        # integers and numbers of any kind (numpy's too) are stored as Python int and float
+        object.__setattr__(self, "radius", check_int("radius", self.radius, 1, MAX_RADIUS))
         _check_choice("pool", self.pool, POOLS)
-        _check_int("pool_size", self.pool_size, 1, MAX_POOL_SIZE)
+        object.__setattr__(self, "pool_size", check_int("pool_size", self.pool_size, 1, MAX_POOL_SIZE))
         _check_choice("pixel_loss", self.pixel_loss, PIXEL_LOSSES)
         _check_choice("probs", self.probs, PROBS)
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
-        if not isinstance(self.exclude_ignored, bool):
-            raise TypeError(f"exclude_ignored must be a bool, got {self.exclude_ignored!r}")
+        object.__setattr__(self, "ignore_index", check_int("ignore_index", self.ignore_index, *IGNORE_INDEX_RANGE))
+        _check_bool("exclude_ignored", self.exclude_ignored)
         _check_choice("class_reduction", self.class_reduction, CLASS_REDUCTIONS)
         _check_choice("combine", self.combine, COMBINES)
         _check_choice("backend", self.backend, BACKENDS)
-        if isinstance(self.rmi_weight, bool) or not isinstance(self.rmi_weight, (int, float)):
+        _check_bool("validate", self.validate)
+        if isinstance(self.rmi_weight, (bool, np.bool_)) or not isinstance(self.rmi_weight, numbers.Real):
             raise TypeError(f"rmi_weight must be a number, got {self.rmi_weight!r}")
+        object.__setattr__(self, "rmi_weight", float(self.rmi_weight))
         if not math.isfinite(self.rmi_weight) or self.rmi_weight < 0:
             raise ValueError(f"rmi_weight must be finite and >= 0, got {self.rmi_weight}")
         if self.combine == "weighted" and self.rmi_weight > 1:
@@ -143,11 +150,20 @@ def _device_constant(values: tuple, device: torch.device, dtype: torch.dtype) ->
         return torch.tensor(values, device=device, dtype=dtype)
 
 
-def _check_int(name, value, lo, hi):
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name, value, lo, hi) -> int:
+    """value as a Python int (numpy integers too; not bools), or a TypeError / ValueError
+    that names the option and its range."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    value = operator.index(value)
     if not lo <= value <= hi:
         raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_choice(name, value, allowed):
@@ -155,11 +171,17 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"unknown {name} {value!r}: expected one of {allowed}")
 
 
-def _as_weights(weights: Sequence[float] | torch.Tensor) -> tuple:
+def _as_weights(weights) -> tuple:
+    """A list, tuple, 1-D tensor or 1-D array of numbers, one a class, as a tuple of floats."""
+    if isinstance(weights, np.ndarray):
+        weights = torch.from_numpy(weights)
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1:
             raise ValueError(f"class_weights must be 1-D [C], got shape {tuple(weights.shape)}")
         weights = weights.detach().cpu().double().tolist()
+    if isinstance(weights, (str, bytes, Mapping, Set)) or not isinstance(weights, Sequence):
+        raise TypeError(f"class_weights must be a list, tuple, 1-D tensor or array of numbers, one a class, "
+                        f"got {type(weights).__name__} {weights!r}")
     try:
         values = tuple(float(w) for w in weights)
     except (TypeError, ValueError):

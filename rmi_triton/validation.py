@@ -31,6 +31,9 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions,
                          f"{list(logits.shape)}, got {list(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"logits are on {logits.device} but labels on {labels.device}")
+    if logits.device.type == "meta":
+        raise ValueError("logits and labels are on the meta device, which holds no values: the loss needs "
+                         "tensors with values")
     if n == 0 or c == 0 or h == 0 or w == 0:
         raise ValueError(f"logits must not be empty, got shape {tuple(logits.shape)}")
     if num_classes is not None and c != num_classes:

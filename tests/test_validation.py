@@ -1,9 +1,10 @@
 """Bad input gets a clear ValueError / TypeError that names the problem."""
 
+import numpy as np
 import pytest
 import torch
 
-from rmi_triton import RMILoss, RMIOptions, rmi_loss
+from rmi_triton import RMILoss, RMIOptions, rmi_loss, rmi_terms
 
 from helpers import random_inputs
 
@@ -78,8 +79,40 @@ def test_num_classes_contradiction(good):
     logits, labels = good
     with pytest.raises(ValueError, match=r"logits have 3 classes \(dim 1\) but num_classes=5"):
         RMILoss(num_classes=5)(logits, labels)
-    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    with pytest.raises(ValueError, match=r"num_classes must lie in \[1, "):
         RMILoss(num_classes=0)
+
+
+@pytest.mark.parametrize("value, error", [(3.0, TypeError), ("3", TypeError), (True, TypeError), (0, ValueError)])
+def test_num_classes_checked_in_every_front(good, value, error):
+    logits, labels = good
+    with pytest.raises(error, match="num_classes must"):
+        RMILoss(num_classes=value)
+    for front in (rmi_loss, rmi_terms):
+        with pytest.raises(error, match="num_classes must"):
+            front(logits, labels, num_classes=value)
+
+
+def test_options_must_be_rmi_options(good):
+    logits, labels = good
+    with pytest.raises(TypeError, match="options must be an RMIOptions .* got dict"):
+        rmi_loss(logits, labels, options={"radius": 3})
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(good):
+    logits, labels = good
+    opts = RMIOptions(radius=np.int64(3), pool_size=np.int32(4), ignore_index=np.uint8(255),
+                      rmi_weight=np.float32(0.5), class_weights=np.array([1.0, 2.0, 0.5]))
+    assert type(opts.radius) is int and type(opts.pool_size) is int and type(opts.ignore_index) is int
+    assert type(opts.rmi_weight) is float and opts.class_weights == (1.0, 2.0, 0.5)
+    expected = rmi_loss(logits, labels, num_classes=3, class_weights=[1.0, 2.0, 0.5])
+    assert torch.equal(rmi_loss(logits, labels, num_classes=np.int64(3), options=opts), expected)
+
+
+def test_meta_tensors_are_refused(good):
+    logits, labels = good
+    with pytest.raises(ValueError, match="meta device"):
+        rmi_loss(logits.to("meta"), labels.to("meta"))
 
 
 def test_map_smaller_than_region():
@@ -102,9 +135,17 @@ def test_map_smaller_than_region():
     ({"rmi_weight": -0.1}, ValueError, "rmi_weight must be finite and >= 0"),
     ({"rmi_weight": 1.5}, ValueError, r"rmi_weight must lie in \[0, 1\] with combine='weighted'"),
     ({"class_weights": [1.0, -1.0, 1.0]}, ValueError, "class_weights must be finite and >= 0"),
-    ({"class_weights": "abc"}, TypeError, "class_weights must be a sequence of numbers"),
+    ({"class_weights": "abc"}, TypeError, "class_weights must be a list, tuple, 1-D tensor or array"),
+    ({"class_weights": {0: 1.0, 1: 2.0, 2: 3.0}}, TypeError, "class_weights must be a list.*got dict"),
+    ({"class_weights": {1.0, 2.0, 3.0}}, TypeError, "class_weights must be a list.*got set"),
+    ({"class_weights": [1.0, "a", 2.0]}, TypeError, "class_weights must be a sequence of numbers"),
     ({"ignore_index": 2.0}, TypeError, "ignore_index must be an int"),
-    ({"exclude_ignored": 1}, TypeError, "exclude_ignored must be a bool"),
+    ({"ignore_index": 2 ** 31}, ValueError, r"ignore_index must lie in \[-2147483648, 2147483647\]"),
+    ({"ignore_index": 2 ** 64}, ValueError, "ignore_index must lie in"),
+    ({"exclude_ignored": 1}, TypeError, "exclude_ignored must be True or False"),
+    ({"validate": None}, TypeError, "validate must be True or False, got None"),
+    ({"validate": "yes"}, TypeError, "validate must be True or False"),
+    ({"rmi_weight": True}, TypeError, "rmi_weight must be a number"),
 ])
 def test_unknown_option_values(options, error, pattern):
     with pytest.raises(error, match=pattern):
