@@ -1,24 +1,32 @@
 # Set-up and entry points. `make test` and `make demo` work on a fresh machine:
-# they create .venv, install CPU torch only where no torch is importable
-# (GPU users bring their own), then the package with its test extras.
+# they create .venv, install torch only where none is importable (GPU users bring
+# their own), then the package with its test extras. A torch that $(PYTHON) imports
+# (a system or conda install) is seen from .venv, which then takes that
+# interpreter's packages too; a torch installed into .venv before `make` is kept.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TORCH_CPU := torch==2.13.0
+# the registry of these project machines holds torch 2.13.0's CPU build
+TORCH := torch==2.13.0
 
 .PHONY: install test bench demo clean
 
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "$(PYTHON) has torch: .venv sees its packages"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "torch found: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
-		echo "no torch importable: installing the CPU build $(TORCH_CPU)"; \
-		$(PY) -m pip install -q $(TORCH_CPU); \
+		echo "no torch importable: installing $(TORCH)"; \
+		$(PY) -m pip install -q $(TORCH); \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
