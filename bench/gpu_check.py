@@ -1,13 +1,13 @@
 """One prepared GPU check: correctness of both engines, then timings and memory.
 
-    python bench/gpu_check.py              # on a CUDA machine (an H100 lease): < 8 minutes
+    python bench/gpu_check.py              # on a CUDA machine (e.g. one H100): < 8 minutes
     python bench/gpu_check.py --dry-run    # on a CPU: tiny shapes, Triton interpreter
     ncu ... python bench/gpu_check.py --steps 8   # only 8 Triton-engine steps, for a profiler
 
 1. Correctness on the GPU: the torch and Triton engines against the float64
    reference (`reference_rmi`) for float32 / float16 / bfloat16 logits and a
    few options (loss and d(3.7 * loss)/dlogits, relative error in norm, the
-   DESIGN.md section 3 tolerances), the Triton engine with NaN-filled internal
+   docs/DESIGN.md section 3 tolerances), the Triton engine with NaN-filled internal
    buffers, and two Triton runs compared bitwise.
 2. Timings (`triton.testing.do_bench` medians) of forward, backward and
    forward+backward for F.cross_entropy (the floor users know), the published
@@ -138,7 +138,7 @@ def check_correctness():
             for backend in ("torch", "triton"):
                 row = dict(backend=backend, dtype=str(dtype).split(".")[-1], options=opts or "defaults",
                            loss_rel=float("nan"), grad_rel=float("nan"), ok=False)
-                try:  # one failing case must not cost the rest of the lease's report
+                try:  # one failing case must not cost the rest of the run's report
                     loss, grad = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **opts),
                                                logits, labels)
                     row.update(loss_rel=rel_err(loss, ref_loss), grad_rel=rel_err(grad, ref_grad))
@@ -274,7 +274,7 @@ def run_timings(bandwidth):
         for name in PROVIDERS:
             if time.time() - START > ARGS.budget_s:
                 rows.append(dict(shape="x".join(map(str, shape)), pool=f"avg {pool_size}", provider=name,
-                                 note="skipped: time budget of the lease spent"))
+                                 note="skipped: the run's time budget is spent"))
                 continue
             log("timing", name, shape, f"avg {pool_size}")
             row = time_provider(name, shape, pool_size)
@@ -327,7 +327,7 @@ def profile_triton_step(steps=5):
             kernels[name][1] += event.time_range.elapsed_us() * 1e-3 / steps
         result["kernels"] = kernels
         result["gpu_ms"] = sum(ms for _, ms in kernels.values())
-        # host time by op and a timeline, for reading after the lease
+        # host time by op and a timeline, for reading after the run
         result["host_table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         if ARGS.out:
             os.makedirs(ARGS.out, exist_ok=True)
@@ -351,7 +351,7 @@ def time_step_variants():
 
     def guarded(name, measure):
         if time.time() - START > ARGS.budget_s + 60:
-            result[name] = "skipped: time budget of the lease spent"
+            result[name] = "skipped: the run's time budget is spent"
             return
         try:
             result[name] = measure()
@@ -627,7 +627,7 @@ def print_report(machine, correctness, bandwidth, timings, compiled, mixed, brea
                  "graphed_loss_check", "compiled_ms", "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
-    print(f"== issue 3's bars ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")
+    print(f"== the performance targets ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")
     for bar, measured, met in bars(timings, breakdown, bandwidth, variants):
         print(f"     {'-' if met is None else 'met' if met else 'NOT met':8s} {bar:60s} {measured}")
     print(f"== total {time.time() - START:.0f}s")

@@ -5,7 +5,7 @@
 On a GPU, `torch.cuda.max_memory_allocated` during one forward+backward, less what was
 allocated before it, is the step's extra peak memory (bench/gpu_check.py reports it, the
 gradient of the logits included, and beyond the gradient as a share of the logits' size:
-issue 3's bar is 10% at 16x21x513x513 avg 4). The Triton engine's large buffers are
+the target is 10% at 16x21x513x513 avg 4). The Triton engine's large buffers are
 allocated by its launchers in Python, the same on any device; so this runs the step on
 the CPU with the kernels stubbed out (bench/stubbed.py: no kernel runs, buffers are
 zero-filled) and follows the CPU allocator's live bytes through the torch profiler's

@@ -21,8 +21,9 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
     A temporary file in the same folder is written, flushed and fsynced, then
     renamed over `path`, and the folder is fsynced so the rename is durable. A
-    crash or an exception at any moment leaves the previous file (or none) and
-    no temporary behind.
+    crash, a kill or an exception at any moment leaves the previous file (or none)
+    in place; an exception also removes the temporary, which a killed process
+    leaves behind as a `.tmp-*` file beside `path`.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

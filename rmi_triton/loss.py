@@ -5,7 +5,7 @@ reduces the logits to region statistics, and the shared float64 algebra
 turns those into the loss. No math of the loss lives in this module beyond
 combining the terms.
 
-How ignored pixels enter (DESIGN.md section 1): they get p = 1e-6 and
+How ignored pixels enter (docs/DESIGN.md section 1): they get p = 1e-6 and
 y = 0, and take no part in the pixel term. With `exclude_ignored=True` the
 region vectors that touch them leave the statistics as well: a downsampled
 cell counts as ignored when any full-resolution pixel feeding it is ignored
@@ -202,7 +202,7 @@ class RMILoss(torch.nn.Module):
         combine: "weighted" -> lambda * pixel + (1 - lambda) * rmi (paper);
             "additive" -> pixel + lambda * rmi.
         backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch", "triton".
-        validate: check label values and finite logits (costs a device sync).
+        validate: check label values and finite logits (each check costs a device sync).
 
     Attributes:
         cholesky_retries: how many covariance matrices so far needed a larger

@@ -32,7 +32,7 @@ MAX_POOL_SIZE = 8
 # The Triton kernels compare labels as int32: an ignore_index outside it would match wrapped labels.
 IGNORE_INDEX_RANGE = (-2 ** 31, 2 ** 31 - 1)
 
-# Constants of the published formula (DESIGN.md section 1).
+# Constants of the published formula (docs/DESIGN.md section 1).
 PROB_CLIP = 1e-6  # added to every probability: p = prob * valid + 1e-6
 RIDGE = 5e-4  # a, the ridge on Sp and on V before the Cholesky factorisation
 LOG_EPS = 1e-8  # inside log(diag(chol) + 1e-8)

@@ -1,6 +1,6 @@
 """Downsampling geometry shared by the reference and the engines.
 
-One place says how a map is downsampled (DESIGN.md section 1, step 4) and
+One place says how a map is downsampled (docs/DESIGN.md section 1, step 4) and
 how an ignored pixel marks the downsampled cells and region vectors when
 `exclude_ignored=True`:
 

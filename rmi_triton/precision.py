@@ -2,7 +2,7 @@
 
 A network trained with autocast hands the loss float16 or bfloat16 logits, and may call
 backward() inside its autocast block. The statistics, the d x d algebra and the engines'
-backward must still run in float32 / float64 (DESIGN.md section 3's tolerances), so the
+backward must still run in float32 / float64 (docs/DESIGN.md section 3's tolerances), so the
 loss front and the torch engine's backward switch autocast off around their work.
 """
 

@@ -1,4 +1,4 @@
-"""The float64 reference: DESIGN.md section 1 written out, step by step.
+"""The float64 reference: docs/DESIGN.md section 1 written out, step by step.
 
 This is the oracle of every test. It favours being obviously right over
 being fast or light: it materialises one-hot labels and the R*R-fold stacks

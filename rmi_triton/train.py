@@ -8,7 +8,7 @@ What it does:
 * SGD (momentum 0.9, weight decay 1e-4) with the paper's poly schedule
   ``lr = base_lr * (1 - it / total) ** 0.9`` (base 0.007).
 * Losses: ``ce`` (``F.cross_entropy`` with ignore_index), ``bce`` (the sigmoid BCE
-  pixel term of DESIGN.md section 1 alone), ``rmi`` (``RMILoss``: BCE + RMI, paper
+  pixel term of docs/DESIGN.md section 1 alone), ``rmi`` (``RMILoss``: BCE + RMI, paper
   defaults, tunable with the ``--rmi-*`` options).
 * Reproducible data: the sample order of epoch ``e`` is ``randperm`` from a
   generator seeded with ``seed + e``; item ``i`` of epoch ``e`` is augmented with a
@@ -57,9 +57,16 @@ _SCHEDULE_KEYS = ("model", "backbone", "output_stride", "dataset", "num_classes"
 # ---------------------------------------------------------------------------------------------
 # command line
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None: those options' help says what they mean."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rmi-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     g = p.add_argument_group("network")
     g.add_argument("--model", default="deeplabv3plus", choices=("deeplabv3", "deeplabv3plus", "pspnet"))
     g.add_argument("--backbone", default="resnet101",
@@ -286,7 +293,7 @@ def build_datasets(args):
 # losses and schedule
 
 def bce_pixel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """The BCE pixel term of DESIGN.md section 1, alone (no RMI statistics are computed):
+    """The BCE pixel term of docs/DESIGN.md section 1, alone (no RMI statistics are computed):
     ``sum(v * bce_with_logits(x, onehot(y))) / (sum(v) + 1)``, summed over classes."""
     x = logits.float()
     valid = labels != ignore_index

@@ -1,7 +1,7 @@
 """Input checks of the loss front: clear errors instead of crashes deep inside.
 
 Shape and dtype checks are free; the label-range and finite-logit checks
-read the data and cost a device sync, so `validate=False` skips them.
+read the data and cost a device sync each, so `validate=False` skips them.
 """
 
 from __future__ import annotations

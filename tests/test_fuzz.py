@@ -2,7 +2,7 @@
 
 Random shapes (down to the smallest map the region fits in), every option,
 degenerate label maps and logits from tiny to 1e4 and saturated. Always: a
-finite loss and gradient that agree with the reference within DESIGN.md
+finite loss and gradient that agree with the reference within docs/DESIGN.md
 section 3, or a clear ValueError for input that is truly invalid.
 Runs derandomised (the same examples every run); failures found on the way
 are kept as explicit examples.

@@ -172,7 +172,7 @@ def test_half_logdet_closed_form_gradient_matches_autograd(retry):
 
 
 def test_joint_factorisation_matches_the_formula():
-    """h from one Cholesky of [[Sp + aI, Syp^T], [Syp, Sy + aI]] against DESIGN.md's formula
+    """h from one Cholesky of [[Sp + aI, Syp^T], [Syp, Sy + aI]] against docs/DESIGN.md's formula
     written out (V = Sy - Syp (Sp + aI)^-1 Syp^T, then chol(V + aI)), nearly singular
     statistics included: the same log-determinants to rounding."""
     g = torch.Generator().manual_seed(5)

@@ -39,11 +39,6 @@ class SegmentationDataset(Dataset):
         self._rng_owner: object = None
 
     # -- augmentation randomness -------------------------------------------------
-    def reseed(self, seed: int) -> None:
-        """Restart the augmentation stream of this process from ``seed``."""
-        self.aug_seed = int(seed)
-        self._rng = None
-
     @property
     def rng(self) -> np.random.Generator:
         """The generator the transform draws from in the current process/worker."""
@@ -97,13 +92,6 @@ def read_index_png(path: str) -> np.ndarray:
                 "grayscale ('L') PNG whose pixel values are class indices"
             )
         return np.array(im, dtype=np.uint8)
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """``(width, height)`` of an image file without decoding its pixels."""
-    Image = _pil()
-    with Image.open(path) as im:
-        return im.size
 
 
 def _pil():

@@ -74,11 +74,11 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
 PIXEL_NONE, PIXEL_BCE, PIXEL_CE = 0, 1, 2
+CAPTURABLE = True  # with validate=False no step reads a value on the host: a CUDA graph can capture it
+
 # Block sizes for a GPU (the AOT test compiles these). The interpreter pays per
 # operation rather than per element, so under TRITON_INTERPRET=1 the blocks are
 # larger; tests that need the GPU blocking set these module constants back.
-CAPTURABLE = True  # with validate=False no step reads a value on the host: a CUDA graph can capture it
-
 GPU_BLOCKS = dict(
     FULL_RES_ELEMENTS=256,  # pixels per program of kernels A and D (cells x padded window): one warp's
     MOMENT_BLOCK_M=16,  # region positions per float32 sub-block of kernel B
