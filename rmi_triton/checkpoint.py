@@ -5,7 +5,8 @@ A checkpoint is a plain dict saved with `torch.save` and read back with
 
     {"format": "rmi_triton.checkpoint", "version": 1,
      "model": {name: tensor},            # the segmentation network's state_dict
-     "config": {"name": ..., "num_classes": ..., "backbone": ..., "output_stride": ...},
+     "config": {"name": str, "num_classes": int, "backbone": str, "output_stride": int,
+                "aux_head": bool},       # `build_model`'s arguments; aux_head optional (False)
      ...}                                # optional training state (tensors, numbers, strings)
 
 No loss state is stored: the RMI loss has no parameters, and the network alone
@@ -17,7 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -25,11 +26,36 @@ from .files import atomic_writer
 
 FORMAT = "rmi_triton.checkpoint"
 VERSION = 1
+# The config keys every checkpoint holds, and the optional ones with the value a checkpoint
+# without them was built with (aux_head was not recorded at first).
 CONFIG_KEYS = ("name", "num_classes", "backbone", "output_stride")
+CONFIG_DEFAULTS: Dict[str, Any] = {"aux_head": False}
+# The config values `build_model` takes, each with the exact type it must have (exact:
+# bool is an int subclass, so isinstance would let True pass as num_classes 1).
+CONFIG_TYPES: Dict[str, type] = {"name": str, "num_classes": int, "backbone": str, "output_stride": int,
+                                 "aux_head": bool}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: corrupt, foreign or unsafe."""
+
+
+def _config_problem(config: Any) -> Optional[str]:
+    """Why ``config`` cannot be a checkpoint's model config, or None when it can.
+
+    Checks presence and type of each key (`CONFIG_KEYS`, `CONFIG_TYPES`); whether
+    the values name a network that exists is `build_model`'s to say.
+    """
+    if not isinstance(config, dict):
+        return f"the model config is a {type(config).__name__}, not a dict with {list(CONFIG_KEYS)}"
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        return f"the model config lacks {missing}; needs {list(CONFIG_KEYS)}"
+    for key, kind in CONFIG_TYPES.items():
+        if key in config and type(config[key]) is not kind:
+            return (f"model config {key!r} must be of type {kind.__name__}, "
+                    f"got {type(config[key]).__name__} {config[key]!r}")
+    return None
 
 
 def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor], config: Dict[str, Any],
@@ -38,17 +64,28 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
 
     A crash at any moment leaves either the previous file or the new one,
     never a half-written checkpoint.
+
+    Raises:
+        ValueError: ``config`` lacks a key of `CONFIG_KEYS` or holds a value of
+            the wrong type (see `_config_problem`); nothing is written.
     """
-    missing = [k for k in CONFIG_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"checkpoint config lacks {missing}; needs {list(CONFIG_KEYS)}")
+    problem = _config_problem(config)
+    if problem:
+        raise ValueError(f"cannot save checkpoint {os.fspath(path)!r}: {problem}")
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "config": dict(config), **extra}
     with atomic_writer(path) as f:
         torch.save(payload, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, Any]:
-    """Read and check a checkpoint; never executes anything the file contains."""
+    """Read and check a checkpoint; never executes anything the file contains.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: a corrupt, truncated or foreign file, one holding pickled
+            objects, a model config with a key missing or of the wrong type (the
+            message names the key and the type expected), or no state dict of tensors.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -67,23 +104,36 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path!r} has version {payload.get('version')}, expected {VERSION}")
     config, state = payload.get("config"), payload.get("model")
-    if not isinstance(config, dict) or any(k not in config for k in CONFIG_KEYS):
-        raise CheckpointError(f"checkpoint {path!r} has no complete model config {list(CONFIG_KEYS)}")
+    problem = _config_problem(config)
+    if problem:
+        raise CheckpointError(f"checkpoint {path!r} has no usable model config: {problem}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path!r} has no model state dict of tensors")
     return payload
 
 
 def build_from_checkpoint(path_or_payload, map_location="cpu") -> torch.nn.Module:
-    """The segmentation network a checkpoint describes, with its weights loaded (eval mode)."""
+    """The segmentation network a checkpoint describes, with its weights loaded (eval mode).
+
+    ``path_or_payload`` is a checkpoint file or what `load_checkpoint` returned.
+    A config without ``aux_head`` (older checkpoints) builds the network without
+    the auxiliary head; with ``aux_head=True`` the head is built and loaded too,
+    though eval mode (inference, export) never runs it.
+
+    Raises:
+        CheckpointError: the file is not a usable checkpoint (see `load_checkpoint`),
+            its config names no network `build_model` can build, or the weights do
+            not fit that network.
+    """
     from rmi_triton.models import build_model
 
     payload = path_or_payload if isinstance(path_or_payload, dict) else load_checkpoint(path_or_payload,
                                                                                        map_location)
     config = payload["config"]
+    arguments = dict(CONFIG_DEFAULTS, **{k: config[k] for k in CONFIG_TYPES if k in config})
     try:
-        model = build_model(**{k: config[k] for k in CONFIG_KEYS})
-    except ValueError as err:
+        model = build_model(**arguments)
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint describes a network that cannot be built: {err}") from None
     try:
         result = model.load_state_dict(payload["model"], strict=False)

@@ -27,6 +27,23 @@ def test_round_trip_rebuilds_the_network(tmp_path, model):
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
     assert not rebuilt.training
+    assert rebuilt.aux_head is None  # CONFIG has no aux_head, as checkpoints written before it
+
+
+def test_aux_head_checkpoint_rebuilds_with_its_head(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("pspnet", 3, backbone="resnet18", aux_head=True).eval()
+    path = tmp_path / "aux.pt"
+    save_checkpoint(path, model.state_dict(), model.build_config)
+    rebuilt = build_from_checkpoint(path)
+    assert rebuilt.aux_head is not None and rebuilt.build_config == model.build_config
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))  # eval mode: the main logits alone
+    aux_logits = rebuilt.train()(x)[1]
+    assert aux_logits.shape == (2, 3, 40, 48)
 
 
 def test_missing_file(tmp_path):
@@ -72,10 +89,43 @@ def test_foreign_or_incomplete_payloads(tmp_path, model):
     with pytest.raises(CheckpointError, match="not an rmi_triton checkpoint"):
         load_checkpoint(path)
     torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": {}, "config": {"name": "x"}}, path)
-    with pytest.raises(CheckpointError, match="no complete model config"):
+    lacks = r"no usable model config: the model config lacks \['num_classes'"
+    with pytest.raises(CheckpointError, match=lacks):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="config lacks"):
         save_checkpoint(path, {}, {"name": "deeplabv3"})
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"name": ["deeplabv3plus"]}, r"'name' must be of type str, got list \['deeplabv3plus'\]"),
+        ({"num_classes": "3"}, r"'num_classes' must be of type int, got str '3'"),
+        ({"num_classes": True}, r"'num_classes' must be of type int, got bool True"),
+        ({"backbone": None}, r"'backbone' must be of type str, got NoneType None"),
+        ({"output_stride": 16.0}, r"'output_stride' must be of type int, got float 16\.0"),
+        ({"aux_head": "yes"}, r"'aux_head' must be of type bool, got str 'yes'"),
+    ],
+)
+def test_config_of_the_wrong_type_is_refused_naming_the_key(tmp_path, model, change, match):
+    path = tmp_path / "ck.pt"
+    torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": model.state_dict(),
+                "config": dict(CONFIG, **change)}, path)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=match):
+        build_from_checkpoint(path)
+    with pytest.raises(ValueError, match=match):  # and such a checkpoint is never written
+        save_checkpoint(tmp_path / "new.pt", model.state_dict(), dict(CONFIG, **change))
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_config_that_is_not_a_dict(tmp_path, model):
+    path = tmp_path / "ck.pt"
+    torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": model.state_dict(),
+                "config": ["deeplabv3plus", 3]}, path)
+    with pytest.raises(CheckpointError, match="the model config is a list, not a dict"):
+        load_checkpoint(path)
 
 
 def test_weights_that_do_not_fit(tmp_path, model):
