@@ -10,7 +10,7 @@ from torch import nn
 from .common import SegmentationModel
 from .deeplab import DeepLabV3, DeepLabV3Plus
 from .pspnet import PSPNet
-from .resnet import BACKBONES, OUTPUT_STRIDES, NormLayer, build_resnet
+from .resnet import BACKBONES, NormLayer, build_resnet, check_choice, check_output_stride
 
 _MODELS: Dict[str, Type[SegmentationModel]] = {
     "deeplabv3": DeepLabV3,
@@ -55,21 +55,33 @@ def build_model(
         rebuild it (name, num_classes, backbone, output_stride, aux_head).
 
     Raises:
-        ValueError: unknown ``name``/``backbone``/``output_stride``, bad
-            ``num_classes``, both ``norm_layer`` and ``sync_bn``, or pretrained
-            weights that do not fit the backbone.
+        TypeError: an argument of the wrong type: ``name``/``backbone`` not a
+            str, ``num_classes``/``output_stride`` not an int (a float such as
+            ``16.0`` or a bool is refused, not converted), ``sync_bn``/``aux_head``
+            not a bool, ``pretrained`` not a path, ``norm_layer`` not callable.
+        ValueError: unknown ``name``/``backbone``, ``output_stride`` not 8 or
+            16, ``num_classes`` < 1, both ``norm_layer`` and ``sync_bn``, or
+            pretrained weights that do not fit the backbone.
         FileNotFoundError: ``pretrained`` names no file.
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(
-            f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}"
+    check_choice("model", name, MODEL_NAMES)
+    check_choice("backbone", backbone, BACKBONES)
+    check_output_stride(output_stride)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(
+            f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}"
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    for flag, value in (("sync_bn", sync_bn), ("aux_head", aux_head)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained must be a path (str or os.PathLike) or None, "
+                        f"got {type(pretrained).__name__}")
+    if norm_layer is not None and not callable(norm_layer):
+        raise TypeError(f"norm_layer must be a callable channels -> nn.Module, "
+                        f"got {type(norm_layer).__name__}")
     if sync_bn and norm_layer is not None:
         raise ValueError("pass either norm_layer or sync_bn=True, not both")
 

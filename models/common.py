@@ -42,6 +42,31 @@ def resize_bilinear(x: Tensor, size: Union[Sequence[int], Tuple[int, int]]) -> T
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def check_image(x: Tensor, channels: int) -> None:
+    """Raise unless ``x`` is a floating-point batch ``[N, channels, H, W]``.
+
+    Without this check an integer image (uint8 straight from a decoder) or a
+    single image without its batch dimension fails deep inside the first
+    convolution with a message about scalar types or weight shapes.
+
+    Raises:
+        TypeError: ``x`` is not a tensor or not floating point.
+        ValueError: ``x`` is not 4-D or has a channel count other than ``channels``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"expected an image batch tensor [N, {channels}, H, W], got {type(x).__name__}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point image batch [N, {channels}, H, W], got dtype "
+                        f"{x.dtype}; convert and normalise integer images first")
+    if x.dim() != 4 or x.shape[1] != channels:
+        hint = "; add the batch dimension (x[None]) for a single image" if x.dim() == 3 else ""
+        raise ValueError(
+            f"expected an image batch [N, {channels}, H, W], got shape {tuple(x.shape)}{hint}"
+        )
+
+
 def init_head_weights(module: nn.Module) -> None:
     """He init for the convolutions of a freshly built head; norms start as identity."""
     for m in module.modules():
@@ -81,12 +106,13 @@ class SegmentationModel(nn.Module):
     ``head`` maps the backbone's feature dict (see :class:`ResNet`) to
     low-resolution logits ``[N, num_classes, h, w]``.
 
-    ``forward(x)`` with ``x`` ``[N, 3, H, W]`` returns logits
-    ``[N, num_classes, H, W]``.  When built with ``aux_head=True`` the model
-    has an extra classifier on ``layer3`` and, *in training mode only*,
-    ``forward`` returns the pair ``(logits, aux_logits)`` (both
-    ``[N, num_classes, H, W]``) so a trainer can add the auxiliary loss; in
-    eval mode (inference, export) it always returns the single tensor.
+    ``forward(x)`` with ``x`` a floating-point ``[N, 3, H, W]`` returns logits
+    ``[N, num_classes, H, W]``; any other input raises (see :func:`check_image`).
+    When built with ``aux_head=True`` the model has an extra classifier on
+    ``layer3`` and, *in training mode only*, ``forward`` returns the pair
+    ``(logits, aux_logits)`` (both ``[N, num_classes, H, W]``) so a trainer
+    can add the auxiliary loss; in eval mode (inference, export) it always
+    returns the single tensor.
     """
 
     def __init__(
@@ -107,6 +133,7 @@ class SegmentationModel(nn.Module):
             init_head_weights(self.aux_head)
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        check_image(x, self.backbone.conv1.in_channels)
         size = x.shape[-2:]
         features = self.backbone(x)
         logits = resize_bilinear(self.head(features), size)

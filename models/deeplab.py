@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import SegmentationModel, conv_bn_relu, init_head_weights, resize_bilinear
-from .resnet import NormLayer, ResNet
+from .resnet import NormLayer, ResNet, check_output_stride
 
 # Atrous rates of the three 3x3 ASPP branches at output stride 16; at output
 # stride 8 the feature map is twice as fine, so the rates double to cover the
@@ -18,8 +18,7 @@ ASPP_RATES_OS16: Tuple[int, int, int] = (6, 12, 18)
 
 def aspp_rates(output_stride: int) -> Tuple[int, ...]:
     """ASPP atrous rates for ``output_stride`` 16 (6, 12, 18) or 8 (12, 24, 36)."""
-    if output_stride not in (8, 16):
-        raise ValueError(f"output_stride must be one of (8, 16), got {output_stride!r}")
+    check_output_stride(output_stride)
     scale = 16 // output_stride
     return tuple(rate * scale for rate in ASPP_RATES_OS16)
 

@@ -33,6 +33,37 @@ _DILATE_BY_OUTPUT_STRIDE: Dict[int, Tuple[bool, bool, bool]] = {
 }
 
 
+def check_choice(kind: str, value: str, choices: Tuple[str, ...]) -> None:
+    """Raise unless ``value`` is one of the names in ``choices`` (``kind`` names what it picks).
+
+    Raises:
+        TypeError: not a str.
+        ValueError: a str that is not one of ``choices``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"the {kind} must be named by a str, one of {choices}; "
+                        f"got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {choices}")
+
+
+def check_output_stride(output_stride: int) -> None:
+    """Raise unless ``output_stride`` is the int 8 or 16.
+
+    A float (``16.0``) or a bool compares equal to an allowed value but would
+    turn dilations and atrous rates into floats that fail only at forward time.
+
+    Raises:
+        TypeError: not an int (or a bool).
+        ValueError: an int other than 8 or 16.
+    """
+    if isinstance(output_stride, bool) or not isinstance(output_stride, int):
+        raise TypeError(f"output_stride must be an int, one of {OUTPUT_STRIDES}; "
+                        f"got {type(output_stride).__name__} {output_stride!r}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution whose padding keeps the size (up to stride) for any dilation."""
     return nn.Conv2d(
@@ -138,10 +169,7 @@ class ResNet(nn.Module):
         norm_layer: Optional[NormLayer] = None,
     ) -> None:
         super().__init__()
-        if output_stride not in _DILATE_BY_OUTPUT_STRIDE:
-            raise ValueError(
-                f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}"
-            )
+        check_output_stride(output_stride)
         norm_layer = nn.BatchNorm2d if norm_layer is None else norm_layer
         self.output_stride = output_stride
         dilate = _DILATE_BY_OUTPUT_STRIDE[output_stride]
@@ -241,9 +269,12 @@ def build_resnet(
 
     ``pretrained`` is an optional path to a local torchvision-format state
     dict (see :func:`load_torchvision_weights`); nothing is downloaded.
+
+    Raises:
+        TypeError: ``name`` not a str, ``output_stride`` not an int.
+        ValueError: unknown ``name``, ``output_stride`` not 8 or 16.
     """
-    if name not in _RESNET_SPECS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+    check_choice("backbone", name, BACKBONES)
     block, layers = _RESNET_SPECS[name]
     model = ResNet(block, layers, output_stride=output_stride, norm_layer=norm_layer)
     if pretrained is not None:
@@ -255,6 +286,35 @@ def _preview(items: Sequence[str], limit: int = 8) -> str:
     """Comma-joined first ``limit`` items, noting how many were left out."""
     shown = ", ".join(items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    )
+
+
+def _describe_non_state_dict(obj: object) -> str:
+    """What a file holds instead of a state dict, naming where a nested one sits.
+
+    Training scripts often save ``{"state_dict": {...}, "epoch": ...}``; the
+    nested state dict is not taken silently, since its keys may carry prefixes
+    (``module.``, ``backbone.``) that only the user knows how to strip.
+    """
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}"
+    nested = [repr(k) for k, v in obj.items() if _is_state_dict(v) and v]
+    others = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
+              if not isinstance(v, Tensor) and not (_is_state_dict(v) and v)]
+    text = f"a {type(obj).__name__}"
+    if others:
+        text += f" with non-tensor entries {_preview(others)}"
+    if nested:
+        text += (
+            f"; a state dict is nested under {_preview(nested)}: save that mapping on its own "
+            f"(e.g. torch.save(torch.load(path)[{nested[0]}], new_path)) and pass new_path"
+        )
+    return text
 
 
 def load_torchvision_weights(
@@ -283,12 +343,10 @@ def load_torchvision_weights(
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise ValueError(f"could not read pretrained weights from {path!r}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
-    ):
+    if not _is_state_dict(state):
         raise ValueError(
             f"{path!r} does not hold a state dict (a mapping of parameter names to "
-            f"tensors) but a {type(state).__name__}"
+            f"tensors) but {_describe_non_state_dict(state)}"
         )
 
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -1,5 +1,7 @@
-"""Tests for rmi_triton.models: shapes, gradients, parameter counts, exportable
-pyramid pooling, pretrained loading and its errors, norm-layer options.
+"""Tests for rmi_triton.models: shapes, gradients, the architecture (parameter
+counts, widths, rates, dropout, and forward passes against a functional
+re-implementation), exportable pyramid pooling, pretrained loading and its
+errors, norm-layer options, argument and input checks.
 
 Most tests use ResNet-18 and small odd inputs to stay fast on CPU.
 """
@@ -14,6 +16,7 @@ from torch import nn
 from rmi_triton.models import (
     BACKBONES,
     MODEL_NAMES,
+    Bottleneck,
     DeepLabV3,
     DeepLabV3Plus,
     PSPNet,
@@ -79,12 +82,19 @@ def test_backbone_output_stride_and_dilation(output_stride):
         assert net.layer4[0].conv2.dilation == (1, 1) and net.layer4[1].conv2.dilation == (2, 2)
 
 
-def test_aspp_rates_double_at_output_stride_8():
-    assert aspp_rates(16) == (6, 12, 18)
-    assert aspp_rates(8) == (12, 24, 36)
-    model = build_model("deeplabv3", NUM_CLASSES, backbone="resnet18", output_stride=8)
-    dilations = [branch[0].dilation[0] for branch in model.head.aspp.branches]
-    assert dilations == [1, 12, 24, 36]
+# The papers' settings, stated here independently of the code under test.
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}  # DeepLabv3: doubled at output stride 8
+PSP_BINS = (1, 2, 3, 6)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("name", ["deeplabv3", "deeplabv3plus"])
+def test_aspp_rates_follow_output_stride(name, output_stride):
+    assert aspp_rates(output_stride) == ASPP_RATES[output_stride]
+    model = build_model(name, NUM_CLASSES, backbone="resnet18", output_stride=output_stride)
+    convs = [branch[0] for branch in model.head.aspp.branches]
+    assert [conv.dilation[0] for conv in convs] == [1, *ASPP_RATES[output_stride]]
+    assert [conv.padding[0] for conv in convs] == [0, *ASPP_RATES[output_stride]]  # size preserving
 
 
 # ------------------------------------------------------------------ gradients
@@ -136,6 +146,169 @@ def test_backbone_param_count_matches_torchvision(backbone):
     net = build_resnet(backbone)
     fc_params = net.channels["layer4"] * 1000 + 1000
     assert count_params(net) + fc_params == TORCHVISION_RESNET_PARAMS[backbone]
+
+
+def _conv_bn(in_channels: int, out_channels: int, kernel_size: int) -> int:
+    """Parameters of conv (no bias) -> BatchNorm (weight and bias)."""
+    return in_channels * out_channels * kernel_size**2 + 2 * out_channels
+
+
+def _head_params(name: str, channels: dict, num_classes: int) -> int:
+    """The decode head's parameter count as the papers describe it."""
+    c1, c4 = channels["layer1"], channels["layer4"]
+    classifier = lambda width: width * num_classes + num_classes  # noqa: E731 (1x1 conv with bias)
+    # 1x1 branch, three 3x3 atrous branches, image pooling, 1x1 projection of the 5 * 256 concat
+    aspp = _conv_bn(c4, 256, 1) + 3 * _conv_bn(c4, 256, 3) + _conv_bn(c4, 256, 1) + _conv_bn(5 * 256, 256, 1)
+    if name == "deeplabv3":  # ASPP -> 3x3 conv 256 -> classifier
+        return aspp + _conv_bn(256, 256, 3) + classifier(256)
+    if name == "deeplabv3plus":  # layer1 reduced to 48, concat with ASPP, two 3x3 convs 256
+        return (aspp + _conv_bn(c1, 48, 1) + _conv_bn(256 + 48, 256, 3) + _conv_bn(256, 256, 3)
+                + classifier(256))
+    # PSPNet: 4 pyramid levels reduced to C/4 each, concat with the input (2C) -> 3x3 conv 512
+    return 4 * _conv_bn(c4, c4 // 4, 1) + _conv_bn(2 * c4, 512, 3) + classifier(512)
+
+
+# build_model(name, 21, backbone) totals without / with the auxiliary head; the
+# deeplabv3/resnet50 one with aux is torchvision's deeplabv3_resnet50 (42,004,074).
+MODEL_PARAMS = {
+    ("deeplabv3", "resnet18"): (15_904_085, 16_499_818),
+    ("deeplabv3plus", "resnet18"): (16_608_181, 17_203_914),
+    ("pspnet", "resnet18"): (16_170_069, 16_765_802),
+    ("deeplabv3", "resnet50"): (39_638_869, 42_004_074),
+    ("deeplabv3plus", "resnet50"): (40_352_181, 42_717_386),
+    ("pspnet", "resnet50"): (46_592_597, 48_957_802),
+}
+
+
+@pytest.mark.parametrize("name, backbone", MODEL_PARAMS, ids=[f"{n}-{b}" for n, b in MODEL_PARAMS])
+def test_model_param_counts(name, backbone):
+    plain = build_model(name, 21, backbone=backbone)
+    with_aux = build_model(name, 21, backbone=backbone, aux_head=True)
+    assert (count_params(plain), count_params(with_aux)) == MODEL_PARAMS[name, backbone]
+    channels = plain.backbone.channels
+    assert count_params(plain.head) == _head_params(name, channels, 21)
+    # FCN-style aux head on layer3: 3x3 conv 256 -> classifier
+    assert count_params(with_aux.aux_head) == _conv_bn(channels["layer3"], 256, 3) + 256 * 21 + 21
+    assert count_params(plain) == count_params(plain.backbone) + count_params(plain.head)
+
+
+def test_head_widths_and_dropout_follow_the_papers():
+    psp = build_model("pspnet", NUM_CLASSES, backbone="resnet18", aux_head=True)
+    assert psp.head.ppm.bins == PSP_BINS
+    assert [stage[0].out_channels for stage in psp.head.ppm.stages] == [512 // 4] * 4
+    assert psp.head.conv[0].out_channels == 512 and psp.head.conv[0].kernel_size == (3, 3)
+    assert type(psp.head.dropout) is nn.Dropout2d and psp.head.dropout.p == 0.1
+    aux_conv, aux_dropout = psp.aux_head[0][0], psp.aux_head[1]
+    assert aux_conv.in_channels == psp.backbone.channels["layer3"] and aux_conv.out_channels == 256
+    assert type(aux_dropout) is nn.Dropout2d and aux_dropout.p == 0.1
+
+    plus = build_model("deeplabv3plus", NUM_CLASSES, backbone="resnet50")
+    reduce = plus.head.reduce[0]
+    assert (reduce.in_channels, reduce.out_channels) == (256, 48)  # layer1 of ResNet-50 -> 48
+    assert [(block[0].out_channels, block[0].kernel_size) for block in plus.head.fuse] == [(256, (3, 3))] * 2
+    for model in (plus, build_model("deeplabv3", NUM_CLASSES, backbone="resnet18")):
+        dropout = model.head.aspp.project[-1]
+        assert type(dropout) is nn.Dropout and dropout.p == 0.5
+
+
+def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics, so no norm is an identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=generator)
+                m.bias.normal_(0.0, 0.2, generator=generator)
+                m.running_mean.normal_(0.0, 0.2, generator=generator)
+                m.running_var.uniform_(0.5, 2.0, generator=generator)
+    return model
+
+
+def _bn(x, norm):
+    return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+
+
+def _conv_bn_relu(x, block, dilation: int = 1):
+    """A ``conv_bn_relu`` block in eval mode, size preserving at ``dilation``."""
+    conv, norm = block[0], block[1]
+    padding = dilation * (conv.weight.shape[-1] - 1) // 2
+    return F.relu(_bn(F.conv2d(x, conv.weight, padding=padding, dilation=dilation), norm))
+
+
+def _upsample(x, size):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _aspp(x, aspp, rates):
+    assert len(aspp.branches) == 1 + len(rates)
+    outs = [_conv_bn_relu(x, aspp.branches[0])]
+    outs += [_conv_bn_relu(x, branch, rate) for branch, rate in zip(aspp.branches[1:], rates)]
+    pool = aspp.image_pool  # global average -> 1x1 conv -> norm -> ReLU, broadcast to every pixel
+    pooled = F.relu(_bn(F.conv2d(x.mean(dim=(2, 3), keepdim=True), pool.conv.weight), pool.bn))
+    outs.append(_upsample(pooled, x.shape[-2:]))
+    return _conv_bn_relu(torch.cat(outs, dim=1), aspp.project)  # dropout: identity in eval
+
+
+def _head(name, head, features, output_stride):
+    """The decode heads as the papers describe them (eval mode), from the modules' weights."""
+    if name == "pspnet":
+        x = features["layer4"]
+        assert len(head.ppm.stages) == len(PSP_BINS)
+        levels = [_upsample(_conv_bn_relu(F.adaptive_avg_pool2d(x, bins), stage), x.shape[-2:])
+                  for bins, stage in zip(PSP_BINS, head.ppm.stages)]
+        y = _conv_bn_relu(torch.cat([x, *levels], dim=1), head.conv)
+    elif name == "deeplabv3":
+        y = _conv_bn_relu(_aspp(features["layer4"], head.aspp, ASPP_RATES[output_stride]), head.conv)
+    else:
+        low = _conv_bn_relu(features["layer1"], head.reduce)
+        context = _upsample(_aspp(features["layer4"], head.aspp, ASPP_RATES[output_stride]), low.shape[-2:])
+        assert len(head.fuse) == 2
+        y = _conv_bn_relu(_conv_bn_relu(torch.cat([context, low], dim=1), head.fuse[0]), head.fuse[1])
+    return F.conv2d(y, head.classifier.weight, head.classifier.bias)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_matches_a_functional_reimplementation(name, output_stride):
+    # float64 so any difference is architecture, not rounding; odd size so upsampling is non-trivial.
+    torch.manual_seed(0)
+    model = build_model(name, NUM_CLASSES, backbone="resnet18", output_stride=output_stride)
+    model = _randomize_norms(model).double().eval()
+    x = torch.randn(2, 3, 97, 113, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _upsample(_head(name, model.head, model.backbone(x), output_stride), x.shape[-2:])
+        torch.testing.assert_close(model(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def _block(block, x):
+    """BasicBlock / Bottleneck: conv-norm-ReLU for each conv but the last, which adds the shortcut first."""
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if isinstance(block, Bottleneck):
+        pairs.append((block.conv3, block.bn3))
+    identity = x
+    if block.downsample is not None:
+        conv, norm = block.downsample
+        identity = _bn(F.conv2d(x, conv.weight, stride=conv.stride), norm)
+    out = x
+    for i, (conv, norm) in enumerate(pairs):
+        out = _bn(F.conv2d(out, conv.weight, stride=conv.stride, padding=conv.padding,
+                           dilation=conv.dilation), norm)
+        out = F.relu(out) if i < len(pairs) - 1 else F.relu(out + identity)
+    return out
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_backbone_matches_a_functional_reimplementation(backbone, output_stride):
+    net = _randomize_norms(build_resnet(backbone, output_stride)).double().eval()
+    x = torch.randn(1, 3, 67, 53, dtype=torch.float64)
+    with torch.no_grad():
+        got = net(x)
+        y = F.max_pool2d(F.relu(_bn(F.conv2d(x, net.conv1.weight, stride=2, padding=3), net.bn1)), 3, 2, 1)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(net, name):
+                y = _block(block, y)
+            torch.testing.assert_close(got[name], y, rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_deeplabv3_resnet101_param_count():
@@ -257,6 +430,18 @@ def test_pretrained_not_a_state_dict(tmp_path):
         build_model("pspnet", NUM_CLASSES, backbone="resnet18", pretrained=garbage)
 
 
+def test_pretrained_nested_state_dict_is_named(tmp_path):
+    # Training scripts save {"state_dict": ..., "epoch": ...}: the message says where the weights sit.
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": _torchvision_style_state("resnet18"), "epoch": 90}, path)
+    with pytest.raises(ValueError) as info:
+        build_model("pspnet", NUM_CLASSES, backbone="resnet18", pretrained=path)
+    message = str(info.value)
+    assert "does not hold a state dict" in message and str(path) in message
+    assert "non-tensor entries 'epoch' (int)" in message
+    assert "nested under 'state_dict'" in message
+
+
 def test_pretrained_wrong_backbone_lists_keys(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(_torchvision_style_state("resnet34"), path)
@@ -337,6 +522,55 @@ def test_invalid_arguments_raise_value_error(kwargs, match):
     args = {"name": "deeplabv3", "num_classes": NUM_CLASSES, "backbone": "resnet18", **kwargs}
     with pytest.raises(ValueError, match=match):
         build_model(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # 16.0 == 16 passes a membership test, then makes float rates and dilations
+        ({"output_stride": 16.0}, r"output_stride must be an int.*got float 16\.0"),
+        ({"output_stride": True}, r"output_stride must be an int.*got bool"),
+        ({"output_stride": "16"}, r"output_stride must be an int.*got str"),
+        ({"aux_head": "yes"}, r"aux_head must be a bool, got str 'yes'"),
+        ({"aux_head": 1}, r"aux_head must be a bool, got int"),
+        ({"sync_bn": "no"}, r"sync_bn must be a bool, got str"),
+        ({"num_classes": 5.0}, r"num_classes must be an int, got float"),
+        ({"num_classes": True}, r"num_classes must be an int, got bool"),
+        ({"name": ["deeplabv3"]}, r"the model must be named by a str.*got list"),
+        ({"backbone": None}, r"the backbone must be named by a str.*got NoneType"),
+        ({"pretrained": 3}, r"pretrained must be a path.*got int"),
+        ({"norm_layer": "bn"}, r"norm_layer must be a callable.*got str"),
+    ],
+)
+def test_arguments_of_the_wrong_type_raise_type_error(kwargs, match):
+    args = {"name": "deeplabv3", "num_classes": NUM_CLASSES, "backbone": "resnet18", **kwargs}
+    with pytest.raises(TypeError, match=match):
+        build_model(**args)
+
+
+def test_output_stride_type_is_checked_outside_build_model_too():
+    with pytest.raises(TypeError, match="output_stride must be an int"):
+        build_resnet("resnet18", output_stride=8.0)
+    with pytest.raises(TypeError, match="output_stride must be an int"):
+        aspp_rates(16.0)
+
+
+@pytest.mark.parametrize(
+    "image, error, match",
+    [
+        (torch.randint(0, 255, (1, 3, 33, 35), dtype=torch.uint8), TypeError,
+         r"floating-point image batch \[N, 3, H, W\], got dtype torch\.uint8"),
+        (torch.randn(3, 33, 35), ValueError, r"got shape \(3, 33, 35\); add the batch dimension"),
+        (torch.randn(1, 4, 33, 35), ValueError, r"\[N, 3, H, W\], got shape \(1, 4, 33, 35\)"),
+        (torch.randn(1, 1, 3, 33, 35), ValueError, r"got shape \(1, 1, 3, 33, 35\)"),
+    ],
+    ids=["uint8", "3-D", "4-channels", "5-D"],
+)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_wrong_input_is_named(name, image, error, match):
+    model = build_model(name, NUM_CLASSES, backbone="resnet18").eval()
+    with pytest.raises(error, match=match), torch.no_grad():
+        model(image)
 
 
 def test_model_classes_exported():
