@@ -1,5 +1,5 @@
-"""``python -m rmi_triton.export CHECKPOINT OUT.onnx [--opset N] [--static] [--verify]
-[--compare OTHER_CHECKPOINT] [--size HxW]`` (also installed as ``rmi-export``).
+"""``python -m rmi_triton.export CHECKPOINT OUT.onnx [--opset N] [--static] [--verify [--atol A]
+[--rtol R]] [--compare OTHER_CHECKPOINT] [--size HxW]`` (also installed as ``rmi-export``).
 
 Rebuilds the network from the checkpoint's stored config (read with
 ``weights_only=True``: a file can never run code), exports it, optionally
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from .errors import ExportError
 from .files import check_writable, staged
 from .graph import summarize
 from .onnx_export import export_onnx
-from .verify import load_model, verify_onnx
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, load_model, verify_onnx
 
 PROG = "rmi-export"
 EXIT_ERROR = 2
@@ -51,6 +52,16 @@ def _size(text: str) -> Tuple[int, int]:
     return height, width
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"a tolerance must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Export a trained segmentation network to ONNX (inference "
                                             "graph only: no loss), verify it, compare two exports.")
@@ -60,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--static", action="store_true", help="fix the input to 1x3xHxW (--size)")
     parser.add_argument("--verify", action="store_true",
                         help="check_model, no-loss check, onnxruntime vs PyTorch, latency")
+    parser.add_argument("--atol", type=_tolerance, default=None, metavar="A",
+                        help=f"with --verify: allowed |onnxruntime - PyTorch| is A + R * max|logit| "
+                             f"(default A = {DEFAULT_ATOL:g})")
+    parser.add_argument("--rtol", type=_tolerance, default=None, metavar="R",
+                        help=f"with --verify: R of that bound; float32 rounding grows with the logits "
+                             f"(default R = {DEFAULT_RTOL:g}; 0 for a plain absolute tolerance)")
     parser.add_argument("--compare", metavar="OTHER_CHECKPOINT",
                         help="export this checkpoint too and compare graphs and latency")
     parser.add_argument("--size", type=_size, default=(256, 256), metavar="HxW",
@@ -99,8 +116,9 @@ def _rows(report: Dict[str, Any]) -> List[Tuple[str, str]]:
         rows += [
             ("check_model", verify["check_model"]),
             ("training leftovers", "none (no loss, dropout or training-mode BN nodes)"),
-            ("max |ORT - torch|", ", ".join(f"{k}: {v:.2e}" for k, v in verify["max_abs_diff"].items())
-             + f" (atol {verify['atol']:g})"),
+            ("max |ORT - torch|", ", ".join(f"{k}: {v:.2e} <= {verify['tolerance'][k]:.2e}"
+                                            for k, v in verify["max_abs_diff"].items())
+             + f" (tolerance atol {verify['atol']:g} + rtol {verify['rtol']:g} x max|logit|)"),
             ("ORT latency", f"{verify['latency_median_ms']:.2f} ms median at {verify['latency_size']} "
                             f"({verify['latency_runs']} runs after {verify['latency_warmup']} warm-up)"),
             ("verify time", f"{verify['seconds']:.1f} s"),
@@ -127,6 +145,8 @@ def format_table(report: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of one command line; raises on any failure, writes only on success."""
+    if not args.verify and (args.atol is not None or args.rtol is not None):
+        raise _UsageError("--atol and --rtol set the tolerance of --verify, which was not asked for")
     output = check_writable(args.output)  # before any work: fail fast, name the path
     json_path = check_writable(report_path(output))
     payload = load_checkpoint(args.checkpoint)
@@ -141,8 +161,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         report["export"] = dict(info.to_dict(), path=output)
         report["graph"] = summarize(load_model(onnx_tmp), onnx_tmp).to_dict()
         if args.verify:
-            verified = verify_onnx(onnx_tmp, network, latency_size=shape)
-            report["verify"] = dict(verified.to_dict(), path=output)
+            tolerance = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+            verified = verify_onnx(onnx_tmp, network, latency_size=shape, display_path=output, **tolerance)
+            report["verify"] = verified.to_dict()
         if args.compare:
             compared = compare_exports(onnx_tmp, args.compare, latency_size=shape, opset=args.opset,
                                        dynamic=not args.static, example_shape=shape)

@@ -7,6 +7,7 @@ Networks are ResNet-18 with few classes and inputs are small.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pathlib
@@ -49,10 +50,12 @@ def trained_like(model: nn.Module, seed: int, logit_scale: float = 8.0) -> nn.Mo
 
     A fresh network's BN layers hold mean 0 / variance 1, so activations grow
     layer after layer and logits reach hundreds. float32 itself is then off by
-    more than atol=1e-4 (PyTorch float32 vs float64 differ by ~4e-4 at logits
-    of ~70: relative 1e-6 rounding), whatever ONNX Runtime does. So: running
-    statistics measured on data (random images, cumulative average) keep the
-    activations normalised, and the classifier is scaled so that logits reach
+    more than 1e-4 (PyTorch float32 vs float64 differ by ~4e-4 at logits of ~70:
+    relative 1e-6 rounding), whatever ONNX Runtime does, and the tests below
+    hold onnxruntime to 1e-4 absolute, stricter than `verify_onnx`'s default
+    tolerance (which grows with the logits). So: running statistics measured
+    on data (random images, cumulative average) keep the activations
+    normalised, and the classifier is scaled so that logits reach
     ``logit_scale`` on a 128x160 image, the range of a trained network's logits.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -74,10 +77,11 @@ def trained_like(model: nn.Module, seed: int, logit_scale: float = 8.0) -> nn.Mo
     return model
 
 
-def make_model(name: str, stride: int, seed: int = 0, perturb: float = 0.0) -> nn.Module:
+def make_model(name: str, stride: int, seed: int = 0, perturb: float = 0.0,
+               aux_head: bool = False) -> nn.Module:
     """A resnet18 network at a trained network's scale; ``perturb`` adds noise to every weight first."""
     torch.manual_seed(seed)
-    model = build_model(name, NUM_CLASSES, "resnet18", stride)
+    model = build_model(name, NUM_CLASSES, "resnet18", stride, aux_head=aux_head)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(perturb * torch.randn_like(p))
@@ -148,6 +152,61 @@ def test_verify_reports_a_graph_that_is_not_the_model(exports):
     assert report is not None and not report.passed and report.max_abs_diff["1x3x32x32"] > 1e-2
 
 
+@pytest.fixture(scope="module")
+def loud_export(workdir):
+    """A correct export whose logits reach ~1e5 (the demo's network after two iterations does)."""
+    model = make_model("deeplabv3", 16, seed=3)
+    with torch.no_grad():
+        model.head.classifier.weight.mul_(1e4)
+        model.head.classifier.bias.mul_(1e4)
+    path = workdir / "loud.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+def test_verify_tolerance_grows_with_the_logits(loud_export):
+    model, path = loud_export
+    report = verify_onnx(path, model, sizes=SIZES, latency_size=SMALL, latency_runs=1)
+    assert report.passed and (report.atol, report.rtol) == (1e-4, 1e-3)
+    for key, diff in report.max_abs_diff.items():
+        assert report.max_abs_logit[key] > 1e4
+        assert report.tolerance[key] == pytest.approx(1e-4 + 1e-3 * report.max_abs_logit[key])
+        assert 1e-4 < diff <= report.tolerance[key]  # float32 rounding that a fixed 1e-4 would refuse
+    absolute_only = r"> tolerance 0\.0001 at 1x3x128x160 \(atol 0\.0001 \+ rtol 0 x"
+    with pytest.raises(VerificationError, match=absolute_only):
+        verify_onnx(path, model, sizes=SIZES[:1], rtol=0, latency_size=SMALL, latency_runs=1)
+    with pytest.raises(ExportError, match="rtol must be a finite number >= 0, got -0.001"):
+        verify_onnx(path, model, rtol=-1e-3)
+
+
+def _align_corners(model, monkeypatch):
+    def resize(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+    for module in ("common", "deeplab"):
+        monkeypatch.setattr(f"rmi_triton.models.{module}.resize_bilinear", resize)
+
+
+# Faults an export could make, small ones included; each is put on the PyTorch side of
+# the comparison, which cannot tell that from the same fault in the graph.
+FAULTS = {
+    "conv-weight-1%": lambda model, _: model.backbone.layer3[0].conv1.weight.mul_(1.01),
+    "bias-of-one-class": lambda model, _: model.head.classifier.bias[0].add_(0.05),  # logits reach ~8
+    "missing-relu": lambda model, _: setattr(model.backbone.layer4[1], "relu", nn.Identity()),
+    "align-corners": _align_corners,
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_default_tolerance_still_catches_small_faults(exports, fault, monkeypatch):
+    model, path, _ = exports("deeplabv3plus", 16)
+    faulty = copy.deepcopy(model)
+    with torch.no_grad():
+        FAULTS[fault](faulty, monkeypatch)
+    with pytest.raises(VerificationError, match="onnxruntime disagrees with PyTorch"):
+        verify_onnx(path, faulty, sizes=SIZES, latency_size=SMALL, latency_runs=1)
+
+
 # ------------------------------------------------------- training wrapper / unwrap
 
 
@@ -208,29 +267,33 @@ def test_find_network_unwraps_and_refuses_ambiguity():
 # ------------------------------------------------------------------ comparisons
 
 
-def save_tiny_checkpoint(path, seed: int, name="deeplabv3"):
-    """A 'trained' checkpoint: same architecture, weights from another seed (stand-in for CE vs RMI)."""
-    model = make_model(name, 16, seed, perturb=0.01)  # as a different training run would
-    save_checkpoint(path, model.state_dict(), config(name, 16))
+def save_tiny_checkpoint(path, seed: int, name="deeplabv3", aux_head=False):
+    """A 'trained' checkpoint: the architecture of ``name``, weights that differ with ``seed``."""
+    model = make_model(name, 16, seed, perturb=0.01, aux_head=aux_head)  # as a different training run would
+    save_checkpoint(path, model.state_dict(), model.build_config)
     return path
 
 
 @pytest.fixture(scope="module")
 def checkpoints(workdir):
-    return (save_tiny_checkpoint(workdir / "trained-ce.pt", 1),
-            save_tiny_checkpoint(workdir / "trained-rmi.pt", 2))
+    """Two checkpoints of one architecture with different weights, as two training runs leave."""
+    return (save_tiny_checkpoint(workdir / "run-a.pt", 1),
+            save_tiny_checkpoint(workdir / "run-b.pt", 2))
 
 
-def test_ce_and_rmi_checkpoints_export_to_identical_graphs(checkpoints):
-    ce, rmi = checkpoints
-    report = compare_exports(ce, rmi, latency_size=SMALL, rounds=4, warmup=1)
+def test_checkpoints_of_one_architecture_export_to_identical_graphs(checkpoints):
+    # Weights that differ (as a CE-trained and an RMI-trained network's would) give graphs equal
+    # in all but weight values: the export depends on the architecture alone. That no trace of
+    # the loss reaches the graph is test_training_wrapper_exports_the_bare_network's to show.
+    run_a, run_b = checkpoints
+    report = compare_exports(run_a, run_b, latency_size=SMALL, rounds=4, warmup=1)
     assert report.identical, report.mismatches
     assert report.mismatches == [] and report.op_histogram_diff == {}
     assert report.parameter_count[0] == report.parameter_count[1]
     assert report.latency_median_ms_a > 0 and report.latency_median_ms_b > 0
     assert report.latency_ratio_b_over_a == pytest.approx(
         report.latency_median_ms_b / report.latency_median_ms_a)
-    assert report.sources == {"a": str(ce), "b": str(rmi)}
+    assert report.sources == {"a": str(run_a), "b": str(run_b)}
     json.loads(report.to_json())
 
 
@@ -330,6 +393,20 @@ def _tiny_graph(path, nodes, extra_outputs=()):
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), path)
 
 
+def test_verify_refuses_logits_pytorch_cannot_give_finitely(workdir):
+    # An infinite logit would make the tolerance infinite too; the comparison must not pass on that.
+    class InfiniteCorner(nn.Module):
+        def forward(self, x):
+            y = x.clone()
+            y[..., 0, 0] = float("inf")
+            return y
+
+    path = workdir / "identity.onnx"
+    _tiny_graph(path, [onnx.helper.make_node("Identity", ["image"], ["logits"])])
+    with pytest.raises(VerificationError, match="PyTorch's own logits are not finite at 1x2x4x4"):
+        verify_onnx(path, InfiniteCorner(), sizes=[(1, 2, 4, 4)], latency_runs=1)
+
+
 def test_training_leftovers_are_caught(workdir):
     h = onnx.helper
     path = workdir / "leftovers.onnx"
@@ -351,10 +428,11 @@ def test_training_leftovers_are_caught(workdir):
 
 @pytest.fixture(scope="module")
 def cli_run(workdir, checkpoints):
-    ce, rmi = checkpoints
+    run_a, run_b = checkpoints
     out = workdir / "cli" / "net.onnx"
     out.parent.mkdir()
-    code = main([str(ce), str(out), "--verify", "--compare", str(rmi), "--size", "64x64"])
+    code = main([str(run_a), str(out), "--verify", "--atol", "2e-5", "--rtol", "5e-4",
+                 "--compare", str(run_b), "--size", "64x64"])
     return code, out
 
 
@@ -363,6 +441,8 @@ def test_cli_exports_verifies_compares_and_writes_json(cli_run, capsys):
     assert code == 0 and out.is_file()
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["verify"]["passed"] and max(report["verify"]["max_abs_diff"].values()) <= 1e-4
+    assert (report["verify"]["atol"], report["verify"]["rtol"]) == (2e-5, 5e-4)
+    assert report["verify"]["path"] == str(out)
     assert report["compare"]["identical"] and report["compare"]["latency_ratio_b_over_a"] > 0
     assert report["export"]["config"]["name"] == "deeplabv3"
     assert report["graph"]["op_histogram"] == report["verify"]["op_histogram"]
@@ -418,6 +498,52 @@ def test_cli_unknown_architecture(workdir, capsys):
     out = workdir / "e4.onnx"
     err = _cli_error([bad, out], capsys)
     assert "cannot be built" in err and "segformer" in err
+    assert not out.exists()
+
+
+def test_cli_checkpoint_config_of_the_wrong_type(workdir, capsys):
+    bad = workdir / "listname.pt"
+    torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": {"w": torch.zeros(1)},
+                "config": dict(config("deeplabv3", 16), name=["deeplabv3"])}, bad)
+    out = workdir / "e7.onnx"
+    assert "model config 'name' must be of type str, got list" in _cli_error([bad, out], capsys)
+    assert not out.exists()
+
+
+def test_cli_exports_an_aux_head_checkpoint_as_the_main_network(workdir, capsys):
+    checkpoint = save_tiny_checkpoint(workdir / "aux.pt", 1, aux_head=True)
+    out = workdir / "aux" / "net.onnx"
+    out.parent.mkdir()
+    assert main([str(checkpoint), str(out), "--verify", "--size", "64x64"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["export"]["config"]["aux_head"] is True and report["verify"]["passed"]
+    assert report["graph"]["outputs"] == [f"logits: float32[batch, {NUM_CLASSES}, height, width]"]
+    # inference never runs the aux head, so none of its weights is in the graph
+    names = [init.name for init in onnx.load(out).graph.initializer]
+    assert any(name.startswith("head.") for name in names)
+    assert not any("aux" in name for name in names)
+
+
+def test_cli_failed_verification_names_the_output_path(workdir, checkpoints, capsys):
+    folder = workdir / "strict"
+    folder.mkdir()
+    out = folder / "net.onnx"
+    # a zero tolerance fails on float32 rounding alone; the file checked is a staged copy of out
+    args = [checkpoints[0], out, "--verify", "--atol", "0", "--rtol", "0", "--size", "64x64"]
+    err = _cli_error(args, capsys)
+    assert f"{str(out)!r}: onnxruntime disagrees with PyTorch" in err and "> tolerance 0 at" in err
+    assert ".staged-" not in err
+    assert os.listdir(folder) == []
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--rtol", "1e-3"], "--atol and --rtol set the tolerance of --verify, which was not asked for"),
+    (["--verify", "--atol", "-1"], "a tolerance must be a finite number >= 0, got '-1'"),
+    (["--verify", "--rtol", "nan"], "a tolerance must be a finite number >= 0, got 'nan'"),
+])
+def test_cli_refuses_a_tolerance_it_cannot_use(workdir, checkpoints, capsys, args, match):
+    out = workdir / "e8.onnx"
+    assert match in _cli_error([checkpoints[0], out, *args], capsys)
     assert not out.exists()
 
 
