@@ -319,3 +319,15 @@ def test_confident_prediction_meets_the_contract(backend, options):
                                        logits.double(), labels, **options)
     assert_close_rel(loss, ref_loss, 1e-5, "loss")
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pixel_term_gradient_at_saturating_logits(backend):
+    """sigmoid(x) - y at the label is -(1 - p): taken from p near 1 it keeps p's rounding,
+    6e-8, against 1 - p = 3e-4 at logits of 8 (the Triton engine was 1.4e-4 off)."""
+    logits, labels = _confident_prediction(amplitude=8.0)
+    options = {"rmi_weight": 1.0}  # the pixel term alone
+    _, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
+    _, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
+                                logits.double(), labels, **options)
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
