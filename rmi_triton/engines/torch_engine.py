@@ -433,6 +433,7 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
     """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None,
     and zero outside the planes `informative` [N, C] bool); kept: the forward's masked
     probabilities [N, C, H, W] (zero at ignored pixels)."""
+    x = x.detach()  # the gradient carries no graph, also under create_graph=True
     n, c, h, w = x.shape
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if g_pixel is not None and opts.pixel_loss == "bce":
