@@ -2,7 +2,9 @@
 # they create .venv, install torch only where none is importable (GPU users bring
 # their own), then the package with its test extras. A torch that $(PYTHON) imports
 # (a system or conda install) is seen from .venv, which then takes that
-# interpreter's packages too; a torch installed into .venv before `make` is kept.
+# interpreter's packages too (not a torch in another virtualenv: a venv made from
+# a venv's python sees the base interpreter's packages); a torch installed into
+# .venv before `make` is kept.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +16,7 @@ TORCH := torch==2.13.0
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		echo "$(PYTHON) has torch: .venv sees its packages"; \
+		echo "$(PYTHON) has torch: .venv made with --system-site-packages"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 		$(PYTHON) -m venv $(VENV); \
