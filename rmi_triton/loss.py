@@ -65,7 +65,7 @@ def rmi_terms(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Option
     options: an `RMIOptions`, or its fields as keyword arguments
     returns `RMITerms` with float32 scalars (loss, pixel, rmi) and rmi_per_class [C]
     """
-    return _evaluate(logits, labels, num_classes, _resolved(options, kwargs), report, _terms)
+    return _evaluate(logits, labels, _num_classes(num_classes), _resolved(options, kwargs), report, _terms)
 
 
 def _resolved(options: Optional[RMIOptions], kwargs: dict) -> RMIOptions:
@@ -83,12 +83,12 @@ def _num_classes(num_classes) -> Optional[int]:
 
 
 def _evaluate(logits, labels, num_classes, opts: RMIOptions, report: Optional[CholeskyReport], combine):
-    """combine(pixel term, h [N, C], opts) of the inputs: `_terms` or `_loss`. Warns of
-    repaired factorisations (at the line that called rmi_terms or rmi_loss) unless a
-    `report` (RMILoss's) is given to count them."""
+    """combine(pixel term, h [N, C], opts) of the inputs (num_classes checked by the front):
+    `_terms` or `_loss`. Warns of repaired factorisations (at the line that called rmi_terms
+    or rmi_loss) unless a `report` (RMILoss's) is given to count them."""
     if isinstance(logits, torch.Tensor) and capture.capturing(logits.device):
         _check_capturable(_engine(logits, opts.backend), opts)  # before the checks that read values
-    check_inputs(logits, labels, opts, _num_classes(num_classes))
+    check_inputs(logits, labels, opts, num_classes)
     engine = _engine(logits, opts.backend)
     local = report if report is not None else CholeskyReport()
     # Under autocast the network's logits arrive in half precision; the statistics and the
@@ -166,7 +166,7 @@ def rmi_loss(logits: torch.Tensor, labels: torch.Tensor, *, num_classes: Optiona
              options: Optional[RMIOptions] = None, report: Optional[CholeskyReport] = None,
              **kwargs) -> torch.Tensor:
     """Functional form of `RMILoss`: the scalar loss. Arguments as `rmi_terms`'s."""
-    return _evaluate(logits, labels, num_classes, _resolved(options, kwargs), report, _loss)
+    return _evaluate(logits, labels, _num_classes(num_classes), _resolved(options, kwargs), report, _loss)
 
 
 def _retry_message(count: int) -> str:
