@@ -54,7 +54,7 @@ def test_triton_step_peak_allocation_at_the_paper_setting(monkeypatch):
     pooled_map = n * c * (h // pool + 1) * (w // pool + 1) * 4  # ceil-mode pooling: 129 x 129 cells
     small = 1 << 20  # the d x d statistics, factors and gradients: about 0.3 MiB
     assert step["gradient"] == step["logits"] == logits.numel() * 4
-    assert 0 <= step["forward net"] - 2 * pooled_map < small, step  # y' and p' saved, nothing else large
+    assert 0 <= step["forward net"] - 3 * pooled_map < small, step  # y' and p' (float64) saved, nothing else
     assert step["forward peak"] < step["gradient"]  # the backward sets the step's peak
     assert 0 <= step["peak"] - step["gradient"] - pooled_map < small, step
     assert ledger.beyond_gradient(step) <= 0.10
@@ -65,7 +65,8 @@ def test_triton_forward_peak_with_large_pooled_maps(pool, monkeypatch):
     """Without pooling or with 2 x 2, kernel B0's float64 maps outweigh y' and p': made a run
     of images at a time, they take at most MAP_BYTES_PER_LOGIT bytes a logit (or one image's),
     so the forward's peak is y', p' and one run's maps (at pool 1, 523% of the logits beyond the gradient
-    when all the maps were made at once; now about cross-entropy's 200%)."""
+    when all the maps were made at once; 200%, cross-entropy's, with a float32 p'; 301% with p' in
+    float64)."""
     import torch
 
     ledger = bench_module("memory_ledger")
@@ -79,9 +80,11 @@ def test_triton_forward_peak_with_large_pooled_maps(pool, monkeypatch):
     step = ledger.step_ledger(lambda x, y: rmi_loss(x, y, pool_size=pool, validate=False, backend="triton"),
                               logits, labels)
     low = h // pool + (1 if pool > 1 else 0)  # ceil-mode pooling with padding s // 2
-    pooled_maps = 2 * n * c * low * low * 4
+    pooled_maps = n * c * low * low * (4 + 8)  # y' float32, p' float64
     one_image = c * 2 * triton_engine._map_stride(low, low, 3) * 8  # a run holds one image at least
     budget = max(triton_engine.MAP_BYTES_PER_LOGIT * logits.numel(), triton_engine.MAP_BYTES_FLOOR, one_image)
     sums = 8 << 20  # B1, B1b and B2's sums, every plane's kept across the runs, and the rest
     assert step["forward peak"] <= pooled_maps + budget + sums, step
-    assert ledger.beyond_gradient(step) <= {1: 2.05, 2: 0.30}[pool]
+    # float64 p' (exact where p is near 1) costs these settings: at pool 1 kernel C's phase holds
+    # y', p' and dL/dp', 4 times the logits; at pool 2 the forward's y', p' and one run's maps
+    assert ledger.beyond_gradient(step) <= {1: 3.05, 2: 0.50}[pool]

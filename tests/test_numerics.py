@@ -323,6 +323,31 @@ def test_confident_prediction_meets_the_contract(backend, options):
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
 
 
+SATURATED_CASES = [{}, {"rmi_weight": 0.0}, {"probs": "softmax", "rmi_weight": 0.0},
+                   {"probs": "softmax", "pixel_loss": "ce"}, {"pixel_loss": "ce", "rmi_weight": 1.0},
+                   {"pool": "max", "rmi_weight": 0.0},
+                   {"pool_size": 3, "rmi_weight": 0.0}, {"pool": "none", "radius": 2, "rmi_weight": 0.0},
+                   {"pool": "interp", "rmi_weight": 0.0}]
+
+
+@pytest.mark.parametrize("options", SATURATED_CASES, ids=case_id)
+def test_saturated_prediction_meets_the_contract(options):
+    """Logits of +-12 (p within 6e-6 of 0 or 1): the statistics feel p' to 1e-12, which a
+    float32 p' near 1 does not keep (its rounding, 6e-8, is 1e-2 of 1 - p'). Kernel A sums
+    each cell's p > 1/2 as 1 - (1 - p), 1 - p from exp(-|x|) (softmax: from the other classes'
+    terms), into float64 maps, y' is float64 where a float32 count / 9 rounds, kernel C works in
+    float64, and kernels A and D take the softmax (and cross-entropy) about the largest class.
+    Before: gradient errors 5e-4 (defaults), 7e-3 (max), 3.5e-4 (pool_size 3), 0.13 (softmax
+    with cross-entropy) and 0.77 (softmax: a float32 p rounds to 1 beyond a margin of 17, and
+    p (g - sum p g) is then 0)."""
+    logits, labels = _confident_prediction(amplitude=12.0)
+    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend="triton", **o), logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
+                                       logits.double(), labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "torch in class blocks"])
 @pytest.mark.parametrize("options", [{}, {"class_weights": [0.5, 2.0, 1.0]}, {"probs": "softmax"}], ids=case_id)
 def test_pixel_term_gradient_at_saturating_logits(backend, options, monkeypatch):

@@ -265,21 +265,21 @@ if _HAVE_TRITON:
         return tl.sum(tl.sum(v, axis=0), axis=0)
 
     @triton.jit
-    def _sigmoid_and_exp(x):
-        """(sigmoid(x), exp(-|x|)) from one exponential: exp(-|x|) is in (0, 1],
-        so 1 / (1 + exp(-|x|)) cannot overflow and is taken as rsqrt(.)^2 (one
-        instruction on a GPU, without a division's range checks). Within
-        3e-7 (1 + |x|) relative: the float32 |x| / ln 2 in the exponent rounds."""
+    def _sigmoid_small(x):
+        """(sigmoid(-|x|), exp(-|x|)) from one exponential: the smaller of sigmoid(x) and
+        1 - sigmoid(x), to float32's relative precision however large |x| is (a float32
+        sigmoid(x) near 1 keeps little of 1 - sigmoid(x): at x = 8 its rounding is 2e-4 of
+        it). exp(-|x|) is in (0, 1], so 1 / (1 + exp(-|x|)) cannot overflow and is taken
+        as rsqrt(.)^2 (one instruction on a GPU, without a division's range checks).
+        Within 3e-7 (1 + |x|) relative: the float32 |x| / ln 2 in the exponent rounds."""
         e = tl.exp2(tl.abs(x) * -LOG2E)
         r = tl.rsqrt(1.0 + e)
-        r = r * r
-        return tl.where(x >= 0, r, e * r), e
+        return e * (r * r), e
 
     @triton.jit
     def _sigmoid_sides(x):
         """(sigmoid(x), 1 - sigmoid(x), sigmoid'(x)), each to float32's relative precision
-        (`_sigmoid_and_exp`'s): 1 - p and p (1 - p) taken from a stored p near 1 keep
-        too little of 1 - p (at x = 8 its 6e-8 rounding is 2e-4 of it)."""
+        (`_sigmoid_small`'s)."""
         e = tl.exp2(tl.abs(x) * -LOG2E)
         r = tl.rsqrt(1.0 + e)
         r = r * r
@@ -305,21 +305,40 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _log_sum_exp(x_base, x_off, pix_ok, C, sx_c):
-        """Per-pixel log-sum-exp over the C classes, float32 [SP, BLOCK * SP];
-        x_base + x_off point at class 0, classes are sx_c elements apart.
-        Exponentials in base 2 (one exp2 instruction each on a GPU) of
-        differences from the running maximum, which stays in natural units: the
-        largest logit's term is exactly 1, and lse - x for the largest x is
-        rounded relative to the other terms, not to x (logits of 1e4 and more)."""
+        """Per pixel [SP, BLOCK * SP] over the C classes, float32: (log-sum-exp, the largest
+        logit m, rest = sum of exp(x_c - m) over the classes but the first that holds m);
+        x_base + x_off point at class 0, classes are sx_c elements apart. One exponential
+        (base 2: one instruction on a GPU) of -|x - m| a class: a new maximum scales the
+        rest and adds the old maximum's term, 1. The largest logit's term stays exactly 1
+        and out of `rest`, so 1 - softmax at the largest logit, rest / (1 + rest), keeps its
+        relative precision (from a float32 softmax near 1 it would not), and lse - x for the
+        largest x is rounded relative to the other terms, not to x (logits of 1e4 and more)."""
         m = tl.full(x_off.shape, -float("inf"), tl.float32)
-        total = tl.zeros(x_off.shape, dtype=tl.float32)
+        rest = tl.zeros(x_off.shape, dtype=tl.float32)
         for _ in range(C):
             x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            total = total * tl.exp2((m - m_new) * LOG2E) + tl.exp2((x - m_new) * LOG2E)
-            m = m_new
+            e = tl.exp2(tl.abs(x - m) * -LOG2E)
+            rest = tl.where(x > m, (rest + 1.0) * e, rest + e)
+            m = tl.maximum(m, x)
             x_base += sx_c
-        return m + tl.log2(total) * LN2
+        return m + tl.log2(1.0 + rest) * LN2, m, rest
+
+    @triton.jit
+    def _prob_split(x, lse, m, rest, top_small, SOFTMAX: tl.constexpr):
+        """A probability p [SP, BLOCK * SP] as (p > 1/2, the smaller of p and 1 - p), each
+        to float32's relative precision, and exp(-|x|) (sigmoid only). p' near 1 held as a
+        float32 p keeps too little of 1 - p' for the statistics of a confident prediction
+        (where V is a small difference of large terms): kernel A sums the two sides apart.
+        Softmax: only the class of the largest logit m can exceed 1/2, when no other class
+        ties with it (rest < 1); its 1 - p is top_small = rest / (1 + rest)."""
+        if SOFTMAX:
+            high = (x == m) & (rest < 1.0)
+            small = tl.where(high, top_small, tl.exp2((x - lse) * LOG2E))
+            e = small
+        else:
+            high = x >= 0
+            small, e = _sigmoid_small(x)
+        return high, small, e
 
     @triton.jit
     def _load_next_class(x_base, x_off, pix_ok, sx_c, c, C):
@@ -362,8 +381,8 @@ if _HAVE_TRITON:
         x_ptr,  # [N, C, H, W] logits (float32/16/bf16), strides sx_*
         lab_ptr,  # [N, H, W] labels (int64/int32/uint8), contiguous
         w_ptr,  # [C] float32 class weights (read when HAS_WEIGHTS)
-        p_low_ptr,  # [N, C, H', W'] float32 out: pooled probabilities p'
-        y_low_ptr,  # [N, C, H', W'] float32 out: pooled one-hot labels y' (when WRITE_Y)
+        p_low_ptr,  # [N, C, H', W'] float64 out: pooled probabilities p'
+        y_low_ptr,  # [N, C, H', W'] float32 or float64 (`_label_map_dtype`) out: pooled one-hot labels y' (when WRITE_Y)
         arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
         part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, 0 or NaN (non-finite logits)
         C, H, W, H_low, W_low, W_cells, n_cells,
@@ -383,7 +402,16 @@ if _HAVE_TRITON:
         hw_low = H_low * W_low
 
         if SOFTMAX or PIXEL == 2:
-            lse = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            lse, m, rest = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            top_small = rest / (1.0 + rest)
+        else:
+            lse = 0.0
+            m = 0.0
+            rest = 0.0
+            top_small = 0.0
+        if POOL != 2:  # the cells' in-image pixels times the probabilities' floor, exactly
+            floor = _cell_sum(pix_ok.to(tl.float32), SP, BLOCK).to(tl.float64) * PROB_CLIP_C
+            inv_area = 1.0 / tl.full((), S * S, tl.float64)
         loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
         bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
         x_next = _load_pixels(x_base + x_off, pix_ok)
@@ -396,38 +424,45 @@ if _HAVE_TRITON:
             is_c = lab == c
             if CHECK_FINITE:
                 bad += x * 0.0
-            if SOFTMAX:
-                p = tl.exp2((x - lse) * LOG2E)
-                if PIXEL == 1:
-                    e = tl.exp2(tl.abs(x) * -LOG2E)
-            else:
-                p, e = _sigmoid_and_exp(x)
+            high, small, e = _prob_split(x, lse, m, rest, top_small, SOFTMAX)
             if PIXEL == 1:  # softplus(x) - x y = max(x, 0) + log(1 + exp(-|x|)) - x y
+                if SOFTMAX:
+                    e = tl.exp2(tl.abs(x) * -LOG2E)
                 bce = tl.maximum(x, 0.0) + _log1p_unit(e) - tl.where(is_c, x, 0.0)
                 if HAS_WEIGHTS:
                     bce = bce * tl.load(w_ptr + c)
                 loss += bce
             if PIXEL == 2:
                 loss += tl.where(is_c, x, 0.0)
-            p = p * vf + PROB_CLIP_C
             y = tl.where(is_c, 1.0, 0.0)
+            # p' in float64: p = sigmoid(x) v + floor is 1 - small (+ floor) on the high side
             if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
-                p_max, arg = _cell_argmax(tl.where(pix_ok, p, -float("inf")), S, SP, BLOCK)
-                tl.store(p_low_ptr + low, p_max, mask=pooled)
+                if SOFTMAX:
+                    key = x - lse
+                else:
+                    key = x
+                key = tl.where(valid, key, -3.0e38)  # below any valid pixel's
+                key_max, arg = _cell_argmax(tl.where(pix_ok, key, -float("inf")), S, SP, BLOCK)
+                top_high = _cell_max(tl.where(valid & high, -small, -1.0), SP, BLOCK)
+                top_low = _cell_max(tl.where(valid & ~high, small, 0.0), SP, BLOCK)
+                p_cell = tl.where(top_high > -1.0, 1.0 + top_high.to(tl.float64), top_low.to(tl.float64))
+                tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
                 tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
                 if WRITE_Y:
                     tl.store(y_low_ptr + low, _cell_max(y, SP, BLOCK), mask=pooled)
             else:
                 # avg: padding counts as zero in the s * s divisor; none: s = 1
-                p_sum = _cell_sum(tl.where(pix_ok, p, 0.0), SP, BLOCK)
-                tl.store(p_low_ptr + low, p_sum * (1.0 / (S * S)), mask=pooled)
+                high_count = _cell_sum(tl.where(valid & high, 1.0, 0.0), SP, BLOCK)
+                signed = _cell_sum(tl.where(valid, tl.where(high, -small, small), 0.0), SP, BLOCK)
+                p_cell = (high_count.to(tl.float64) + signed.to(tl.float64) + floor) * inv_area
+                tl.store(p_low_ptr + low, p_cell, mask=pooled)
                 if WRITE_Y:
-                    tl.store(y_low_ptr + low, _cell_sum(y, SP, BLOCK) * (1.0 / (S * S)), mask=pooled)
+                    tl.store(y_low_ptr + low, _cell_sum(y, SP, BLOCK).to(tl.float64) * inv_area, mask=pooled)
             x_base += sx_c
             low += hw_low
 
-        if PIXEL == 2:  # w_label (lse - x_label)
-            loss = lse - loss
+        if PIXEL == 2:  # w_label (lse - x_label); log(1 + rest) where the label has the largest logit
+            loss = tl.where((loss == m) & (rest < 1.0), _log1p_unit(rest), lse - loss)
             if HAS_WEIGHTS:
                 pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
             else:
@@ -488,16 +523,16 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _centred_maps_kernel(
-        y_ptr,  # [P, H', W'] float32 pooled labels y'
-        p_ptr,  # [P, H', W'] float32 pooled probabilities p'
-        centre_ptr,  # [P, 2] float32 out: the centres of the y' and p' maps (their first cells)
+        y_ptr,  # [P, H', W'] float32 or float64 pooled labels y'
+        p_ptr,  # [P, H', W'] float64 pooled probabilities p'
+        centre_ptr,  # [P, 2] float32 out: the centres of the y' and p' maps (their first cells, rounded)
         maps_ptr,  # [P, 2, stride] float64 out: y', p' minus their centres, 0 around them (see below)
         H_low, W_low, stride,
         R: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """B0: the maps kernels B1 and B2 read, BLOCK positions of one plane's pair a
-        program: each map minus its centre in float64 (exact: the difference of two float32
-        values), padded to (H' + 2R - 2) x (W' + 2R - 2) with a zero frame R - 1 wide and
+        program: each map minus its centre (its first cell rounded to float32) in float64,
+        padded to (H' + 2R - 2) x (W' + 2R - 2) with a zero frame R - 1 wide and
         followed by zeros up to `stride` (a guard for B1's last step), so that every window
         or stencil reaching the map reads in bounds without a mask, and nothing is converted
         or centred again. The centre is the map's first cell: any value of the map is within
@@ -511,8 +546,8 @@ if _HAVE_TRITON:
         col = i % Wp - (R - 1)
         inside = ok & (row >= 0) & (row < H_low) & (col >= 0) & (col < W_low)
         src = plane * H_low * W_low + row * W_low + col
-        centre_y = tl.load(y_ptr + plane * H_low * W_low)
-        centre_p = tl.load(p_ptr + plane * H_low * W_low)
+        centre_y = tl.load(y_ptr + plane * H_low * W_low).to(tl.float32)
+        centre_p = tl.load(p_ptr + plane * H_low * W_low).to(tl.float32)
         y = tl.load(y_ptr + src, mask=inside, other=0.0).to(tl.float64) - centre_y.to(tl.float64)
         p = tl.load(p_ptr + src, mask=inside, other=0.0).to(tl.float64) - centre_p.to(tl.float64)
         out = maps_ptr + plane * 2 * stride + i
@@ -843,10 +878,10 @@ if _HAVE_TRITON:
         g_sp_ptr,  # [P, D, D] float64 dL/dSp (read when HAS_SP)
         g_syp_ptr,  # [P, D, D] float64 dL/dSyp (read when HAS_SYP)
         mean_ptr,  # [P, 2D] float64 the region vectors' mean
-        g_ptr,  # [P, D, 2D] float32 out: G = [Gyp^T, Gp + Gp^T]
-        shift_ptr,  # [P, D] float32 out: G (vbar - centres)
-        taps_ptr,  # [P, 2, (2R-1)^2] float32 out: G's entries summed by offset difference, y then p
-        level_ptr,  # [P, 3] float32 out: the centres of y' and p', sum_k shift_k
+        g_ptr,  # [P, D, 2D] float64 out: G = [Gyp^T, Gp + Gp^T]
+        shift_ptr,  # [P, D] float64 out: G (vbar - centres)
+        taps_ptr,  # [P, 2, (2R-1)^2] float64 out: G's entries summed by offset difference, y then p
+        level_ptr,  # [P, 3] float64 out: the centres of y' and p', sum_k shift_k
         R: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, E_PAD: tl.constexpr,
         HAS_SP: tl.constexpr, HAS_SYP: tl.constexpr,
     ):
@@ -890,16 +925,16 @@ if _HAVE_TRITON:
                 taps_p += (tl.load(g_sp_ptr + block + k * D + k2, mask=on, other=0.0)
                            + tl.load(g_sp_ptr + block + k2 * D + k, mask=on, other=0.0))
             row = g_ptr + (plane * D + k) * (2 * D)
-            tl.store(row + kk, g_y.to(tl.float32), mask=k_ok)
-            tl.store(row + D + kk, g_p.to(tl.float32), mask=k_ok)
+            tl.store(row + kk, g_y, mask=k_ok)
+            tl.store(row + D + kk, g_p, mask=k_ok)
             shift = tl.sum(g_y * dev_y + g_p * dev_p, axis=0)
-            tl.store(shift_ptr + plane * D + k, shift.to(tl.float32))
+            tl.store(shift_ptr + plane * D + k, shift)
             level += shift
-        tl.store(taps_ptr + plane * (2 * E) + e, taps_y.to(tl.float32), mask=e < E)
-        tl.store(taps_ptr + plane * (2 * E) + E + e, taps_p.to(tl.float32), mask=e < E)
-        tl.store(level_ptr + plane * 3, centre_y.to(tl.float32))
-        tl.store(level_ptr + plane * 3 + 1, centre_p.to(tl.float32))
-        tl.store(level_ptr + plane * 3 + 2, level.to(tl.float32))
+        tl.store(taps_ptr + plane * (2 * E) + e, taps_y, mask=e < E)
+        tl.store(taps_ptr + plane * (2 * E) + E + e, taps_p, mask=e < E)
+        tl.store(level_ptr + plane * 3, centre_y)
+        tl.store(level_ptr + plane * 3 + 1, centre_p)
+        tl.store(level_ptr + plane * 3 + 2, level)
 
     @triton.jit
     def _interior_grad(y_ptr, p_ptr, taps_ptr, level_ptr, out_ptr, plane, tile, H_low, W_low, H_in, W_in, tiles_w,
@@ -915,7 +950,7 @@ if _HAVE_TRITON:
         taps = taps_ptr + plane * (2 * WIDTH * WIDTH)
         centre_y = tl.load(level_ptr + plane * 3)
         centre_p = tl.load(level_ptr + plane * 3 + 1)
-        acc = tl.zeros((TILE_H, TILE_W), dtype=tl.float32)
+        acc = tl.zeros((TILE_H, TILE_W), dtype=tl.float64)
         for a in range(WIDTH):
             row = cells + (a - (R - 1)) * W_low - (R - 1)
             for b in range(WIDTH):
@@ -924,7 +959,7 @@ if _HAVE_TRITON:
                 acc += (tl.load(taps + a * WIDTH + b) * (vy - centre_y)
                         + tl.load(taps + WIDTH * WIDTH + a * WIDTH + b) * (vp - centre_p))
         acc -= tl.load(level_ptr + plane * 3 + 2)
-        tl.store(out_ptr + cells, acc, mask=ok)
+        tl.store(out_ptr + cells, acc.to(tl.float32), mask=ok)
 
     @triton.jit
     def _frame_grad(y_ptr, p_ptr, keep_ptr, g_ptr, shift_ptr, level_ptr, out_ptr, plane, block,
@@ -948,7 +983,7 @@ if _HAVE_TRITON:
         centre_p = tl.load(level_ptr + plane * 3 + 1)
         plane_base = plane * H_low * W_low
         g_rows = g_ptr + (plane * D + k) * (2 * D)  # [D_PAD] row k of G
-        acc = tl.zeros((D_PAD, BLOCK_Q), dtype=tl.float32) - tl.load(shift_ptr + plane * D + k, mask=k < D,
+        acc = tl.zeros((D_PAD, BLOCK_Q), dtype=tl.float64) - tl.load(shift_ptr + plane * D + k, mask=k < D,
                                                                       other=0.0)[:, None]
         for a in range(R):
             origin = plane_base + (mi + a) * W_low + mj
@@ -961,17 +996,17 @@ if _HAVE_TRITON:
         if HAS_KEEP:
             acc = acc * tl.load(keep_ptr + (plane // C) * M + mi * W_v + mj, mask=m_ok, other=0.0)
         grad = tl.sum(tl.where(m_ok, acc, 0.0), axis=0)
-        tl.store(out_ptr + plane_base + qi * W_low + qj, grad, mask=q_ok)
+        tl.store(out_ptr + plane_base + qi * W_low + qj, grad.to(tl.float32), mask=q_ok)
 
     @triton.jit
     def _region_grad_kernel(
-        y_ptr,  # [P, H', W'] float32 pooled labels y'
-        p_ptr,  # [P, H', W'] float32 pooled probabilities p'
+        y_ptr,  # [P, H', W'] float32 or float64 pooled labels y'
+        p_ptr,  # [P, H', W'] float64 pooled probabilities p'
         keep_ptr,  # [N, M] float32 0/1 kept region vectors (when HAS_KEEP)
-        g_ptr,  # [P, d, 2d] float32 G = [Gyp^T, Gp + Gp^T] acting on the centred joint vector
-        shift_ptr,  # [P, d] float32 G (vbar - centres): what centring on the maps' centres adds
-        taps_ptr,  # [P, 2, (2R-1)^2] float32 G's entries summed by offset difference, y map then p map
-        level_ptr,  # [P, 3] float32 the y and p maps' centres and sum_k [G (vbar - centres)]_k
+        g_ptr,  # [P, d, 2d] float64 G = [Gyp^T, Gp + Gp^T] acting on the centred joint vector
+        shift_ptr,  # [P, d] float64 G (vbar - centres): what centring on the maps' centres adds
+        taps_ptr,  # [P, 2, (2R-1)^2] float64 G's entries summed by offset difference, y map then p map
+        level_ptr,  # [P, 3] float64 the y and p maps' centres and sum_k [G (vbar - centres)]_k
         out_ptr,  # [P, H', W'] float32 out: dL/dp'
         C, H_low, W_low, H_v, W_v, M, H_in, W_in, tiles_w, n_tiles,
         R: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_H: tl.constexpr,
@@ -1033,31 +1068,43 @@ if _HAVE_TRITON:
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
-            lse = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            lse, m, rest = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            top_small = rest / (1.0 + rest)  # 1 - softmax of the largest logit's class
         if SOFTMAX and HAS_RMI:
-            # sum_c dL/dp_c * softmax_c, the softmax Jacobian's shared term
-            dot = tl.zeros(pix_ok.shape, dtype=tl.float32)
+            # dL/dx_c = p_c (g_c - sum_k p_k g_k), g = dL/dp. Where the largest logit's class
+            # t has p_t > 1/2, g_t - sum_k p_k g_k = (1 - p_t) g_t - sum_{k != t} p_k g_k
+            # (`shared`), and the other classes' g_c - g_t + shared: no difference of the near
+            # equal g_t and sum_k p_k g_k, which loses everything as p_t -> 1 (the float32
+            # softmax rounds to 1 beyond a margin of 17). No such class: g_t = 0.
+            g_top = tl.zeros(pix_ok.shape, dtype=tl.float32)
+            others = tl.zeros(pix_ok.shape, dtype=tl.float32)
             xs = x_base
             low_c = low
             for c in range(C):  # a named loop variable: Triton carries `_` into the next loop
                 x = _load_pixels(xs + x_off, pix_ok).to(tl.float32)
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
-                dot += gp * tl.exp2((x - lse) * LOG2E)
+                top = (x == m) & (rest < 1.0)
+                g_top += tl.where(top, gp, 0.0)
+                others += tl.where(top, 0.0, gp * tl.exp2((x - lse) * LOG2E))
                 xs += sx_c
                 low_c += hw_low
+            shared = g_top * top_small - others
 
         for c in range(C):
             x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
             grad = tl.zeros(pix_ok.shape, dtype=tl.float32)
             is_c = lab == c
+            if SOFTMAX or PIXEL == 2:
+                soft = tl.exp2((x - lse) * LOG2E)
+                top = (x == m) & (rest < 1.0)
             if SOFTMAX:
-                prob = tl.exp2((x - lse) * LOG2E)
+                prob = soft
             else:
                 prob, q, dprob = _sigmoid_sides(x)
             if HAS_RMI:
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low, pooled, rmi_ok, k, S, POOL)
                 if SOFTMAX:
-                    grad += prob * (gp - dot)
+                    grad += prob * tl.where(top, shared, gp - g_top + shared)
                 else:
                     grad += gp * dprob
             y = tl.where(is_c, 1.0, 0.0)
@@ -1070,11 +1117,8 @@ if _HAVE_TRITON:
                 else:
                     sig = prob
                 grad += c_coef * tl.where(is_c, -q, sig)
-            if PIXEL == 2:
-                if SOFTMAX:
-                    grad += coef * (prob - y)
-                else:
-                    grad += coef * (tl.exp2((x - lse) * LOG2E) - y)
+            if PIXEL == 2:  # softmax(x) - y: -(1 - softmax) at a label that has the largest logit
+                grad += coef * tl.where(is_c & top, -top_small, soft - y)
             grad = grad * vf
             tl.store(g_base + g_off, grad.to(gx_ptr.dtype.element_ty), mask=pix_ok)
             x_base += sx_c
@@ -1125,6 +1169,16 @@ def _pool_code(opts: RMIOptions) -> int:
     return POOL_AVG if opts.pool == "avg" else POOL_MAX
 
 
+def _label_map_dtype(opts: RMIOptions) -> torch.dtype:
+    """y' [N, C, H', W']: float32 where its values, counts over the s * s window, are exact
+    (s * s a power of two, max pooling, "interp", no pooling); float64 where a float32 count / 9
+    (s = 3) would round: the statistics of a confident prediction feel 6e-8 of y' as they do of p'."""
+    area = opts.pool_size * opts.pool_size
+    if _pool_code(opts) == POOL_AVG and area & (area - 1):
+        return torch.float64
+    return torch.float32
+
+
 def _pixel_code(pixel_loss: Optional[str]) -> int:
     return {None: PIXEL_NONE, "bce": PIXEL_BCE, "ce": PIXEL_CE}[pixel_loss]
 
@@ -1136,12 +1190,12 @@ def _ignore_value(ignore_index: int) -> int:
 
 
 def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
-    """Kernel A -> (p' [N,C,H',W'] f32, y' or None, argmax uint8 or None, partials [N, blocks, 3])."""
+    """Kernel A -> (p' [N,C,H',W'] f64, y' f32 or None, argmax uint8 or None, partials [N, blocks, 3])."""
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     dev = x.device
-    p_low = _new((n, c, geo.h_low, geo.w_low), torch.float32, dev)
-    y_low = _new((n, c, geo.h_low, geo.w_low), torch.float32, dev) if write_y else p_low
+    p_low = _new((n, c, geo.h_low, geo.w_low), torch.float64, dev)
+    y_low = _new((n, c, geo.h_low, geo.w_low), _label_map_dtype(opts), dev) if write_y else p_low
     arg = _new((n, c, geo.h_low, geo.w_low), torch.uint8, dev, 255) if geo.pool == POOL_MAX else \
         torch.empty(1, dtype=torch.uint8, device=dev)
     parts = _new((n, geo.n_blocks, 3), torch.float32, dev)
@@ -1394,10 +1448,10 @@ def _launch_region_grad(y_low, p_low, keep, mean, g_sp, g_syp, radius: int):
     h_v, w_v = h_low - radius + 1, w_low - radius + 1
     layout = _StencilLayout.of(h_low, w_low, radius, weighted=keep is not None)
     dummy = torch.empty(1, dtype=torch.float64, device=dev)
-    g_joint = _new((planes, d, 2 * d), torch.float32, dev)
-    shift = _new((planes, d), torch.float32, dev)
-    taps = _new((planes, 2, width * width), torch.float32, dev)
-    level = _new((planes, 3), torch.float32, dev)
+    g_joint = _new((planes, d, 2 * d), torch.float64, dev)
+    shift = _new((planes, d), torch.float64, dev)
+    taps = _new((planes, 2, width * width), torch.float64, dev)
+    level = _new((planes, 3), torch.float64, dev)
     _grad_constants_kernel[(planes,)](
         g_sp if g_sp is not None else dummy, g_syp if g_syp is not None else dummy, mean, g_joint, shift, taps,
         level, R=radius, D=d, D_PAD=_next_pow2(d), E_PAD=_next_pow2(width * width),
@@ -1507,8 +1561,8 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
     arg_shape = low if opts.pool == "max" and opts.downsamples else (0,)
     return (logits.new_empty((), **f64), logits.new_empty((n, c, d, d), **f64),
             logits.new_empty((n, c, d, d), **f64), logits.new_empty((n, c, d, d), **f64),
-            logits.new_empty((), **f64), logits.new_empty(low, dtype=torch.float32),
-            logits.new_empty(low, dtype=torch.float32), logits.new_empty(arg_shape, dtype=torch.uint8),
+            logits.new_empty((), **f64), logits.new_empty(low, dtype=_label_map_dtype(opts)),
+            logits.new_empty(low, **f64), logits.new_empty(arg_shape, dtype=torch.uint8),
             logits.new_empty((n, c, 2 * d), **f64), logits.new_empty((n, c, 2 * d, 2 * d), **f64))
 
 
