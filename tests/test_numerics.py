@@ -323,25 +323,30 @@ def test_confident_prediction_meets_the_contract(backend, options):
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
 
 
-SATURATED_CASES = [{}, {"rmi_weight": 0.0}, {"probs": "softmax", "rmi_weight": 0.0},
-                   {"probs": "softmax", "pixel_loss": "ce"}, {"pixel_loss": "ce", "rmi_weight": 1.0},
-                   {"pool": "max", "rmi_weight": 0.0},
+SATURATED_CASES = [{}, {"rmi_weight": 0.0}, {"rmi_weight": 1.0}, {"rmi_weight": 1.0, "class_weights": [0.5, 2.0, 1.0]},
+                   {"probs": "softmax", "rmi_weight": 0.0}, {"probs": "softmax", "pixel_loss": "ce"},
+                   {"pixel_loss": "ce", "rmi_weight": 1.0}, {"pool": "max", "rmi_weight": 0.0},
                    {"pool_size": 3, "rmi_weight": 0.0}, {"pool": "none", "radius": 2, "rmi_weight": 0.0},
-                   {"pool": "interp", "rmi_weight": 0.0}]
+                   {"pool": "interp", "rmi_weight": 0.0}, {"exclude_ignored": True, "pool_size": 2, "rmi_weight": 0.0}]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "torch in class blocks"])
 @pytest.mark.parametrize("options", SATURATED_CASES, ids=case_id)
-def test_saturated_prediction_meets_the_contract(options):
-    """Logits of +-12 (p within 6e-6 of 0 or 1): the statistics feel p' to 1e-12, which a
-    float32 p' near 1 does not keep (its rounding, 6e-8, is 1e-2 of 1 - p'). Kernel A sums
-    each cell's p > 1/2 as 1 - (1 - p), 1 - p from exp(-|x|) (softmax: from the other classes'
-    terms), into float64 maps, y' is float64 where a float32 count / 9 rounds, kernel C works in
-    float64, and kernels A and D take the softmax (and cross-entropy) about the largest class.
-    Before: gradient errors 5e-4 (defaults), 7e-3 (max), 3.5e-4 (pool_size 3), 0.13 (softmax
-    with cross-entropy) and 0.77 (softmax: a float32 p rounds to 1 beyond a margin of 17, and
-    p (g - sum p g) is then 0)."""
+def test_saturated_prediction_meets_the_contract(backend, options, monkeypatch):
+    """Logits of +-12 (p within 6e-6 of 0 or 1), each term alone (rmi_weight 0: the RMI term;
+    1: the pixel term) and together. The statistics feel p' to 1e-12, which a float32 p' near
+    1 does not keep (its rounding, 6e-8, is 1e-2 of 1 - p'): both engines hold p > 1/2 as
+    1 - (1 - p), 1 - p from exp(-|x|) (softmax: the other classes' share), pool the two sides
+    apart into float64 maps (y' too where a count / 9 rounds) and take the region gradient in
+    float64; the softmax's derivative and the cross-entropy are taken about the top class, the
+    BCE's log terms as log1p. Before (Triton / torch): gradient errors 5e-4 / 3e-3 (defaults),
+    7e-3 / 1e-2 (max), 0.77 / 0.77 (softmax: a float32 p rounds to 1 beyond a margin of 17,
+    where p (g - sum p g) is then 0); the BCE alone's loss 2e-5 / 1e-4."""
+    if backend == "torch in class blocks":  # labels outside a block of classes are clamped into it
+        monkeypatch.setattr(torch_engine, "FULL_RES_CHUNK", 2 * 48 * 56)
+        backend = "torch"
     logits, labels = _confident_prediction(amplitude=12.0)
-    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend="triton", **o), logits, labels, **options)
+    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
     ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
                                        logits.double(), labels, **options)
     assert_close_rel(loss, ref_loss, 1e-5, "loss")
@@ -352,13 +357,13 @@ def test_saturated_prediction_meets_the_contract(options):
 @pytest.mark.parametrize("options", [{}, {"class_weights": [0.5, 2.0, 1.0]}, {"probs": "softmax"}], ids=case_id)
 def test_pixel_term_gradient_at_saturating_logits(backend, options, monkeypatch):
     """sigmoid(x) - y at the label is -(1 - p): taken from p near 1 it keeps p's rounding,
-    6e-8, against 1 - p = 3e-4 at logits of 8 (the Triton engine was 1.4e-4 off; the torch
-    engine, which forms s - 1 as PyTorch's own BCE does, is 7e-5 off here and 4.8e-4 at
-    logits of 10, PyTorch's BCE 4.0e-4)."""
+    6e-8, against 1 - p = 6e-6 at logits of 12 (at logits of 8 the Triton engine was 1.4e-4
+    off; the torch engine, which formed s - 1 as PyTorch's own BCE does, 7e-5, and 4.8e-4 at
+    logits of 10; PyTorch's BCE 4.0e-4 there)."""
     if backend == "torch in class blocks":  # labels outside a block of classes are clamped into it
         monkeypatch.setattr(torch_engine, "FULL_RES_CHUNK", 2 * 48 * 56)
         backend = "torch"
-    logits, labels = _confident_prediction(amplitude=8.0)
+    logits, labels = _confident_prediction(amplitude=12.0)
     options = {"rmi_weight": 1.0, **options}  # the pixel term alone
     _, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
     _, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,

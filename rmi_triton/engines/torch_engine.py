@@ -12,8 +12,8 @@ chunk to chunk:
   rows, then columns, through views; its backward spreads each cell's
   gradient back through the same views, fused with the sigmoid's derivative.
   The BCE needs no softplus pass: softplus(x) - x y = relu(t x) - log(max(s, 1 - s))
-  with t = 1 - 2y and s = sigmoid(x), which the RMI term computes anyway, and
-  the logs are taken of products of LOG_GROUP factors in [0.5, 1]. Ignored
+  with t = 1 - 2y and s = sigmoid(x), whose sigmoid(-|x|) the RMI term computes
+  anyway. Ignored
   pixels are masked by adding -inf to their logits in the pass that copies
   them (sigmoid(-inf) = 0), and the backward needs no mask of its own: each of
   its terms has a factor that is already zero at ignored pixels.
@@ -29,6 +29,15 @@ chunk to chunk:
   maps: one depthwise convolution, with the windows at the map's edges set right
   one by one. With `exclude_ignored` each kept vector's gradient is formed as one
   product and folded back over its window with R*R shifted adds.
+
+Probabilities are held as t, p = k - t: k = 1 and t = 1 - p >= +0 where p > 1/2, k = 0
+and t = -p <= -0 elsewhere (the sign bit of t is k's), so that both sides keep float32's
+relative precision: a float32 p near 1 keeps too little of 1 - p for the statistics of a
+confident prediction (V is then a small difference of large terms; at a logit of 8 the
+rounding of p is 2e-4 of 1 - p), and a float32 softmax rounds to 1 beyond a margin of 17.
+The sigmoid's t is copysign(sigmoid(-|x|), x); the softmax's 1 - p at the largest logit is
+the other classes' share, rest / (1 + rest). The pooled p' is float64: the high and low
+sides pooled apart, then met. The region stage works in float64 from there.
 
 Planes whose labels are constant (a class absent from an image) carry an RMI
 term with exactly zero gradient: their statistics, the pooling of their
@@ -54,7 +63,6 @@ CAPTURABLE = False  # reads values on the host (which planes are informative): n
 FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
 REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
 TILE = 8192  # about this many region vectors per Gram product
-LOG_GROUP = 32  # factors in [0.5, 1] multiplied before one log: the product stays >= 2**-32
 
 
 class Statistics(NamedTuple):
@@ -85,8 +93,19 @@ def label_maps(labels: torch.Tensor, opts: RMIOptions):
     return valid, torch.where(valid, labels, 0)
 
 
+def label_map_dtype(opts: RMIOptions) -> torch.dtype:
+    """y' [N, C, H', W']: float32 where its values, counts over the s x s window / s^2, are
+    exact (s^2 a power of two, max pooling, "interp", no pooling); float64 where a float32
+    count / 9 would round: the statistics of a confident prediction feel 6e-8 of y' as they
+    do of p' (module doc)."""
+    area = opts.pool_size * opts.pool_size
+    if opts.downsamples and opts.pool == "avg" and area & (area - 1):
+        return torch.float64
+    return torch.float32
+
+
 def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOptions) -> torch.Tensor:
-    """The downsampled one-hot labels y' [N, C, H', W'] float32, built from class
+    """The downsampled one-hot labels y' [N, C, H', W'] (`label_map_dtype`), built from class
     counts per cell, so that no one-hot copy of the full-resolution map exists."""
     n, h, w = safe.shape
     h_low, w_low = opts.pooled_size(h, w)
@@ -114,7 +133,7 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
     counts = counts.view(n, planes, h_low, w_low)[:, :c]
     if opts.pool == "max":
         return counts.clamp(max=1)
-    return counts / (s * s)
+    return counts.to(label_map_dtype(opts)) / (s * s)
 
 
 def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
@@ -198,16 +217,22 @@ def _sum_strided(band: torch.Tensor, out: torch.Tensor) -> None:
         out.add_(band[..., t])
 
 
-def _avg_pool(p: torch.Tensor, s: int, out: torch.Tensor) -> None:
-    """out [n, C, H', W'] <- F.avg_pool2d(p, s, s, s // 2) of p [n, C, H, W]: whole-row sums
-    over each run of cells, then column sums of the quarter-size result."""
+def _cell_sums(p: torch.Tensor, s: int, out: torch.Tensor) -> None:
+    """out [n, C, H', W'] <- the sums over the average pooling's cells (kernel = stride = s,
+    padding s // 2) of p [n, C, H, W] (any dtype, bool too): whole-row sums over each run of
+    cells, then column sums of the quarter-size result."""
     n, c, h, w = p.shape
     h_low, w_low = out.shape[-2:]
-    rows = p.new_empty(n, c, h_low, w)
+    rows = out.new_empty(n, c, h_low, w)
     for cells, pixels, per in _cells(h, h_low, s).runs:
         torch.sum(p[:, :, pixels].unflatten(2, (-1, per)), 3, out=rows[:, :, cells])
     for cells, pixels, per in _cells(w, w_low, s).runs:
         _sum_strided(rows[..., pixels].unflatten(3, (-1, per)), out[..., cells])
+
+
+def _avg_pool(p: torch.Tensor, s: int, out: torch.Tensor) -> None:
+    """out [n, C, H', W'] <- F.avg_pool2d(p, s, s, s // 2) of p [n, C, H, W]."""
+    _cell_sums(p, s, out)
     out.div_(s * s)
 
 
@@ -250,29 +275,55 @@ def _planes(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1).index_select(0, index).unsqueeze(0)
 
 
-def _pool_probs(p: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, wanted=None) -> None:
-    """out [n, C, H', W'] <- the downsampled p [n, C, H, W]; indices: the arg-max of max
-    pooling. With `wanted` ([n, C] bool) only those planes are written."""
+def _high(t: torch.Tensor) -> torch.Tensor:
+    """k: where p = k - t is the high side, 1 - t (module doc): t >= +0 (its sign bit clear), bool."""
+    return t.view(torch.int32) >= 0
+
+
+def _high_halves(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out <- k - 1/2 = copysign(1/2, t) (module doc), float: faster than a bool and its conversion."""
+    return torch.copysign(torch.full((), 0.5, device=t.device), t, out=out)
+
+
+def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, buffer: torch.Tensor,
+                wanted=None) -> None:
+    """out [n, C, H', W'] float64 <- the downsampled p = k - t of t [n, C, H, W] (module doc);
+    indices: the arg-max of max pooling; buffer: scratch shaped like t. With `wanted` ([n, C]
+    bool) only those planes are written. The high and low sides are summed apart (avg) or compared apart (max) and met in
+    float64, so that p' near 1 keeps 1 - p' to float32's relative precision."""
     index = None if wanted is None else _wanted_planes(wanted)
     if index is not None:
         if len(index):
             part = out.new_empty(1, len(index), *out.shape[2:])
             part_indices = None if indices is None else indices.new_empty(part.shape)
-            _pool_probs(_planes(p, index), opts, part, part_indices)
+            part_t = _planes(t, index)
+            _pool_probs(part_t, opts, part, part_indices, buffer.flatten()[:part_t.numel()].view(part_t.shape))
             out.flatten(0, 1).index_copy_(0, index, part[0])
             if indices is not None:
                 indices.flatten(0, 1).index_copy_(0, index, part_indices[0])
         return
     if not opts.downsamples:
-        out.copy_(p)
+        out.copy_(_high_halves(t, buffer)).add_(0.5).sub_(t)
     elif opts.pool == "avg":
-        _avg_pool(p, opts.pool_size, out)
-    elif opts.pool == "max":
+        # sum of k - t = sum of (k - 1/2) + (pixels) / 2 - sum of t; float32 sums: the first
+        # in halves (exact), the second of small values
         s = opts.pool_size
-        pooled, idx = F.max_pool2d(p, s, s, s // 2, return_indices=True)
-        out.copy_(pooled)
-        indices.copy_(idx)
+        sums = t.new_empty(2, *out.shape)
+        _cell_sums(_high_halves(t, buffer), s, sums[0])
+        _cell_sums(t, s, sums[1])
+        out.copy_(sums[0]).sub_(sums[1]).div_(s * s).add_(_pixel_share(*t.shape[-2:], opts, t.device), alpha=0.5)
+    elif opts.pool == "max":
+        # any high pixel beats every low one; on either side the smallest t is the largest p
+        s, high, neg = opts.pool_size, _high(t), t.neg()
+        high_side = torch.where(high, neg, float("-inf"))  # -(1 - p)
+        best_high, index_high = F.max_pool2d(high_side, s, s, s // 2, return_indices=True)
+        low_side = neg.masked_fill_(high, float("-inf"))  # p: 0 at ignored pixels
+        best_low, index_low = F.max_pool2d(low_side, s, s, s // 2, return_indices=True)
+        has_high = best_high > float("-inf")
+        torch.where(has_high, best_high.double() + 1.0, best_low.double(), out=out)
+        torch.where(has_high, index_high, index_low, out=indices)
     else:
+        p = _high_halves(t, buffer).double().add_(0.5).sub_(t)
         out.copy_(F.interpolate(p, size=out.shape[-2:], mode="bilinear", align_corners=True))
 
 
@@ -289,47 +340,47 @@ def _unpool_grad(grad_low: torch.Tensor, indices, shape, opts: RMIOptions) -> to
                                                        True, None, None)
 
 
-def _sigmoid_grad(g_low: torch.Tensor, indices, sigmoid: torch.Tensor, opts: RMIOptions, out: torch.Tensor,
-                  wanted=None) -> None:
-    """out <- dL/dx = s (1 - s) dL/dp for dL/dp' = g_low, s = sigmoid(x). With `wanted`
-    ([n, C] bool), g_low is zero outside those planes: only they are computed."""
+def _sigmoid_grad(g_low: torch.Tensor, indices, t: torch.Tensor, opts: RMIOptions, out: torch.Tensor,
+                  buffer: torch.Tensor, wanted=None) -> None:
+    """out <- dL/dx = s (1 - s) dL/dp for dL/dp' = g_low, s = sigmoid(x) held as t (module doc):
+    s (1 - s) = |t| (1 - |t|); buffer: scratch shaped like t. With `wanted` ([n, C] bool),
+    g_low is zero outside those planes: only they are computed."""
     index = None if wanted is None else _wanted_planes(wanted)
-    if index is not None:
-        out.zero_()
-        if len(index):
-            part = out.new_empty(1, len(index), *out.shape[2:])
-            _sigmoid_grad(_planes(g_low, index), None if indices is None else _planes(indices, index),
-                          _planes(sigmoid, index), opts, part)
-            out.flatten(0, 1).index_copy_(0, index, part[0])
-    elif opts.downsamples and opts.pool == "avg":
-        _avg_unpool(g_low, opts.pool_size, out, sigmoid=sigmoid)
+    if index is None:
+        _small_side_grad(g_low, indices, torch.abs(t, out=buffer), opts, out)
+        return
+    out.zero_()
+    if len(index):
+        part = out.new_empty(1, len(index), *out.shape[2:])
+        _small_side_grad(_planes(g_low, index), None if indices is None else _planes(indices, index),
+                         _planes(t, index).abs_(), opts, part)  # _planes copies
+        out.flatten(0, 1).index_copy_(0, index, part[0])
+
+
+def _small_side_grad(g_low: torch.Tensor, indices, small: torch.Tensor, opts: RMIOptions, out: torch.Tensor):
+    """out <- small (1 - small) dL/dp for dL/dp' = g_low, small = sigmoid(-|x|)."""
+    if opts.downsamples and opts.pool == "avg":
+        _avg_unpool(g_low, opts.pool_size, out, sigmoid=small)
     else:
         g_p = _unpool_grad(g_low, indices, out.shape, opts)
-        torch.ops.aten.sigmoid_backward.grad_input(g_p, sigmoid, grad_input=out)
+        torch.ops.aten.sigmoid_backward.grad_input(g_p, small, grad_input=out)
 
 
-def _bce_sums(masked: torch.Tensor, sigmoid: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor) -> torch.Tensor:
+def _bce_sums(masked: torch.Tensor, small: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor) -> torch.Tensor:
     """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64.
 
-    With s = sigmoid(x) and t = 1 - 2 y (+-1), softplus(x) - x y = relu(t x) - log(max(s, 1 - s)):
-    no softplus pass, and no gather of the logits at the labels either (the sign flip is a
-    scatter into a buffer in cache). `masked` holds the logits with -inf at ignored pixels
-    (`_masking_bias`): relu(t x) is 0 there; the buffer is overwritten. `sigmoid` is
-    sigmoid(masked), 0 at ignored pixels, so that max(s, 1 - s) = 1 there and its log drops
-    out. Each such factor lies in [0.5, 1], so products of LOG_GROUP of them stay normal
-    float32 numbers: one log per group instead of one per element. lab, lab_weight: the
-    block's labels (`_block_labels`).
+    With s = sigmoid(x) and t = 1 - 2 y (+-1), softplus(x) - x y = relu(t x) - log(max(s, 1 - s))
+    = relu(t x) - log1p(-sigmoid(-|x|)): no softplus pass, and no gather of the logits at the
+    labels either (the sign flip is a scatter into a buffer in cache). `masked` holds the
+    logits with -inf at ignored pixels (`_masking_bias`): relu(t x) is 0 there; both buffers
+    are overwritten. `small` is sigmoid(-|masked|), 0 at ignored pixels, where the log then
+    drops out. log1p of -small itself, not log of 1 - small: a confident prediction's terms
+    are small (6e-6 at logits of 12), and 1 - small in float32 keeps 1% of that.
+    lab, lab_weight: the block's labels (`_block_labels`).
     """
     masked.scatter_reduce_(1, lab, 1 - 2 * lab_weight, reduce="prod")  # -x at the label
     relu = masked.clamp_(min=0).sum((2, 3))
-    q = torch.sub(torch.ones((), device=masked.device), sigmoid, out=masked)
-    torch.maximum(q, sigmoid, out=q)
-    planes = q.flatten(2)
-    size = planes.shape[-1]
-    whole = size - size % LOG_GROUP
-    log_q = planes[..., :whole].unflatten(-1, (-1, LOG_GROUP)).prod(-1).log_().sum(-1)
-    if whole < size:
-        log_q += planes[..., whole:].log().sum(-1)
+    log_q = torch.log1p(small.neg_(), out=small).sum((2, 3))
     return (relu.double() - log_q.double()).sum(0)
 
 
@@ -340,20 +391,26 @@ def _masking_bias(valid: torch.Tensor) -> torch.Tensor:
     return torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
 
-def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
-    """What the 1e-6 added to every full-resolution probability becomes after pooling:
-    avg pooling counts the padding, so a border cell gets 1e-6 times its share of real
-    pixels; max, interp and none keep 1e-6."""
-    if not (opts.downsamples and opts.pool == "avg"):
-        return torch.tensor(PROB_CLIP, device=device)
+def _pixel_share(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
+    """[H', W'] float64: the share of each average-pooling cell's s x s positions that are
+    image pixels (the padding counts as zeros)."""
     s, pad = opts.pool_size, opts.pool_size // 2
     h_low, w_low = opts.pooled_size(h, w)
 
-    def share(size, cells):  # fraction of each cell's s positions that are real pixels
+    def share(size, cells):
         start = torch.arange(cells, device=device) * s - pad
         return ((start + s).clamp(max=size) - start.clamp(min=0)).double() / s
 
-    return (PROB_CLIP * share(h, h_low).unsqueeze(1) * share(w, w_low)).float()
+    return share(h, h_low).unsqueeze(1) * share(w, w_low)
+
+
+def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
+    """What the 1e-6 added to every full-resolution probability becomes after pooling (float64):
+    avg pooling counts the padding, so a border cell gets 1e-6 times its share of real
+    pixels; max, interp and none keep 1e-6."""
+    if not (opts.downsamples and opts.pool == "avg"):
+        return torch.tensor(PROB_CLIP, dtype=torch.float64, device=device)
+    return PROB_CLIP * _pixel_share(h, w, opts, device)
 
 
 class _Scratch:
@@ -372,13 +429,53 @@ class _Scratch:
         return buffer[:size].view(shape)
 
 
+def _signed_sigmoid(masked: torch.Tensor, small: torch.Tensor, out: Optional[torch.Tensor]) -> None:
+    """small <- sigmoid(-|x|), the smaller of p = sigmoid(x) and 1 - p, and (out given) out <- t =
+    copysign(small, x) (module doc) of the masked logits x (-inf at ignored pixels: small = 0,
+    t = -0, p = 0). The masking's x + 0 makes a logit of -0.0 +0.0, so t's sign is x's."""
+    torch.copysign(masked, -1.0, out=small)  # -|x|
+    torch.sigmoid(small, out=small)
+    if out is not None:
+        torch.copysign(small, masked, out=out)
+
+
+def _softmax_pieces(xc: torch.Tensor, out: torch.Tensor):
+    """Per pixel of a block [n, C, H, W] holding every class: (m, top, rest) [n, 1, H, W], the
+    largest logit, its first class and the sum of exp(x - m) over the other classes, which
+    leaves out the largest's exact 1 (1 - softmax at the top is rest / (1 + rest), to float32's
+    relative precision); out <- exp(x - m), 0 at the top class."""
+    m, top = xc.max(1, keepdim=True)
+    torch.sub(xc, m, out=out).exp_()
+    out.scatter_(1, top, 0.0)
+    return m, top, out.sum(1, keepdim=True)
+
+
+def _signed_softmax(xc: torch.Tensor, valid: torch.Tensor, out: torch.Tensor):
+    """out <- t of the softmax over the classes (module doc): +(1 - p) = rest / (1 + rest) at
+    the top class where p > 1/2 there, -p elsewhere; -0 at ignored pixels (valid [n, 1, H, W]
+    bool). -> `_softmax_pieces`' (m, top, rest)."""
+    m, top, rest = _softmax_pieces(xc, out)
+    inv = torch.add(rest, 1.0).reciprocal_()
+    out.mul_(inv.neg())
+    out.scatter_(1, top, torch.where(rest < 1.0, rest * inv, inv.neg()))
+    out.masked_fill_(~valid, -0.0)
+    return m, top, rest
+
+
+def _cross_entropy(xc: torch.Tensor, lab: torch.Tensor, m, top, rest) -> torch.Tensor:
+    """lse - x_label per pixel [n, 1, H, W] from `_softmax_pieces`; log(1 + rest) where the label
+    holds the largest logit (from lse - x there only the rounding of lse would be left)."""
+    log_rest = torch.log1p(rest)
+    return torch.where((lab == top) & (rest < 1.0), log_rest, (m + log_rest).sub_(xc.gather(1, lab)))
+
+
 def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool, informative):
-    """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float32, max-pool indices,
-    and (keep_probs) the masked probabilities [N, C, H, W] float32 for the backward.
+    """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float64, max-pool indices,
+    and (keep_probs) t of the masked probabilities [N, C, H, W] float32 for the backward.
     informative: [N, C] bool, the planes whose pooled p is needed (zero in the others)."""
     n, c, h, w = x.shape
     h_low, w_low = opts.pooled_size(h, w)
-    p_low = x.new_zeros((n, c, h_low, w_low), dtype=torch.float32)
+    p_low = x.new_zeros((n, c, h_low, w_low), dtype=torch.float64)
     indices = torch.zeros((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
     valid_f = valid.unsqueeze(1).float()
@@ -387,8 +484,8 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     if opts.pixel_loss == "bce":
         bce = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
-    # Keeping the probabilities spares the backward a transcendental pass over the logits;
-    # they take the place of the log-softmax that cross-entropy keeps.
+    # Keeping t of the probabilities spares the backward a transcendental pass over the
+    # logits; it takes the place of the log-softmax that cross-entropy keeps.
     kept = torch.empty(x.shape, device=x.device) if keep_probs else None
     bias = _masking_bias(valid) if opts.probs == "sigmoid" or opts.pixel_loss == "bce" else None
     scratch = _Scratch(x.device)
@@ -398,27 +495,24 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         if opts.validate:
             checksum += xc.sum()
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
-        lse = None
-        if opts.pixel_loss == "ce":  # blocks hold every class here
-            lse = torch.logsumexp(xc, dim=1, keepdim=True)
-            pw = lab_weight if weights is None else weights.float()[lab] * lab_weight
-            pixel += ((lse - xc.gather(1, lab)) * pw).sum().double()
-            ce_weight += pw.sum().double()
-        p = kept[g] if kept is not None else scratch.get(0, xc.shape)
-        sigmoid = None
-        if bias is not None:  # the masked logits, then their sigmoid: 0 at ignored pixels
-            masked = torch.add(xc, bias[images], out=scratch.get(2, xc.shape))
-            sigmoid = p if opts.probs == "sigmoid" else scratch.get(1, xc.shape)
-            torch.sigmoid(masked, out=sigmoid)
-        if opts.probs == "softmax":
-            if lse is not None:
-                torch.exp(xc - lse, out=p)
+        t = kept[g] if kept is not None else scratch.get(0, xc.shape)  # p = k - t (module doc)
+        if opts.probs == "softmax" or opts.pixel_loss == "ce":  # blocks hold every class here
+            if opts.probs == "softmax":  # the + 1e-6 is added after pooling
+                pieces = _signed_softmax(xc, valid[images].unsqueeze(1), t)
             else:
-                torch.softmax(xc, dim=1, out=p)
-            p.mul_(valid_f[images])  # p * v; the + 1e-6 is added after pooling
+                pieces = _softmax_pieces(xc, scratch.get(1, xc.shape))
+            if opts.pixel_loss == "ce":
+                pw = lab_weight if weights is None else weights.float()[lab] * lab_weight
+                pixel += (_cross_entropy(xc, lab, *pieces) * pw).sum().double()
+                ce_weight += pw.sum().double()
+        if bias is not None:  # the masked logits, then sigmoid(-|x|) (and t): 0 at ignored pixels
+            masked = torch.add(xc, bias[images], out=scratch.get(2, xc.shape))
+            small = scratch.get(1, xc.shape)
+            _signed_sigmoid(masked, small, t if opts.probs == "sigmoid" else None)
         if opts.pixel_loss == "bce":
-            bce[classes] += _bce_sums(masked, sigmoid, lab, lab_weight)
-        _pool_probs(p, opts, p_low[g], None if indices is None else indices[g], informative[g])
+            bce[classes] += _bce_sums(masked, small, lab, lab_weight)
+        _pool_probs(t, opts, p_low[g], None if indices is None else indices[g], scratch.get(2, xc.shape),
+                    informative[g])
     p_low += _pooled_clip(h, w, opts, x.device)
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
@@ -429,10 +523,33 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     return pixel, p_low, indices, kept
 
 
+def _softmax_grad(g_p: torch.Tensor, t: torch.Tensor, out: torch.Tensor, buffer: torch.Tensor) -> None:
+    """out <- dL/dx = p (g - sum_c p_c g_c) of the softmax, g = dL/dp [n, C, H, W], p = k - t,
+    taken about the class with p > 1/2 (k = 1), if any: sum_c t_c g_c = g_top (1 - p_top) -
+    sum_{c != top} p_c g_c = g_top - sum_c p_c g_c, so dL/dx = p (g - g_top + sum_c t_c g_c),
+    which forms no difference of the near-equal g_top and sum_c p_c g_c (it loses everything
+    as p_top -> 1: a float32 softmax rounds to 1 beyond a margin of 17). No such class:
+    g_top = 0 and sum_c t_c g_c = -sum_c p_c g_c."""
+    k = _high_halves(t, buffer).add_(0.5)
+    torch.sub(g_p, (g_p * k).sum(1, keepdim=True), out=out)  # g - g_top first: 0 at the top class
+    out.add_((g_p * t).sum(1, keepdim=True)).mul_(k.sub_(t))
+
+
+def _add_pixel_grad(out: torch.Tensor, t: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor, coef,
+                    buffer: torch.Tensor) -> None:
+    """out += coef (p - y) for p = k - t (module doc) and the block's one-hot labels y
+    (`_block_labels`): k - y first (whole numbers, exact), then less t, so that p - y at a
+    label whose p is near 1, -(1 - p) = -t, keeps its relative precision. coef: a number,
+    [1, C, 1, 1] per class or [n, 1, H, W] per pixel."""
+    b = _high_halves(t, buffer).add_(0.5)
+    b.scatter_add_(1, lab, lab_weight.neg())
+    out.addcmul_(b.sub_(t), coef)
+
+
 def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_low, indices, kept, informative):
     """dL/dlogits from dL/d(pixel term) (scalar or None) and dL/dp' [N, C, H', W'] (or None,
-    and zero outside the planes `informative` [N, C] bool); kept: the forward's masked
-    probabilities [N, C, H, W] (zero at ignored pixels)."""
+    and zero outside the planes `informative` [N, C] bool); kept: t of the forward's masked
+    probabilities [N, C, H, W] (module doc)."""
     x = x.detach()  # the gradient carries no graph, also under create_graph=True
     n, c, h, w = x.shape
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -447,7 +564,7 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
         coef = None
     needs_softmax = opts.probs == "softmax" or (coef is not None and opts.pixel_loss == "ce")
     needs_sigmoid = opts.probs == "sigmoid" or (coef is not None and opts.pixel_loss == "bce")
-    uniform_bce = weights is None and coef is not None and opts.pixel_loss == "bce"
+    bias = _masking_bias(valid) if needs_sigmoid and opts.probs != "sigmoid" else None
     in_place = grad.dtype == torch.float32 and grad.is_contiguous()
     valid_f = valid.unsqueeze(1).float()
     scratch = _Scratch(x.device)
@@ -457,32 +574,34 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
         # written in place into the result when it is float32, else into a float32 buffer
         out = grad[g] if in_place else scratch.get(0, xc.shape)
-        # Every term below has a factor that is zero at ignored pixels (the masked
-        # probabilities or the label weight), so the result needs no mask of its own.
-        vf = valid_f[images]
-        softmax = sigmoid = None
+        # Every term below has a factor that is zero at ignored pixels (t or the label
+        # weight), so the result needs no mask of its own.
+        t_softmax = t_sigmoid = None
         if needs_softmax:
-            softmax = kept[g] if opts.probs == "softmax" else torch.softmax(xc, dim=1).mul_(vf)
+            t_softmax = kept[g] if opts.probs == "softmax" else scratch.get(1, xc.shape)
+            if opts.probs != "softmax":
+                _signed_softmax(xc, valid[images].unsqueeze(1), t_softmax)
         if needs_sigmoid:
-            sigmoid = kept[g] if opts.probs == "sigmoid" else torch.sigmoid(xc).mul_(vf)
+            t_sigmoid = kept[g] if opts.probs == "sigmoid" else scratch.get(2, xc.shape)
+            if opts.probs != "sigmoid":
+                masked = torch.add(xc, bias[images], out=scratch.get(3, xc.shape))
+                _signed_sigmoid(masked, scratch.get(4, xc.shape), t_sigmoid)
         if g_p_low is None:
             out.zero_()
         elif opts.probs == "sigmoid":  # s (1 - s) dL/dp
-            _sigmoid_grad(g_p_low[g], None if indices is None else indices[g], sigmoid, opts, out,
-                          informative[g])
-        else:  # s (dL/dp - sum_c s dL/dp)
+            _sigmoid_grad(g_p_low[g], None if indices is None else indices[g], t_sigmoid, opts, out,
+                          scratch.get(3, xc.shape), informative[g])
+        else:
             g_p = _unpool_grad(g_p_low[g], None if indices is None else indices[g], xc.shape, opts)
-            out.copy_(torch.ops.aten._softmax_backward_data(g_p, softmax, 1, torch.float32))
+            _softmax_grad(g_p, t_softmax, out, scratch.get(3, xc.shape))
         if coef is not None and opts.pixel_loss == "bce":
             # d/dx (softplus(x) - x y) = sigmoid(x) - y
-            block_coef = coef[classes]
-            out.addcmul_(sigmoid, block_coef.view(1, -1, 1, 1))
-            out.scatter_add_(1, lab, -(block_coef[0] if uniform_bce else block_coef[lab]) * lab_weight)
+            _add_pixel_grad(out, t_sigmoid, lab, lab_weight, coef[classes].view(1, -1, 1, 1),
+                            scratch.get(3, xc.shape))
         elif coef is not None:  # blocks hold every class here
             # d/dx (lse - x_label) = softmax - onehot, weighted per pixel
             pw = coef if weights is None else weights.float()[lab] * coef
-            out.addcmul_(softmax, pw)
-            out.scatter_add_(1, lab, -pw * lab_weight)
+            _add_pixel_grad(out, t_softmax, lab, lab_weight, pw, scratch.get(3, xc.shape))
         if not in_place:
             grad[g] = out
     return grad
@@ -545,7 +664,7 @@ class _Regions(NamedTuple):
         """[B, 2, flat_size]: the label and probability maps [P, H', W'] of a group of planes,
         flattened into one buffer, zeros past their end."""
         y = y[planes].flatten(1)
-        maps = scratch.get(0, (y.shape[0], 2, self.flat_size()))
+        maps = scratch.get(0, (y.shape[0], 2, self.flat_size()), p.dtype)
         area = y.shape[1]
         maps[:, 0, :area] = y
         maps[:, 1, :area] = p[planes].flatten(1)
@@ -790,12 +909,14 @@ def _row_shift_sums(regions: _Regions, centre, first, totals, pairs, edge):
 def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
                             informative: torch.Tensor) -> torch.Tensor:
     """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
-    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows;
-    zero outside the informative planes (whose statistics carry no gradient)."""
+    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows, in
+    float64 (in float32 the sum of large terms of both signs misses 1e-4 of a confident
+    prediction's small gradient); zero outside the informative planes (whose statistics
+    carry no gradient)."""
     n, c, h_low, w_low = y_low.shape
     planes = _indices(informative)
     if not len(planes):
-        return p_low.new_zeros(n, c, h_low, w_low)
+        return p_low.new_zeros(n, c, h_low, w_low, dtype=torch.float32)
     # one matrix acting on the joint centred vector [y - ybar; p - pbar]
     g_joint = _pick(torch.cat([g_syp.transpose(-1, -2), g_sp + g_sp.transpose(-1, -2)], dim=-1), planes)
     mean = _pick(mean, planes)  # [P, 2d] float64
@@ -804,7 +925,7 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
         grad = _stencil_backward(g_joint, mean, y, p, radius)
     else:
         grad = _weighted_backward(g_joint, mean, y, p, keep, planes // c, radius)
-    return _place(grad, planes, (n, c, h_low, w_low))
+    return _place(grad.float(), planes, (n, c, h_low, w_low))  # a no-op but for exclude_ignored
 
 
 # The backward when every region vector counts. The vector at grid origin m holds the
@@ -816,14 +937,14 @@ def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
 
 def _centred_maps(y: torch.Tensor, p: torch.Tensor, r: int):
     """-> the maps [P, 2, H', W'] minus their means, zero-padded by R - 1 on each side
-    ([P, 2, H'+2R-2, W'+2R-2] float32), and those means [P, 2] float32."""
+    ([P, 2, H'+2R-2, W'+2R-2] float64), and those means [P, 2] float64."""
     planes, h_low, w_low = p.shape
-    padded = p.new_empty(planes, 2, h_low + 2 * r - 2, w_low + 2 * r - 2)
+    padded = p.new_empty(planes, 2, h_low + 2 * r - 2, w_low + 2 * r - 2, dtype=torch.float64)
     padded[:, :, :r - 1] = 0
     padded[:, :, r - 1 + h_low:] = 0
     padded[:, :, :, :r - 1] = 0
     padded[:, :, :, r - 1 + w_low:] = 0
-    centre = torch.stack([y.mean((1, 2)), p.mean((1, 2))], 1)
+    centre = torch.stack([y.double().mean((1, 2)), p.double().mean((1, 2))], 1)
     inside = _inside(padded, r)
     for k, m in enumerate((y, p)):
         torch.sub(m, centre[:, k, None, None], out=inside[:, k])
@@ -854,7 +975,7 @@ def _off_grid_windows(h_low: int, w_low: int, r: int, device) -> torch.Tensor:
 
 
 def _off_grid_vectors(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[P, 2d, origins] float32: the region vectors of the off-grid origins."""
+    """[P, 2d, origins]: the region vectors of the off-grid origins."""
     planes, d = padded.shape[0], index.shape[0]
     vectors = padded.flatten(2).gather(2, index.view(1, 1, -1).expand(planes, 2, -1))
     return vectors.view(planes, 2 * d, index.shape[1])
@@ -875,10 +996,10 @@ def _stencil_taps(r: int, device) -> torch.Tensor:
 
 
 def _bands(size: int, r: int, device) -> torch.Tensor:
-    """[size, R] 0/1: column a marks the cells that entry a of the grid's windows reads along
+    """[size, R] 0/1 float64: column a marks the cells that entry a of the grid's windows reads along
     an axis of `size` cells (size - R + 1 of them from a on)."""
     index = torch.arange(size, device=device).view(-1, 1) - torch.arange(r, device=device)
-    return ((index >= 0) & (index <= size - r)).float()
+    return ((index >= 0) & (index <= size - r)).double()
 
 
 def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
@@ -890,33 +1011,52 @@ def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
     differ by e (for the y and the p map: a depthwise convolution); what the off-grid
     origins added is taken out again. The mean, the same for every grid origin, spreads as
     G (mean - centre) over the box of cells each offset reaches.
+
+    Where the prediction is nearly affine in the labels (a confident one: p ~ alpha y + beta),
+    G is large and the y map's and the p map's parts nearly cancel: a float32 convolution of
+    the two maps then missed the gradient by 1e-3 of itself (at logits of 12). The stencil
+    is linear, so it is taken instead of y and of the residual p - alpha y (alpha: the
+    plane's least-squares slope), with the y map's taps Gy + alpha Gp formed in float64:
+    the cancellation happens there, exactly, and the float32 convolution sees small terms
+    (1e-7 then). (PyTorch's float64 depthwise convolution on CPUs is its grouped fallback,
+    9.4 ms at 168 maps of 65 x 65 against 1.3 ms in float32.)
     """
     planes, h_low, w_low = p.shape
     d, width = r * r, 2 * r - 1
     index = _off_grid_windows(h_low, w_low, r, p.device)
     tap = _stencil_taps(r, p.device)
     rows, cols = _bands(h_low, r, p.device), _bands(w_low, r, p.device)
-    grad = p.new_empty(planes, h_low, w_low)
-    # the padded maps, the convolution's output, the frame's gradients, the copies that
-    # the convolution may make in its own layout, and the result: 6.4 - 7.7 padded maps a
-    # plane (measured, peak resident memory). A convolution call costs about a millisecond
-    # on top of its work (CPU: one of 168 maps 2.6 ms, two of 84 maps 3.7 ms), so these
-    # groups may take twice the forward's budget.
+    grad = p.new_empty(planes, h_low, w_low, dtype=torch.float32)
+    # the padded maps (float64, then float32 for the convolution), the convolution's output,
+    # the frame's gradients, the copies that the convolution may make in its own layout,
+    # and the result. A convolution call costs about a millisecond on top of its work (CPU:
+    # one of 168 maps 2.6 ms, two of 84 maps 3.7 ms), so these groups may take twice the
+    # forward's budget, counted as 8 padded float32 maps a plane.
     per_plane = 8 * (h_low + 2 * r) * (w_low + 2 * r)
     for group in _plane_groups(planes, per_plane, 2 * REGION_CHUNK):
         g = g_joint[group]
         padded, centre = _centred_maps(y[group], p[group], r)
-        offset = mean[group].view(-1, 2, d) - centre.double().unsqueeze(2)
-        level = (g @ offset.view(-1, 2 * d, 1)).float().view(-1, r, r)  # G (mean - centre)
-        out = torch.matmul(rows, level.neg() @ cols.t(), out=grad[group])
+        offset = mean[group].view(-1, 2, d) - centre.unsqueeze(2)
+        level = (g @ offset.view(-1, 2 * d, 1)).view(-1, r, r)  # G (mean - centre)
+        out = grad[group]
+        out.copy_(rows @ (level.neg() @ cols.t()))
+        # [y; p] -> [y; p - alpha y] (centred), G -> [Gy + alpha Gp, Gp]: the same G v
+        centred_y, centred_p = padded[:, 0], padded[:, 1]
+        norm = centred_y.square().sum((1, 2))
+        alpha = torch.where(norm > 0, (centred_y * centred_p).sum((1, 2)) / norm, torch.zeros_like(norm))
+        centred_p.sub_(alpha.view(-1, 1, 1) * centred_y)
+        g = g.view(-1, d, 2, d).clone()
+        g[:, :, 0] += alpha.view(-1, 1, 1) * g[:, :, 1]
         # G entry (ab, h a'b') -> tap (a'-a, b'-b) of map h
-        taps = g.new_zeros(len(g), 2, width * width).index_add_(2, tap, g.view(-1, d, 2, d).transpose(1, 2).flatten(2))
+        taps = g.new_zeros(len(g), 2, width * width).index_add_(2, tap, g.transpose(1, 2).flatten(2))
+        g = g.view(-1, d, 2 * d).float()
+        padded = padded.float()
         conv = F.conv2d(padded.view(1, -1, *padded.shape[2:]), taps.float().view(-1, 1, width, width),
                         groups=2 * len(g)).view(-1, 2, h_low, w_low)
         out += conv[:, 0]
         out += conv[:, 1]
         if index.shape[1]:
-            off = g.float() @ _off_grid_vectors(padded, index)  # [B, d, origins]: what the frame added
+            off = g @ _off_grid_vectors(padded, index)  # [B, d, origins]: what the frame added
             taken = padded.new_zeros(len(g), padded[0, 0].numel())
             for ab in range(d):  # one offset at a time: distinct cells, so a fixed order of sums
                 taken.index_add_(1, index[ab], off[:, ab])
@@ -930,15 +1070,15 @@ def _weighted_backward(g_joint, mean, y, p, keep, images, r: int) -> torch.Tenso
     regions = _Regions.of(p.shape[1], p.shape[2], r)
     d = r * r
     # G (v - mean) = G (v - float32 mean) - G offset: the second term is the same for every vector
-    shift = (g_joint @ rounding_offset(mean).unsqueeze(-1)).float().view(-1, 1, d, 1)  # [P, 1, d, 1]
-    g_joint = g_joint.float().unsqueeze(1)  # [P, 1, d, 2d]
+    shift = (g_joint @ rounding_offset(mean).unsqueeze(-1)).view(-1, 1, d, 1)  # [P, 1, d, 1]
+    g_joint = g_joint.unsqueeze(1)  # [P, 1, d, 2d]
     mean = mean.view(-1, 2, r, r)
-    grad = torch.zeros(len(p), regions.flat_size(), device=p.device)
+    grad = torch.zeros(len(p), regions.flat_size(), device=p.device, dtype=torch.float64)
     scratch = _Scratch(p.device)
     for group in regions.plane_groups(len(p), stacked=True):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, images[group])
-        centred = regions.centred(vec, weight, mean[group], scratch, torch.float32)
+        centred = regions.centred(vec, weight, mean[group], scratch, torch.float64)
         g_vec = g_joint[group] @ centred.view(vec.shape[0], regions.tiles, 2 * d, -1)
         g_vec.addcmul_(shift[group], weight.view(-1, regions.tiles, 1, regions.positions), value=-1)
         regions.fold(grad[group], g_vec)

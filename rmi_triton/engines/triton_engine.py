@@ -58,7 +58,7 @@ import torch
 from ..options import PROB_CLIP, RIDGE, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
-from .torch_engine import Statistics, label_maps, pooled_labels
+from .torch_engine import Statistics, label_map_dtype, label_maps, pooled_labels
 
 try:
     import triton
@@ -382,7 +382,7 @@ if _HAVE_TRITON:
         lab_ptr,  # [N, H, W] labels (int64/int32/uint8), contiguous
         w_ptr,  # [C] float32 class weights (read when HAS_WEIGHTS)
         p_low_ptr,  # [N, C, H', W'] float64 out: pooled probabilities p'
-        y_low_ptr,  # [N, C, H', W'] float32 or float64 (`_label_map_dtype`) out: pooled one-hot labels y' (when WRITE_Y)
+        y_low_ptr,  # [N, C, H', W'] float32 or float64 (`label_map_dtype`) out: pooled one-hot labels y' (when WRITE_Y)
         arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
         part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, 0 or NaN (non-finite logits)
         C, H, W, H_low, W_low, W_cells, n_cells,
@@ -425,10 +425,10 @@ if _HAVE_TRITON:
             if CHECK_FINITE:
                 bad += x * 0.0
             high, small, e = _prob_split(x, lse, m, rest, top_small, SOFTMAX)
-            if PIXEL == 1:  # softplus(x) - x y = max(x, 0) + log(1 + exp(-|x|)) - x y
-                if SOFTMAX:
+            if PIXEL == 1:  # softplus(x) - x y = max(t x, 0) + log(1 + exp(-|x|)), t = 1 - 2 y
+                if SOFTMAX:  # (max(x, 0) - x y first: exact, where x + log(1 + e) - x would lose e)
                     e = tl.exp2(tl.abs(x) * -LOG2E)
-                bce = tl.maximum(x, 0.0) + _log1p_unit(e) - tl.where(is_c, x, 0.0)
+                bce = tl.maximum(tl.where(is_c, -x, x), 0.0) + _log1p_unit(e)
                 if HAS_WEIGHTS:
                     bce = bce * tl.load(w_ptr + c)
                 loss += bce
@@ -1169,16 +1169,6 @@ def _pool_code(opts: RMIOptions) -> int:
     return POOL_AVG if opts.pool == "avg" else POOL_MAX
 
 
-def _label_map_dtype(opts: RMIOptions) -> torch.dtype:
-    """y' [N, C, H', W']: float32 where its values, counts over the s * s window, are exact
-    (s * s a power of two, max pooling, "interp", no pooling); float64 where a float32 count / 9
-    (s = 3) would round: the statistics of a confident prediction feel 6e-8 of y' as they do of p'."""
-    area = opts.pool_size * opts.pool_size
-    if _pool_code(opts) == POOL_AVG and area & (area - 1):
-        return torch.float64
-    return torch.float32
-
-
 def _pixel_code(pixel_loss: Optional[str]) -> int:
     return {None: PIXEL_NONE, "bce": PIXEL_BCE, "ce": PIXEL_CE}[pixel_loss]
 
@@ -1195,7 +1185,7 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     dev = x.device
     p_low = _new((n, c, geo.h_low, geo.w_low), torch.float64, dev)
-    y_low = _new((n, c, geo.h_low, geo.w_low), _label_map_dtype(opts), dev) if write_y else p_low
+    y_low = _new((n, c, geo.h_low, geo.w_low), label_map_dtype(opts), dev) if write_y else p_low
     arg = _new((n, c, geo.h_low, geo.w_low), torch.uint8, dev, 255) if geo.pool == POOL_MAX else \
         torch.empty(1, dtype=torch.uint8, device=dev)
     parts = _new((n, geo.n_blocks, 3), torch.float32, dev)
@@ -1561,7 +1551,7 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
     arg_shape = low if opts.pool == "max" and opts.downsamples else (0,)
     return (logits.new_empty((), **f64), logits.new_empty((n, c, d, d), **f64),
             logits.new_empty((n, c, d, d), **f64), logits.new_empty((n, c, d, d), **f64),
-            logits.new_empty((), **f64), logits.new_empty(low, dtype=_label_map_dtype(opts)),
+            logits.new_empty((), **f64), logits.new_empty(low, dtype=label_map_dtype(opts)),
             logits.new_empty(low, **f64), logits.new_empty(arg_shape, dtype=torch.uint8),
             logits.new_empty((n, c, 2 * d), **f64), logits.new_empty((n, c, 2 * d, 2 * d), **f64))
 
