@@ -11,9 +11,8 @@ chunk to chunk:
   one-hot float copy of the full map). Average pooling sums runs of whole
   rows, then columns, through views; its backward spreads each cell's
   gradient back through the same views, fused with the sigmoid's derivative.
-  The BCE needs no softplus pass: softplus(x) - x y = relu(t x) - log(max(s, 1 - s))
-  with t = 1 - 2y and s = sigmoid(x), whose sigmoid(-|x|) the RMI term computes
-  anyway. Ignored
+  The BCE is softplus((1 - 2y) x), summed: the sign flip a scatter into a buffer in
+  cache, then one softplus pass. Ignored
   pixels are masked by adding -inf to their logits in the pass that copies
   them (sigmoid(-inf) = 0), and the backward needs no mask of its own: each of
   its terms has a factor that is already zero at ignored pixels.
@@ -366,22 +365,19 @@ def _small_side_grad(g_low: torch.Tensor, indices, small: torch.Tensor, opts: RM
         torch.ops.aten.sigmoid_backward.grad_input(g_p, small, grad_input=out)
 
 
-def _bce_sums(masked: torch.Tensor, small: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor) -> torch.Tensor:
+def _bce_sums(masked: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor) -> torch.Tensor:
     """Per class, the BCE summed over valid pixels, sum softplus(x) - x y: [n, C, H, W] -> [C] float64.
 
-    With s = sigmoid(x) and t = 1 - 2 y (+-1), softplus(x) - x y = relu(t x) - log(max(s, 1 - s))
-    = relu(t x) - log1p(-sigmoid(-|x|)): no softplus pass, and no gather of the logits at the
-    labels either (the sign flip is a scatter into a buffer in cache). `masked` holds the
-    logits with -inf at ignored pixels (`_masking_bias`): relu(t x) is 0 there; both buffers
-    are overwritten. `small` is sigmoid(-|masked|), 0 at ignored pixels, where the log then
-    drops out. log1p of -small itself, not log of 1 - small: a confident prediction's terms
-    are small (6e-6 at logits of 12), and 1 - small in float32 keeps 1% of that.
-    lab, lab_weight: the block's labels (`_block_labels`).
+    softplus(x) - x y = softplus((1 - 2 y) x): the sign flip is a scatter into a buffer in
+    cache (no gather of the logits at the labels), then one softplus pass, which takes
+    log1p(exp(-|z|)) to float32's relative precision also where it is tiny (a confident
+    prediction's terms are 6e-6 at logits of 12; the log of a float32 1 - s kept 1% of
+    that). `masked` holds the logits with -inf at ignored pixels (`_masking_bias`), where
+    the softplus is 0; the buffer is overwritten. lab, lab_weight: the block's labels
+    (`_block_labels`).
     """
     masked.scatter_reduce_(1, lab, 1 - 2 * lab_weight, reduce="prod")  # -x at the label
-    relu = masked.clamp_(min=0).sum((2, 3))
-    log_q = torch.log1p(small.neg_(), out=small).sum((2, 3))
-    return (relu.double() - log_q.double()).sum(0)
+    return torch.ops.aten.softplus.out(masked, 1, 20, out=masked).sum((2, 3)).double().sum(0)
 
 
 def _masking_bias(valid: torch.Tensor) -> torch.Tensor:
@@ -429,14 +425,14 @@ class _Scratch:
         return buffer[:size].view(shape)
 
 
-def _signed_sigmoid(masked: torch.Tensor, small: torch.Tensor, out: Optional[torch.Tensor]) -> None:
-    """small <- sigmoid(-|x|), the smaller of p = sigmoid(x) and 1 - p, and (out given) out <- t =
-    copysign(small, x) (module doc) of the masked logits x (-inf at ignored pixels: small = 0,
-    t = -0, p = 0). The masking's x + 0 makes a logit of -0.0 +0.0, so t's sign is x's."""
+def _signed_sigmoid(masked: torch.Tensor, small: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- t = copysign(sigmoid(-|x|), x) (module doc) of the masked logits x (-inf at
+    ignored pixels: t = -0, p = 0), through `small` (scratch), sigmoid(-|x|): the smaller of
+    p = sigmoid(x) and 1 - p. The masking's x + 0 makes a logit of -0.0 +0.0, so t's sign
+    is x's."""
     torch.copysign(masked, -1.0, out=small)  # -|x|
     torch.sigmoid(small, out=small)
-    if out is not None:
-        torch.copysign(small, masked, out=out)
+    torch.copysign(small, masked, out=out)
 
 
 def _softmax_pieces(xc: torch.Tensor, out: torch.Tensor):
@@ -505,12 +501,12 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
                 pw = lab_weight if weights is None else weights.float()[lab] * lab_weight
                 pixel += (_cross_entropy(xc, lab, *pieces) * pw).sum().double()
                 ce_weight += pw.sum().double()
-        if bias is not None:  # the masked logits, then sigmoid(-|x|) (and t): 0 at ignored pixels
+        if bias is not None:  # the masked logits, then t: sigmoid's p = 0 at ignored pixels
             masked = torch.add(xc, bias[images], out=scratch.get(2, xc.shape))
-            small = scratch.get(1, xc.shape)
-            _signed_sigmoid(masked, small, t if opts.probs == "sigmoid" else None)
+            if opts.probs == "sigmoid":
+                _signed_sigmoid(masked, scratch.get(1, xc.shape), t)
         if opts.pixel_loss == "bce":
-            bce[classes] += _bce_sums(masked, small, lab, lab_weight)
+            bce[classes] += _bce_sums(masked, lab, lab_weight)
         _pool_probs(t, opts, p_low[g], None if indices is None else indices[g], scratch.get(2, xc.shape),
                     informative[g])
     p_low += _pooled_clip(h, w, opts, x.device)
