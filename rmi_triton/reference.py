@@ -28,14 +28,16 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
                   float32_maps: bool = False, float32_products: bool = False, **options) -> ReferenceTerms:
     """logits [N, C, H, W] (any float dtype; computed in float64), labels [N, H, W].
 
-    float32_maps:     round the probabilities and the downsampled maps to float32, as
-                      both engines hold them, and go on in float64, as both engines form
-                      the statistics;
-    float32_products: also form the centred products in float32, as both engines' backward
-                      passes form G (v - mean).
+    float32_maps:     round each probability's smaller side, min(p, 1 - p), to float32, as
+                      both engines hold the probabilities, and go on in float64, as both
+                      engines pool them and form the statistics;
+    float32_products: round p itself and the pooled maps to float32 and form the centred
+                      products in float32: more than either engine's backward rounds now
+                      (kernel C is float64, the torch engine's float32 stencil runs on the
+                      regression residual), a bound for what their float32 steps can add.
     Tests use them to measure how sensitive an input is to that rounding: when V is
     nearly singular (a prediction affine in the labels, fewer region vectors than d), the
-    log-determinant amplifies float32's 6e-8 beyond the contract's 1e-5.
+    log-determinant amplifies float32's relative 6e-8 beyond the contract's 1e-5.
     """
     opts = opts or RMIOptions(**options)
     x = logits.double()
@@ -65,15 +67,17 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
 
     # 3. probabilities, masked and clipped
     probs = torch.sigmoid(x) if opts.probs == "sigmoid" else torch.softmax(x, dim=1)
-    p = probs * vmask + PROB_CLIP
-    float32_maps = float32_maps or float32_products
-    if float32_maps:
+    p = probs * vmask
+    if float32_maps and not float32_products:  # each side to float32's relative precision
+        p = torch.where(p > 0.5, 1 - (1 - p).float().double(), p.float().double())
+    p = p + PROB_CLIP
+    if float32_products:
         p = p.float().double()
 
     # 4. downsampling
     y_low = pool_map(y, opts, labels_like=True)
     p_low = pool_map(p, opts)
-    if float32_maps:
+    if float32_products:
         p_low = p_low.float().double()
     h_low, w_low = y_low.shape[-2:]
     r, d = opts.radius, opts.d

@@ -105,8 +105,9 @@ def _check(options, logits, labels, too_small, backend):
     lam = options["rmi_weight"]
     # Relative to the size of the parts, so that a total near zero (the RMI term is often
     # negative) does not turn rounding into a large relative error; plus the input's own
-    # sensitivity to the float32 maps both engines hold (large only when V is nearly singular);
-    # for the gradient, which both engines form from float32 products, to those too.
+    # sensitivity to the float32 probabilities both engines hold (each side, min(p, 1 - p),
+    # to float32's relative precision: large only when V is nearly singular); for the
+    # gradient, to float32 maps and centred products (a bound of the backward's float32 steps).
     scale = max(abs(ref.pixel.item()) * (lam if options["combine"] == "weighted" else 1.0)
                 + abs(ref.rmi.item()) * (1 - lam if options["combine"] == "weighted" else lam), 1e-3)
     sensitivity = abs(rounded.loss.item() - ref.loss.item())
