@@ -1029,13 +1029,18 @@ def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
     # one of 168 maps 2.6 ms, two of 84 maps 3.7 ms), so these groups may take twice the
     # forward's budget, counted as 8 padded float32 maps a plane.
     per_plane = 8 * (h_low + 2 * r) * (w_low + 2 * r)
+    # Few region vectors for their d entries (fewer than d: Sy singular): V is nearly singular
+    # in many directions, G large, and a float32 stencil missed the gradient by up to 1e-3 (R = 4:
+    # 7 x 5 maps, 8 vectors; 5e-4 at 8 x 7, 20; under 1e-4 from about 2d on), where the
+    # residual does not help (p not affine in y). Such maps are small: float64 below 4d vectors.
+    exact = (h_low - r + 1) * (w_low - r + 1) < 4 * d
+    dtype = torch.float64 if exact else torch.float32
     for group in _plane_groups(planes, per_plane, 2 * REGION_CHUNK):
         g = g_joint[group]
         padded, centre = _centred_maps(y[group], p[group], r)
         offset = mean[group].view(-1, 2, d) - centre.unsqueeze(2)
         level = (g @ offset.view(-1, 2 * d, 1)).view(-1, r, r)  # G (mean - centre)
-        out = grad[group]
-        out.copy_(rows @ (level.neg() @ cols.t()))
+        out = (rows @ (level.neg() @ cols.t())).to(dtype)
         # [y; p] -> [y; p - alpha y] (centred), G -> [Gy + alpha Gp, Gp]: the same G v
         centred_y, centred_p = padded[:, 0], padded[:, 1]
         norm = centred_y.square().sum((1, 2))
@@ -1045,18 +1050,27 @@ def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
         g[:, :, 0] += alpha.view(-1, 1, 1) * g[:, :, 1]
         # G entry (ab, h a'b') -> tap (a'-a, b'-b) of map h
         taps = g.new_zeros(len(g), 2, width * width).index_add_(2, tap, g.transpose(1, 2).flatten(2))
-        g = g.view(-1, d, 2 * d).float()
-        padded = padded.float()
-        conv = F.conv2d(padded.view(1, -1, *padded.shape[2:]), taps.float().view(-1, 1, width, width),
-                        groups=2 * len(g)).view(-1, 2, h_low, w_low)
-        out += conv[:, 0]
-        out += conv[:, 1]
+        g, padded, taps = g.view(-1, d, 2 * d).to(dtype), padded.to(dtype), taps.to(dtype)
+        if exact:  # row a of the stencil: the taps (map, column) times the maps' column shifts
+            rows_of_taps = taps.view(-1, 2, width, width).permute(0, 2, 1, 3).reshape(-1, width, 1, 2 * width)
+            shifted = padded.new_empty(len(g), 2, width, padded.shape[2], w_low)
+            for b in range(width):
+                shifted[:, :, b] = padded[..., b:b + w_low]
+            flat = out.view(-1, 1, h_low * w_low)
+            for a in range(width):
+                flat.baddbmm_(rows_of_taps[:, a], shifted[:, :, :, a:a + h_low].reshape(len(g), 2 * width, -1))
+        else:
+            conv = F.conv2d(padded.view(1, -1, *padded.shape[2:]), taps.view(-1, 1, width, width),
+                            groups=2 * len(g)).view(-1, 2, h_low, w_low)
+            out += conv[:, 0]
+            out += conv[:, 1]
         if index.shape[1]:
             off = g @ _off_grid_vectors(padded, index)  # [B, d, origins]: what the frame added
             taken = padded.new_zeros(len(g), padded[0, 0].numel())
             for ab in range(d):  # one offset at a time: distinct cells, so a fixed order of sums
                 taken.index_add_(1, index[ab], off[:, ab])
             out -= _inside(taken.view(len(g), 1, *padded.shape[2:]), r)[:, 0]
+        grad[group] = out
     return grad
 
 
