@@ -707,9 +707,10 @@ class _Regions(NamedTuple):
                 dtype: torch.dtype) -> torch.Tensor:
         """Contiguous [B, T, 2, R, R, K] copy of (windows - mean) * weight in `dtype`: the
         centred region vectors, zero at positions that do not count (with no weights: those
-        past the grid). The float64 mean is rounded to float32 first: in float64 the
-        differences are then exact, and what the rounding leaves (`rounding_offset`) is taken
-        out in float64 afterwards."""
+        past the grid). The float64 mean is rounded to float32 first (the differences of
+        float32 maps are then exact in float64; p' is float64, whose differences round at
+        1e-16), and what the rounding leaves (`rounding_offset`) is taken out in float64
+        afterwards."""
         centre = mean.float().to(dtype)[:, None, :, :, :, None]
         out = torch.sub(windows, centre, out=scratch.get(1, windows.shape, dtype))
         if weight is not None:
@@ -777,14 +778,15 @@ def rounding_offset(mean: torch.Tensor) -> torch.Tensor:
 def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
     """Centred covariance sums of the joint [y; p] region vectors of the informative planes.
 
-    y_low, p_low: [N, C, H', W'] float32;  keep: [N, H'-R+1, W'-R+1] 0/1 float or None;
+    y_low: [N, C, H', W'] (`label_map_dtype`), p_low: float64;  keep: [N, H'-R+1, W'-R+1] 0/1
+    float or None;
     informative: [N, C] bool (`informative_planes`)
     returns (mean [N, C, 2d] float64, joint sums [N, C, 2d, 2d] float64), zero for the
     other planes
 
-    The vectors are centred, exactly, in float64 before the float64 products (on their
-    kept means rounded to float32; with every vector counting, the probabilities on their
-    map's float32 mean and the labels on 0), so those hold the spread, not the level, and
+    The vectors are centred in float64 before the float64 products (on their kept means
+    rounded to float32; with every vector counting, the probabilities on their map's mean
+    and the labels on 0), so those hold the spread, not the level, and
     what the centre misses of the mean is measured on the centred values and taken out
     there. Float32 products would do for most inputs, but a confident prediction (p close
     to y) makes V = Sy - Syp (Sp + aI)^-1 Syp^T a small difference of large terms, and
@@ -827,7 +829,7 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
 def _row_products(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: torch.Tensor, scratch: _Scratch):
     """The products `_row_shift_sums` assembles, for a group of planes: with u_i the 2R map
     cells a region vector reads on map row i (R columns of both maps, less `centre`
-    [B, 2] float32, exactly in float64), all float64:
+    [B, 2], in float64), all float64:
       first [B, R, 2R, 2R]:  sum of u_i u_{i+delta}^T over the grid rows i, delta = 0 .. R-1
       totals [B, 2R]:        sum of u_i over the grid rows
       pairs [B, 2(R-1) 2R, 2(R-1) 2R]: u_t u_t'^T of the R - 1 map rows above the grid's
@@ -845,7 +847,7 @@ def _row_products(regions: _Regions, y: torch.Tensor, p: torch.Tensor, centre: t
     u = scratch.get(1, (b, 2, r, area), torch.float64)
     centred = scratch.get(2, (b, area), torch.float64)
     for k, m in enumerate((y, p)):
-        centred.copy_(m.view(b, area)).sub_(centre[:, k, None].double())  # exact: float32 values
+        centred.copy_(m.view(b, area)).sub_(centre[:, k, None].double())
         u[:, k, :, :area - r + 1] = centred.as_strided((b, r, area - r + 1), (area, 1, 1))
     u.view(b, 2, r, -1, w)[..., grid_cols:] = 0
     u = u.view(b, 2 * r, area)
@@ -871,7 +873,7 @@ def _row_shift_sums(regions: _Regions, centre, first, totals, pairs, edge):
     u_{i+a} u_{i+a'}^T over the grid rows: for a' = a + delta that is block (0, delta) with
     the first a rows of the map taken out and the a rows after the grid's last one put in;
     the sums of the entries likewise. The vectors are taken about one value per map,
-    `centre` [P, 2] float32, the same for every entry so that the blocks line up
+    `centre` [P, 2], the same for every entry so that the blocks line up
     (`region_moments` passes 0 for the labels, the mean for the probabilities); the mean's
     offset from it comes from the sums, and
     sum (v - mean)(v - mean)^T = sum (v - c)(v - c)^T - n (mean - c)(mean - c)^T.

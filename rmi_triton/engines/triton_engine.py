@@ -437,17 +437,18 @@ if _HAVE_TRITON:
             y = tl.where(is_c, 1.0, 0.0)
             # p' in float64: p = sigmoid(x) v + floor is 1 - small (+ floor) on the high side
             if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
-                if SOFTMAX:
-                    key = x - lse
-                else:
-                    key = x
-                key = tl.where(valid, key, -3.0e38)  # below any valid pixel's
-                key_max, arg = _cell_argmax(tl.where(pix_ok, key, -float("inf")), S, SP, BLOCK)
-                top_high = _cell_max(tl.where(valid & high, -small, -1.0), SP, BLOCK)
-                top_low = _cell_max(tl.where(valid & ~high, small, 0.0), SP, BLOCK)
-                p_cell = tl.where(top_high > -1.0, 1.0 + top_high.to(tl.float64), top_low.to(tl.float64))
+                # Any high pixel beats every low one; on the high side the smallest 1 - p wins,
+                # on the low side the largest p (ignored pixels: p = 0, below any valid one).
+                # Both sides to float32's relative precision: ordering by x - lse instead tied
+                # and swapped pixels whose 1 - p differ by less than lse's rounding.
+                top_high, arg_high = _cell_argmax(tl.where(pix_ok, tl.where(valid & high, -small, -1.0),
+                                                           -float("inf")), S, SP, BLOCK)
+                low_key = tl.where(valid, tl.where(high, -1.0, small), -0.5)
+                top_low, arg_low = _cell_argmax(tl.where(pix_ok, low_key, -float("inf")), S, SP, BLOCK)
+                has_high = top_high > -1.0
+                p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
                 tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
-                tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
+                tl.store(arg_ptr + low, tl.where(has_high, arg_high, arg_low).to(tl.uint8), mask=pooled)
                 if WRITE_Y:
                     tl.store(y_low_ptr + low, _cell_max(y, SP, BLOCK), mask=pooled)
             else:
@@ -1180,7 +1181,8 @@ def _ignore_value(ignore_index: int) -> int:
 
 
 def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
-    """Kernel A -> (p' [N,C,H',W'] f64, y' f32 or None, argmax uint8 or None, partials [N, blocks, 3])."""
+    """Kernel A -> (p' [N,C,H',W'] f64, y' (`label_map_dtype`) or None, argmax uint8 or None,
+    partials [N, blocks, 3])."""
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     dev = x.device
@@ -1607,7 +1609,7 @@ def _setup_context(ctx, inputs, output, maps_saved=True):
     ctx.save_for_backward(logits, labels, keep, weights, y_low, p_low, arg, mean, denom)
     ctx.config = (radius, pool, pool_size, pixel_loss, probs, ignore_index)
     # outputs without a gradient (y', p', the arg-max, ...) pass None to `_backward`, not
-    # zero tensors autograd would otherwise fill: two [N, C, H', W'] float32 maps a step
+    # zero tensors autograd would otherwise fill: two [N, C, H', W'] maps a step (p' float64)
     ctx.set_materialize_grads(False)
 
 
