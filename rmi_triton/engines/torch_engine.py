@@ -288,8 +288,9 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
                 wanted=None) -> None:
     """out [n, C, H', W'] float64 <- the downsampled p = k - t of t [n, C, H, W] (module doc);
     indices: the arg-max of max pooling; buffer: scratch shaped like t. With `wanted` ([n, C]
-    bool) only those planes are written. The high and low sides are summed apart (avg) or compared apart (max) and met in
-    float64, so that p' near 1 keeps 1 - p' to float32's relative precision."""
+    bool) only those planes are written. The high and low sides are summed apart (avg) or
+    compared apart (max) and met in float64, so that p' near 1 keeps 1 - p' to float32's
+    relative precision."""
     index = None if wanted is None else _wanted_planes(wanted)
     if index is not None:
         if len(index):
@@ -907,10 +908,10 @@ def _row_shift_sums(regions: _Regions, centre, first, totals, pairs, edge):
 def region_moments_backward(g_sp, g_syp, y_low, p_low, keep, mean, radius: int,
                             informative: torch.Tensor) -> torch.Tensor:
     """dL/dp' [N, C, H', W'] float32 from dL/dSp and dL/dSyp [N, C, d, d]:
-    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows, in
-    float64 (in float32 the sum of large terms of both signs misses 1e-4 of a confident
-    prediction's small gradient); zero outside the informative planes (whose statistics
-    carry no gradient)."""
+    dL/dp_m = (Gp + Gp^T)(p_m - pbar) + Gyp^T (y_m - ybar), summed over the windows (a sum of
+    large terms of both signs where V is nearly singular: `_stencil_backward` says how it
+    keeps float32 out of that); zero outside the informative planes (whose statistics carry
+    no gradient)."""
     n, c, h_low, w_low = y_low.shape
     planes = _indices(informative)
     if not len(planes):

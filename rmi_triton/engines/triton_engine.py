@@ -324,15 +324,20 @@ if _HAVE_TRITON:
         return m + tl.log2(1.0 + rest) * LN2, m, rest
 
     @triton.jit
+    def _top_class(x, m, rest):
+        """Where class x's softmax exceeds 1/2: it holds the largest logit m and no other class
+        ties with it (rest < 1, `_log_sum_exp`)."""
+        return (x == m) & (rest < 1.0)
+
+    @triton.jit
     def _prob_split(x, lse, m, rest, top_small, SOFTMAX: tl.constexpr):
         """A probability p [SP, BLOCK * SP] as (p > 1/2, the smaller of p and 1 - p), each
         to float32's relative precision, and exp(-|x|) (sigmoid only). p' near 1 held as a
         float32 p keeps too little of 1 - p' for the statistics of a confident prediction
         (where V is a small difference of large terms): kernel A sums the two sides apart.
-        Softmax: only the class of the largest logit m can exceed 1/2, when no other class
-        ties with it (rest < 1); its 1 - p is top_small = rest / (1 + rest)."""
+        Softmax: only `_top_class` can exceed 1/2; its 1 - p is top_small = rest / (1 + rest)."""
         if SOFTMAX:
-            high = (x == m) & (rest < 1.0)
+            high = _top_class(x, m, rest)
             small = tl.where(high, top_small, tl.exp2((x - lse) * LOG2E))
             e = small
         else:
@@ -463,7 +468,7 @@ if _HAVE_TRITON:
             low += hw_low
 
         if PIXEL == 2:  # w_label (lse - x_label); log(1 + rest) where the label has the largest logit
-            loss = tl.where((loss == m) & (rest < 1.0), _log1p_unit(rest), lse - loss)
+            loss = tl.where(_top_class(loss, m, rest), _log1p_unit(rest), lse - loss)
             if HAS_WEIGHTS:
                 pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
             else:
@@ -1084,7 +1089,7 @@ if _HAVE_TRITON:
             for c in range(C):  # a named loop variable: Triton carries `_` into the next loop
                 x = _load_pixels(xs + x_off, pix_ok).to(tl.float32)
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
-                top = (x == m) & (rest < 1.0)
+                top = _top_class(x, m, rest)
                 g_top += tl.where(top, gp, 0.0)
                 others += tl.where(top, 0.0, gp * tl.exp2((x - lse) * LOG2E))
                 xs += sx_c
@@ -1097,7 +1102,7 @@ if _HAVE_TRITON:
             is_c = lab == c
             if SOFTMAX or PIXEL == 2:
                 soft = tl.exp2((x - lse) * LOG2E)
-                top = (x == m) & (rest < 1.0)
+                top = _top_class(x, m, rest)
             if SOFTMAX:
                 prob = soft
             else:
