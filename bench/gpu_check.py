@@ -7,8 +7,9 @@
 1. Correctness on the GPU: the torch and Triton engines against the float64
    reference (`reference_rmi`) for float32 / float16 / bfloat16 logits and a
    few options (loss and d(3.7 * loss)/dlogits, relative error in norm, the
-   docs/DESIGN.md section 3 tolerances), the Triton engine with NaN-filled internal
-   buffers, and two Triton runs compared bitwise.
+   docs/DESIGN.md section 3 tolerances), confident predictions (logits of +-12, where
+   float32 p near 1 would keep too little of 1 - p), the Triton engine with NaN-filled
+   internal buffers, and two Triton runs compared bitwise.
 2. Timings (`triton.testing.do_bench` medians) of forward, backward and
    forward+backward for F.cross_entropy (the floor users know), the published
    formula (float64 region stacks; `reference_rmi` computes exactly that), the
@@ -78,6 +79,8 @@ else:
     CHECK_SHAPE = (2, 5, 97, 131)
     BENCH_SHAPES = [((16, 21, 513, 513), 4), ((16, 21, 513, 513), 2), ((8, 19, 768, 768), 4),
                     ((8, 150, 512, 512), 4)]
+# confident predictions (logits of +-12): the engines' exact p near 1 (bench/RESULTS.md, 2026-12-07)
+CONFIDENT_OPTIONS = [{}, {"probs": "softmax", "pool": "max", "rmi_weight": 0.0}, {"probs": "softmax", "pixel_loss": "ce"}]
 CHECK_OPTIONS = [
     {},
     {"pool": "max"},
@@ -94,13 +97,18 @@ def log(*parts):
     print(f"[{time.time() - START:6.1f}s]", *parts, flush=True)
 
 
-def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05):
+def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05, confident=None):
+    """Logits N(0, 2^2), or (confident=A) A (2 y - 1) + 0.3 noise: a confident prediction, p
+    within exp(-A) of its label, where float32 p near 1 would keep too little of 1 - p."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     n, c, h, w = shape
-    logits = (torch.randn(n, c, h, w, generator=g) * 2).to(dtype)
+    logits = torch.randn(n, c, h, w, generator=g) * 2
     labels = torch.randint(0, c, (n, h, w), generator=g)
     labels[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
-    return logits.to(DEVICE), labels.to(DEVICE)
+    if confident is not None:
+        one_hot = F.one_hot(torch.where(labels == 255, 0, labels), c).permute(0, 3, 1, 2).float()
+        logits = confident * (2 * one_hot - 1) + 0.15 * logits
+    return logits.to(dtype).to(DEVICE), labels.to(DEVICE)
 
 
 def rel_err(a, b):
@@ -123,13 +131,14 @@ def loss_and_grad(fn, logits, labels):
 
 def check_correctness():
     rows = []
-    cases = [(opts, torch.float32) for opts in CHECK_OPTIONS]
-    cases += [(opts, dt) for dt in (torch.float16, torch.bfloat16)
+    cases = [(opts, torch.float32, None) for opts in CHECK_OPTIONS]
+    cases += [(opts, dt, None) for dt in (torch.float16, torch.bfloat16)
               for opts in ({}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"})]
+    cases += [(opts, torch.float32, 12.0) for opts in CONFIDENT_OPTIONS]
     triton_engine.FILL_OUTPUTS_WITH_NAN = True
     try:
-        for i, (opts, dtype) in enumerate(cases):
-            logits, labels = random_inputs(CHECK_SHAPE, dtype, seed=100 + i)
+        for i, (opts, dtype, confident) in enumerate(cases):
+            logits, labels = random_inputs(CHECK_SHAPE, dtype, seed=100 + i, confident=confident)
             if opts.get("class_weights") is not None:
                 opts = dict(opts, class_weights=opts["class_weights"][:CHECK_SHAPE[1]])
             ref_loss, ref_grad = loss_and_grad(lambda x, y: reference_rmi(x.double(), y, **opts).loss,
@@ -138,6 +147,8 @@ def check_correctness():
             for backend in ("torch", "triton"):
                 row = dict(backend=backend, dtype=str(dtype).split(".")[-1], options=opts or "defaults",
                            loss_rel=float("nan"), grad_rel=float("nan"), ok=False)
+                if confident is not None:
+                    row["options"] = f"{row['options']}, logits +-{confident:g}"
                 try:  # one failing case must not cost the rest of the run's report
                     loss, grad = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **opts),
                                                logits, labels)
@@ -524,12 +535,15 @@ def fmt(v, spec=".2f"):
 
 def kernel_bytes(shape, pool_size, logit_bytes=4, label_bytes=8):
     """The least bytes kernels A and D move at a shape with avg pooling (float32 logits, int64
-    labels): A reads the logits and labels and writes y' and p'; D reads the logits, the labels
-    and dL/dp' and writes the gradient."""
+    labels): A reads the logits and labels and writes y' (float32 where pool_size is a power
+    of two) and p' (float64); D reads the logits, the labels and dL/dp' (float32) and writes
+    the gradient."""
     n, c, h, w = shape
     geo = triton_engine._Geometry(h, w, triton_engine.POOL_AVG, pool_size)
-    full, labels, pooled = n * c * h * w * logit_bytes, n * h * w * label_bytes, n * c * geo.h_low * geo.w_low * 4
-    return {"_pool_forward_kernel": full + labels + 2 * pooled, "_pool_backward_kernel": 2 * full + labels + pooled}
+    full, labels, cells = n * c * h * w * logit_bytes, n * h * w * label_bytes, n * c * geo.h_low * geo.w_low
+    y_bytes = 4 if pool_size & (pool_size - 1) == 0 else 8
+    return {"_pool_forward_kernel": full + labels + cells * (y_bytes + 8),
+            "_pool_backward_kernel": 2 * full + labels + cells * 4}
 
 
 def bars(timings, breakdown, bandwidth, variants=None):

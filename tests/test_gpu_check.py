@@ -27,12 +27,13 @@ def _figures(ce_ms, published_ms, triton_ms, extra_mb, a_ms, d_ms):
 
 def test_bars_of_the_fifth_h200_run(gpu_check):
     """b50df00's H200 figures (bench/RESULTS.md): the bars as the hand-made table read them
-    (its 764 MB for D rounded 763.4 up)."""
+    (its 764 MB for D rounded 763.4 up), but for kernel A's bytes, which count today's p' in
+    float64 (454 MB where b50df00's A moved 432: 45% then)."""
     rows = gpu_check.bars(*_figures(1.17, 23.93, 2.71, 402.0, 0.229, 0.421), 4236e9)
     assert [met for _, _, met in rows] == [False] * 5
     measured = [m for _, m, _ in rows]
     assert measured[0].startswith("2.32x") and measured[1] == "8.8x" and measured[2] == "19.2%"
-    assert measured[3] == "45% (432 MB in 0.229 ms)" and measured[4] == "43% (763 MB in 0.421 ms)"
+    assert measured[3] == "47% (454 MB in 0.229 ms)" and measured[4] == "43% (763 MB in 0.421 ms)"
 
 
 def test_bars_met_and_missing(gpu_check):
@@ -41,15 +42,18 @@ def test_bars_met_and_missing(gpu_check):
     timings, breakdown = _figures(1.17, None, 1.0, 359.1, 0.15, 0.28)
     rows = gpu_check.bars(timings, {}, None)  # the published formula skipped, no profile, no bandwidth
     assert [met for _, _, met in rows] == [True, None, True, None, None]
-    assert rows[3][1] == "-% (432 MB in - ms)"
+    assert rows[3][1] == "-% (454 MB in - ms)"
 
 
 def test_kernel_bytes(gpu_check):
-    """A: logits + labels read, y' and p' written; D: logits, labels and dL/dp' read, gradient written."""
-    logits, labels, pooled = 16 * 21 * 513 * 513 * 4, 16 * 513 * 513 * 8, 16 * 21 * 129 * 129 * 4
+    """A: logits + labels read, y' (float32) and p' (float64) written; D: logits, labels and
+    dL/dp' (float32) read, gradient written; at pool size 3, y' is float64 too."""
+    logits, labels, cells = 16 * 21 * 513 * 513 * 4, 16 * 513 * 513 * 8, 16 * 21 * 129 * 129
     moved = gpu_check.kernel_bytes((16, 21, 513, 513), 4)
-    assert moved == {"_pool_forward_kernel": logits + labels + 2 * pooled,
-                     "_pool_backward_kernel": 2 * logits + labels + pooled}
+    assert moved == {"_pool_forward_kernel": logits + labels + 12 * cells,
+                     "_pool_backward_kernel": 2 * logits + labels + 4 * cells}
+    cells_3 = 16 * 21 * 171 * 171  # (513 + 2 - 3) // 3 + 1
+    assert gpu_check.kernel_bytes((16, 21, 513, 513), 3)["_pool_forward_kernel"] == logits + labels + 16 * cells_3
 
 
 def test_bar_of_the_captured_step(gpu_check):
