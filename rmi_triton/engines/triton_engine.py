@@ -306,7 +306,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _log_sum_exp(x_base, x_off, pix_ok, C, sx_c):
         """Per pixel [SP, BLOCK * SP] over the C classes, float32: (log-sum-exp, the largest
-        logit m, rest = sum of exp(x_c - m) over the classes but the first that holds m);
+        logit m, rest = sum of exp(x_c - m) over the classes but the first that holds m,
+        top_small = rest / (1 + rest): 1 - softmax at m's class);
         x_base + x_off point at class 0, classes are sx_c elements apart. One exponential
         (base 2: one instruction on a GPU) of -|x - m| a class: a new maximum scales the
         rest and adds the old maximum's term, 1. The largest logit's term stays exactly 1
@@ -321,7 +322,7 @@ if _HAVE_TRITON:
             rest = tl.where(x > m, (rest + 1.0) * e, rest + e)
             m = tl.maximum(m, x)
             x_base += sx_c
-        return m + tl.log2(1.0 + rest) * LN2, m, rest
+        return m + tl.log2(1.0 + rest) * LN2, m, rest, rest / (1.0 + rest)
 
     @triton.jit
     def _top_class(x, m, rest):
@@ -407,8 +408,7 @@ if _HAVE_TRITON:
         hw_low = H_low * W_low
 
         if SOFTMAX or PIXEL == 2:
-            lse, m, rest = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
-            top_small = rest / (1.0 + rest)
+            lse, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
         else:
             lse = 0.0
             m = 0.0
@@ -1074,8 +1074,7 @@ if _HAVE_TRITON:
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
-            lse, m, rest = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
-            top_small = rest / (1.0 + rest)  # 1 - softmax of the largest logit's class
+            lse, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
         if SOFTMAX and HAS_RMI:
             # dL/dx_c = p_c (g_c - sum_k p_k g_k), g = dL/dp. Where the largest logit's class
             # t has p_t > 1/2, g_t - sum_k p_k g_k = (1 - p_t) g_t - sum_{k != t} p_k g_k
