@@ -79,9 +79,11 @@ def repaired_cholesky(matrix: torch.Tensor):
         failed = info != 0
         if not bool(failed.any()):
             break
-    if bool(failed.any()):  # not finite-valued input: nothing a ridge can repair
-        raise FloatingPointError("Cholesky factorisation failed on non-finite covariance statistics")
-    return factor, int((ridge > 0).sum())
+    # Still failing: non-finite statistics (non-finite logits with validate=False), which no
+    # ridge repairs. Their factors are NaN, so the loss is NaN as any loss of NaN input is
+    # (and as under torch.compile); they are not counted as repairs.
+    factor = factor.masked_fill(failed[..., None, None], float("nan"))
+    return factor, int(((ridge > 0) & ~failed).sum())
 
 
 def _cholesky_fixed_retries(matrix: torch.Tensor):

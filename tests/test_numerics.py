@@ -7,7 +7,7 @@ import torch
 
 from rmi_triton import RMILoss, RMINumericsWarning, RMIOptions, reference_rmi, rmi_loss
 from rmi_triton.algebra import CholeskyReport, half_logdet_posterior, repaired_cholesky
-from rmi_triton.engines import torch_engine
+from rmi_triton.engines import torch_engine, triton_engine
 
 from helpers import assert_close_rel, case_id, loss_and_grad, random_inputs
 
@@ -59,6 +59,31 @@ def test_repaired_cholesky_retries_only_failed_matrices():
     assert retried == 1
     assert torch.equal(factor[0], torch.linalg.cholesky(good))  # untouched
     assert torch.isfinite(factor).all() and (torch.diagonal(factor[1]) > 0).all()
+
+
+def test_repaired_cholesky_gives_nan_for_nonfinite_matrices():
+    """No ridge repairs a NaN matrix: its factor is NaN (not an exception, not a repair counted),
+    the others are factorised as ever."""
+    good = torch.eye(3, dtype=torch.float64) * 2
+    nan = torch.full((3, 3), float("nan"), dtype=torch.float64)
+    factor, retried = repaired_cholesky(torch.stack([good, nan]))
+    assert retried == 0
+    assert torch.equal(factor[0], torch.linalg.cholesky(good)) and torch.isnan(factor[1]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_logits_without_validation_give_nan(backend):
+    """validate=False skips the input checks: NaN logits then give a NaN loss and gradient, as
+    any loss does, and no exception (a training loop's own check stops the run)."""
+    if backend == "triton" and not triton_engine.available():
+        pytest.skip("triton is not installed or TRITON_INTERPRET is not set")
+    logits, labels = random_inputs(2, 3, 32, 32)
+    logits[1, 2, 5, 7] = float("nan")
+    crit = RMILoss(backend=backend, validate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RMINumericsWarning)
+        loss, grad = loss_and_grad(crit, logits, labels)
+    assert torch.isnan(loss) and torch.isnan(grad).any() and crit.cholesky_retries == 0
 
 
 def test_half_logdet_gradient_through_retry_is_finite():

@@ -142,6 +142,28 @@ def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
         run(_args(tmp_path, "--sync-bn", "--device", "cpu"), log=_quiet)
 
 
+@pytest.mark.parametrize("loss", ["ce", "rmi"])
+def test_nonfinite_logits_stop_the_run_cleanly(tmp_path, monkeypatch, loss):
+    """NaN logits with finite weights (the trainer's RMILoss runs with validate=False): the loss
+    is NaN, not an exception from the factorisation, and the run stops with its message."""
+    import rmi_triton.train as train
+
+    make = train.make_criterion
+
+    def poisoned(*a, **k):
+        criterion, calls = make(*a, **k), []
+
+        def call(logits, labels):
+            calls.append(1)
+            return criterion(logits * float("nan") if len(calls) == 3 else logits, labels)
+        return call
+
+    monkeypatch.setattr(train, "make_criterion", poisoned)
+    result = run(_args(tmp_path, "--loss", loss), log=_quiet)
+    assert result["status"] == "nonfinite" and result["iteration"] == 2
+    assert "non-finite loss at iteration 3" in result["message"]
+
+
 def test_nonfinite_loss_stops_and_keeps_finite_checkpoint(tmp_path):
     messages = []
     args = _args(tmp_path, "--lr", "1e6", "--save-every", "1", "--loss", "ce")
