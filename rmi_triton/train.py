@@ -57,30 +57,38 @@ _SCHEDULE_KEYS = ("model", "backbone", "output_stride", "dataset", "num_classes"
 # ---------------------------------------------------------------------------------------------
 # command line
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except None: those options' help says what they mean."""
+class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (also of options without a help text), except None: those
+    options' help says what they mean."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "%(default)" in text:
+            return action.help
+        return f"{text} (default: %(default)s)".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rmi-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=_DefaultsHelp)
     g = p.add_argument_group("network")
-    g.add_argument("--model", default="deeplabv3plus", choices=("deeplabv3", "deeplabv3plus", "pspnet"))
+    g.add_argument("--model", default="deeplabv3plus", choices=("deeplabv3", "deeplabv3plus", "pspnet"),
+                   help="segmentation network")
     g.add_argument("--backbone", default="resnet101",
-                   choices=("resnet18", "resnet34", "resnet50", "resnet101"))
-    g.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
+                   choices=("resnet18", "resnet34", "resnet50", "resnet101"), help="dilated ResNet backbone")
+    g.add_argument("--output-stride", type=int, default=16, choices=(8, 16), help="backbone output stride")
     g.add_argument("--pretrained", default=None, help="local torchvision ResNet state dict for the backbone")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (distributed)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=("synthetic", "voc", "camvid"))
+    g.add_argument("--dataset", default="synthetic", choices=("synthetic", "voc", "camvid"),
+                   help="synthetic: the embedded scenes, generated on the fly; voc, camvid: from --data-root")
     g.add_argument("--data-root", default=None, help="dataset folder (voc / camvid)")
     g.add_argument("--num-classes", type=int, default=5, help="synthetic only: classes incl. background (2..7)")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--val-split", default="val")
+    g.add_argument("--train-split", default="train",
+                   help="voc: train, trainval or train_aug (the SBD list the paper trains on); camvid: train, "
+                        "val, test or trainval")
+    g.add_argument("--val-split", default="val", help="split evaluated")
     g.add_argument("--train-length", type=int, default=None, help="synthetic only: number of training scenes")
     g.add_argument("--val-length", type=int, default=None,
                    help="synthetic only: validation scenes; other datasets: evaluate the first N")
@@ -93,16 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 
     g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="rmi", choices=("ce", "bce", "rmi"))
-    g.add_argument("--rmi-radius", type=int, default=3)
-    g.add_argument("--rmi-pool", default="avg", choices=("avg", "max", "interp", "none"))
-    g.add_argument("--rmi-pool-size", type=int, default=4)
+    g.add_argument("--loss", default="rmi", choices=("ce", "bce", "rmi"),
+                   help="ce: cross-entropy; bce: the sigmoid BCE pixel term alone; rmi: RMILoss (BCE + RMI)")
+    g.add_argument("--rmi-radius", type=int, default=3, help="R, the region side (1..10)")
+    g.add_argument("--rmi-pool", default="avg", choices=("avg", "max", "interp", "none"),
+                   help="downsampling before the regions")
+    g.add_argument("--rmi-pool-size", type=int, default=4, help="s (1..8)")
     g.add_argument("--rmi-weight", type=float, default=0.5, help="lambda")
-    g.add_argument("--rmi-combine", default="weighted", choices=("weighted", "additive"))
-    g.add_argument("--rmi-pixel-loss", default="bce", choices=("bce", "ce", "none"))
-    g.add_argument("--rmi-probs", default="sigmoid", choices=("sigmoid", "softmax"))
-    g.add_argument("--rmi-exclude-ignored", action="store_true")
-    g.add_argument("--rmi-backend", default="auto", choices=("auto", "torch", "triton"))
+    g.add_argument("--rmi-combine", default="weighted", choices=("weighted", "additive"),
+                   help="weighted: lambda pixel + (1 - lambda) rmi; additive: pixel + lambda rmi")
+    g.add_argument("--rmi-pixel-loss", default="bce", choices=("bce", "ce", "none"), help="the pixel term")
+    g.add_argument("--rmi-probs", default="sigmoid", choices=("sigmoid", "softmax"),
+                   help="probabilities the RMI term sees")
+    g.add_argument("--rmi-exclude-ignored", action="store_true",
+                   help="leave region vectors that touch an ignored pixel out of the statistics")
+    g.add_argument("--rmi-backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="auto: Triton on CUDA, PyTorch otherwise")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=8, help="per process")
@@ -111,18 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=int, default=None, help="total epochs (alternative to --iterations)")
     g.add_argument("--lr", type=float, default=0.007, help="base learning rate")
     g.add_argument("--lr-power", type=float, default=0.9, help="poly schedule power")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     g.add_argument("--amp", action="store_true",
                    help="autocast: bfloat16 on CPU, float16 + GradScaler on CUDA")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the initialisation, data order and augmentation")
     g.add_argument("--out", default="runs/train", help="output folder (checkpoint, log, metrics)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: only at the end)")
-    g.add_argument("--no-final-eval", action="store_true")
+    g.add_argument("--no-final-eval", action="store_true", help="skip the evaluation at the end")
     g.add_argument("--eval-batch-size", type=int, default=None)
     g.add_argument("--boundary-tolerance", type=int, default=2, help="px, for the boundary F-score")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N iterations (0: only at the end)")
@@ -134,15 +148,85 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --rmi-* flag -> RMIOptions field
+_RMI_FLAGS = {"rmi_radius": "radius", "rmi_pool": "pool", "rmi_pool_size": "pool_size", "rmi_weight": "rmi_weight",
+              "rmi_combine": "combine", "rmi_pixel_loss": "pixel_loss", "rmi_probs": "probs",
+              "rmi_exclude_ignored": "exclude_ignored", "rmi_backend": "backend"}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    """Parse and check the command line: a mistake ends here with a usage line that names the
+    flag (exit 2), not with a traceback from deep inside the run."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.iterations is None and args.epochs is None:
         args.iterations = 1000
     for name in ("batch_size", "iterations", "epochs"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    _check_paths(parser, args)
+    _check_device(parser, args.device)
+    _check_rmi_flags(parser, args)
     return args
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_paths(parser: argparse.ArgumentParser, args) -> None:
+    if args.dataset != "synthetic":
+        if args.data_root is None:
+            parser.error(f"--dataset {args.dataset} needs --data-root (a local folder; nothing is downloaded)")
+        if not os.path.isdir(args.data_root):
+            parser.error(f"--data-root {args.data_root!r} is not a directory")
+    if args.pretrained is not None and not os.path.isfile(args.pretrained):
+        parser.error(f"--pretrained {args.pretrained!r} is not a file")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
+    if device is None:
+        return
+    try:
+        want = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device!r} is not a device (cpu, cuda, cuda:1 ...)")
+    if want.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is available to this torch ({torch.__version__})")
+    if want.type == "cuda" and want.index is not None and want.index >= torch.cuda.device_count():
+        parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if want.type not in ("cpu", "cuda"):
+        parser.error(f"--device {device}: the trainer runs on cpu or cuda")
+
+
+def _check_rmi_flags(parser: argparse.ArgumentParser, args) -> None:
+    """The --rmi-* flags build RMIOptions (whose checks name the field; here the flag); with
+    another --loss they would be ignored, so setting one is an error."""
+    if args.loss != "rmi":
+        changed = [_flag(dest) for dest in _RMI_FLAGS if getattr(args, dest) != parser.get_default(dest)]
+        if changed:
+            verb = "applies" if len(changed) == 1 else "apply"
+            parser.error(f"{', '.join(changed)} {verb} to --loss rmi only (this run: --loss {args.loss})")
+        return
+    from .options import RMIOptions
+
+    for dest, field in _RMI_FLAGS.items():
+        value = getattr(args, dest)
+        if field == "pixel_loss" and value == "none":
+            value = None
+        try:
+            RMIOptions(**{field: value})
+        except (ValueError, TypeError) as e:
+            parser.error(f"{_flag(dest)}: {e}")
+    if args.rmi_backend == "triton":
+        from .engines import triton_engine
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if not triton_engine.available() or (device.type != "cuda" and not interpreted):
+            parser.error(f"--rmi-backend triton needs triton and a CUDA device (this run: {device}); "
+                         "use --rmi-backend auto or torch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,8 +734,8 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
             if k != "lr" and saved.get(k) != now.get(k)}
     if diff:
-        raise SystemExit(f"--resume {path}: the schedule differs from the checkpoint's run "
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
+        raise SystemExit(f"--resume {path}: the schedule differs from the checkpoint's run: "
+                         + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

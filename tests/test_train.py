@@ -137,6 +137,48 @@ def test_epochs_bce_and_bfloat16_autocast(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["train_config"]["loss"] == "bce"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--rmi-radius", "11"], "--rmi-radius: radius must lie in [1, 10], got 11"),
+    (["--rmi-pool-size", "0"], "--rmi-pool-size: pool_size must lie in [1, 8], got 0"),
+    (["--rmi-weight", "-1"], "--rmi-weight: rmi_weight must be finite and >= 0"),
+    (["--loss", "ce", "--rmi-radius", "4"], "--rmi-radius applies to --loss rmi only"),
+    (["--loss", "bce", "--rmi-probs", "softmax", "--rmi-exclude-ignored"],
+     "--rmi-probs, --rmi-exclude-ignored apply to --loss rmi only"),
+    (["--dataset", "voc"], "--dataset voc needs --data-root"),
+    (["--dataset", "camvid", "--data-root", "/no/such/folder"], "--data-root '/no/such/folder' is not a directory"),
+    (["--pretrained", "/no/such/file.pt"], "--pretrained '/no/such/file.pt' is not a file"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_command_line_mistakes_are_named_before_the_run(argv, message, capsys):
+    """A mistake in the flags ends in parse_args with a usage error that names the flag (exit 2),
+    not in a traceback from inside the run."""
+    with pytest.raises(SystemExit) as raised:
+        parse_args(TINY + argv)
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_device_without_cuda_is_named(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--device", "cuda"])
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests' interpreter would run it on the CPU
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--rmi-backend", "triton", "--device", "cpu"])
+    assert "--rmi-backend triton needs triton and a CUDA device (this run: cpu)" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("segmentation network (default: deeplabv3plus)", "(default: resnet101)", "(default: synthetic)",
+                  "(default: rmi)", "(default: 3)", "(default: avg)", "(default: bce)", "(default: auto)"):
+        assert shown in text
+
+
 def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
     with pytest.raises(SystemExit, match="sync-bn"):
         run(_args(tmp_path, "--sync-bn", "--device", "cpu"), log=_quiet)
