@@ -69,6 +69,9 @@ from rmi_triton.engines import triton_engine  # noqa: E402
 
 START = time.time()
 DEVICE = torch.device("cpu" if ARGS.dry_run else "cuda")
+if __name__ == "__main__" and not ARGS.dry_run and not torch.cuda.is_available():
+    _ARGS.error("no CUDA device here (torch " + torch.__version__ + "): run it on a GPU machine, or pass "
+                "--dry-run for the CPU rehearsal (tiny shapes through the Triton interpreter, a few minutes)")
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}
 GRAD_SCALE = 3.7
 

@@ -16,6 +16,7 @@ region vector is left out when any of its R x R cells is ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import NamedTuple, Optional
 
@@ -74,7 +75,13 @@ def _resolved(options: Optional[RMIOptions], kwargs: dict) -> RMIOptions:
     if options is not None and not isinstance(options, RMIOptions):
         raise TypeError(f"options must be an RMIOptions (or pass its fields as keyword arguments), "
                         f"got {type(options).__name__}")
-    return options if options is not None else RMIOptions(**kwargs)
+    if options is not None:
+        return options
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(RMIOptions)})
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))}; the options are "
+                        + ", ".join(f.name for f in dataclasses.fields(RMIOptions)))
+    return RMIOptions(**kwargs)
 
 
 def _num_classes(num_classes) -> Optional[int]:

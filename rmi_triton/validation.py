@@ -24,7 +24,7 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions,
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be an integer tensor (int64, int32 or uint8), got {labels.dtype}")
+        raise TypeError(f"labels must be int64, int32 or uint8, got {labels.dtype}")
     n, c, h, w = logits.shape
     if labels.shape != (n, h, w):
         raise ValueError(f"labels must have shape [N, H, W] = {[n, h, w]} to match logits "
