@@ -436,6 +436,16 @@ def test_non_finite_logits_raise(bad):
         assert not torch.isfinite(stats.pixel)
 
 
+def test_cpu_tensors_on_a_cuda_machine_are_refused(monkeypatch):
+    """Outside the interpreter the kernels need CUDA tensors: CPU logits on a machine that has a
+    GPU get a message that says so, not an error from inside Triton's launcher."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    logits, labels = random_inputs(1, 2, 17, 19, seed=9)
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors, got logits on cpu"):
+        rmi_loss(logits, labels, backend="triton")
+
+
 def test_rmi_only_gradient_and_pixel_only_gradient():
     """Backward with only one of the two gradient paths alive."""
     logits, labels = random_inputs(1, 2, 21, 23, seed=10)

@@ -1677,6 +1677,9 @@ def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> 
     if not available():
         raise RuntimeError("the Triton engine needs triton and a CUDA device (or TRITON_INTERPRET=1 "
                            "set before triton is imported); use backend='torch'")
+    if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton engine runs on CUDA tensors, got logits on {logits.device}: move them "
+                           "to the GPU, or use backend='torch' (backend='auto' picks by device)")
     keep = None
     if opts.exclude_ignored:
         ignored = (labels == opts.ignore_index).unsqueeze(1).float()
