@@ -143,12 +143,30 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _refuse_overwriting_inputs(outputs: Dict[str, str], inputs: Dict[str, Optional[str]]) -> None:
+    """The files written replace their paths: one that is also an input would be lost (a
+    checkpoint's weights overwritten by the ONNX graph)."""
+    for out_name, out_path in outputs.items():
+        for in_name, in_path in inputs.items():
+            if in_path is not None and _same_file(out_path, os.fspath(in_path)):
+                raise _UsageError(f"{out_name} {out_path!r} is {in_name}: writing it would destroy an input; "
+                                  "choose another output path")
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of one command line; raises on any failure, writes only on success."""
     if not args.verify and (args.atol is not None or args.rtol is not None):
         raise _UsageError("--atol and --rtol set the tolerance of --verify, which was not asked for")
     output = check_writable(args.output)  # before any work: fail fast, name the path
     json_path = check_writable(report_path(output))
+    _refuse_overwriting_inputs({"OUT": output, "its report": json_path},
+                               {"the checkpoint": args.checkpoint, "--compare": args.compare})
     payload = load_checkpoint(args.checkpoint)
     network = build_from_checkpoint(payload)
     config = dict(payload["config"])

@@ -554,6 +554,23 @@ def test_cli_unwritable_output_is_named_before_loading(workdir, capsys):
     assert "is a directory" in _cli_error([workdir / "nope.pt", workdir], capsys)
 
 
+def test_cli_never_writes_over_its_inputs(workdir, checkpoints, capsys):
+    """OUT (or its report) on the checkpoint or the --compare file would replace an input: the
+    trained weights would be gone. Refused before any work, the files untouched."""
+    before = [pathlib.Path(c).read_bytes() for c in checkpoints]
+    assert "is the checkpoint" in _cli_error([checkpoints[0], checkpoints[0]], capsys)
+    linked = workdir / "linked.pt"
+    linked.unlink(missing_ok=True)
+    os.symlink(checkpoints[0], linked)  # the same file by another name
+    assert "is the checkpoint" in _cli_error([checkpoints[0], linked], capsys)
+    assert "is --compare" in _cli_error([checkpoints[0], checkpoints[1], "--compare", checkpoints[1]], capsys)
+    report_of = workdir / "run-b"  # OUT 'run-b' writes its report to 'run-b.json'
+    compare_json = workdir / "run-b.json"
+    compare_json.write_bytes(before[1])
+    assert "its report" in _cli_error([checkpoints[0], report_of, "--compare", compare_json], capsys)
+    assert [pathlib.Path(c).read_bytes() for c in checkpoints] == before and not report_of.exists()
+
+
 def test_cli_refuses_an_opset_the_exporter_cannot_give(workdir, checkpoints, capsys):
     out = workdir / "e6.onnx"
     assert "opset must be an int from 7" in _cli_error([checkpoints[0], out, "--opset", "99"], capsys)
