@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import Tensor, nn
 
+from rmi_triton.files import load_refusal
+
 NormLayer = Callable[[int], nn.Module]
 
 OUTPUT_STRIDES: Tuple[int, ...] = (8, 16)
@@ -342,7 +344,7 @@ def load_torchvision_weights(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"could not read pretrained weights from {path!r}: {exc}") from exc
+        raise ValueError(f"could not read pretrained weights from {path!r}: {load_refusal(exc)}") from None
     if not _is_state_dict(state):
         raise ValueError(
             f"{path!r} does not hold a state dict (a mapping of parameter names to "

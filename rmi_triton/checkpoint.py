@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .files import atomic_writer
+from .files import atomic_writer, load_refusal
 
 FORMAT = "rmi_triton.checkpoint"
 VERSION = 1
@@ -67,11 +67,15 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
 
     Raises:
         ValueError: ``config`` lacks a key of `CONFIG_KEYS` or holds a value of
-            the wrong type (see `_config_problem`); nothing is written.
+            the wrong type (see `_config_problem`), or ``model_state`` is not a dict
+            of tensors; nothing is written.
     """
     problem = _config_problem(config)
     if problem:
         raise ValueError(f"cannot save checkpoint {os.fspath(path)!r}: {problem}")
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise ValueError(f"cannot save checkpoint {os.fspath(path)!r}: the model state must be a dict of "
+                         "tensors (a state_dict()), which load_checkpoint requires")
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "config": dict(config), **extra}
     with atomic_writer(path) as f:
         torch.save(payload, f)
@@ -84,7 +88,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
         FileNotFoundError: no file at ``path``.
         CheckpointError: a corrupt, truncated or foreign file, one holding pickled
             objects, a model config with a key missing or of the wrong type (the
-            message names the key and the type expected), or no state dict of tensors.
+            message names the key and the type expected), no state dict of tensors,
+            or non-finite weights (the message names them).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -96,9 +101,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {path!r} holds objects other than tensors and plain containers and was "
-            f"refused without running it (weights_only=True): {str(err).splitlines()[0]}") from None
+            f"refused without running it: {load_refusal(err)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated: {err}") from None
+        if "CUDA" in str(err) and not torch.cuda.is_available():
+            raise CheckpointError(f"checkpoint {path!r}: map_location={map_location!r} asks for a CUDA device, "
+                                  "and none is available (map_location='cpu' reads it)") from None
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated: {load_refusal(err)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an rmi_triton checkpoint (no format={FORMAT!r} entry)")
     if payload.get("version") != VERSION:
@@ -109,6 +117,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
         raise CheckpointError(f"checkpoint {path!r} has no usable model config: {problem}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path!r} has no model state dict of tensors")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"checkpoint {path!r} holds non-finite (NaN or Inf) weights in "
+                              f"{', '.join(nonfinite[:5])}{' ...' if len(nonfinite) > 5 else ''}")
     return payload
 
 
@@ -129,14 +141,20 @@ def build_from_checkpoint(path_or_payload, map_location="cpu") -> torch.nn.Modul
 
     payload = path_or_payload if isinstance(path_or_payload, dict) else load_checkpoint(path_or_payload,
                                                                                        map_location)
+    problem = _config_problem(payload.get("config")) if isinstance(payload, dict) else "not a checkpoint dict"
+    if problem:
+        raise CheckpointError(f"checkpoint has no usable model config: {problem}")
     config = payload["config"]
     arguments = dict(CONFIG_DEFAULTS, **{k: config[k] for k in CONFIG_TYPES if k in config})
     try:
         model = build_model(**arguments)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint describes a network that cannot be built: {err}") from None
+    state = payload.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError("checkpoint has no model state dict")
     try:
-        result = model.load_state_dict(payload["model"], strict=False)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # mis-shaped tensors
         raise CheckpointError(f"checkpoint weights do not fit {config['name']}/{config['backbone']}: "
                               f"{str(err).splitlines()[-1].strip()}") from None

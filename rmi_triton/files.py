@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import BinaryIO, Iterator
 
@@ -50,3 +51,19 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def load_refusal(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused or failed, in one line, without
+    PyTorch's advice to load the file again with ``weights_only=False`` or to allowlist what
+    it names (either would run whatever the file holds: never the advice for a refused file)."""
+    text = str(err)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"it names {named.group(1)}, which is not a tensor or a plain container"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if not any(word in line for word in _ADVICE)]
+    return " ".join(kept) or f"{type(err).__name__} (the file ends early or is empty)"
+
+
+_ADVICE = ("weights_only", "Weights only", "trust", "allowlist", "safe_globals")

@@ -78,9 +78,15 @@ def test_pickled_object_is_refused_and_never_executed(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "rmi_triton.checkpoint", "version": 1, "model": {}, "config": CONFIG,
                 "x": _Payload()}, path)
-    with pytest.raises(CheckpointError, match="refused without running it"):
+    with pytest.raises(CheckpointError, match="refused without running it") as refused:
         load_checkpoint(path)
     assert not marker.exists()
+    # the reason names what the file would have run (its __reduce__ calls open); PyTorch's advice
+    # to load it again with weights_only=False or to allowlist that, either of which would run
+    # it, is not passed on
+    message = str(refused.value)
+    assert "it names io.open" in message
+    assert not any(word in message for word in ("weights_only", "trust", "allowlist", "safe_globals"))
 
 
 def test_foreign_or_incomplete_payloads(tmp_path, model):
@@ -126,6 +132,33 @@ def test_config_that_is_not_a_dict(tmp_path, model):
                 "config": ["deeplabv3plus", 3]}, path)
     with pytest.raises(CheckpointError, match="the model config is a list, not a dict"):
         load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused_naming_them(tmp_path, model):
+    """A checkpoint with NaN/Inf weights would train or export garbage with no error until
+    much later (the trainer never writes one; another tool might)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["classifier.weight" if "classifier.weight" in state else next(iter(state))].view(-1)[0] = float("nan")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    path = tmp_path / "nan.pt"
+    save_checkpoint(path, state, CONFIG)
+    with pytest.raises(CheckpointError, match=f"non-finite .*weights in {bad[0]}"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        build_from_checkpoint(path)
+
+
+def test_a_state_that_load_would_refuse_is_never_saved(tmp_path):
+    with pytest.raises(ValueError, match="the model state must be a dict of tensors"):
+        save_checkpoint(tmp_path / "x.pt", {"a": 1}, CONFIG)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_payload_without_config_or_weights_is_named(model):
+    with pytest.raises(CheckpointError, match="no usable model config"):
+        build_from_checkpoint({"model": model.state_dict()})
+    with pytest.raises(CheckpointError, match="no model state dict"):
+        build_from_checkpoint({"config": CONFIG})
 
 
 def test_weights_that_do_not_fit(tmp_path, model):

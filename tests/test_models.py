@@ -428,6 +428,26 @@ def test_pretrained_not_a_state_dict(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="could not read"):
         build_model("pspnet", NUM_CLASSES, backbone="resnet18", pretrained=garbage)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="could not read .* ends early or is empty"):
+        build_model("pspnet", NUM_CLASSES, backbone="resnet18", pretrained=empty)
+
+
+class _Opens:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pretrained_pickled_code_is_refused_without_running_it(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": _Opens(str(marker))}, path)
+    with pytest.raises(ValueError, match="it names io.open") as refused:
+        build_model("deeplabv3", NUM_CLASSES, backbone="resnet18", pretrained=path)
+    assert not marker.exists() and "weights_only" not in str(refused.value)
 
 
 def test_pretrained_nested_state_dict_is_named(tmp_path):
