@@ -136,7 +136,17 @@ class SegmentationModel(nn.Module):
         check_image(x, self.backbone.conv1.in_channels)
         size = x.shape[-2:]
         features = self.backbone(x)
-        logits = resize_bilinear(self.head(features), size)
+        try:
+            head = self.head(features)
+        except ValueError as err:
+            if "Expected more than 1 value per channel when training" not in str(err):
+                raise
+            raise ValueError(
+                f"a batch of {x.shape[0]} image in training mode: the head's global-pooling branch (ASPP's "
+                "image pooling, PSP's 1 x 1 bin) gives BatchNorm one value per channel, which it cannot "
+                "normalise; train with 2 or more images a step (per process, unless SyncBatchNorm pools "
+                "them), or put the BatchNorm layers in eval mode") from None
+        logits = resize_bilinear(head, size)
         if self.aux_head is not None and self.training:
             aux = resize_bilinear(self.aux_head(features["layer3"]), size)
             return logits, aux

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import CONFIG_KEYS, load_checkpoint, save_checkpoint
+from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
@@ -165,6 +165,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.batch_size == 1 and not args.sync_bn:
+        parser.error("--batch-size 1: the networks' global-pooling branch gives BatchNorm one value per "
+                     "channel in training; use 2 or more images a process (or --sync-bn across processes)")
     _check_paths(parser, args)
     _check_device(parser, args.device)
     _check_rmi_flags(parser, args)
@@ -183,6 +186,8 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--data-root {args.data_root!r} is not a directory")
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         parser.error(f"--pretrained {args.pretrained!r} is not a file")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume!r} is not a file (--resume auto continues <out>/last.pt if any)")
 
 
 def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
@@ -553,8 +558,13 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         per_epoch = iterations_per_epoch(len(train_set), args.batch_size, dist.world)
         total = args.iterations if args.iterations is not None else args.epochs * per_epoch
 
-        model = build_model(args.model, num_classes, args.backbone, args.output_stride,
-                            pretrained=args.pretrained)
+        try:
+            model = build_model(args.model, num_classes, args.backbone, args.output_stride,
+                                pretrained=args.pretrained)
+        except (ValueError, FileNotFoundError) as err:
+            if args.pretrained is None:
+                raise
+            raise SystemExit(f"--pretrained {args.pretrained}: {err}") from None
         config = model_config(args, num_classes)
         if args.sync_bn:
             model = convert_sync_batchnorm(model)
@@ -571,7 +581,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         if resume == "auto":
             resume = ckpt_path if os.path.isfile(ckpt_path) else None
         if resume:
-            state = load_checkpoint(resume, map_location="cpu")
+            try:
+                state = load_checkpoint(resume, map_location="cpu")
+            except (FileNotFoundError, CheckpointError) as err:
+                raise SystemExit(f"--resume {resume}: {err}") from None
             _check_resume(state, args, config, resume)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -413,6 +413,16 @@ def test_pretrained_round_trip(tmp_path, drop_num_batches_tracked):
     assert not any(k.startswith("fc.") for k in model.state_dict())
 
 
+@pytest.mark.parametrize("name", ["deeplabv3", "deeplabv3plus", "pspnet"])
+def test_one_image_in_training_mode_is_explained(name):
+    """The global-pooling branch's BatchNorm cannot train on one image: the error says why and
+    what to do, not only PyTorch's 'Expected more than 1 value per channel'."""
+    net = build_model(name, NUM_CLASSES, backbone="resnet18").train()
+    with pytest.raises(ValueError, match="a batch of 1 image in training mode: the head's global-pooling"):
+        net(torch.randn(1, 3, 33, 47))
+    net.eval()(torch.randn(1, 3, 33, 47))  # inference takes one image
+
+
 def test_pretrained_missing_file_names_path(tmp_path):
     path = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):

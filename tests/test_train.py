@@ -149,6 +149,8 @@ def test_epochs_bce_and_bfloat16_autocast(tmp_path):
     (["--pretrained", "/no/such/file.pt"], "--pretrained '/no/such/file.pt' is not a file"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "1"], "--batch-size 1: the networks' global-pooling branch gives BatchNorm one value"),
+    (["--resume", "/no/such/last.pt"], "--resume '/no/such/last.pt' is not a file"),
 ])
 def test_command_line_mistakes_are_named_before_the_run(argv, message, capsys):
     """A mistake in the flags ends in parse_args with a usage error that names the flag (exit 2),
@@ -168,6 +170,18 @@ def test_cuda_device_without_cuda_is_named(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         parse_args(TINY + ["--rmi-backend", "triton", "--device", "cpu"])
     assert "--rmi-backend triton needs triton and a CUDA device (this run: cpu)" in capsys.readouterr().err
+
+
+def test_unusable_resume_and_pretrained_files_are_named(tmp_path):
+    """Files that exist but cannot be used end the run with one line naming the flag."""
+    not_a_checkpoint = tmp_path / "notes.json"
+    not_a_checkpoint.write_text("{}")
+    with pytest.raises(SystemExit, match=f"--resume {not_a_checkpoint}: .*not a complete torch.save"):
+        run(_args(tmp_path, "--resume", str(not_a_checkpoint)), log=_quiet)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit, match=f"--pretrained {empty}: could not read pretrained weights"):
+        run(_args(tmp_path, "--pretrained", str(empty)), log=_quiet)
 
 
 def test_help_shows_every_default(capsys):
