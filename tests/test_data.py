@@ -511,6 +511,50 @@ def test_voc_error_bad_label_values_and_colour_png(tmp_path):
         ds.raw(1)
 
 
+def test_voc_error_truncated_or_deep_files_are_named(tmp_path):
+    """A half-written JPEG or PNG fails where PIL decodes it, with no file named in PIL's words
+    ('image file is truncated'); a 16-bit image would be clipped to 8 bits without a word."""
+    voc = make_voc(tmp_path)
+    jpeg = os.path.join(voc, "JPEGImages", "2008_000001.jpg")
+    with open(jpeg, "rb") as f:
+        data = f.read()
+    with open(jpeg, "wb") as f:
+        f.write(data[: len(data) // 2])
+    png = os.path.join(voc, "SegmentationClass", "2008_000002.png")
+    with open(png, "rb") as f:
+        data = f.read()
+    with open(png, "wb") as f:
+        f.write(data[: len(data) - 30])
+    ds = VOCSegmentation(voc, split="val")
+    with pytest.raises(OSError, match=r"image file .*2008_000001\.jpg could not be decoded"):
+        ds.raw(0)
+    with pytest.raises(OSError, match=r"label file .*2008_000002\.png could not be decoded"):
+        ds.raw(1)
+    Image.fromarray(np.full((30, 40), 40000, np.uint16)).save(jpeg.replace(".jpg", ".png"))
+    os.replace(jpeg.replace(".jpg", ".png"), jpeg)  # a 16-bit PNG under the .jpg name
+    with pytest.raises(ValueError, match=r"2008_000001\.jpg has PIL mode 'I;16' \(16-bit or float\)"):
+        ds.raw(0)
+
+
+def test_voc_split_lists_from_windows_editors(tmp_path):
+    """A byte-order mark and backslashed path pairs (as Windows tools write them) read as the
+    plain list does; a list in another encoding is named, not a bare UnicodeDecodeError."""
+    voc = make_voc(tmp_path)
+    seg = os.path.join(voc, "ImageSets", "Segmentation")
+    with open(os.path.join(seg, "val.txt"), "w", encoding="utf-8-sig", newline="\r\n") as f:
+        f.write("\n".join(VOC_IDS["val"]) + "\n")
+    assert len(VOCSegmentation(voc, split="val")) == len(VOC_IDS["val"])
+    with open(os.path.join(voc, "train_aug.txt"), "w") as f:
+        f.write("".join(f"\\JPEGImages\\{i}.jpg \\SegmentationClassAug\\{i}.png\n" for i in VOC_IDS["train"]))
+    aug = VOCSegmentation(voc, split="train_aug")
+    np.testing.assert_array_equal(aug.raw(0)[1], np.asarray(Image.open(
+        os.path.join(voc, "SegmentationClassAug", f"{VOC_IDS['train'][0]}.png"))))
+    with open(os.path.join(seg, "val.txt"), "w", encoding="utf-16") as f:
+        f.write("\n".join(VOC_IDS["val"]) + "\n")
+    with pytest.raises(ValueError, match=r"split list .*val\.txt is not UTF-8 text"):
+        VOCSegmentation(voc, split="val")
+
+
 def test_voc_error_malformed_list_line(tmp_path):
     voc = make_voc(tmp_path)
     with open(os.path.join(voc, "ImageSets", "Segmentation", "val.txt"), "a") as f:

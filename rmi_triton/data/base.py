@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Sequence
 
@@ -72,10 +73,29 @@ class SegmentationDataset(Dataset):
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Decode an image file to uint8 ``[H, W, 3]`` RGB."""
+    """Decode an 8-bit image file (RGB, grayscale, palette, RGBA, CMYK) to uint8 ``[H, W, 3]`` RGB.
+    16-bit and float images are refused: PIL's conversion clips them to 8 bits."""
     Image = _pil()
-    with Image.open(path) as im:
+    with _decoding(path, "image") as im:
+        if im.mode in ("I", "F") or im.mode.startswith("I;"):
+            raise ValueError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float): converting it to "
+                             "8-bit RGB would clip its values; store images with 8 bits per channel")
         return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+@contextlib.contextmanager
+def _decoding(path: str, what: str):
+    """Image.open(path), with a file that fails to decode (truncated, corrupt) named in the error
+    (PIL's own messages, e.g. 'image file is truncated', say which file in none of its forms)."""
+    Image = _pil()
+    try:
+        with Image.open(path) as im:
+            im.load()
+            yield im
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, FileNotFoundError) or (isinstance(err, ValueError) and path in str(err)):
+            raise
+        raise OSError(f"{what} file {path} could not be decoded: {err}") from None
 
 
 def read_index_png(path: str) -> np.ndarray:
@@ -84,8 +104,7 @@ def read_index_png(path: str) -> np.ndarray:
     Palette ("P") PNGs give their palette indices, grayscale ("L") PNGs their
     values. Colour PNGs are rejected: their pixel values are not class ids.
     """
-    Image = _pil()
-    with Image.open(path) as im:
+    with _decoding(path, "label") as im:
         if im.mode not in ("P", "L"):
             raise ValueError(
                 f"label file {path} has PIL mode {im.mode!r}: expected a palette ('P') or "
@@ -141,11 +160,16 @@ class ImageLabelFolder(SegmentationDataset):
 def read_split_list(path: str) -> list[list[str]]:
     """Non-empty, whitespace-split lines of a split list file (``#`` starts a comment)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                rows.append(line.split())
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is dropped
+            lines = f.readlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"split list {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
+                         "UTF-8, one sample per line") from None
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            rows.append(line.split())
     if not rows:
         raise ValueError(f"split list {path} is empty: expected one sample per line")
     return rows

@@ -115,7 +115,7 @@ class VOCSegmentation(ImageLabelFolder):
             img = os.path.join(self.root, "JPEGImages", f"{row[0]}.jpg")
             lab = os.path.join(label_root, f"{row[0]}.png")
         elif len(row) == 2:
-            img, lab = (os.path.join(self.root, p.lstrip("/")) for p in row)
+            img, lab = (os.path.join(self.root, *p.replace("\\", "/").lstrip("/").split("/")) for p in row)
         else:
             raise ValueError(
                 f"VOC split list {list_path} has a malformed line {' '.join(row)!r}: expected "
