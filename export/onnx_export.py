@@ -128,6 +128,26 @@ def _trace(network: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.ex
                               f"{_first_line(violation)}; then {_first_line(err)}") from None
 
 
+TRACE_SIDE = 65  # a small example is traced again at a multiple of its size at least this large
+
+
+def _trace_at(network: nn.Module, example: torch.Tensor, dynamic: bool):
+    """-> (program, the example traced). A dynamic export of a small example can fail where
+    the example's deepest maps are 1 x 1 (torch specialises a size of 1: PSPNet at output
+    stride 16 below 17 pixels); the graph is dynamic, so it is traced again at the smallest
+    multiple of the example's height and width that reaches TRACE_SIDE (a multiple keeps any
+    divisibility the size had), and the sizes it takes are checked against the example's."""
+    try:
+        return _trace(network, example, dynamic), example
+    except ExportError:
+        h, w = example.shape[-2:]
+        if not dynamic or min(h, w) >= TRACE_SIDE:
+            raise
+        larger = torch.randn(*example.shape[:2], h * -(-TRACE_SIDE // h), w * -(-TRACE_SIDE // w),
+                             generator=torch.Generator().manual_seed(0)).to(example.device)
+        return _trace(network, larger, dynamic), larger
+
+
 def _runtime_checks(program: torch.export.ExportedProgram) -> List[str]:
     """The size assertions torch.export deferred to run time, as expressions.
 
@@ -184,7 +204,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
         opset: ONNX opset (default: the exporter's recommended one).
         dynamic: batch, height and width symbolic (True) or fixed to ``example_shape``.
         example_shape: ``[N, 3, H, W]`` used for tracing (default 1x3x256x256);
-            the graph's only size when ``dynamic=False``.
+            the graph's only size when ``dynamic=False``. A dynamic export that fails
+            at a small example is traced again at a multiple of its size (`_trace_at`).
         config: the network's build config for the metadata (default: read off
             the network when it is one of `rmi_triton.models`).
 
@@ -210,7 +231,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     with eval_mode(network), torch.no_grad(), _quiet_exporter():
         try:
-            program = _trace(network, example, dynamic)
+            program, example = _trace_at(network, example, dynamic)
         except ExportError:
             raise
         except Exception as err:

@@ -142,6 +142,19 @@ def test_every_network_exports_and_matches_onnxruntime(exported):
     assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp-")]  # no temp file left
 
 
+def test_a_small_example_size_still_exports_dynamically(workdir):
+    """PSPNet at output stride 16 traced at 9 x 5 has 1 x 1 deepest maps, where torch
+    specialises; the exporter traces again at a multiple of that size and the graph takes
+    the small size too (and any other)."""
+    model = make_model("pspnet", 16)
+    path = workdir / "pspnet-small-example.onnx"
+    info = export_onnx(model, path, example_shape=(1, 3, 9, 5))
+    assert info.dynamic and info.input_spec.check((1, 3, 9, 5)) is None
+    report = verify_onnx(path, model, sizes=[(1, 3, 9, 5), (2, 3, 40, 33)], latency_size=(1, 3, 9, 5),
+                         latency_runs=2, latency_warmup=1)
+    assert report.passed and max(report.max_abs_diff.values()) <= 1e-4, report.max_abs_diff
+
+
 def test_verify_reports_a_graph_that_is_not_the_model(exports):
     _, path, _ = exports("deeplabv3", 16)
     other = make_model("deeplabv3", 16, seed=5)  # same architecture, other weights
