@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,7 +52,8 @@ def check_image(x: Tensor, channels: int) -> None:
 
     Raises:
         TypeError: ``x`` is not a tensor or not floating point.
-        ValueError: ``x`` is not 4-D or has a channel count other than ``channels``.
+        ValueError: ``x`` is not 4-D, has a channel count other than ``channels``,
+            or has a size of 0.
     """
     if not isinstance(x, Tensor):
         raise TypeError(
@@ -65,6 +67,8 @@ def check_image(x: Tensor, channels: int) -> None:
         raise ValueError(
             f"expected an image batch [N, {channels}, H, W], got shape {tuple(x.shape)}{hint}"
         )
+    if min(x.shape) == 0:
+        raise ValueError(f"expected a non-empty image batch [N, {channels}, H, W], got shape {tuple(x.shape)}")
 
 
 def init_head_weights(module: nn.Module) -> None:
@@ -134,6 +138,10 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         check_image(x, self.backbone.conv1.in_channels)
+        weight = self.backbone.conv1.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"image batch is {x.dtype} but the network's weights are {weight.dtype}: convert the "
+                            f"input (x.to({weight.dtype})) or the network, or run under torch.autocast")
         size = x.shape[-2:]
         features = self.backbone(x)
         try:

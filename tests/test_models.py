@@ -593,8 +593,11 @@ def test_output_stride_type_is_checked_outside_build_model_too():
         (torch.randn(3, 33, 35), ValueError, r"got shape \(3, 33, 35\); add the batch dimension"),
         (torch.randn(1, 4, 33, 35), ValueError, r"\[N, 3, H, W\], got shape \(1, 4, 33, 35\)"),
         (torch.randn(1, 1, 3, 33, 35), ValueError, r"got shape \(1, 1, 3, 33, 35\)"),
+        (torch.randn(1, 3, 0, 35), ValueError, r"non-empty image batch \[N, 3, H, W\], got shape \(1, 3, 0, 35\)"),
+        (torch.randn(1, 3, 33, 35, dtype=torch.float64), TypeError,
+         r"image batch is torch\.float64 but the network's weights are torch\.float32"),
     ],
-    ids=["uint8", "3-D", "4-channels", "5-D"],
+    ids=["uint8", "3-D", "4-channels", "5-D", "empty", "float64"],
 )
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_wrong_input_is_named(name, image, error, match):
