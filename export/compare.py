@@ -121,6 +121,13 @@ def _as_onnx(path: str | os.PathLike, workdir: str, label: str, export_options: 
     if not os.path.isfile(path):
         raise ExportError(f"{path!r} does not exist")
     if not _is_checkpoint(path):
+        from .verify import load_model
+
+        try:
+            load_model(path)
+        except ExportError as err:
+            raise ExportError(f"{path!r} is neither an rmi_triton checkpoint (a complete torch.save archive) "
+                              f"nor an ONNX model ({err})") from None
         return path, ""
     payload = load_checkpoint(path)
     network = build_from_checkpoint(payload)

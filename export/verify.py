@@ -92,9 +92,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not os.path.isfile(path):
         raise ExportError(f"ONNX model {path!r} does not exist")
     try:
-        return onnx.load(path)
+        model = onnx.load(path)
     except Exception as err:  # protobuf's DecodeError and friends
         raise ExportError(f"{path!r} is not a readable ONNX model: {type(err).__name__}: {err}") from None
+    if not model.opset_import or not model.graph.output:  # protobuf reads many short files as an empty message
+        raise ExportError(f"{path!r} is not an ONNX model (no opset and no graph outputs in it)")
+    return model
 
 
 def input_spec_of(model: onnx.ModelProto) -> InputSpec:

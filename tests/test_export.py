@@ -584,6 +584,16 @@ def test_cli_never_writes_over_its_inputs(workdir, checkpoints, capsys):
     assert [pathlib.Path(c).read_bytes() for c in checkpoints] == before and not report_of.exists()
 
 
+def test_compare_names_a_file_that_is_neither_checkpoint_nor_onnx(workdir, checkpoints, capsys):
+    """A short text file parses as an empty ONNX message: it is named, not a StopIteration."""
+    notes = workdir / "notes.json"
+    notes.write_text("{}\n")
+    out = workdir / "e9.onnx"
+    err = _cli_error([checkpoints[0], out, "--compare", notes, "--size", "32x32"], capsys)
+    assert "is neither an rmi_triton checkpoint" in err and "is not an ONNX model" in err
+    assert not out.exists()
+
+
 def test_cli_refuses_an_opset_the_exporter_cannot_give(workdir, checkpoints, capsys):
     out = workdir / "e6.onnx"
     assert "opset must be an int from 7" in _cli_error([checkpoints[0], out, "--opset", "99"], capsys)
