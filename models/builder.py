@@ -43,8 +43,9 @@ def build_model(
             dict for the backbone (``fc.*`` keys ignored); nothing is downloaded.
         norm_layer: callable ``channels -> nn.Module`` used for every norm
             layer (default ``nn.BatchNorm2d``).
-        sync_bn: use ``nn.SyncBatchNorm`` everywhere (needs an initialised
-            ``torch.distributed`` process group to run forward in training);
+        sync_bn: use ``nn.SyncBatchNorm`` everywhere (it synchronises the batch
+            statistics across an initialised ``torch.distributed`` process group;
+            without one it normalises like plain BatchNorm);
             cannot be combined with ``norm_layer``.
         aux_head: add an auxiliary classifier on ``layer3``; in training mode
             ``forward`` then returns ``(logits, aux_logits)``.
