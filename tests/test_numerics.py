@@ -382,6 +382,38 @@ def test_saturated_prediction_meets_the_contract(backend, options, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("options", [{"probs": "softmax", "rmi_weight": 0.0},
+                                     {"probs": "softmax", "pool": "max", "rmi_weight": 0.0},
+                                     {"probs": "softmax", "pixel_loss": "ce"},
+                                     {"pixel_loss": "ce", "rmi_weight": 1.0}], ids=case_id)
+def test_softmax_of_logits_far_from_zero_meets_the_contract(backend, options):
+    """Softmax and cross-entropy are shift-invariant: logits around 1e4 (a shared offset) must
+    give what the same spread around 0 gives. Taken as x - lse, with lse = m + log(1 + rest)
+    rounded at the scale of m, they lost 1e-3 of 1 per pixel (an ulp of 1e4): Triton's softmax
+    gradient 4e-4 off, both engines' CE 5e-5 (found by a fuzz run); now (x - m) - log(1 + rest)."""
+    g = torch.Generator().manual_seed(23)
+    labels = torch.randint(0, 3, (2, 24, 28), generator=g)
+    logits = torch.randn(2, 3, 24, 28, generator=g) * 2 + 1e4
+    options = dict(options, pool_size=options.get("pool_size", 2))
+    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
+                                       logits.double(), labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cross_entropy_of_a_few_pixels_far_from_zero(backend):
+    """The same on two pixels, where no average hides a pixel's error: lse - x_label with lse
+    rounded at 1e4 put the loss 5e-5 off."""
+    logits = torch.tensor([[[[0.3, -1.2]], [[1.1, 0.4]]]]) + 1e4
+    labels = torch.tensor([[[0, 1]]])
+    options = dict(pool="none", radius=1, probs="softmax", pixel_loss="ce", rmi_weight=1.0)
+    loss = rmi_loss(logits, labels, backend=backend, **options)
+    assert_close_rel(loss, reference_rmi(logits.double(), labels, RMIOptions(**options)).loss, 1e-6, "loss")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("size, probs", [((7, 5), "softmax"), ((8, 7), "sigmoid")])
 def test_few_region_vectors_meet_the_contract(backend, size, probs):
     """Maps of a few cells at R = 4 (8 and 20 region vectors of 16 entries): V is nearly

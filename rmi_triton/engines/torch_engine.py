@@ -460,10 +460,12 @@ def _signed_softmax(xc: torch.Tensor, valid: torch.Tensor, out: torch.Tensor):
 
 
 def _cross_entropy(xc: torch.Tensor, lab: torch.Tensor, m, top, rest) -> torch.Tensor:
-    """lse - x_label per pixel [n, 1, H, W] from `_softmax_pieces`; log(1 + rest) where the label
-    holds the largest logit (from lse - x there only the rounding of lse would be left)."""
+    """lse - x_label = (m - x_label) + log(1 + rest) per pixel [n, 1, H, W] from
+    `_softmax_pieces`: the difference of logits first (exact near each other), so that lse is
+    never rounded at the logits' scale (an ulp of 1e4 is 1e-3); log(1 + rest) alone where the
+    label holds the largest logit."""
     log_rest = torch.log1p(rest)
-    return torch.where((lab == top) & (rest < 1.0), log_rest, (m + log_rest).sub_(xc.gather(1, lab)))
+    return torch.where((lab == top) & (rest < 1.0), log_rest, torch.sub(m, xc.gather(1, lab)).add_(log_rest))
 
 
 def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool, informative):

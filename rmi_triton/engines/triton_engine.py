@@ -305,15 +305,17 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _log_sum_exp(x_base, x_off, pix_ok, C, sx_c):
-        """Per pixel [SP, BLOCK * SP] over the C classes, float32: (log-sum-exp, the largest
+        """Per pixel [SP, BLOCK * SP] over the C classes, float32: (log(1 + rest), the largest
         logit m, rest = sum of exp(x_c - m) over the classes but the first that holds m,
-        top_small = rest / (1 + rest): 1 - softmax at m's class);
+        top_small = rest / (1 + rest): 1 - softmax at m's class). The log-sum-exp is
+        m + log(1 + rest); it is never formed, so that x - lse is (x - m) - log(1 + rest),
+        with no rounding at the logits' scale (an ulp of 1e4 is 1e-3: softmax gradients
+        were 4e-4 off at logits around 1e4);
         x_base + x_off point at class 0, classes are sx_c elements apart. One exponential
         (base 2: one instruction on a GPU) of -|x - m| a class: a new maximum scales the
         rest and adds the old maximum's term, 1. The largest logit's term stays exactly 1
         and out of `rest`, so 1 - softmax at the largest logit, rest / (1 + rest), keeps its
-        relative precision (from a float32 softmax near 1 it would not), and lse - x for the
-        largest x is rounded relative to the other terms, not to x (logits of 1e4 and more)."""
+        relative precision (from a float32 softmax near 1 it would not)."""
         m = tl.full(x_off.shape, -float("inf"), tl.float32)
         rest = tl.zeros(x_off.shape, dtype=tl.float32)
         for _ in range(C):
@@ -322,7 +324,7 @@ if _HAVE_TRITON:
             rest = tl.where(x > m, (rest + 1.0) * e, rest + e)
             m = tl.maximum(m, x)
             x_base += sx_c
-        return m + tl.log2(1.0 + rest) * LN2, m, rest, rest / (1.0 + rest)
+        return tl.log2(1.0 + rest) * LN2, m, rest, rest / (1.0 + rest)
 
     @triton.jit
     def _top_class(x, m, rest):
@@ -331,7 +333,7 @@ if _HAVE_TRITON:
         return (x == m) & (rest < 1.0)
 
     @triton.jit
-    def _prob_split(x, lse, m, rest, top_small, SOFTMAX: tl.constexpr):
+    def _prob_split(x, log_rest, m, rest, top_small, SOFTMAX: tl.constexpr):
         """A probability p [SP, BLOCK * SP] as (p > 1/2, the smaller of p and 1 - p), each
         to float32's relative precision, and exp(-|x|) (sigmoid only). p' near 1 held as a
         float32 p keeps too little of 1 - p' for the statistics of a confident prediction
@@ -339,7 +341,7 @@ if _HAVE_TRITON:
         Softmax: only `_top_class` can exceed 1/2; its 1 - p is top_small = rest / (1 + rest)."""
         if SOFTMAX:
             high = _top_class(x, m, rest)
-            small = tl.where(high, top_small, tl.exp2((x - lse) * LOG2E))
+            small = tl.where(high, top_small, tl.exp2(((x - m) - log_rest) * LOG2E))
             e = small
         else:
             high = x >= 0
@@ -408,9 +410,9 @@ if _HAVE_TRITON:
         hw_low = H_low * W_low
 
         if SOFTMAX or PIXEL == 2:
-            lse, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            log_rest, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
         else:
-            lse = 0.0
+            log_rest = 0.0
             m = 0.0
             rest = 0.0
             top_small = 0.0
@@ -429,7 +431,7 @@ if _HAVE_TRITON:
             is_c = lab == c
             if CHECK_FINITE:
                 bad += x * 0.0
-            high, small, e = _prob_split(x, lse, m, rest, top_small, SOFTMAX)
+            high, small, e = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
             if PIXEL == 1:  # softplus(x) - x y = max(t x, 0) + log(1 + exp(-|x|)), t = 1 - 2 y
                 if SOFTMAX:  # (max(x, 0) - x y first: exact, where x + log(1 + e) - x would lose e)
                     e = tl.exp2(tl.abs(x) * -LOG2E)
@@ -468,7 +470,7 @@ if _HAVE_TRITON:
             low += hw_low
 
         if PIXEL == 2:  # w_label (lse - x_label); log(1 + rest) where the label has the largest logit
-            loss = tl.where(_top_class(loss, m, rest), _log1p_unit(rest), lse - loss)
+            loss = tl.where(_top_class(loss, m, rest), _log1p_unit(rest), (m - loss) + log_rest)
             if HAS_WEIGHTS:
                 pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
             else:
@@ -1074,7 +1076,7 @@ if _HAVE_TRITON:
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
-            lse, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            log_rest, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
         if SOFTMAX and HAS_RMI:
             # dL/dx_c = p_c (g_c - sum_k p_k g_k), g = dL/dp. Where the largest logit's class
             # t has p_t > 1/2, g_t - sum_k p_k g_k = (1 - p_t) g_t - sum_{k != t} p_k g_k
@@ -1090,7 +1092,7 @@ if _HAVE_TRITON:
                 gp = _unpooled_grad(g_low_ptr, arg_ptr, low_c, pooled, rmi_ok, k, S, POOL)
                 top = _top_class(x, m, rest)
                 g_top += tl.where(top, gp, 0.0)
-                others += tl.where(top, 0.0, gp * tl.exp2((x - lse) * LOG2E))
+                others += tl.where(top, 0.0, gp * tl.exp2(((x - m) - log_rest) * LOG2E))
                 xs += sx_c
                 low_c += hw_low
             shared = g_top * top_small - others
@@ -1100,7 +1102,7 @@ if _HAVE_TRITON:
             grad = tl.zeros(pix_ok.shape, dtype=tl.float32)
             is_c = lab == c
             if SOFTMAX or PIXEL == 2:
-                soft = tl.exp2((x - lse) * LOG2E)
+                soft = tl.exp2(((x - m) - log_rest) * LOG2E)
                 top = _top_class(x, m, rest)
             if SOFTMAX:
                 prob = soft
