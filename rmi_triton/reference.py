@@ -31,8 +31,10 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
     float32_maps:     round each probability's smaller side, min(p, 1 - p), to float32, as
                       both engines hold the probabilities, and go on in float64, as both
                       engines pool them and form the statistics;
-    float32_products: round p itself and the pooled maps to float32 and form the centred
-                      products in float32: more than either engine's backward rounds now
+    float32_products: compute p in float32 (a float32 softmax of near-equal logits is off
+                      by several ulps, more than one rounding of the exact p), round the
+                      pooled maps to float32 and form the centred products in float32:
+                      more than either engine's backward rounds now
                       (kernel C is float64, the torch engine's float32 stencil runs on the
                       regression residual), a bound for what their float32 steps can add.
     Tests use them to measure how sensitive an input is to that rounding: when V is
@@ -66,7 +68,10 @@ def reference_rmi(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions |
         pixel = x.new_zeros(())
 
     # 3. probabilities, masked and clipped
-    probs = torch.sigmoid(x) if opts.probs == "sigmoid" else torch.softmax(x, dim=1)
+    if float32_products:  # as a float32 pass computes them: exp, sum and division each round
+        probs = (torch.sigmoid(x.float()) if opts.probs == "sigmoid" else torch.softmax(x.float(), dim=1)).double()
+    else:
+        probs = torch.sigmoid(x) if opts.probs == "sigmoid" else torch.softmax(x, dim=1)
     p = probs * vmask
     if float32_maps and not float32_products:  # each side to float32's relative precision
         p = torch.where(p > 0.5, 1 - (1 - p).float().double(), p.float().double())
