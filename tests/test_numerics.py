@@ -332,6 +332,15 @@ def _confident_prediction(seed=2, n=2, c=3, h=48, w=56, amplitude=6.0):
     return amplitude * (2 * one_hot - 1) + 0.3 * torch.randn(n, c, h, w, generator=g), labels
 
 
+def _assert_meets_contract(backend, logits, labels, options):
+    """Loss within 1e-5 and gradient within 1e-4 (relative) of the float64 reference."""
+    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
+    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
+                                       logits.double(), labels, **options)
+    assert_close_rel(loss, ref_loss, 1e-5, "loss")
+    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("options", [{"pool_size": 2}, {"pool_size": 2, "pool": "max"},
                                      {"pool_size": 2, "radius": 2}, {"pool_size": 2, "exclude_ignored": True}],
@@ -341,11 +350,7 @@ def test_confident_prediction_meets_the_contract(backend, options):
     reference's float32_products emulation at pool_size 2: loss 2.2e-4, gradient 2.9e-3; its
     float32 maps alone, which both engines hold: 5.6e-9 and 2.2e-5)."""
     logits, labels = _confident_prediction()
-    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
-    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
-                                       logits.double(), labels, **options)
-    assert_close_rel(loss, ref_loss, 1e-5, "loss")
-    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+    _assert_meets_contract(backend, logits, labels, options)
 
 
 SATURATED_CASES = [{}, {"rmi_weight": 0.0}, {"rmi_weight": 1.0}, {"rmi_weight": 1.0, "class_weights": [0.5, 2.0, 1.0]},
@@ -374,11 +379,7 @@ def test_saturated_prediction_meets_the_contract(backend, options, monkeypatch):
         monkeypatch.setattr(torch_engine, "FULL_RES_CHUNK", 2 * 48 * 56)
         backend = "torch"
     logits, labels = _confident_prediction(amplitude=12.0)
-    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
-    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
-                                       logits.double(), labels, **options)
-    assert_close_rel(loss, ref_loss, 1e-5, "loss")
-    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+    _assert_meets_contract(backend, logits, labels, options)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -395,11 +396,7 @@ def test_softmax_of_logits_far_from_zero_meets_the_contract(backend, options):
     labels = torch.randint(0, 3, (2, 24, 28), generator=g)
     logits = torch.randn(2, 3, 24, 28, generator=g) * 2 + 1e4
     options = dict(options, pool_size=options.get("pool_size", 2))
-    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
-    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
-                                       logits.double(), labels, **options)
-    assert_close_rel(loss, ref_loss, 1e-5, "loss")
-    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+    _assert_meets_contract(backend, logits, labels, options)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -424,11 +421,7 @@ def test_few_region_vectors_meet_the_contract(backend, size, probs):
     logits = torch.randn(2, 2, *size, generator=g) * 2
     labels = torch.randint(0, 2, (2, *size), generator=g)
     options = dict(radius=4, pool="none", rmi_weight=0.0, probs=probs)
-    loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
-    ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
-                                       logits.double(), labels, **options)
-    assert_close_rel(loss, ref_loss, 1e-5, "loss")
-    assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+    _assert_meets_contract(backend, logits, labels, options)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "torch in class blocks"])
