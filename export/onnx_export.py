@@ -136,7 +136,8 @@ def _trace_at(network: nn.Module, example: torch.Tensor, dynamic: bool):
     the example's deepest maps are 1 x 1 (torch specialises a size of 1: PSPNet at output
     stride 16 below 17 pixels); the graph is dynamic, so it is traced again at the smallest
     multiple of the example's height and width that reaches TRACE_SIDE (a multiple keeps any
-    divisibility the size had), and the sizes it takes are checked against the example's."""
+    divisibility the size had); `export_onnx` then checks that the graph takes the example's
+    own size."""
     try:
         return _trace(network, example, dynamic), example
     except ExportError:
@@ -238,6 +239,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
             raise ExportError(f"torch.export failed for {type(network).__name__} at "
                               f"{format_shape(shape)}: {_first_line(err)}") from None
         spec = spec_from_program(program) if dynamic else InputSpec.static(shape)
+        if tuple(example.shape) != shape:
+            spec.check(shape)  # traced at a multiple (`_trace_at`): the graph must still take the size asked for
         checks = _runtime_checks(program)
         try:
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=opset,

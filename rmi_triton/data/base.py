@@ -75,7 +75,6 @@ class SegmentationDataset(Dataset):
 def read_rgb(path: str) -> np.ndarray:
     """Decode an 8-bit image file (RGB, grayscale, palette, RGBA, CMYK) to uint8 ``[H, W, 3]`` RGB.
     16-bit and float images are refused: PIL's conversion clips them to 8 bits."""
-    Image = _pil()
     with _decoding(path, "image") as im:
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             raise ValueError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float): converting it to "
