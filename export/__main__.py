@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 
-from .compare import compare_exports
+from .compare import comparable, compare_exports
 from .errors import ExportError
 from .files import check_writable, staged
 from .graph import summarize
@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     _refuse_overwriting_inputs({"OUT": output, "its report": json_path},
                                {"the checkpoint": args.checkpoint, "--compare": args.compare})
     payload = load_checkpoint(args.checkpoint)
+    if args.compare:
+        comparable(args.compare)  # before the export: a file that cannot be compared fails fast
     network = build_from_checkpoint(payload)
     config = dict(payload["config"])
     shape = (1, 3, *args.size)

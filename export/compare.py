@@ -111,25 +111,37 @@ def _is_checkpoint(path: str) -> bool:
     return zipfile.is_zipfile(path)
 
 
-def _as_onnx(path: str | os.PathLike, workdir: str, label: str, export_options: Dict[str, Any]) -> Tuple[str, str]:
-    """``path`` itself if it is an ONNX model; else the checkpoint's network exported into workdir."""
-    from rmi_triton.checkpoint import build_from_checkpoint, load_checkpoint
+def comparable(path: str | os.PathLike):
+    """What ``path`` holds for a comparison: a checkpoint's payload (`load_checkpoint`), or
+    None for an ONNX model. Raises `ExportError` (or `CheckpointError`) for a file that is
+    neither, so a command line can check it before any other work."""
+    from rmi_triton.checkpoint import load_checkpoint
 
-    from .onnx_export import export_onnx
+    from .verify import load_model
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ExportError(f"{path!r} does not exist")
-    if not _is_checkpoint(path):
-        from .verify import load_model
+    if _is_checkpoint(path):
+        return load_checkpoint(path)
+    try:
+        load_model(path)
+    except ExportError as err:
+        raise ExportError(f"{path!r} is neither an rmi_triton checkpoint (a complete torch.save archive) "
+                          f"nor an ONNX model ({err})") from None
+    return None
 
-        try:
-            load_model(path)
-        except ExportError as err:
-            raise ExportError(f"{path!r} is neither an rmi_triton checkpoint (a complete torch.save archive) "
-                              f"nor an ONNX model ({err})") from None
+
+def _as_onnx(path: str | os.PathLike, workdir: str, label: str, export_options: Dict[str, Any]) -> Tuple[str, str]:
+    """``path`` itself if it is an ONNX model; else the checkpoint's network exported into workdir."""
+    from rmi_triton.checkpoint import build_from_checkpoint
+
+    from .onnx_export import export_onnx
+
+    path = os.fspath(path)
+    payload = comparable(path)
+    if payload is None:
         return path, ""
-    payload = load_checkpoint(path)
     network = build_from_checkpoint(payload)
     target = os.path.join(workdir, f"{label}.onnx")
     export_onnx(network, target, config=dict(payload["config"]), **export_options)

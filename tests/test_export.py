@@ -584,8 +584,15 @@ def test_cli_never_writes_over_its_inputs(workdir, checkpoints, capsys):
     assert [pathlib.Path(c).read_bytes() for c in checkpoints] == before and not report_of.exists()
 
 
-def test_compare_names_a_file_that_is_neither_checkpoint_nor_onnx(workdir, checkpoints, capsys):
-    """A short text file parses as an empty ONNX message: it is named, not a StopIteration."""
+def test_compare_names_a_file_that_is_neither_checkpoint_nor_onnx(workdir, checkpoints, capsys, monkeypatch):
+    """A short text file parses as an empty ONNX message: it is named, not a StopIteration,
+    and before the export (which would take its time first)."""
+    import rmi_triton.export.__main__ as cli
+
+    def no_export(*a, **k):
+        raise AssertionError("exported before --compare was checked")
+
+    monkeypatch.setattr(cli, "export_onnx", no_export)
     notes = workdir / "notes.json"
     notes.write_text("{}\n")
     out = workdir / "e9.onnx"
