@@ -174,6 +174,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def rmi_options(args) -> Dict[str, Any]:
+    """The --rmi-* flags as RMIOptions fields (--rmi-pixel-loss none: pixel_loss=None)."""
+    options = {field: getattr(args, dest) for dest, field in _RMI_FLAGS.items()}
+    if options["pixel_loss"] == "none":
+        options["pixel_loss"] = None
+    return options
+
+
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
@@ -216,20 +224,17 @@ def _check_rmi_flags(parser: argparse.ArgumentParser, args) -> None:
         return
     from .options import RMIOptions
 
-    for dest, field in _RMI_FLAGS.items():
-        value = getattr(args, dest)
-        if field == "pixel_loss" and value == "none":
-            value = None
+    options = rmi_options(args)
+    for dest, field in _RMI_FLAGS.items():  # one at a time, so that the error names the flag
         try:
-            RMIOptions(**{field: value})
+            RMIOptions(**{field: options[field]})
         except (ValueError, TypeError) as e:
             parser.error(f"{_flag(dest)}: {e}")
     if args.rmi_backend == "triton":
         from .engines import triton_engine
 
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if not triton_engine.available() or (device.type != "cuda" and not interpreted):
+        if not triton_engine.runs_on(device):
             parser.error(f"--rmi-backend triton needs triton and a CUDA device (this run: {device}); "
                          "use --rmi-backend auto or torch")
 
@@ -400,11 +405,7 @@ def make_criterion(args, num_classes: int, ignore_index: int):
         return lambda logits, labels: bce_pixel_loss(logits, labels, ignore_index)
     from .loss import RMILoss
 
-    return RMILoss(num_classes, radius=args.rmi_radius, pool=args.rmi_pool, pool_size=args.rmi_pool_size,
-                   pixel_loss=None if args.rmi_pixel_loss == "none" else args.rmi_pixel_loss,
-                   probs=args.rmi_probs, ignore_index=ignore_index, exclude_ignored=args.rmi_exclude_ignored,
-                   rmi_weight=args.rmi_weight, combine=args.rmi_combine, backend=args.rmi_backend,
-                   validate=False)
+    return RMILoss(num_classes, ignore_index=ignore_index, validate=False, **rmi_options(args))
 
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float = 0.9) -> float:

@@ -150,9 +150,18 @@ LN2 = tl.constexpr(0.6931471805599453) if _HAVE_TRITON else None
 FILL_OUTPUTS_WITH_NAN = False
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available() -> bool:
     """Triton importable, and a CUDA device or the Triton interpreter to run on."""
-    return _HAVE_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    return _HAVE_TRITON and (torch.cuda.is_available() or _interpreted())
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the engine runs on tensors of `device`: CUDA ones, or any under the interpreter."""
+    return available() and (device.type == "cuda" or _interpreted())
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -1679,7 +1688,7 @@ def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> 
     if not available():
         raise RuntimeError("the Triton engine needs triton and a CUDA device (or TRITON_INTERPRET=1 "
                            "set before triton is imported); use backend='torch'")
-    if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not runs_on(logits.device):
         raise RuntimeError(f"the Triton engine runs on CUDA tensors, got logits on {logits.device}: move them "
                            "to the GPU, or use backend='torch' (backend='auto' picks by device)")
     keep = None
