@@ -17,6 +17,7 @@ region vector is left out when any of its R x R cells is ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -42,6 +43,13 @@ class RMITerms(NamedTuple):
     rmi_per_class: torch.Tensor  # [C] per-class RMI terms (class weights applied)
 
 
+@functools.lru_cache(maxsize=None)  # once a process for each reason
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"rmi_triton: backend='auto' computes the loss of CUDA tensors with the PyTorch engine, "
+                  f"many times slower on a GPU than the Triton engine, which cannot run here: {reason}",
+                  stacklevel=2)
+
+
 def _engine(logits: torch.Tensor, backend: str):
     if backend == "triton" or (backend == "auto" and logits.is_cuda):
         from .engines import triton_engine
@@ -49,6 +57,7 @@ def _engine(logits: torch.Tensor, backend: str):
         if backend == "auto" and not triton_engine.available():
             from .engines import torch_engine
 
+            _warn_fallback(triton_engine.missing())
             return torch_engine
         return triton_engine
     from .engines import torch_engine

@@ -234,6 +234,9 @@ def _check_rmi_flags(parser: argparse.ArgumentParser, args) -> None:
         from .engines import triton_engine
 
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        problem = triton_engine.triton_problem()
+        if problem is not None:
+            parser.error(f"--rmi-backend triton: {problem}; use --rmi-backend auto or torch")
         if not triton_engine.runs_on(device):
             parser.error(f"--rmi-backend triton needs triton and a CUDA device (this run: {device}); "
                          "use --rmi-backend auto or torch")

@@ -172,6 +172,17 @@ def test_cuda_device_without_cuda_is_named(capsys, monkeypatch):
     assert "--rmi-backend triton needs triton and a CUDA device (this run: cpu)" in capsys.readouterr().err
 
 
+def test_triton_too_old_for_the_kernels_is_named(capsys, monkeypatch):
+    from rmi_triton.engines import triton_engine
+
+    if triton_engine.triton_problem() == "triton is not installed":
+        pytest.skip("needs triton installed")
+    monkeypatch.setattr(triton_engine.triton, "__version__", "3.4.0")
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--rmi-backend", "triton"])
+    assert "--rmi-backend triton: triton 3.4.0 is installed and the kernels need 3.5" in capsys.readouterr().err
+
+
 def test_unusable_resume_and_pretrained_files_are_named(tmp_path):
     """Files that exist but cannot be used end the run with one line naming the flag."""
     not_a_checkpoint = tmp_path / "notes.json"

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for real GPU targets, no GPU needed.
 
 The interpreter accepts shapes and constructs the NVIDIA backend rejects, so
-each kernel is compiled for sm_80 (A100) and sm_90 (H100) with
+each kernel is compiled for sm_80 (A100) and sm_90 (H100) (the paper's setting also
+for sm_75, T4, and sm_120, the RTX 50 series) with
 `triton.compile(ASTSource(...), target=GPUTarget(...))`, for the default
 specialisation and a sample of others (radius 1/3/5/7/10, pool sizes 1/2/4/8,
 fp32/fp16/bf16 logits, int64/int32/uint8 labels, softmax/CE, max pooling).
@@ -25,8 +26,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-TARGETS = ((80, 32), (90, 32))
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # usable shared memory per block (A100, H100)
+TARGETS = ((80, 32), (90, 32))  # A100, H100: every case, without spills
+# other GPUs users train on, T4 (Colab, many clouds) and the RTX 50 series: the paper's setting compiles
+OTHER_TARGETS = ((75, 32), (120, 32))
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 90: 227 * 1024, 120: 99 * 1024}  # usable per block
 SUBPROCESS_TIMEOUT_S = 900
 
 LOGIT_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -55,19 +58,27 @@ REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(
 def _specs():
     specs = []
     for arch, warp in TARGETS:
-        for case in FULL_RES_CASES:
-            specs.append(dict(kernel="pool_forward", arch=arch, warp=warp, **case))
-            specs.append(dict(kernel="pool_backward", arch=arch, warp=warp, **case))
-        for case in REGION_CASES:
-            specs.append(dict(kernel="centred_maps", arch=arch, warp=warp, **case))
-            if not case.get("keep"):
-                specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
-                if case["radius"] > 1:
-                    specs.append(dict(kernel="border_sums", arch=arch, warp=warp, **case))
-            specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
-            specs.append(dict(kernel="merge_moments", arch=arch, warp=warp, **case))
-            specs.append(dict(kernel="grad_constants", arch=arch, warp=warp, **case))
-            specs.append(dict(kernel="region_grad", arch=arch, warp=warp, **case))
+        specs += _kernel_specs(arch, warp, FULL_RES_CASES, REGION_CASES)
+    for arch, warp in OTHER_TARGETS:
+        specs += _kernel_specs(arch, warp, FULL_RES_CASES[:1], REGION_CASES[:1])
+    return specs
+
+
+def _kernel_specs(arch, warp, full_res_cases, region_cases):
+    specs = []
+    for case in full_res_cases:
+        specs.append(dict(kernel="pool_forward", arch=arch, warp=warp, **case))
+        specs.append(dict(kernel="pool_backward", arch=arch, warp=warp, **case))
+    for case in region_cases:
+        specs.append(dict(kernel="centred_maps", arch=arch, warp=warp, **case))
+        if not case.get("keep"):
+            specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
+            if case["radius"] > 1:
+                specs.append(dict(kernel="border_sums", arch=arch, warp=warp, **case))
+        specs.append(dict(kernel="window_products", arch=arch, warp=warp, **case))
+        specs.append(dict(kernel="merge_moments", arch=arch, warp=warp, **case))
+        specs.append(dict(kernel="grad_constants", arch=arch, warp=warp, **case))
+        specs.append(dict(kernel="region_grad", arch=arch, warp=warp, **case))
     return specs
 
 
@@ -276,8 +287,10 @@ def compiled():
 def test_compiles_without_spills(compiled, spec):
     result = compiled[_spec_id(spec)]
     assert "error" not in result, result.get("error")
-    assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"register spills: {result}"
     assert result["shared"] <= SHARED_LIMIT[spec["arch"]], f"shared memory over the limit: {result}"
+    if (spec["arch"], spec["warp"]) not in TARGETS:
+        return  # compiling is what is asked there (Triton 3.6 spilled 12 bytes in A for sm_120)
+    assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"register spills: {result}"
     case = {k: spec[k] for k in spec if k not in ("kernel", "arch", "warp")}
     if spec["kernel"] in MIN_BLOCKS and case in (FULL_RES_CASES[0], REGION_CASES[0]):  # the paper's setting
         from rmi_triton.engines import triton_engine as te

@@ -7,6 +7,7 @@ Shapes are tiny and odd: the interpreter pays per operation.
 """
 
 import shutil
+import types
 import weakref
 
 import pytest
@@ -518,6 +519,42 @@ def test_compiles_without_graph_breaks():
 
 def test_available_under_interpreter():
     assert triton_engine.available()
+
+
+@pytest.mark.parametrize("version, runs", [("3.3.1", False), ("3.4.0", False), ("3.5.0", True),
+                                           ("3.10.0+git5a1b2c3", True), ("4.0.0", True)])
+def test_triton_older_than_its_kernels_need_is_named(monkeypatch, version, runs):
+    """Kernel B2's float64 tl.dot does not compile before Triton 3.5 (PyTorch 2.8's 3.4 stops
+    with "Unsupported lhs dtype fp64"): such a Triton is named before any kernel is compiled."""
+    monkeypatch.setattr(triton_engine.triton, "__version__", version)
+    assert triton_engine.available() is runs
+    logits, labels = random_inputs(1, 2, 12, 12, seed=1)
+    if runs:
+        assert torch.isfinite(rmi_loss(logits, labels, backend="triton"))
+    else:
+        with pytest.raises(RuntimeError, match=f"cannot run here: triton {version} is installed and the "
+                                               "kernels need 3.5 or newer"):
+            rmi_loss(logits, labels, backend="triton")
+
+
+def test_auto_warns_once_when_cuda_tensors_take_the_torch_engine(monkeypatch):
+    """backend="auto" on CUDA tensors where the Triton engine cannot run (no or an old triton):
+    the PyTorch engine computes the loss, and a warning says so once, with the reason."""
+    import warnings
+
+    from rmi_triton import loss
+    from rmi_triton.engines import torch_engine
+
+    monkeypatch.setattr(triton_engine.triton, "__version__", "3.4.0")
+    loss._warn_fallback.cache_clear()
+    cuda_logits = types.SimpleNamespace(is_cuda=True)  # all that the choice reads
+    with pytest.warns(UserWarning, match="PyTorch engine.*cannot run here: triton 3.4.0 is installed"):
+        assert loss._engine(cuda_logits, "auto") is torch_engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loss._engine(cuda_logits, "auto") is torch_engine  # no second warning
+        assert loss._engine(types.SimpleNamespace(is_cuda=False), "auto") is torch_engine
+    loss._warn_fallback.cache_clear()
 
 
 def test_whole_loss_compiles_in_one_graph():

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from typing import NamedTuple, Optional, Tuple
 
@@ -154,9 +155,40 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Kernel B2 takes tl.dot of float64 blocks, which Triton compiles from 3.5 on (3.3 and 3.4
+# stop with "Unsupported lhs dtype fp64"); PyTorch 2.9 and later ship such a Triton.
+MIN_TRITON = (3, 5)
+
+
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string such as "3.4.0" or "3.5.0+git1234"."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def triton_problem() -> Optional[str]:
+    """What keeps the installed Triton (if any) from compiling the kernels, or None."""
+    if not _HAVE_TRITON:
+        return "triton is not installed"
+    if _release(triton.__version__) < MIN_TRITON:
+        return (f"triton {triton.__version__} is installed and the kernels need "
+                f"{'.'.join(map(str, MIN_TRITON))} or newer (PyTorch 2.9 and later ship it)")
+    return None
+
+
+def missing() -> Optional[str]:
+    """Why the engine cannot run on this machine, or None when it can."""
+    problem = triton_problem()
+    if problem is not None:
+        return problem
+    if not (torch.cuda.is_available() or _interpreted()):
+        return "no CUDA device (nor TRITON_INTERPRET=1 set before triton is imported)"
+    return None
+
+
 def available() -> bool:
-    """Triton importable, and a CUDA device or the Triton interpreter to run on."""
-    return _HAVE_TRITON and (torch.cuda.is_available() or _interpreted())
+    """A recent enough Triton, and a CUDA device or the Triton interpreter to run on."""
+    return missing() is None
 
 
 def runs_on(device: torch.device) -> bool:
@@ -1685,9 +1717,9 @@ class _EagerStatistics(torch.autograd.Function):
 def statistics(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions) -> Statistics:
     """The pixel term and Sy, Sp, Syp [N, C, d, d] (float64) of the region
     vectors, computed by the Triton kernels; differentiable in the logits."""
-    if not available():
-        raise RuntimeError("the Triton engine needs triton and a CUDA device (or TRITON_INTERPRET=1 "
-                           "set before triton is imported); use backend='torch'")
+    reason = missing()
+    if reason is not None:
+        raise RuntimeError(f"the Triton engine cannot run here: {reason}; use backend='torch'")
     if not runs_on(logits.device):
         raise RuntimeError(f"the Triton engine runs on CUDA tensors, got logits on {logits.device}: move them "
                            "to the GPU, or use backend='torch' (backend='auto' picks by device)")
