@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .files import json_safe
 from .metrics import format_table
 from .train import parse_args as train_args
 from .train import predict, run
@@ -200,18 +201,6 @@ def _export_summary(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     cfg = settings(ns)
@@ -269,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "total_seconds": time.perf_counter() - t0,
     }
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(_json_safe(summary), f, indent=1)
+        json.dump(json_safe(summary), f, indent=1)
     if not ns.no_export:
         print("\n" + _export_summary(export))
     print(f"\nwrote {png}, {os.path.join(out_dir, 'results.json')}, "

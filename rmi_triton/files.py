@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -67,3 +68,17 @@ def load_refusal(err: BaseException) -> str:
 
 
 _ADVICE = ("weights_only", "Weights only", "trust", "allowlist", "safe_globals")
+
+
+def json_safe(obj):
+    """obj with its non-finite floats as None (JSON has no NaN or Infinity: strict readers and jq
+    refuse a bare NaN) and anything else JSON cannot hold as its str."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from .files import atomic_writer, json_safe
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N iterations (0: only at the end)")
     g.add_argument("--log-every", type=int, default=10, help="print a log line every N iterations")
     g.add_argument("--resume", default=None, help="checkpoint to continue from ('auto': <out>/last.pt if any)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run (else refused)")
     g.add_argument("--stop-at", type=int, default=None,
                    help="stop (with a checkpoint) after this iteration; the schedule still spans --iterations")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -196,6 +199,10 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--pretrained {args.pretrained!r} is not a file")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume!r} is not a file (--resume auto continues <out>/last.pt if any)")
+    if args.resume is None and not args.overwrite and os.path.isfile(os.path.join(args.out, "last.pt")):
+        parser.error(f"--out {args.out} holds an earlier run (last.pt): continue it with --resume auto, "
+                     "start over there with --overwrite (its checkpoint, log and metrics are replaced), "
+                     "or choose another --out")
 
 
 def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
@@ -448,12 +455,28 @@ def restore_rng(state: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # evaluation
 
+def _same_size_runs(items):
+    """Runs of consecutive items whose images share a size: a batch stacks one size (VOC's
+    validation images differ)."""
+    run: List[tuple] = []
+    for item in items:
+        if run and item[0].shape != run[0][0].shape:
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, device, batch_size: int = 8, boundary_tolerance: int = 2,
-             amp: bool = False, dist: Optional[Dist] = None, limit: Optional[int] = None) -> Dict[str, Any]:
+             amp: bool = False, dist: Optional[Dist] = None, limit: Optional[int] = None,
+             interrupted=None) -> Optional[Dict[str, Any]]:
     """mIoU, per-class IoU, pixel accuracy and boundary F-score of `model` on `dataset`
-    (items of equal size per batch). In distributed runs each rank scores a shard and
-    the counts are summed."""
+    (images of any sizes; a batch's images of one size go through the network together). In
+    distributed runs each rank scores a shard and the counts are summed. interrupted: a function
+    asked between batches (single-process runs); when it says True the evaluation stops and
+    returns None."""
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, boundary_tolerance,
@@ -463,12 +486,15 @@ def evaluate(model: torch.nn.Module, dataset, device, batch_size: int = 8, bound
     if dist is not None and dist.enabled:
         indices = indices[dist.rank::dist.world]
     for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start:start + batch_size]]
-        images = torch.stack([x for x, _ in items]).to(device)
-        labels = torch.stack([y for _, y in items])
-        with _autocast(device, amp):
-            logits = model(images)
-        metrics.update(logits.argmax(1).cpu(), labels)
+        if interrupted is not None and interrupted():
+            model.train(was_training)
+            return None
+        for items in _same_size_runs([dataset[i] for i in indices[start:start + batch_size]]):
+            images = torch.stack([x for x, _ in items]).to(device)
+            labels = torch.stack([y for _, y in items])
+            with _autocast(device, amp):
+                logits = model(images)
+            metrics.update(logits.argmax(1).cpu(), labels)
     if dist is not None and dist.enabled:
         metrics.load_state(dist.all_sum(metrics.state()))
     model.train(was_training)
@@ -494,6 +520,13 @@ def predict(model: torch.nn.Module, images: torch.Tensor, device) -> torch.Tenso
 
 # ---------------------------------------------------------------------------------------------
 # signals
+
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process, which saves and exits
+    after the current iteration: a scheduler's SIGTERM reaches the whole process group, and a
+    worker killed by it took the run down with "DataLoader worker ... is killed by signal"."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 class _StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves and exits after the current iteration."""
@@ -612,6 +645,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                             batch_sampler=_Batches(len(train_set), args.batch_size, args.seed, start, total,
                                                    dist.rank, dist.world),
                             num_workers=args.workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=_worker_ignores_stop_signals if args.workers else None,
                             # its own generator: starting the loader must not draw from the global
                             # torch RNG (dropout's), or a resumed run would be one draw off
                             generator=torch.Generator().manual_seed(args.seed))
@@ -632,8 +666,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                             total_iterations=total)
             return ckpt_path
 
+        log_path = os.path.join(out_dir, "log.jsonl")
         if dist.main:
             os.makedirs(out_dir, exist_ok=True)
+            _start_files(out_dir, log_path, start)
         result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
                                   "model": model, "checkpoint": None, "message": "",
                                   "seconds_per_iteration": float("nan"), "total_iterations": total,
@@ -646,9 +682,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=start, desc=args.loss, dynamic_ncols=True, file=sys.stderr)
-        log_path = os.path.join(out_dir, "log.jsonl")
-        t_loop, done_here = time.perf_counter(), 0
+        # seconds of training steps (data included), not of the evaluations and saves between them
+        train_seconds, done_here = 0.0, 0
         it = start
+        mark = time.perf_counter()
         with _StopFlag() as stop:
             for images, labels in loader:
                 if it >= stop_at:
@@ -689,12 +726,18 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                         say(f"iter {it}/{total} loss {value:.5f} lr {lr:.3e}")
                         with open(log_path, "a", encoding="utf-8") as f:
                             f.write(json.dumps({"iteration": it, "loss": value, "lr": lr}) + "\n")
+                train_seconds += time.perf_counter() - mark
                 if args.save_every and it % args.save_every == 0 and it < stop_at:
                     result["checkpoint"] = save(it)
-                if args.eval_every and it % args.eval_every == 0 and it < total:
+                stopping = (flags[2] > 0) if dist.enabled else (stop.signal is not None)
+                if args.eval_every and it % args.eval_every == 0 and it < total and not stopping:
+                    # a signal during it stops it (single process: ranks must finish theirs together)
                     m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
-                                 args.boundary_tolerance, args.amp, dist, args.val_length)
-                    say(f"eval @ {it}: mIoU {100 * m['miou']:.2f}  boundary F {100 * m['boundary_f']:.2f}")
+                                 args.boundary_tolerance, args.amp, dist, args.val_length,
+                                 interrupted=None if dist.enabled else (lambda: stop.signal is not None))
+                    if m is not None:
+                        say(f"eval @ {it}: mIoU {100 * m['miou']:.2f}  boundary F {100 * m['boundary_f']:.2f}")
+                mark = time.perf_counter()
                 if (flags[2] > 0) if dist.enabled else (stop.signal is not None):
                     name = signal.Signals(stop.signal).name if stop.signal else "signal"
                     result.update(status="signal",
@@ -703,9 +746,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                     break
         if bar is not None:
             bar.close()
-        elapsed = time.perf_counter() - t_loop
         result["iteration"] = it
-        result["seconds_per_iteration"] = elapsed / done_here if done_here else float("nan")
+        result["seconds_per_iteration"] = train_seconds / done_here if done_here else float("nan")
         if result["status"] == "nonfinite":
             if dist.main:
                 log(result["message"])
@@ -722,13 +764,38 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                              [("s/iteration", [f"{result['seconds_per_iteration']:.3f}"])]))
             if dist.main:
                 with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-                    json.dump({"metrics": m, "iteration": it, "loss": args.loss,
-                               "seconds_per_iteration": result["seconds_per_iteration"]}, f, indent=1)
+                    json.dump(json_safe({"metrics": m, "iteration": it, "loss": args.loss,
+                                         "seconds_per_iteration": result["seconds_per_iteration"]}), f, indent=1)
         if result["message"]:
             say(result["message"])
         return result
     finally:
         dist.close()
+
+
+def _start_files(out_dir: str, log_path: str, start: int) -> None:
+    """The log and metrics of the run starting at iteration `start` (after `--overwrite` or
+    `--resume`): a fresh run drops an earlier run's; a resumed one keeps the log up to its
+    checkpoint's iteration (iterations logged after it, before a kill, are run and logged again)."""
+    if start == 0:
+        for name in (log_path, os.path.join(out_dir, "metrics.json")):
+            if os.path.isfile(name):
+                os.remove(name)
+        return
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["iteration"]) <= start:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    if len(kept) != len(lines):
+        with atomic_writer(log_path) as f:
+            f.write("".join(kept).encode("utf-8"))
 
 
 def _nonfinite_message(iteration: int, what: str, ckpt_path: str) -> str:

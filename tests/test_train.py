@@ -249,14 +249,18 @@ def test_nonfinite_loss_stops_and_keeps_finite_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_and_resume_reaches_the_same_loss(straight, tmp_path):
-    cmd = [sys.executable, "-m", "rmi_triton.train", *TINY, "--no-final-eval", "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """SIGTERM as a scheduler sends it (Slurm's scancel, systemd): to the whole process group,
+    DataLoader workers included, which leave it to the main process (a worker killed by it took
+    the run down with no checkpoint)."""
+    cmd = [sys.executable, "-m", "rmi_triton.train", *TINY, "--no-final-eval", "--workers", "2",
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("iter 1/"):
-                proc.send_signal(signal.SIGTERM)
+                os.killpg(proc.pid, signal.SIGTERM)
                 break
         out, err = proc.communicate(timeout=120)
     finally:
@@ -269,6 +273,107 @@ def test_sigterm_saves_and_resume_reaches_the_same_loss(straight, tmp_path):
     resumed = run(_args(tmp_path, "--no-final-eval", "--resume", "auto"), log=_quiet)
     assert resumed["status"] == "done"
     _assert_same_run(resumed, straight)
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 7))
+
+
+def test_resumed_log_drops_what_came_after_its_checkpoint(tmp_path):
+    """A run killed after logging iterations its checkpoint does not hold logs them again when
+    resumed: the log keeps what the checkpoint holds (a line cut short by the kill goes too);
+    a fresh run (--overwrite) drops an earlier run's log and metrics."""
+    from rmi_triton.train import _start_files
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i, "loss": 1.0 / i}) + "\n" for i in range(1, 6))
+                   + '{"iteration": 6, "lo')
+    (tmp_path / "metrics.json").write_text("{}")
+    _start_files(str(tmp_path), str(log), 3)
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert (tmp_path / "metrics.json").exists()
+    _start_files(str(tmp_path), str(log), 0)
+    assert not log.exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(tmp_path, capsys):
+    """The default --out is shared by every run: a second run there silently mixed its log with
+    the first's and replaced its checkpoint."""
+    run(_args(tmp_path, "--no-final-eval", "--stop-at", "1"), log=_quiet)
+    with pytest.raises(SystemExit):
+        _args(tmp_path)
+    assert f"--out {tmp_path} holds an earlier run (last.pt): continue it with --resume auto" in \
+        capsys.readouterr().err
+    assert _args(tmp_path, "--resume", "auto").resume == "auto"
+    fresh = run(_args(tmp_path, "--no-final-eval", "--overwrite", "--iterations", "2"), log=_quiet)
+    assert fresh["status"] == "done" and load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_evaluation_takes_images_of_different_sizes(tmp_path):
+    """VOC's validation images differ in size: a batch of them is scored one size at a time, as
+    one image a batch would be (it stopped with "stack expects each tensor to be equal size")."""
+    from rmi_triton.train import evaluate
+
+    class Sizes(torch.utils.data.Dataset):
+        num_classes, ignore_index, class_names = 3, 255, ["a", "b", "c"]
+        sizes = [(33, 47), (33, 47), (45, 38), (20, 20), (45, 38)]
+
+        def __len__(self):
+            return len(self.sizes)
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            h, w = self.sizes[i]
+            return torch.randn(3, h, w, generator=g), torch.randint(0, 3, (h, w), generator=g)
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1).train()
+    batched = evaluate(model, Sizes(), torch.device("cpu"), batch_size=4)
+    assert model.training
+    one_by_one = evaluate(model, Sizes(), torch.device("cpu"), batch_size=1)
+    assert batched["miou"] == one_by_one["miou"] and batched["boundary_f"] == one_by_one["boundary_f"]
+    assert evaluate(model, Sizes(), torch.device("cpu"), batch_size=2, interrupted=lambda: True) is None
+    assert model.training
+
+
+def test_seconds_per_iteration_leave_out_evaluations(tmp_path, monkeypatch):
+    """s/iteration (printed, and in metrics.json) times the training steps, not the evaluations
+    between them: a clock that moves only while evaluating reads 0."""
+    import types
+
+    import rmi_triton.train as train
+
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    evaluate = train.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        clock[0] += 100.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    result = run(_args(tmp_path, "--eval-every", "2", "--iterations", "4"), log=_quiet)
+    assert result["status"] == "done" and clock[0] == 200.0  # evaluations at 2 and the final one
+    assert result["seconds_per_iteration"] == 0.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["seconds_per_iteration"] == 0.0
+
+
+def test_metrics_file_is_strict_json(tmp_path, monkeypatch):
+    """A class absent from the labels and the predictions has a NaN IoU; JSON has no NaN (jq and
+    strict parsers refuse the file): it is written as null."""
+    import rmi_triton.train as train
+
+    evaluate = train.evaluate
+
+    def absent_class(*args, **kwargs):
+        metrics = evaluate(*args, **kwargs)
+        metrics["iou"][2] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(train, "evaluate", absent_class)
+    run(_args(tmp_path, "--iterations", "1", "--val-length", "1"), log=_quiet)
+    text = (tmp_path / "metrics.json").read_text()
+    saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert saved["metrics"]["iou"][2] is None
 
 
 def test_distributed_two_ranks_stay_identical(tmp_path):
