@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import capture
+from .differentiable import once
 from .options import LOG_EPS, RIDGE
 
 # A failed factorisation is retried with ridge * RETRY_GROWTH**k, k = 1, 2, ...
@@ -222,6 +223,7 @@ class _HalfLogdetPosterior(torch.autograd.Function):
         return h, aside
 
     @staticmethod
+    @once  # a second derivative raises instead of coming out partial
     def backward(ctx, grad, _grad_aside):
         if grad is None:
             return (None,) * 5

@@ -279,15 +279,21 @@ def _formula_rmi(h, weights, reduction):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("options", [{}, {"probs": "softmax"}, {"pixel_loss": "ce"}], ids=case_id)
 def test_differentiable_once(backend, options):
-    """With create_graph=True the gradient carries no graph from the loss: a second
-    derivative through it fails, where a graph through the recomputed probabilities alone
-    would give a partial one without a word (the torch engine's did, through the softmax
-    with BCE and the sigmoid with CE, until its backward detached the logits)."""
+    """A second derivative through the loss raises, where it would come out partial without a
+    word: through the recomputed probabilities alone (the torch engine's backward did, with the
+    softmax and BCE or the sigmoid and CE, until it detached the logits), and, with anything
+    else in the graph (the network below, another loss term), through their parts alone -- a
+    gradient penalty over a network's weights was off by its whole size."""
     logits, labels = random_inputs(1, 2, 21, 23, seed=1)
     x = logits.requires_grad_()
     (grad,) = torch.autograd.grad(rmi_loss(x, labels, backend=backend, **options), x, create_graph=True)
-    assert not grad.requires_grad
-    with pytest.raises(RuntimeError, match="does not require grad"):
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (grad * grad).sum().backward()
+    image = torch.randn(1, 1, 21, 23, requires_grad=True)
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    total = rmi_loss(conv(image), labels, backend=backend, **options) + conv(image).square().mean()
+    (grad,) = torch.autograd.grad(total, image, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
         (grad * grad).sum().backward()
 
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..algebra import split_blocks
+from ..differentiable import once
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import kept_regions
 from ..precision import autocast_off
@@ -1126,6 +1127,7 @@ class _TorchStatistics(torch.autograd.Function):
         return pixel, sy, sp, syp
 
     @staticmethod
+    @once  # a second derivative raises instead of coming out partial
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp):
         logits, valid, safe, y_low, p_low, keep, mean, indices, kept, informative = ctx.saved_tensors
         opts = ctx.opts

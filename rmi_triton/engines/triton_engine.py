@@ -56,6 +56,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from ..differentiable import once
 from ..options import PROB_CLIP, RIDGE, RMIOptions
 from ..pooling import kept_regions
 from ..validation import raise_if_nonfinite
@@ -1699,6 +1700,7 @@ class _EagerStatistics(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once  # a second derivative raises instead of coming out partial
     def backward(ctx, g_pixel, _g_sy, g_sp, g_syp, *_unused):
         logits, labels, keep, weights, _, _, arg, mean, denom = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
