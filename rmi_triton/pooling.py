@@ -68,6 +68,34 @@ def _bilinear_sources(size: int, size_low: int, like: torch.Tensor) -> torch.Ten
     return hit.to(like.dtype)
 
 
+def bilinear_backward(grad_low: torch.Tensor, size) -> torch.Tensor:
+    """The adjoint of `F.interpolate(x, grad_low.shape[-2:], mode="bilinear", align_corners=True)`
+    for x [..., H, W] = size: dL/dx from dL/dx' = grad_low, one axis at a time. Each index_add
+    below meets every target at most once (the steps between taps are >= 1 when downsampling),
+    so the result is the same run after run on CUDA too, and allowed under
+    torch.use_deterministic_algorithms, where PyTorch's own backward of the interpolation
+    (atomic adds) raises."""
+    g = grad_low
+    for dim, length in ((g.dim() - 1, size[-1]), (g.dim() - 2, size[-2])):
+        first, second, frac = _bilinear_taps(length, g.shape[dim], g.device)
+        frac = frac.to(g.dtype).view([-1] + [1] * (g.dim() - 1 - dim))
+        shape = list(g.shape)
+        shape[dim] = length
+        out = g.new_zeros(shape)
+        out.index_add_(dim, first, g * (1 - frac))
+        g = out.index_add_(dim, second, g * frac)
+    return g
+
+
+def _bilinear_taps(size: int, size_low: int, device):
+    """Output k of an align_corners=True resize from `size` to `size_low` is
+    (1 - f_k) x[first_k] + f_k x[second_k]."""
+    scale = (size - 1) / (size_low - 1) if size_low > 1 else 0.0
+    position = torch.arange(size_low, dtype=torch.float64, device=device) * scale
+    first = position.floor().long().clamp(max=size - 1)
+    return first, (first + 1).clamp(max=size - 1), position - first
+
+
 def kept_regions(ignored: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
     """[N, 1, H, W] 0/1 float ignore mask -> [N, 1, H'-R+1, W'-R+1] bool:
     True where the region vector enters the statistics."""

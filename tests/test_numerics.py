@@ -446,3 +446,40 @@ def test_pixel_term_gradient_at_saturating_logits(backend, options, monkeypatch)
     _, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
                                 logits.double(), labels, **options)
     assert_close_rel(grad, ref_grad, 1e-4, "gradient")
+
+
+@pytest.mark.parametrize("size, size_low", [((37, 53), (10, 14)), ((33, 47), (17, 24)), ((8, 9), (2, 3)),
+                                            ((513, 511), (129, 128)), ((5, 7), (1, 2))])
+def test_bilinear_backward_is_the_interpolations_adjoint(size, size_low):
+    """<interp(x), g> = <x, backward(g)>: the "interp" pooling's backward, PyTorch's own backward of
+    the interpolation without its atomic adds (bitwise the same run after run on CUDA too)."""
+    from rmi_triton.pooling import bilinear_backward
+
+    g = torch.randn(2, 3, *size_low, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ours = bilinear_backward(g, size)
+    theirs = torch.ops.aten.upsample_bilinear2d_backward(g, list(size_low), [2, 3, *size], True, None, None)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-12
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    forward = torch.nn.functional.interpolate(x, size=size_low, mode="bilinear", align_corners=True)
+    assert abs((forward * g).sum() - (x * ours).sum()) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("options", [{}, {"pool": "max"}, {"pool": "interp"}, {"probs": "softmax", "pixel_loss": "ce"},
+                                     {"exclude_ignored": True, "pool": "max", "pool_size": 3}], ids=case_id)
+def test_runs_under_deterministic_algorithms(backend, options):
+    """torch.use_deterministic_algorithms(True), which users switch on for reproducible runs:
+    the loss uses no op that raises there (max pooling's backward did, max_unpool2d, on the CPU
+    too; on CUDA a product scatter_reduce, a float cumsum and the interpolation's backward would
+    have), and gives what it gives without it."""
+    if backend == "triton" and not triton_engine.available():
+        pytest.skip("the Triton engine runs under the interpreter here")
+    logits, labels = random_inputs(2, 3, 29, 31, seed=5)
+    want = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **options), logits, labels)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **options), logits, labels)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

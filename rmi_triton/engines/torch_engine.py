@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from ..algebra import split_blocks
 from ..differentiable import once
 from ..options import PROB_CLIP, RMIOptions
-from ..pooling import kept_regions
+from ..pooling import bilinear_backward, kept_regions
 from ..precision import autocast_off
 from ..validation import raise_if_nonfinite
 
@@ -336,9 +336,13 @@ def _unpool_grad(grad_low: torch.Tensor, indices, shape, opts: RMIOptions) -> to
     if opts.pool == "avg":
         return _avg_unpool(grad_low, s, grad_low.new_empty(shape))
     if opts.pool == "max":
-        return F.max_unpool2d(grad_low, indices, s, s, s // 2, output_size=shape[-2:])
-    return torch.ops.aten.upsample_bilinear2d_backward(grad_low, list(grad_low.shape[-2:]), list(shape),
-                                                       True, None, None)
+        # the windows do not overlap (kernel = stride): each pixel takes one cell's gradient at
+        # most, a plain scatter (max_unpool2d has no deterministic implementation: it raises
+        # under torch.use_deterministic_algorithms)
+        out = grad_low.new_zeros(shape)
+        out.flatten(2).scatter_(2, indices.flatten(2), grad_low.flatten(2))
+        return out
+    return bilinear_backward(grad_low, shape[-2:])
 
 
 def _sigmoid_grad(g_low: torch.Tensor, indices, t: torch.Tensor, opts: RMIOptions, out: torch.Tensor,
@@ -378,7 +382,9 @@ def _bce_sums(masked: torch.Tensor, lab: torch.Tensor, lab_weight: torch.Tensor)
     the softplus is 0; the buffer is overwritten. lab, lab_weight: the block's labels
     (`_block_labels`).
     """
-    masked.scatter_reduce_(1, lab, 1 - 2 * lab_weight, reduce="prod")  # -x at the label
+    # -x at the label (a gather and a scatter: a product scatter_reduce raises on CUDA under
+    # torch.use_deterministic_algorithms)
+    masked.scatter_(1, lab, masked.gather(1, lab).mul_(1 - 2 * lab_weight))
     return torch.ops.aten.softplus.out(masked, 1, 20, out=masked).sum((2, 3)).double().sum(0)
 
 
@@ -889,7 +895,12 @@ def _row_shift_sums(regions: _Regions, centre, first, totals, pairs, edge):
     blocks = first[:, lag.abs()]  # [P, a, a', 2R, 2R]: block (0, |a' - a|)
     totals = totals.unsqueeze(1)  # [P, a, 2R]: sum of u_{i+a} over the grid rows
     if r > 1:
-        totals = torch.cat([totals, totals + (edge[:, 1] - edge[:, 0]).cumsum(1)], 1)
+        # running sums as adds (a float cumsum raises on CUDA under torch.use_deterministic_algorithms)
+        steps = edge[:, 1] - edge[:, 0]
+        running = [totals[:, 0]]
+        for t in range(r - 1):
+            running.append(running[-1] + steps[:, t])
+        totals = torch.stack(running, 1)
         pairs = pairs.view(b, 2, r - 1, 2 * r, 2, r - 1, 2 * r)
         # change[t, t']: u u^T of the rows t, t' after the grid less that of the rows t, t' on top
         change = (pairs[:, 1, :, :, 1] - pairs[:, 0, :, :, 0]).transpose(2, 3)  # [P, t, t', 2R, 2R]

@@ -38,7 +38,8 @@ Forward then backward, the full-resolution kernels reading their inputs once:
 Every reduction is a fixed-order sum inside one program or a float64 sum of
 per-program partials (B3, or PyTorch): no atomics, so results are bitwise
 reproducible. "interp" pooling runs A and D at full resolution (no pooling)
-and lets PyTorch do the bilinear interpolation and its backward in between.
+and lets PyTorch do the bilinear interpolation in between (its backward: the
+interpolation's adjoint in `rmi_triton.pooling`, without atomic adds).
 
 The two halves are registered as `torch.library` custom ops with fake
 (meta) implementations and an autograd formula, so `torch.compile` keeps the
@@ -58,7 +59,7 @@ import torch
 
 from ..differentiable import once
 from ..options import PROB_CLIP, RIDGE, RMIOptions
-from ..pooling import kept_regions
+from ..pooling import bilinear_backward, kept_regions
 from ..validation import raise_if_nonfinite
 from .torch_engine import Statistics, label_map_dtype, label_maps, pooled_labels
 
@@ -1608,14 +1609,13 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
 
 def _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts: RMIOptions):
     """Kernels C0 and C: dL/dp' from dL/dSp, dL/dSyp (None when neither is given), at
-    the logits' resolution for "interp" (PyTorch's interpolation backward)."""
+    the logits' resolution for "interp" (the interpolation's adjoint)."""
     if g_sp is None and g_syp is None:
         return None
     g_low = _launch_region_grad(y_low, p_low, keep, mean, _contiguous_or_none(g_sp), _contiguous_or_none(g_syp),
                                 opts.radius)
     if opts.pool == "interp" and opts.downsamples:
-        g_low = torch.ops.aten.upsample_bilinear2d_backward(
-            g_low, list(g_low.shape[-2:]), list(logits.shape), True, None, None)
+        g_low = bilinear_backward(g_low, logits.shape[-2:])
     return g_low
 
 
