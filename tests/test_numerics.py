@@ -483,3 +483,23 @@ def test_runs_under_deterministic_algorithms(backend, options):
     finally:
         torch.use_deterministic_algorithms(before)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("options", [{}, {"pool": "max"}, {"pool": "interp"}, {"class_weights": [1.0, 2.0, 0.5]},
+                                     {"exclude_ignored": True}, {"pool": "none", "radius": 2}], ids=case_id)
+def test_the_default_dtype_changes_nothing(backend, options):
+    """torch.set_default_dtype(torch.float64) (common in scientific code) with float32 logits:
+    the same loss and gradient (the torch engine's backward stopped with "Found dtype Float but
+    expected Double" where it made its buffers without a dtype)."""
+    if backend == "triton" and not triton_engine.available():
+        pytest.skip("the Triton engine runs under the interpreter here")
+    logits, labels = random_inputs(2, 3, 24, 26, seed=6)
+    want = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **options), logits, labels)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = loss_and_grad(lambda x, y: rmi_loss(x, y, backend=backend, **options), logits, labels)
+    finally:
+        torch.set_default_dtype(before)
+    assert got[0].dtype == want[0].dtype and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -128,8 +128,8 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
     cell = (rows * w_low).view(-1, 1) + cols.view(1, -1)
     used = (slice(None), slice(0, h_used), slice(0, w_used))
     index = torch.add(cell, torch.where(valid[used], safe[used], c), alpha=area).view(n, -1)
-    ones = torch.ones((1, 1), device=safe.device).expand(index.shape)
-    counts = torch.zeros(n, planes * area, device=safe.device).scatter_add_(1, index, ones)
+    ones = torch.ones((1, 1), dtype=torch.float32, device=safe.device).expand(index.shape)
+    counts = torch.zeros(n, planes * area, dtype=torch.float32, device=safe.device).scatter_add_(1, index, ones)
     counts = counts.view(n, planes, h_low, w_low)[:, :c]
     if opts.pool == "max":
         return counts.clamp(max=1)
@@ -137,7 +137,7 @@ def pooled_labels(valid: torch.Tensor, safe: torch.Tensor, c: int, opts: RMIOpti
 
 
 def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
-    out = torch.zeros(safe.shape[0], c, *safe.shape[1:], device=safe.device)
+    out = torch.zeros(safe.shape[0], c, *safe.shape[1:], dtype=torch.float32, device=safe.device)
     return out.scatter_(1, safe.unsqueeze(1), valid.unsqueeze(1).float())
 
 
@@ -282,7 +282,7 @@ def _high(t: torch.Tensor) -> torch.Tensor:
 
 def _high_halves(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out <- k - 1/2 = copysign(1/2, t) (module doc), float: faster than a bool and its conversion."""
-    return torch.copysign(torch.full((), 0.5, device=t.device), t, out=out)
+    return torch.copysign(torch.full((), 0.5, dtype=t.dtype, device=t.device), t, out=out)
 
 
 def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, buffer: torch.Tensor,
@@ -392,7 +392,8 @@ def _masking_bias(valid: torch.Tensor) -> torch.Tensor:
     """[N, H, W] bool -> [N, 1, H, W] float32: 0 at valid pixels, -inf at ignored ones. Added
     to the logits it masks them in the same pass that makes a copy to work on: x + 0 is x
     exactly, and sigmoid(-inf) = 0."""
-    return torch.zeros(valid.shape, device=valid.device).masked_fill_(~valid, float("-inf")).unsqueeze(1)
+    bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    return bias.masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
 
 def _pixel_share(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
@@ -485,14 +486,14 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     indices = torch.zeros((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
     valid_f = valid.unsqueeze(1).float()
-    checksum = torch.zeros((), device=x.device)  # a finite sum of x proves every x finite
+    checksum = torch.zeros((), dtype=torch.float32, device=x.device)  # a finite sum of x proves every x finite
     pixel = torch.zeros((), dtype=torch.float64, device=x.device)
     if opts.pixel_loss == "bce":
         bce = torch.zeros(c, dtype=torch.float64, device=x.device)  # per class
     ce_weight = torch.zeros((), dtype=torch.float64, device=x.device)
     # Keeping t of the probabilities spares the backward a transcendental pass over the
     # logits; it takes the place of the log-softmax that cross-entropy keeps.
-    kept = torch.empty(x.shape, device=x.device) if keep_probs else None
+    kept = torch.empty(x.shape, dtype=torch.float32, device=x.device) if keep_probs else None
     bias = _masking_bias(valid) if opts.probs == "sigmoid" or opts.pixel_loss == "bce" else None
     scratch = _Scratch(x.device)
     for images, classes in _blocks(x.shape, opts):
