@@ -270,7 +270,12 @@ class RMILoss(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        o = self.options
-        return (f"num_classes={self.num_classes}, radius={o.radius}, pool={o.pool!r}, pool_size={o.pool_size}, "
-                f"pixel_loss={o.pixel_loss!r}, probs={o.probs!r}, rmi_weight={o.rmi_weight}, "
-                f"combine={o.combine!r}, backend={o.backend!r}")
+        """The paper's knobs always, and every other option that differs from its default (a
+        model printed to a log shows all that changes the loss)."""
+        o, shown = self.options, ("radius", "pool", "pool_size", "pixel_loss", "probs", "rmi_weight", "combine",
+                                  "backend")
+        defaults = RMIOptions()
+        others = [f.name for f in dataclasses.fields(o)
+                  if f.name not in shown and getattr(o, f.name) != getattr(defaults, f.name)]
+        return ", ".join([f"num_classes={self.num_classes}"] + [f"{name}={getattr(o, name)!r}"
+                                                                for name in shown + tuple(others)])

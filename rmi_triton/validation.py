@@ -27,8 +27,14 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions,
         raise TypeError(f"labels must be int64, int32 or uint8, got {labels.dtype}")
     n, c, h, w = logits.shape
     if labels.shape != (n, h, w):
-        raise ValueError(f"labels must have shape [N, H, W] = {[n, h, w]} to match logits "
-                         f"{list(logits.shape)}, got {list(labels.shape)}")
+        hint = ""
+        if labels.dim() == 4 and labels.shape[1] == 1:
+            hint = ": one label map an image, without a channel dimension (labels.squeeze(1))"
+        elif labels.dim() == 3 and labels.shape[0] == n and labels.shape[1:] != (h, w):
+            hint = (": the loss takes logits at the labels' resolution; upsample them first, e.g. "
+                    "F.interpolate(logits, size=labels.shape[-2:], mode='bilinear', align_corners=False)")
+        raise ValueError(f"labels of logits {list(logits.shape)} must have shape [N, H, W] = {[n, h, w]}, "
+                         f"got {list(labels.shape)}{hint}")
     if labels.device != logits.device:
         raise ValueError(f"logits are on {logits.device} but labels on {labels.device}")
     if logits.device.type == "meta":
@@ -56,8 +62,12 @@ def _check_label_range(labels: torch.Tensor, c: int, ignore_index: int) -> None:
     if bool((low < 0) | (high >= c)):
         bad = ((wide < 0) | (wide >= c)) & (wide != ignore_index)
         values = torch.unique(wide[bad])[:8].tolist()
+        hint = ""
+        if c == 1:  # a single foreground logit, as BCE users feed it
+            hint = ("; the labels are class indices, one-hot over the logits' C channels: a binary task "
+                    "takes C = 2 (background, foreground)")
         raise ValueError(f"labels hold values outside [0, {c}) that are not ignore_index={ignore_index}: "
-                         f"{values}")
+                         f"{values}{hint}")
 
 
 def raise_if_nonfinite(all_finite: torch.Tensor) -> None:

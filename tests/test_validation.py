@@ -22,10 +22,35 @@ def test_logits_not_4d(good):
 
 def test_labels_shape_mismatch(good):
     logits, labels = good
-    with pytest.raises(ValueError, match=r"labels must have shape \[N, H, W\] = \[2, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"must have shape \[N, H, W\] = \[2, 32, 32\], got \[2, 16, 32\]"):
         rmi_loss(logits, labels[:, :16])
-    with pytest.raises(ValueError, match="labels must have shape"):
+    with pytest.raises(ValueError, match=r"got \[2, 1, 32, 32\]: one label map an image, without a channel "
+                                         r"dimension \(labels.squeeze\(1\)\)"):
         rmi_loss(logits, labels.unsqueeze(1))
+    # logits at 1/8 of the labels' resolution (DeepLab's head) name the upsampling
+    with pytest.raises(ValueError, match=r"got \[2, 256, 256\]: the loss takes logits at the labels' "
+                                         r"resolution; upsample them first"):
+        rmi_loss(logits, labels.repeat_interleave(8, 1).repeat_interleave(8, 2))
+
+
+def test_one_channel_with_binary_labels_names_two_classes():
+    """A single foreground logit with 0/1 masks, as binary BCE users feed it: the labels are class
+    indices one-hot over C, so a binary task takes C = 2 -- said in the error."""
+    logits, _ = random_inputs(2, 1, 32, 32)
+    masks = (torch.rand(2, 32, 32) > 0.5).long()
+    with pytest.raises(ValueError, match=r"outside \[0, 1\).*\[1\].*a binary task takes C = 2"):
+        rmi_loss(logits, masks)
+    assert torch.isfinite(rmi_loss(torch.cat([-logits, logits], 1), masks))
+
+
+def test_repr_shows_every_option_that_changes_the_loss():
+    assert repr(RMILoss()) == ("RMILoss(num_classes=None, radius=3, pool='avg', pool_size=4, pixel_loss='bce', "
+                               "probs='sigmoid', rmi_weight=0.5, combine='weighted', backend='auto')")
+    text = repr(RMILoss(3, ignore_index=0, exclude_ignored=True, class_weights=[1, 2, 3], class_reduction="mean",
+                        validate=False))
+    for part in ("ignore_index=0", "exclude_ignored=True", "class_weights=(1.0, 2.0, 3.0)",
+                 "class_reduction='mean'", "validate=False"):
+        assert part in text, text
 
 
 def test_float_labels(good):
