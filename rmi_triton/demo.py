@@ -31,6 +31,7 @@ import torch
 
 from .files import json_safe
 from .metrics import format_table
+from .train import MIN_CROP
 from .train import parse_args as train_args
 from .train import predict, run
 
@@ -202,8 +203,15 @@ def _export_summary(report: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     cfg = settings(ns)
+    for key, least in (("size", MIN_CROP), ("val_length", 1), ("iterations", 1), ("batch_size", 2),
+                       ("train_length", cfg["batch_size"])):
+        if not cfg[key] >= least:
+            parser.error(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
+    if ns.examples < 0:
+        parser.error(f"--examples must be >= 0, got {ns.examples}")
     threads = ns.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     out_dir = ns.out

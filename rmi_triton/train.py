@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MIN_CROP = 16  # px: the synthetic scenes' least size
+
 # --rmi-* flag -> RMIOptions field
 _RMI_FLAGS = {"rmi_radius": "radius", "rmi_pool": "pool", "rmi_pool_size": "pool_size", "rmi_weight": "rmi_weight",
               "rmi_combine": "combine", "rmi_pixel_loss": "pixel_loss", "rmi_probs": "probs",
@@ -164,10 +166,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iterations is None and args.epochs is None:
         args.iterations = 1000
-    for name in ("batch_size", "iterations", "epochs"):
+    for name, least in (("batch_size", 1), ("iterations", 1), ("epochs", 1), ("train_length", 1),
+                        ("val_length", 1), ("eval_batch_size", 1), ("threads", 1), ("stop_at", 1),
+                        ("workers", 0), ("eval_every", 0), ("save_every", 0), ("log_every", 0),
+                        ("boundary_tolerance", 0), ("lr", 0), ("momentum", 0), ("weight_decay", 0),
+                        ("lr_power", 0)):
         v = getattr(args, name)
-        if v is not None and v < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if v is not None and not v >= least:  # NaN too
+            extra = " (--no-final-eval skips the evaluation)" if name == "val_length" else ""
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {v}{extra}")
+    if args.crop is not None and args.crop < MIN_CROP:
+        parser.error(f"--crop must be >= {MIN_CROP} px (the synthetic scenes' least size; the networks "
+                     f"downsample 16-fold), got {args.crop}")
+    if args.dataset == "synthetic" and args.train_length is not None and args.train_length < args.batch_size:
+        parser.error(f"--train-length {args.train_length} does not fill one batch of --batch-size "
+                     f"{args.batch_size}")
     if args.batch_size == 1 and not args.sync_bn:
         parser.error("--batch-size 1: the networks' global-pooling branch gives BatchNorm one value per "
                      "channel in training; use 2 or more images a process (or --sync-bn across processes)")
@@ -592,7 +605,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         torch.manual_seed(args.seed)
         train_set, val_set = build_datasets(args)
         num_classes, ignore_index = train_set.num_classes, train_set.ignore_index
-        per_epoch = iterations_per_epoch(len(train_set), args.batch_size, dist.world)
+        try:
+            per_epoch = iterations_per_epoch(len(train_set), args.batch_size, dist.world)
+        except ValueError as err:
+            raise SystemExit(f"--batch-size {args.batch_size}: {err}") from None
         total = args.iterations if args.iterations is not None else args.epochs * per_epoch
 
         try:

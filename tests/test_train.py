@@ -151,6 +151,12 @@ def test_epochs_bce_and_bfloat16_autocast(tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--batch-size", "1"], "--batch-size 1: the networks' global-pooling branch gives BatchNorm one value"),
     (["--resume", "/no/such/last.pt"], "--resume '/no/such/last.pt' is not a file"),
+    (["--train-length", "1"], "--train-length 1 does not fill one batch of --batch-size 2"),
+    (["--crop", "8"], "--crop must be >= 16 px"),
+    (["--val-length", "0"], "--val-length must be >= 1, got 0 (--no-final-eval skips the evaluation)"),
+    (["--boundary-tolerance", "-1"], "--boundary-tolerance must be >= 0, got -1"),
+    (["--lr", "nan"], "--lr must be >= 0, got nan"),
+    (["--workers", "-2"], "--workers must be >= 0, got -2"),
 ])
 def test_command_line_mistakes_are_named_before_the_run(argv, message, capsys):
     """A mistake in the flags ends in parse_args with a usage error that names the flag (exit 2),
@@ -402,6 +408,18 @@ def test_distributed_two_ranks_stay_identical(tmp_path):
         assert torch.equal(a[name], b[name]), name
     ckpt = load_checkpoint(tmp_path / "out" / "last.pt")
     assert ckpt["iteration"] == 3 and len(ckpt["rng"]["torch_ranks"]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [(["--size", "8"], "--size must be >= 16, got 8"),
+                                           (["--val-length", "0"], "--val-length must be >= 1, got 0"),
+                                           (["--batch-size", "3", "--train-length", "2"],
+                                            "--train-length must be >= 3, got 2")])
+def test_demo_flag_mistakes_are_named(argv, message, capsys, tmp_path):
+    from rmi_triton.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as raised:
+        demo_main(["--quick", "--out", str(tmp_path), *argv])
+    assert raised.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
