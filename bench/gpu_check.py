@@ -36,9 +36,10 @@
    against cross-entropy's and the published formula's, the extra memory beyond
    the gradient, and kernels A and D's least bytes moved over the copy bandwidth.
 
-The sections run in the order 1, 2, 5, 6, 3, 4 (what the bars need first, then the step's
-variants next to the timings whose "eager" they repeat); each one's failure is reported in
-its place and costs none of the others. The report printed last is the result; `--out DIR`
+The sections run in the order 1, the copy bandwidth, 5, 2, 6, 3, 4 (what the bars need
+first, then the step's variants next to the timings whose "eager" they repeat); a section
+that fails or is not started for the time budget is named with its reason in the report
+and costs none of the others. The report printed last is the result; `--out DIR`
 also holds it as JSON (gpu_check.json, written again after every section, so that a run
 stopped at its time limit leaves what it measured).
 """
@@ -70,6 +71,9 @@ _ARGS.add_argument("--steps", type=int, default=0,
 ARGS = _ARGS.parse_args() if __name__ == "__main__" else _ARGS.parse_args([])
 if ARGS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+# what cuBLAS needs for the deterministic-algorithms rows (PyTorch releases before the check's
+# removal refuse float64 matrix products there without it); set before CUDA starts
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import json  # noqa: E402
 
@@ -685,6 +689,8 @@ def print_report(results):
                  "graphed_loss_check", "compiled_ms", "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
+    for name, reason in results.get("not_run", {}).items():
+        print(f"== section {name}: {reason}")
     print(f"== the performance targets ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")
     for bar, measured, met in bars(timings, breakdown, bandwidth, variants or None):
         print(f"     {'-' if met is None else 'met' if met else 'NOT met':8s} {bar:60s} {measured}")
@@ -770,21 +776,25 @@ def main():
     if ARGS.steps:
         run_steps(ARGS.steps)
         return 0
-    results = dict(machine=describe_machine())
+    results = dict(machine=describe_machine(), not_run={})
     log(results["machine"])
     failures = []
     for name, measure, stand_in in sections(results):
+        reason = None
         if name != "correctness" and over_budget():
-            results[name] = stand_in("skipped: the run's time budget is spent")
-            log(name, "skipped: the run's time budget is spent")
-            continue
-        log(name)
-        try:
-            results[name] = measure()
-        except Exception as exc:  # noqa: BLE001 - one section's failure must not cost the others
-            traceback.print_exc()
-            results[name] = stand_in(f"failed: {type(exc).__name__}: {exc}"[:300])
-            failures.append(name)
+            reason = "skipped: the run's time budget is spent"
+        else:
+            log(name)
+            try:
+                results[name] = measure()
+            except Exception as exc:  # noqa: BLE001 - one section's failure must not cost the others
+                traceback.print_exc()
+                reason = f"failed: {type(exc).__name__}: {exc}"[:300]
+                failures.append(name)
+        if reason is not None:
+            log(name, reason)
+            results[name] = stand_in(reason)
+            results["not_run"][name] = reason
         if name == "breakdown" and results[name].get("host_table"):
             print(results[name].pop("host_table"))
         save(results)

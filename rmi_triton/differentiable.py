@@ -24,10 +24,10 @@ def once(backward):
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
+        single = not isinstance(outputs, (tuple, list))
+        outputs = (outputs,) if single else tuple(outputs)  # autograd takes a list for one gradient
         if not torch.is_grad_enabled():
-            return outputs
-        single = not isinstance(outputs, tuple)
-        outputs = (outputs,) if single else outputs
+            return outputs[0] if single else outputs
         present = [i for i, g in enumerate(outputs) if g is not None]
         if not present:
             return outputs[0] if single else outputs

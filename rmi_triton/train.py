@@ -187,7 +187,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     _check_paths(parser, args)
     _check_device(parser, args.device)
     _check_rmi_flags(parser, args)
+    _check_out(parser, args)
     return args
+
+
+def _check_out(parser: argparse.ArgumentParser, args) -> None:
+    if args.overwrite and args.resume is not None:
+        parser.error(f"--overwrite starts afresh and --resume {args.resume} continues: pass one of them")
+    if args.resume is None and not args.overwrite and os.path.isfile(os.path.join(args.out, "last.pt")):
+        parser.error(f"--out {args.out} holds an earlier run (last.pt): continue it with --resume auto, "
+                     "start over there with --overwrite (its checkpoint, log and metrics are removed), "
+                     "or choose another --out")
 
 
 def rmi_options(args) -> Dict[str, Any]:
@@ -212,10 +222,6 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--pretrained {args.pretrained!r} is not a file")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume!r} is not a file (--resume auto continues <out>/last.pt if any)")
-    if args.resume is None and not args.overwrite and os.path.isfile(os.path.join(args.out, "last.pt")):
-        parser.error(f"--out {args.out} holds an earlier run (last.pt): continue it with --resume auto, "
-                     "start over there with --overwrite (its checkpoint, log and metrics are replaced), "
-                     "or choose another --out")
 
 
 def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
@@ -534,12 +540,21 @@ def predict(model: torch.nn.Module, images: torch.Tensor, device) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # signals
 
+WORKER_GRACE_S = 60.0  # a DataLoader worker's life after a SIGTERM, if the main process has not ended it
+
+
 def _worker_ignores_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGINT and SIGTERM to the main process, which saves and exits
-    after the current iteration: a scheduler's SIGTERM reaches the whole process group, and a
-    worker killed by it took the run down with "DataLoader worker ... is killed by signal"."""
+    after the current iteration and stops its workers: a scheduler's SIGTERM reaches the whole
+    process group, and a worker killed by it took the run down with "DataLoader worker ... is
+    killed by signal". A worker the main process cannot stop (stuck in a dataset's code; it
+    would be terminated by a SIGTERM at exit, and waited for) ends WORKER_GRACE_S later."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_later)
+
+
+def _end_later(signum, frame) -> None:
+    threading.Thread(target=lambda: (threading.Event().wait(WORKER_GRACE_S), os._exit(0)), daemon=True).start()
 
 class _StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves and exits after the current iteration."""
@@ -685,7 +700,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         log_path = os.path.join(out_dir, "log.jsonl")
         if dist.main:
             os.makedirs(out_dir, exist_ok=True)
-            _start_files(out_dir, log_path, start)
+            _start_files(out_dir, log_path, start, fresh=not resume)
         result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
                                   "model": model, "checkpoint": None, "message": "",
                                   "seconds_per_iteration": float("nan"), "total_iterations": total,
@@ -789,14 +804,15 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         dist.close()
 
 
-def _start_files(out_dir: str, log_path: str, start: int) -> None:
-    """The log and metrics of the run starting at iteration `start` (after `--overwrite` or
-    `--resume`): a fresh run drops an earlier run's; a resumed one keeps the log up to its
-    checkpoint's iteration (iterations logged after it, before a kill, are run and logged again)."""
-    if start == 0:
-        for name in (log_path, os.path.join(out_dir, "metrics.json")):
-            if os.path.isfile(name):
-                os.remove(name)
+def _start_files(out_dir: str, log_path: str, start: int, fresh: bool) -> None:
+    """The files of a run starting at iteration `start`: a fresh one (`--overwrite`) removes an
+    earlier run's checkpoint, log and metrics (none of them may pass for its own); a resumed
+    one keeps the log up to its checkpoint's iteration (iterations logged after it, before a
+    kill, are run and logged again)."""
+    if fresh:
+        for name in ("last.pt", "log.jsonl", "metrics.json"):
+            if os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
         return
     if not os.path.isfile(log_path):
         return

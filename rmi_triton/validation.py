@@ -30,7 +30,7 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions,
         hint = ""
         if labels.dim() == 4 and labels.shape[1] == 1:
             hint = ": one label map an image, without a channel dimension (labels.squeeze(1))"
-        elif labels.dim() == 3 and labels.shape[0] == n and labels.shape[1:] != (h, w):
+        elif labels.dim() == 3 and labels.shape[0] == n and labels.shape[1] >= h and labels.shape[2] >= w:
             hint = (": the loss takes logits at the labels' resolution; upsample them first, e.g. "
                     "F.interpolate(logits, size=labels.shape[-2:], mode='bilinear', align_corners=False)")
         raise ValueError(f"labels of logits {list(logits.shape)} must have shape [N, H, W] = {[n, h, w]}, "

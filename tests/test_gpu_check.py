@@ -102,15 +102,18 @@ def test_a_failing_section_costs_none_of_the_others(gpu_check, monkeypatch, tmp_
     monkeypatch.setattr(gpu_check.ARGS, "budget_s", 1e9)
     assert gpu_check.main() == 1  # two sections failed
     assert ran == ["correctness", "bandwidth", "breakdown", "timings", "variants", "compile", "mixed"]
-    assert saved_before["compile"] == ["bandwidth", "bars", "breakdown", "correctness", "machine", "timings",
-                                       "variants"]
+    assert saved_before["compile"] == ["bandwidth", "bars", "breakdown", "correctness", "machine", "not_run",
+                                       "timings", "variants"]
     out = capsys.readouterr().out
     assert "commit abc1234" in out and " UTC" in out
-    assert "failed: RuntimeError: illegal address" in out and "failed: KeyError" in out
+    assert "== section breakdown: failed: RuntimeError: illegal address" in out
+    assert "== section mixed: failed: KeyError" in out
     assert "== the performance targets" in out and "== correctness vs float64 reference: 1/1 ok" in out
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["breakdown"]["error"] == "failed: RuntimeError: illegal address"
     assert saved["bandwidth"] == 4e12 and saved["machine"].endswith("commit abc1234")
+    assert saved["not_run"] == {"breakdown": "failed: RuntimeError: illegal address",
+                                "mixed": "failed: KeyError: 'autocast'"}
     assert len(saved["bars"]) == 6
 
 
@@ -127,7 +130,8 @@ def test_sections_after_the_budget_are_skipped_and_reported(gpu_check, monkeypat
     monkeypatch.setattr(gpu_check.ARGS, "budget_s", -1.0)
     assert gpu_check.main() == 0  # skipped sections are not failures
     out = capsys.readouterr().out
-    assert out.count("skipped: the run's time budget is spent") >= 6
+    for name in ("bandwidth", "breakdown", "timings", "variants", "compile", "mixed"):
+        assert f"== section {name}: skipped: the run's time budget is spent" in out
     assert "== the performance targets" in out
 
 

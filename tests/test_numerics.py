@@ -503,3 +503,43 @@ def test_the_default_dtype_changes_nothing(backend, options):
     finally:
         torch.set_default_dtype(before)
     assert got[0].dtype == want[0].dtype and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_the_algebra_is_differentiable_once():
+    """The d x d algebra's closed-form gradient has no graph of its own: differentiating it
+    again raises (it came out as the derivative of the incoming gradient alone)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, 40, dtype=torch.float64, generator=g)
+    joint = x @ x.transpose(1, 2)
+    blocks = [joint[:, :4, :4].clone(), joint[:, 4:, 4:].clone(), joint[:, :4, 4:].clone()]
+    inputs = [t.requires_grad_() for t in blocks]
+    h = half_logdet_posterior(*inputs, CholeskyReport())
+    grads = torch.autograd.grad((h * h).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        sum(g.square().sum() for g in grads).backward()
+
+
+def test_once_takes_every_form_a_backward_returns():
+    from rmi_triton.differentiable import once
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, as_list):
+            ctx.save_for_backward(x)
+            ctx.as_list = as_list
+            return x * x
+
+        @staticmethod
+        @once
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return [2 * x * grad, None] if ctx.as_list else (2 * x * grad, None)
+
+    for as_list in (False, True):
+        x = torch.tensor([1.5, -2.0], dtype=torch.float64, requires_grad=True)
+        (first,) = torch.autograd.grad(Square.apply(x, as_list).sum(), x, create_graph=True)
+        assert torch.equal(first.detach(), 2 * x.detach())
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            first.sum().backward()
+        (plain,) = torch.autograd.grad(Square.apply(x, as_list).sum(), x)
+        assert not plain.requires_grad and torch.equal(plain, 2 * x.detach())

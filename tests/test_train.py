@@ -293,11 +293,12 @@ def test_resumed_log_drops_what_came_after_its_checkpoint(tmp_path):
     log.write_text("".join(json.dumps({"iteration": i, "loss": 1.0 / i}) + "\n" for i in range(1, 6))
                    + '{"iteration": 6, "lo')
     (tmp_path / "metrics.json").write_text("{}")
-    _start_files(str(tmp_path), str(log), 3)
+    (tmp_path / "last.pt").write_bytes(b"an earlier run's")
+    _start_files(str(tmp_path), str(log), 3, fresh=False)
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
-    assert (tmp_path / "metrics.json").exists()
-    _start_files(str(tmp_path), str(log), 0)
-    assert not log.exists() and not (tmp_path / "metrics.json").exists()
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "last.pt").exists()
+    _start_files(str(tmp_path), str(log), 0, fresh=True)
+    assert not log.exists() and not (tmp_path / "metrics.json").exists() and not (tmp_path / "last.pt").exists()
 
 
 def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(tmp_path, capsys):
@@ -309,9 +310,16 @@ def test_a_fresh_run_into_an_earlier_runs_folder_is_refused(tmp_path, capsys):
     assert f"--out {tmp_path} holds an earlier run (last.pt): continue it with --resume auto" in \
         capsys.readouterr().err
     assert _args(tmp_path, "--resume", "auto").resume == "auto"
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--resume", "auto", "--overwrite")
+    assert "--overwrite starts afresh and --resume auto continues" in capsys.readouterr().err
     fresh = run(_args(tmp_path, "--no-final-eval", "--overwrite", "--iterations", "2"), log=_quiet)
     assert fresh["status"] == "done" and load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
     assert [json.loads(line)["iteration"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    # a fresh run that writes no checkpoint leaves none of the earlier run's to pass for its own
+    failed = run(_args(tmp_path, "--overwrite", "--lr", "1e6", "--loss", "ce"), log=_quiet)
+    assert failed["status"] == "nonfinite" and "no checkpoint was written" in failed["message"]
+    assert not (tmp_path / "last.pt").exists()
 
 
 def test_evaluation_takes_images_of_different_sizes(tmp_path):
@@ -350,17 +358,49 @@ def test_seconds_per_iteration_leave_out_evaluations(tmp_path, monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    evaluate = train.evaluate
+    evaluate, make_criterion = train.evaluate, train.make_criterion
 
     def slow_evaluate(*args, **kwargs):
         clock[0] += 100.0
         return evaluate(*args, **kwargs)
 
+    def timed_criterion(*args, **kwargs):  # a training step: 2 s on this clock
+        criterion = make_criterion(*args, **kwargs)
+
+        def step(*inputs):
+            clock[0] += 2.0
+            return criterion(*inputs)
+        return step
+
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
-    result = run(_args(tmp_path, "--eval-every", "2", "--iterations", "4"), log=_quiet)
-    assert result["status"] == "done" and clock[0] == 200.0  # evaluations at 2 and the final one
-    assert result["seconds_per_iteration"] == 0.0
-    assert json.loads((tmp_path / "metrics.json").read_text())["seconds_per_iteration"] == 0.0
+    monkeypatch.setattr(train, "make_criterion", timed_criterion)
+    result = run(_args(tmp_path, "--eval-every", "2", "--iterations", "4", "--save-every", "1"), log=_quiet)
+    assert result["status"] == "done" and clock[0] == 4 * 2.0 + 200.0  # evaluations at 2 and the final one
+    assert result["seconds_per_iteration"] == 2.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["seconds_per_iteration"] == 2.0
+
+
+def test_a_signal_during_a_periodic_evaluation_stops_it_and_the_run(tmp_path, monkeypatch):
+    """SIGTERM while --eval-every evaluates: the evaluation stops at its next batch, a checkpoint
+    of the iteration is written and the run ends (it used to finish the evaluation first: on a
+    large validation set longer than a scheduler's grace period)."""
+    import rmi_triton.train as train
+
+    evaluate, batches = train.evaluate, []
+
+    def evaluate_with_a_signal(*args, interrupted=None, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives as the evaluation starts
+
+        def asked():
+            batches.append(interrupted())
+            return batches[-1]
+        return evaluate(*args, interrupted=asked, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_with_a_signal)
+    result = run(_args(tmp_path, "--eval-every", "2", "--val-length", "6", "--eval-batch-size", "1"), log=_quiet)
+    assert batches == [True]  # asked once, before its first batch
+    assert result["status"] == "signal" and "stopped by SIGTERM after iteration 2" in result["message"]
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2 and result["metrics"] is None
 
 
 def test_metrics_file_is_strict_json(tmp_path, monkeypatch):

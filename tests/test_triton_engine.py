@@ -522,7 +522,8 @@ def test_available_under_interpreter():
 
 
 @pytest.mark.parametrize("version, runs", [("3.3.1", False), ("3.4.0", False), ("3.5.0", True),
-                                           ("3.10.0+git5a1b2c3", True), ("4.0.0", True)])
+                                           ("3.10.0+git5a1b2c3", True), ("4.0.0", True), ("3.5.0rc1", True),
+                                           ("v3.4.0", False), ("git-abc1234", True), ("", True)])
 def test_triton_older_than_its_kernels_need_is_named(monkeypatch, version, runs):
     """Kernel B2's float64 tl.dot does not compile before Triton 3.5 (PyTorch 2.8's 3.4 stops
     with "Unsupported lhs dtype fp64"): such a Triton is named before any kernel is compiled."""

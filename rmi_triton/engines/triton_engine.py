@@ -162,17 +162,19 @@ def _interpreted() -> bool:
 MIN_TRITON = (3, 5)
 
 
-def _release(version: str) -> tuple:
-    """(major, minor) of a version string such as "3.4.0" or "3.5.0+git1234"."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return (int(found[1]), int(found[2])) if found else (0, 0)
+def _release(version: str) -> Optional[tuple]:
+    """(major, minor) of a version string such as "3.4.0" or "3.5.0+git1234"; None where it
+    names none (a build from source may say anything: it is given the benefit of the doubt)."""
+    found = re.match(r"v?(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def triton_problem() -> Optional[str]:
     """What keeps the installed Triton (if any) from compiling the kernels, or None."""
     if not _HAVE_TRITON:
         return "triton is not installed"
-    if _release(triton.__version__) < MIN_TRITON:
+    release = _release(str(getattr(triton, "__version__", "")))
+    if release is not None and release < MIN_TRITON:
         return (f"triton {triton.__version__} is installed and the kernels need "
                 f"{'.'.join(map(str, MIN_TRITON))} or newer (PyTorch 2.9 and later ship it)")
     return None
