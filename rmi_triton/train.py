@@ -163,6 +163,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the command line: a mistake ends here with a usage line that names the
     flag (exit 2), not with a traceback from deep inside the run."""
     parser = build_parser()
+    if _speaks_for_the_run() is False:  # under torchrun rank 0 names a mistake, once
+        parser.error = lambda message: parser.exit(2)
     args = parser.parse_args(argv)
     if args.iterations is None and args.epochs is None:
         args.iterations = 1000
@@ -314,6 +316,24 @@ class Dist:
         out: List[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers on every rank. DDP sends them at the start of each forward, but each
+        rank's BatchNorm then updates its own running statistics: an evaluation after a step
+        would score each shard with other statistics than the checkpoint's (rank 0's)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+    def agree(self, value: Any, what: str) -> None:
+        """Stop every rank (SystemExit) unless all ranks hold the same value."""
+        values = self.gather_objects(value)
+        if any(v != values[0] for v in values):
+            raise SystemExit(f"the processes disagree on {what}: "
+                             + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
 
     def barrier(self) -> None:
         if self.enabled:
@@ -494,17 +514,19 @@ def evaluate(model: torch.nn.Module, dataset, device, batch_size: int = 8, bound
     """mIoU, per-class IoU, pixel accuracy and boundary F-score of `model` on `dataset`
     (images of any sizes; a batch's images of one size go through the network together). In
     distributed runs each rank scores a shard and the counts are summed. interrupted: a function
-    asked between batches (single-process runs); when it says True the evaluation stops and
-    returns None."""
+    asked before each batch (in distributed runs as often on every rank, and it must answer
+    alike on every rank); when it says True the evaluation stops and returns None."""
     was_training = model.training
     model.eval()
     metrics = SegmentationMetrics(dataset.num_classes, dataset.ignore_index, boundary_tolerance,
                                   dataset.class_names)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     indices = list(range(n))
+    shard = n
     if dist is not None and dist.enabled:
         indices = indices[dist.rank::dist.world]
-    for start in range(0, len(indices), batch_size):
+        shard = -(-n // dist.world)  # rank 0's, the largest: every rank asks `interrupted` as often
+    for start in range(0, shard, batch_size):
         if interrupted is not None and interrupted():
             model.train(was_training)
             return None
@@ -648,12 +670,16 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         resume = args.resume
         if resume == "auto":
             resume = ckpt_path if os.path.isfile(ckpt_path) else None
+        # every rank must start from the same checkpoint (each node may see its own --out)
+        dist.agree(resume is not None, f"--resume {args.resume} (whether a checkpoint is there to continue: "
+                                       "give every node the same --out or --resume PATH)")
         if resume:
             try:
                 state = load_checkpoint(resume, map_location="cpu")
             except (FileNotFoundError, CheckpointError) as err:
                 raise SystemExit(f"--resume {resume}: {err}") from None
-            _check_resume(state, args, config, resume)
+            _check_resume(state, args, config, resume, dist.world, total)
+            dist.agree(int(state["iteration"]), f"--resume {args.resume} (the checkpoint's iteration)")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if use_scaler and "scaler" in state:
@@ -693,7 +719,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             save_checkpoint(ckpt_path, model_state, config, iteration=iteration,
                             optimizer=optimizer.state_dict(),
                             scaler=scaler.state_dict() if use_scaler else {}, rng=rng,
-                            losses=list(losses), train_config=_schedule_config(args),
+                            losses=list(losses), train_config=dict(_schedule_config(args), world=dist.world),
                             total_iterations=total)
             return ckpt_path
 
@@ -717,6 +743,12 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         train_seconds, done_here = 0.0, 0
         it = start
         mark = time.perf_counter()
+        def signalled(stop) -> bool:
+            """Whether a process of the run was signalled (the same answer on every rank)."""
+            if not dist.enabled:
+                return stop.signal is not None
+            return bool(dist.all_sum(torch.tensor(float(stop.signal is not None))) > 0)
+
         with _StopFlag() as stop:
             for images, labels in loader:
                 if it >= stop_at:
@@ -762,15 +794,16 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                     result["checkpoint"] = save(it)
                 stopping = (flags[2] > 0) if dist.enabled else (stop.signal is not None)
                 if args.eval_every and it % args.eval_every == 0 and it < total and not stopping:
-                    # a signal during it stops it (single process: ranks must finish theirs together)
+                    dist.broadcast_buffers(model)  # the checkpoint's BatchNorm statistics on every shard
                     m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
                                  args.boundary_tolerance, args.amp, dist, args.val_length,
-                                 interrupted=None if dist.enabled else (lambda: stop.signal is not None))
+                                 interrupted=lambda: signalled(stop))  # a signal stops it
                     if m is not None:
                         say(f"eval @ {it}: mIoU {100 * m['miou']:.2f}  boundary F {100 * m['boundary_f']:.2f}")
+                    stopping = signalled(stop)  # a signal during the evaluation: no further step
                 mark = time.perf_counter()
-                if (flags[2] > 0) if dist.enabled else (stop.signal is not None):
-                    name = signal.Signals(stop.signal).name if stop.signal else "signal"
+                if stopping:
+                    name = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
                     result.update(status="signal",
                                   message=f"stopped by {name} after iteration {it}; checkpoint {ckpt_path}; "
                                           f"continue with --resume {ckpt_path}")
@@ -786,8 +819,11 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         if result["status"] == "done" and it < total:
             result["status"] = "stopped"
             result["message"] = f"stopped at iteration {it}/{total} (--stop-at); continue with --resume {ckpt_path}"
-        result["checkpoint"] = save(it) if (done_here or not os.path.isfile(ckpt_path)) else ckpt_path
+        # the same choice on every rank (save() is collective), whichever files each rank sees
+        missing = dist.all_sum(torch.tensor(0.0 if os.path.isfile(ckpt_path) else 1.0)) > 0
+        result["checkpoint"] = save(it) if (done_here or missing) else ckpt_path
         if result["status"] == "done" and not args.no_final_eval:
+            dist.broadcast_buffers(model)
             m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
                          args.boundary_tolerance, args.amp, dist, args.val_length)
             result["metrics"] = m
@@ -837,7 +873,8 @@ def _nonfinite_message(iteration: int, what: str, ckpt_path: str) -> str:
             f"non-finite weights are never saved). Lower --lr or check the data.")
 
 
-def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str) -> None:
+def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str, world: int,
+                  total: int) -> None:
     for key in CONFIG_KEYS:
         if state["config"].get(key) != config[key]:
             raise SystemExit(f"--resume {path}: checkpoint network {key}={state['config'].get(key)!r} "
@@ -846,17 +883,35 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
         if key not in state:
             raise SystemExit(f"--resume {path}: checkpoint has no training state ({key!r} missing)")
     saved = state.get("train_config", {})
-    now = _schedule_config(args)
+    now = dict(_schedule_config(args), world=world)
+    if "world" not in saved:  # written before the processes were counted
+        now.pop("world")
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
             if k != "lr" and saved.get(k) != now.get(k)}
+    if "world" in diff:  # the data order and the batch differ, and with --epochs the run's length
+        raise SystemExit(f"--resume {path}: the checkpoint's run had {saved['world']} process(es), this one "
+                         f"{world}: resume with {saved['world']} (each process trains its own shard of "
+                         "every epoch)")
+    if not diff and state.get("total_iterations", total) != total:
+        diff["total iterations"] = (state["total_iterations"], total)
     if diff:
         raise SystemExit(f"--resume {path}: the schedule differs from the checkpoint's run: "
                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
 
 
+def _speaks_for_the_run() -> bool:
+    """False on the ranks after the first of a torchrun launch (RANK > 0)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except SystemExit as stop:
+        if isinstance(stop.code, str) and not _speaks_for_the_run():
+            raise SystemExit(1) from None  # rank 0 says why
+        raise
     if result["status"] == "nonfinite":
         return 1
     return 0

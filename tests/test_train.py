@@ -422,23 +422,39 @@ def test_metrics_file_is_strict_json(tmp_path, monkeypatch):
     assert saved["metrics"]["iou"][2] is None
 
 
-def test_distributed_two_ranks_stay_identical(tmp_path):
+DDP = TINY + ["--iterations", "3", "--train-length", "8", "--val-length", "3", "--device", "cpu", "--threads", "1"]
+
+
+def _torchrun(tmp_path, argv, rank1_argv=None, timeout=240):
+    """rmi-train's run() on 2 CPU processes (gloo); rank 1 may get other flags. -> the process."""
     script = tmp_path / "ddp_worker.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
-        from rmi_triton.train import parse_args, run
-        args = parse_args({TINY!r} + ["--iterations", "3", "--train-length", "8", "--device", "cpu",
-                                      "--threads", "1", "--no-final-eval",
-                                      "--out", {str(tmp_path / "out")!r}])
-        res = run(args, log=lambda *a, **k: print(*a))
-        assert res["status"] == "done", res["message"]
-        # parameters (BatchNorm running statistics are per rank in DDP without SyncBatchNorm)
-        torch.save({{k: v.detach() for k, v in res["model"].named_parameters()}},
-                   os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+        from rmi_triton.train import main
+        argv = {argv!r} if os.environ["RANK"] == "0" or {rank1_argv!r} is None else {rank1_argv!r}
+        import rmi_triton.train as train
+        run = train.run
+
+        def keep(args, log=print):  # every rank's trained parameters and buffers, for the test
+            res = run(args, log=log)
+            state = {{k: v.detach() for k, v in res["model"].state_dict().items()}}
+            torch.save(state, os.path.join({str(tmp_path)!r}, "rank%s.pt" % os.environ["RANK"]))
+            return res
+
+        train.run = keep
+        sys.exit(main(argv))
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script)], capture_output=True, text=True, timeout=240, env=env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_distributed_two_ranks_stay_identical(tmp_path):
+    """Both ranks end with the same parameters, and the final evaluation scores the checkpoint:
+    each rank's shard with rank 0's BatchNorm statistics (DDP sends them at each forward, but
+    every rank then updates its own: the metrics were of a network never saved)."""
+    out = tmp_path / "out"
+    proc = _torchrun(tmp_path, DDP + ["--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("training deeplabv3plus") == 1  # only rank 0 prints
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -446,8 +462,38 @@ def test_distributed_two_ranks_stay_identical(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    ckpt = load_checkpoint(tmp_path / "out" / "last.pt")
+    ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["iteration"] == 3 and len(ckpt["rng"]["torch_ranks"]) == 2
+    assert ckpt["train_config"]["world"] == 2
+    from rmi_triton.models import build_model
+    from rmi_triton.train import build_datasets, evaluate
+
+    args = parse_args(DDP + ["--out", str(tmp_path / "single")])
+    model = build_model(args.model, 5, args.backbone, args.output_stride)
+    model.load_state_dict(ckpt["model"])
+    single = evaluate(model, build_datasets(args)[1], torch.device("cpu"), batch_size=2)
+    saved = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert saved["miou"] == single["miou"] and saved["boundary_f"] == single["boundary_f"]
+
+
+def test_distributed_resume_needs_the_same_processes_and_checkpoint(tmp_path):
+    """A run stopped on one process and resumed on two would shard the data differently (and
+    with --epochs change its length): refused, by rank 0 alone. Ranks that see different
+    checkpoints under --resume auto (each node its own --out) trained with mismatched
+    collectives and hung: refused too."""
+    out = tmp_path / "out"
+    first = run(parse_args(DDP + ["--out", str(out), "--stop-at", "1", "--no-final-eval"]), log=_quiet)
+    assert first["status"] == "stopped"
+    proc = _torchrun(tmp_path, DDP + ["--out", str(out), "--resume", "auto"])
+    assert proc.returncode != 0
+    message = "the checkpoint's run had 1 process(es), this one 2: resume with 1"
+    assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
+    (tmp_path / "empty").mkdir()
+    proc = _torchrun(tmp_path, DDP + ["--out", str(out), "--resume", "auto"],
+                     rank1_argv=DDP + ["--out", str(tmp_path / "empty"), "--resume", "auto"], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("the processes disagree on --resume auto") == 1, proc.stderr[-3000:]
+    assert "rank 0: True, rank 1: False" in proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [(["--size", "8"], "--size must be >= 16, got 8"),
