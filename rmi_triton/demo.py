@@ -1,6 +1,6 @@
 """The project's main job: CE vs BCE + RMI on the embedded dataset, side by side.
 
-    python -m rmi_triton.demo            # or: make demo        (~7 min on 2 CPU cores)
+    python -m rmi_triton.demo            # or: make demo        (4-6 min on 2 CPU cores)
     python -m rmi_triton.demo --quick    # a few iterations on tiny images (smoke test)
 
 Trains the same network (DeepLabv3+ ResNet-18, output stride 16) on 128 x 128
@@ -13,6 +13,8 @@ boundary F-score) and the tool writes into ``--out`` (default ``demo_out/``):
 * ``results.json``        metrics, timings, loss curves, the exact settings
 * ``demo.png``            loss curves and qualitative predictions side by side
 * ``rmi.onnx`` etc.       when ``rmi_triton.export`` is available (see `_export_step`)
+* ``ce_run/``, ``rmi_run/`` each run's trainer folder (last.pt, log.jsonl, metrics.json),
+                          replaced on every demo run
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ class RMILoss(torch.nn.Module):
         rmi_weight: lambda (default 0.5).
         combine: "weighted" -> lambda * pixel + (1 - lambda) * rmi (paper);
             "additive" -> pixel + lambda * rmi.
-        backend: "auto" (Triton on CUDA tensors, PyTorch otherwise), "torch", "triton".
+        backend: "auto" (Triton on CUDA tensors where Triton >= 3.5 runs, else PyTorch, with one
+            warning on CUDA), "torch", "triton".
         validate: check label values and finite logits (each check costs a device sync).
 
     Attributes:

@@ -465,7 +465,8 @@ def test_bilinear_backward_is_the_interpolations_adjoint(size, size_low):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("options", [{}, {"pool": "max"}, {"pool": "interp"}, {"probs": "softmax", "pixel_loss": "ce"},
+@pytest.mark.parametrize("options", [{}, {"pool": "max"}, {"pool": "interp"}, {"pool": "none", "radius": 2},
+                                     {"probs": "softmax", "pixel_loss": "ce"},
                                      {"exclude_ignored": True, "pool": "max", "pool_size": 3}], ids=case_id)
 def test_runs_under_deterministic_algorithms(backend, options):
     """torch.use_deterministic_algorithms(True), which users switch on for reproducible runs:

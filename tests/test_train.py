@@ -210,9 +210,11 @@ def test_help_shows_every_default(capsys):
         assert shown in text
 
 
-def test_sync_bn_on_cpu_is_refused_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="sync-bn"):
-        run(_args(tmp_path, "--sync-bn", "--device", "cpu"), log=_quiet)
+def test_sync_bn_on_cpu_is_refused_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        _args(tmp_path, "--sync-bn", "--device", "cpu")
+    assert raised.value.code == 2
+    assert "--sync-bn needs a distributed run (torchrun) on CUDA devices" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("loss", ["ce", "rmi"])
