@@ -77,6 +77,25 @@ def test_small_chunks_give_the_same_result(monkeypatch, options):
     assert_close_rel(small_grad, grad, 1e-5, "gradient")
 
 
+def test_blocks_off_the_cpu_are_larger():
+    """On a GPU (the engine's place where Triton cannot run) a block's small ops and host syncs
+    cost more than its passes: blocks and plane groups GPU_CHUNK_SCALE times larger there, at
+    the paper's setting 48 -> 6 full-resolution blocks a 16-image batch."""
+    opts = RMIOptions()
+    shape = (16, 21, 513, 513)
+    cpu = list(torch_engine._blocks(shape, opts, torch.device("cpu")))
+    gpu = list(torch_engine._blocks(shape, opts, torch.device("cuda")))
+    assert (len(cpu), len(gpu)) == (48, 6)
+    covered = torch.zeros(16, 21, dtype=torch.int64)
+    for images, classes in gpu:
+        covered[images, classes] += 1
+    assert bool((covered == 1).all())  # every plane in one block
+    regions = torch_engine._Regions.of(129, 129, 3)
+    groups = [len(list(regions.plane_groups(336, stacked, torch.device(kind)))) for kind in ("cpu", "cuda")
+              for stacked in (False, True)]
+    assert groups[2] < groups[0] and groups[3] < groups[1]
+
+
 def test_terms_match_reference_parts():
     logits, labels = random_inputs(2, 3, 40, 40, seed=8)
     terms = rmi_terms(logits, labels, backend="torch", class_weights=[1.0, 0.5, 2.0])

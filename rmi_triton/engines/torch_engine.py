@@ -62,6 +62,16 @@ from ..validation import raise_if_nonfinite
 CAPTURABLE = False  # reads values on the host (which planes are informative): no CUDA graph capture
 FULL_RES_CHUNK = 1 << 21  # elements of logits handled per step of the full-resolution stage
 REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the low-resolution stage
+# Off the CPU (the engine serves GPUs without a recent Triton) the steps are GPU_CHUNK_SCALE times
+# larger: there a step's hundred-odd small ops and two host syncs cost more time than its passes,
+# and no cache rewards small temporaries (16x21x513x513: 5498 ops and 97 syncs a training step
+# -> 1158 and 13; bench/RESULTS.md)
+GPU_CHUNK_SCALE = 8
+
+
+def _chunk(elements: int, device: torch.device) -> int:
+    """FULL_RES_CHUNK or REGION_CHUNK as used on `device`."""
+    return elements if device.type == "cpu" else elements * GPU_CHUNK_SCALE
 TILE = 8192  # about this many region vectors per Gram product
 
 
@@ -145,8 +155,9 @@ def _one_hot(safe: torch.Tensor, valid: torch.Tensor, c: int) -> torch.Tensor:
 # stage 1: full resolution
 # ----------------------------------------------------------------------------
 
-def _blocks(shape, opts: RMIOptions):
-    """Blocks (images, classes) of about FULL_RES_CHUNK logits each, processed one at a time.
+def _blocks(shape, opts: RMIOptions, device: torch.device):
+    """Blocks (images, classes) of about FULL_RES_CHUNK logits each (`_chunk`), processed one at a
+    time.
 
     With sigmoid probabilities and no cross-entropy every class plane is independent,
     so an image is split into groups of classes (of equal size, give or take one);
@@ -154,14 +165,15 @@ def _blocks(shape, opts: RMIOptions):
     are whole images.
     """
     n, c, h, w = shape
-    if opts.probs == "sigmoid" and opts.pixel_loss != "ce" and c * h * w > FULL_RES_CHUNK:
-        groups = -(-c * h * w // FULL_RES_CHUNK)
+    chunk = _chunk(FULL_RES_CHUNK, device)
+    if opts.probs == "sigmoid" and opts.pixel_loss != "ce" and c * h * w > chunk:
+        groups = -(-c * h * w // chunk)
         bounds = [c * k // groups for k in range(groups + 1)]
         for image in range(n):
             for first, stop in zip(bounds, bounds[1:]):
                 yield slice(image, image + 1), slice(first, stop)
     else:
-        step = max(1, FULL_RES_CHUNK // (c * h * w))
+        step = max(1, chunk // (c * h * w))
         for start in range(0, n, step):
             yield slice(start, min(start + step, n)), slice(0, c)
 
@@ -496,7 +508,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     kept = torch.empty(x.shape, dtype=torch.float32, device=x.device) if keep_probs else None
     bias = _masking_bias(valid) if opts.probs == "sigmoid" or opts.pixel_loss == "bce" else None
     scratch = _Scratch(x.device)
-    for images, classes in _blocks(x.shape, opts):
+    for images, classes in _blocks(x.shape, opts, x.device):
         g = (images, classes)
         xc = x[g].float().contiguous()
         if opts.validate:
@@ -575,7 +587,7 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
     in_place = grad.dtype == torch.float32 and grad.is_contiguous()
     valid_f = valid.unsqueeze(1).float()
     scratch = _Scratch(x.device)
-    for images, classes in _blocks(x.shape, opts):
+    for images, classes in _blocks(x.shape, opts, x.device):
         g = (images, classes)
         xc = x[g].float().contiguous()
         lab, lab_weight = _block_labels(safe, valid_f, images, classes, c)
@@ -618,7 +630,7 @@ def _full_res_backward(x, valid, safe, opts: RMIOptions, weights, g_pixel, g_p_l
 # stage 2: region vectors of the downsampled maps
 # ----------------------------------------------------------------------------
 
-def _plane_groups(num_planes: int, per_plane: int, budget: int = REGION_CHUNK):
+def _plane_groups(num_planes: int, per_plane: int, budget: int):
     """Slices of planes whose temporaries, `per_plane` elements a plane, stay within `budget`
     elements: as few groups as that allows, of equal size (give or take one)."""
     groups = -(-num_planes // max(1, budget // per_plane))
@@ -656,12 +668,13 @@ class _Regions(NamedTuple):
         """K, positions per tile (a whole number of map rows)."""
         return self.rows * self.width
 
-    def plane_groups(self, num_planes: int, stacked: bool):
+    def plane_groups(self, num_planes: int, stacked: bool, device: torch.device):
         """Groups of planes for the stacks of region vectors (`stacked`), or for the maps'
         2R column-shifted runs (`_row_shift_sums`)."""
+        budget = _chunk(REGION_CHUNK, device)
         if stacked:
-            return _plane_groups(num_planes, 2 * self.radius ** 2 * self.tiles * self.positions)
-        return _plane_groups(num_planes, 2 * self.radius * self.height * self.width)
+            return _plane_groups(num_planes, 2 * self.radius ** 2 * self.tiles * self.positions, budget)
+        return _plane_groups(num_planes, 2 * self.radius * self.height * self.width, budget)
 
     def flat_size(self) -> int:
         """Flat map length that every window of every tile stays inside."""
@@ -816,11 +829,11 @@ def region_moments(y_low, p_low, keep, radius: int, informative: torch.Tensor):
         # per map: 0 for the labels, the mean for the probabilities
         centres = torch.stack([torch.zeros_like(p[:, 0, 0]), p.flatten(1).mean(1)], 1)
         parts = [_row_products(regions, y[group], p[group], centres[group], scratch)
-                 for group in regions.plane_groups(len(planes), stacked=False)]
+                 for group in regions.plane_groups(len(planes), stacked=False, device=y.device)]
         mean, sums = _row_shift_sums(regions, centres, *(torch.cat(part) for part in zip(*parts)))
     else:
         group_means, group_sums = [], []
-        for group in regions.plane_groups(len(planes), stacked=True):
+        for group in regions.plane_groups(len(planes), stacked=True, device=y.device):
             vec = regions.windows(regions.joint_maps(y, p, group, scratch))
             weight = regions.weights(keep, planes[group] // c)
             mean = regions.kept_means(vec, weight)
@@ -1053,7 +1066,7 @@ def _stencil_backward(g_joint, mean, y, p, r: int) -> torch.Tensor:
     # residual does not help (p not affine in y). Such maps are small: float64 below 4d vectors.
     exact = (h_low - r + 1) * (w_low - r + 1) < 4 * d
     dtype = torch.float64 if exact else torch.float32
-    for group in _plane_groups(planes, per_plane, 2 * REGION_CHUNK):
+    for group in _plane_groups(planes, per_plane, 2 * _chunk(REGION_CHUNK, y.device)):
         g = g_joint[group]
         padded, centre = _centred_maps(y[group], p[group], r)
         offset = mean[group].view(-1, 2, d) - centre.unsqueeze(2)
@@ -1103,7 +1116,7 @@ def _weighted_backward(g_joint, mean, y, p, keep, images, r: int) -> torch.Tenso
     mean = mean.view(-1, 2, r, r)
     grad = torch.zeros(len(p), regions.flat_size(), device=p.device, dtype=torch.float64)
     scratch = _Scratch(p.device)
-    for group in regions.plane_groups(len(p), stacked=True):
+    for group in regions.plane_groups(len(p), stacked=True, device=p.device):
         vec = regions.windows(regions.joint_maps(y, p, group, scratch))
         weight = regions.weights(keep, images[group])
         centred = regions.centred(vec, weight, mean[group], scratch, torch.float64)
