@@ -49,6 +49,19 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
+def remove_leftovers(folder: str | os.PathLike) -> list:
+    """Remove the `.tmp-*` files an `atomic_writer` killed mid-write left in `folder` (a
+    checkpoint's worth of disk each); only for a folder no other writer is using. -> names removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed
+
+
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)

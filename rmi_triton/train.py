@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
-from .files import atomic_writer, json_safe
+from .files import atomic_writer, json_safe, remove_leftovers
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
@@ -847,7 +847,8 @@ def _start_files(out_dir: str, log_path: str, start: int, fresh: bool) -> None:
     """The files of a run starting at iteration `start`: a fresh one (`--overwrite`) removes an
     earlier run's checkpoint, log and metrics (none of them may pass for its own); a resumed
     one keeps the log up to its checkpoint's iteration (iterations logged after it, before a
-    kill, are run and logged again)."""
+    kill, are run and logged again). Either way the temporaries of saves a kill cut short go."""
+    remove_leftovers(out_dir)
     if fresh:
         for name in ("last.pt", "log.jsonl", "metrics.json"):
             if os.path.isfile(os.path.join(out_dir, name)):

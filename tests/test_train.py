@@ -287,8 +287,8 @@ def test_sigterm_saves_and_resume_reaches_the_same_loss(straight, tmp_path):
 
 def test_resumed_log_drops_what_came_after_its_checkpoint(tmp_path):
     """A run killed after logging iterations its checkpoint does not hold logs them again when
-    resumed: the log keeps what the checkpoint holds (a line cut short by the kill goes too);
-    a fresh run (--overwrite) drops an earlier run's log and metrics."""
+    resumed: the log keeps what the checkpoint holds (a line cut short by the kill goes too,
+    and a save's temporary file); a fresh run (--overwrite) drops an earlier run's files."""
     from rmi_triton.train import _start_files
 
     log = tmp_path / "log.jsonl"
@@ -296,7 +296,9 @@ def test_resumed_log_drops_what_came_after_its_checkpoint(tmp_path):
                    + '{"iteration": 6, "lo')
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "last.pt").write_bytes(b"an earlier run's")
+    (tmp_path / ".tmp-k1ll3d.pt").write_bytes(b"a save a kill cut short")
     _start_files(str(tmp_path), str(log), 3, fresh=False)
+    assert not (tmp_path / ".tmp-k1ll3d.pt").exists()
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "last.pt").exists()
     _start_files(str(tmp_path), str(log), 0, fresh=True)
