@@ -240,6 +240,9 @@ def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> Non
         want = torch.device(device)
     except RuntimeError:
         parser.error(f"--device {device!r} is not a device (cpu, cuda, cuda:1 ...)")
+    if want.type == "cuda" and want.index is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        parser.error(f"--device {device} under torchrun would put every process on that GPU: pass --device "
+                     "cuda (each process takes its LOCAL_RANK's)")
     if want.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: no CUDA device is available to this torch ({torch.__version__})")
     if want.type == "cuda" and want.index is not None and want.index >= torch.cuda.device_count():

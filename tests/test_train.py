@@ -178,6 +178,14 @@ def test_cuda_device_without_cuda_is_named(capsys, monkeypatch):
     assert "--rmi-backend triton needs triton and a CUDA device (this run: cpu)" in capsys.readouterr().err
 
 
+def test_one_gpu_named_for_every_process_is_refused(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--device", "cuda:0"])
+    assert "--device cuda:0 under torchrun would put every process on that GPU" in capsys.readouterr().err
+
+
 def test_triton_too_old_for_the_kernels_is_named(capsys, monkeypatch):
     from rmi_triton.engines import triton_engine
 
