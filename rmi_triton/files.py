@@ -7,6 +7,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from typing import BinaryIO, Iterator
 
 
@@ -49,13 +50,15 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
-def remove_leftovers(folder: str | os.PathLike) -> list:
-    """Remove the `.tmp-*` files an `atomic_writer` killed mid-write left in `folder` (a
-    checkpoint's worth of disk each); only for a folder no other writer is using. -> names removed."""
-    removed = []
+def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl"), age_s: float = 600.0) -> list:
+    """Remove the temporaries an `atomic_writer` killed mid-write left in `folder` (a
+    checkpoint's worth of disk each): `.tmp-*` files with one of `suffixes` untouched for
+    `age_s` seconds (a writer still at work touches its own). -> names removed."""
+    removed, now = [], time.time()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
-            if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False):
+            if entry.name.startswith(".tmp-") and entry.name.endswith(tuple(suffixes)) \
+                    and entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > age_s:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(entry.name)

@@ -166,8 +166,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the command line: a mistake ends here with a usage line that names the
     flag (exit 2), not with a traceback from deep inside the run."""
     parser = build_parser()
-    if _speaks_for_the_run() is False:  # under torchrun rank 0 names a mistake, once
-        parser.error = lambda message: parser.exit(2)
+    if not _speaks_for_the_run():  # each rank checks its own flags and files: name the rank
+        rank, error = os.environ.get("RANK"), parser.error
+        parser.error = lambda message: error(f"rank {rank}: {message}")
     args = parser.parse_args(argv)
     if args.iterations is None and args.epochs is None:
         args.iterations = 1000
@@ -283,6 +284,10 @@ def _check_rmi_flags(parser: argparse.ArgumentParser, args) -> None:
 # ---------------------------------------------------------------------------------------------
 # distributed set-up
 
+class AgreedExit(SystemExit):
+    """A refusal every rank raises alike (`Dist.settle`): rank 0 alone prints it."""
+
+
 class Dist:
     """Rank / world size from the torchrun environment; a no-op when not distributed."""
 
@@ -338,11 +343,26 @@ class Dist:
         for buffer in module.buffers():
             dist.broadcast(buffer.data, src=0)
 
-    def agree(self, value: Any, what: str) -> None:
-        """Stop every rank (SystemExit) unless all ranks hold the same value."""
-        values = self.gather_objects(value)
+    def settle(self, problem: Optional[str], value: Any = None, what: str = "") -> None:
+        """Stop every rank together (`AgreedExit`) when any rank has a problem, or when the ranks'
+        values (of `what`) differ; a rank stopping alone would leave the others waiting in
+        their next collective. Single process: a problem ends the run (SystemExit)."""
+        if not self.enabled:
+            if problem is not None:
+                raise SystemExit(problem)
+            return
+        gathered = self.gather_objects((problem, value))
+        ranks_of: Dict[str, List[int]] = {}
+        for r, (p, _) in enumerate(gathered):
+            if p is not None:
+                ranks_of.setdefault(p, []).append(r)
+        if ranks_of:
+            raise AgreedExit("; ".join(p if len(r) == self.world else
+                                       f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {p}"
+                                       for p, r in ranks_of.items()))
+        values = [v for _, v in gathered]
         if any(v != values[0] for v in values):
-            raise SystemExit(f"the processes disagree on {what}: "
+            raise AgreedExit(f"the processes disagree on {what}: "
                              + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
 
     def barrier(self) -> None:
@@ -654,13 +674,15 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             raise SystemExit(f"--batch-size {args.batch_size}: {err}") from None
         total = args.iterations if args.iterations is not None else args.epochs * per_epoch
 
+        problem = None  # a rank's refusal, settled with the other ranks' before any collective
         try:
             model = build_model(args.model, num_classes, args.backbone, args.output_stride,
                                 pretrained=args.pretrained)
         except (ValueError, FileNotFoundError) as err:
             if args.pretrained is None:
                 raise
-            raise SystemExit(f"--pretrained {args.pretrained}: {err}") from None
+            problem = f"--pretrained {args.pretrained}: {err}"
+            model = build_model(args.model, num_classes, args.backbone, args.output_stride)
         config = model_config(args, num_classes)
         if args.sync_bn:
             model = convert_sync_batchnorm(model)
@@ -676,16 +698,20 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         resume = args.resume
         if resume == "auto":
             resume = ckpt_path if os.path.isfile(ckpt_path) else None
-        # every rank must start from the same checkpoint (each node may see its own --out)
-        dist.agree(resume is not None, f"--resume {args.resume} (whether a checkpoint is there to continue: "
-                                       "give every node the same --out or --resume PATH)")
-        if resume:
+        state = None
+        if resume and problem is None:
             try:
                 state = load_checkpoint(resume, map_location="cpu")
+                _check_resume(state, args, config, resume, dist.world, total)
             except (FileNotFoundError, CheckpointError) as err:
-                raise SystemExit(f"--resume {resume}: {err}") from None
-            _check_resume(state, args, config, resume, dist.world, total)
-            dist.agree(int(state["iteration"]), f"--resume {args.resume} (the checkpoint's iteration)")
+                problem = f"--resume {resume}: {err}"
+            except SystemExit as refusal:
+                problem = str(refusal.code)
+        # every rank must start from the same checkpoint (each node may see its own --out)
+        dist.settle(problem, None if state is None else (int(state["iteration"]), len(state.get("losses", []))),
+                    f"--resume {args.resume} (the checkpoint each process continues, as (iteration, "
+                    "losses logged), None for none: give every node the same --out or --resume PATH)")
+        if resume:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if use_scaler and "scaler" in state:
@@ -749,6 +775,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         train_seconds, done_here = 0.0, 0
         it = start
         mark = time.perf_counter()
+
         def signalled(stop) -> bool:
             """Whether a process of the run was signalled (the same answer on every rank)."""
             if not dist.enabled:
@@ -814,6 +841,19 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                                   message=f"stopped by {name} after iteration {it}; checkpoint {ckpt_path}; "
                                           f"continue with --resume {ckpt_path}")
                     break
+            if result["status"] == "done" and it < total:
+                result["status"] = "stopped"
+                result["message"] = (f"stopped at iteration {it}/{total} (--stop-at); continue with --resume "
+                                     f"{ckpt_path}")
+            if result["status"] != "nonfinite":  # the final save under the handlers too: a signal waits
+                # the same choice on every rank (save() is collective), whichever files each rank sees
+                missing = dist.all_sum(torch.tensor(0.0 if os.path.isfile(ckpt_path) else 1.0)) > 0
+                result["checkpoint"] = save(it) if (done_here or missing) else ckpt_path
+                if result["status"] == "done" and signalled(stop):  # during that save: no evaluation
+                    name = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
+                    result.update(status="signal",
+                                  message=f"stopped by {name} at the end (checkpoint {ckpt_path} written; "
+                                          "--resume auto evaluates it)")
         if bar is not None:
             bar.close()
         result["iteration"] = it
@@ -822,12 +862,6 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             if dist.main:
                 log(result["message"])
             return result
-        if result["status"] == "done" and it < total:
-            result["status"] = "stopped"
-            result["message"] = f"stopped at iteration {it}/{total} (--stop-at); continue with --resume {ckpt_path}"
-        # the same choice on every rank (save() is collective), whichever files each rank sees
-        missing = dist.all_sum(torch.tensor(0.0 if os.path.isfile(ckpt_path) else 1.0)) > 0
-        result["checkpoint"] = save(it) if (done_here or missing) else ckpt_path
         if result["status"] == "done" and not args.no_final_eval:
             dist.broadcast_buffers(model)
             m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
@@ -891,8 +925,8 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
             raise SystemExit(f"--resume {path}: checkpoint has no training state ({key!r} missing)")
     saved = state.get("train_config", {})
     now = dict(_schedule_config(args), world=world)
-    if "world" not in saved:  # written before the processes were counted
-        now.pop("world")
+    if "world" not in saved:  # written before the count was: its per-process RNG states tell it
+        saved = dict(saved, world=len(state["rng"].get("torch_ranks") or [None]))
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
             if k != "lr" and saved.get(k) != now.get(k)}
     if "world" in diff:  # the data order and the batch differ, and with --epochs the run's length
@@ -907,18 +941,18 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
 
 
 def _speaks_for_the_run() -> bool:
-    """False on the ranks after the first of a torchrun launch (RANK > 0)."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    """False on the ranks after the first of a distributed launch (RANK > 0, WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except SystemExit as stop:
-        if isinstance(stop.code, str) and not _speaks_for_the_run():
-            raise SystemExit(1) from None  # rank 0 says why
-        raise
+    except AgreedExit as stop:
+        if not _speaks_for_the_run():
+            raise SystemExit(1) from None  # every rank raised it: rank 0 says it
+        raise SystemExit(stop.code) from None
     if result["status"] == "nonfinite":
         return 1
     return 0

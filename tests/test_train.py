@@ -305,8 +305,13 @@ def test_resumed_log_drops_what_came_after_its_checkpoint(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     (tmp_path / "last.pt").write_bytes(b"an earlier run's")
     (tmp_path / ".tmp-k1ll3d.pt").write_bytes(b"a save a kill cut short")
+    os.utime(tmp_path / ".tmp-k1ll3d.pt", (1.0e9, 1.0e9))
+    (tmp_path / ".tmp-writing.pt").write_bytes(b"a save at work now")
+    (tmp_path / ".tmp-other.txt").write_bytes(b"not a trainer's")
+    os.utime(tmp_path / ".tmp-other.txt", (1.0e9, 1.0e9))
     _start_files(str(tmp_path), str(log), 3, fresh=False)
     assert not (tmp_path / ".tmp-k1ll3d.pt").exists()
+    assert (tmp_path / ".tmp-writing.pt").exists() and (tmp_path / ".tmp-other.txt").exists()
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "last.pt").exists()
     _start_files(str(tmp_path), str(log), 0, fresh=True)
@@ -500,12 +505,19 @@ def test_distributed_resume_needs_the_same_processes_and_checkpoint(tmp_path):
     assert proc.returncode != 0
     message = "the checkpoint's run had 1 process(es), this one 2: resume with 1"
     assert proc.stderr.count(message) == 1, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    assert _torchrun(tmp_path, DDP + ["--out", str(two), "--stop-at", "1", "--no-final-eval"]).returncode == 0
     (tmp_path / "empty").mkdir()
-    proc = _torchrun(tmp_path, DDP + ["--out", str(out), "--resume", "auto"],
+    proc = _torchrun(tmp_path, DDP + ["--out", str(two), "--resume", "auto"],
                      rank1_argv=DDP + ["--out", str(tmp_path / "empty"), "--resume", "auto"], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("the processes disagree on --resume auto") == 1, proc.stderr[-3000:]
-    assert "rank 0: True, rank 1: False" in proc.stderr
+    assert "rank 0: (1, 1), rank 1: None" in proc.stderr
+    # a checkpoint that one rank alone cannot use: every rank stops, and rank 1's reason is printed
+    proc = _torchrun(tmp_path, DDP + ["--out", str(two), "--resume", "auto"],
+                     rank1_argv=DDP + ["--out", str(two), "--resume", "auto", "--seed", "4"], timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("rank 1: --resume") == 1 and "seed 3 -> 4" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("argv, message", [(["--size", "8"], "--size must be >= 16, got 8"),
