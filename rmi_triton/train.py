@@ -608,6 +608,7 @@ def _worker_ignores_stop_signals(_worker_id: int) -> None:
 def _end_later(signum, frame) -> None:
     threading.Thread(target=lambda: (threading.Event().wait(WORKER_GRACE_S), os._exit(0)), daemon=True).start()
 
+
 class _StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves and exits after the current iteration."""
 
@@ -630,6 +631,11 @@ class _StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+    @property
+    def name(self) -> str:
+        """The signal this process received, or (distributed) that another process did."""
+        return signal.Signals(self.signal).name if self.signal else "a signal to another process"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,9 +842,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                     stopping = signalled(stop)  # a signal during the evaluation: no further step
                 mark = time.perf_counter()
                 if stopping:
-                    name = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
                     result.update(status="signal",
-                                  message=f"stopped by {name} after iteration {it}; checkpoint {ckpt_path}; "
+                                  message=f"stopped by {stop.name} after iteration {it}; checkpoint {ckpt_path}; "
                                           f"continue with --resume {ckpt_path}")
                     break
             if result["status"] == "done" and it < total:
@@ -850,9 +855,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                 missing = dist.all_sum(torch.tensor(0.0 if os.path.isfile(ckpt_path) else 1.0)) > 0
                 result["checkpoint"] = save(it) if (done_here or missing) else ckpt_path
                 if result["status"] == "done" and signalled(stop):  # during that save: no evaluation
-                    name = signal.Signals(stop.signal).name if stop.signal else "a signal to another process"
                     result.update(status="signal",
-                                  message=f"stopped by {name} at the end (checkpoint {ckpt_path} written; "
+                                  message=f"stopped by {stop.name} at the end (checkpoint {ckpt_path} written; "
                                           "--resume auto evaluates it)")
         if bar is not None:
             bar.close()
