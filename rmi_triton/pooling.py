@@ -56,13 +56,9 @@ def ignored_cells(ignored: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
 
 def _bilinear_sources(size: int, size_low: int, like: torch.Tensor) -> torch.Tensor:
     """[size_low, size] 0/1: which input rows bilinear interpolation with
-    align_corners=True weighs with a non-zero weight for each output row.
-    Integer arithmetic, so the rule does not depend on a float dtype."""
-    out = torch.arange(size_low, device=like.device)
-    num = out * (size - 1)
-    den = max(size_low - 1, 1)
-    first = num // den
-    second = torch.where(num % den != 0, first + 1, first)
+    align_corners=True weighs with a non-zero weight for each output row."""
+    first, second, frac = _bilinear_taps(size, size_low, like.device)
+    second = torch.where(frac != 0, second, first)
     src = torch.arange(size, device=like.device)
     hit = (src == first.unsqueeze(1)) | (src == second.unsqueeze(1))
     return hit.to(like.dtype)
@@ -89,11 +85,13 @@ def bilinear_backward(grad_low: torch.Tensor, size) -> torch.Tensor:
 
 def _bilinear_taps(size: int, size_low: int, device):
     """Output k of an align_corners=True resize from `size` to `size_low` is
-    (1 - f_k) x[first_k] + f_k x[second_k]."""
-    scale = (size - 1) / (size_low - 1) if size_low > 1 else 0.0
-    position = torch.arange(size_low, dtype=torch.float64, device=device) * scale
-    first = position.floor().long().clamp(max=size - 1)
-    return first, (first + 1).clamp(max=size - 1), position - first
+    (1 - f_k) x[first_k] + f_k x[second_k] (second_k = first_k + 1 within the map), f_k in
+    float64. The taps in integer arithmetic, so that which inputs count does not depend on a
+    float dtype: output k sits at k (size - 1) / (size_low - 1)."""
+    num = torch.arange(size_low, device=device) * (size - 1)
+    den = max(size_low - 1, 1)
+    first = num // den
+    return first, (first + 1).clamp(max=size - 1), (num % den).double() / den
 
 
 def kept_regions(ignored: torch.Tensor, opts: RMIOptions) -> torch.Tensor:

@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 MIN_CROP = 16  # px: the synthetic scenes' least size
 
+
+def _launch_world() -> int:
+    """Processes of the launch: torchrun's WORLD_SIZE, 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _device_or_default(device_arg: Optional[str]) -> str:
+    """--device, or the default: cuda where this torch has a CUDA device, else cpu."""
+    return device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
 # --rmi-* flag -> RMIOptions field
 _RMI_FLAGS = {"rmi_radius": "radius", "rmi_pool": "pool", "rmi_pool_size": "pool_size", "rmi_weight": "rmi_weight",
               "rmi_combine": "combine", "rmi_pixel_loss": "pixel_loss", "rmi_probs": "probs",
@@ -187,8 +197,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.dataset == "synthetic" and args.train_length is not None and args.train_length < args.batch_size:
         parser.error(f"--train-length {args.train_length} does not fill one batch of --batch-size "
                      f"{args.batch_size}")
-    if args.sync_bn and (int(os.environ.get("WORLD_SIZE", "1") or 1) < 2
-                         or not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")):
+    if args.sync_bn and (_launch_world() < 2 or not _device_or_default(args.device).startswith("cuda")):
         parser.error("--sync-bn needs a distributed run (torchrun) on CUDA devices: PyTorch's SyncBatchNorm "
                      "does not run on CPU or in a single process")
     if args.batch_size == 1 and not args.sync_bn:
@@ -241,7 +250,7 @@ def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> Non
         want = torch.device(device)
     except RuntimeError:
         parser.error(f"--device {device!r} is not a device (cpu, cuda, cuda:1 ...)")
-    if want.type == "cuda" and want.index is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if want.type == "cuda" and want.index is not None and _launch_world() > 1:
         parser.error(f"--device {device} under torchrun would put every process on that GPU: pass --device "
                      "cuda (each process takes its LOCAL_RANK's)")
     if want.type == "cuda" and not torch.cuda.is_available():
@@ -272,7 +281,7 @@ def _check_rmi_flags(parser: argparse.ArgumentParser, args) -> None:
     if args.rmi_backend == "triton":
         from .engines import triton_engine
 
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(_device_or_default(args.device))
         problem = triton_engine.triton_problem()
         if problem is not None:
             parser.error(f"--rmi-backend triton: {problem}; use --rmi-backend auto or torch")
@@ -292,10 +301,10 @@ class Dist:
     """Rank / world size from the torchrun environment; a no-op when not distributed."""
 
     def __init__(self, device_arg: Optional[str]):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = _launch_world()
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+        want = _device_or_default(device_arg)
         self.device = torch.device(want)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.local_rank if self.world > 1 else torch.cuda.current_device())
@@ -946,7 +955,7 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
 
 def _speaks_for_the_run() -> bool:
     """False on the ranks after the first of a distributed launch (RANK > 0, WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or int(os.environ.get("RANK", "0") or 0) == 0
+    return _launch_world() < 2 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -67,12 +67,12 @@ REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the
 # and no cache rewards small temporaries (16x21x513x513: 5498 ops and 97 syncs a training step
 # -> 1158 and 13; bench/RESULTS.md)
 GPU_CHUNK_SCALE = 8
+TILE = 8192  # about this many region vectors per Gram product
 
 
 def _chunk(elements: int, device: torch.device) -> int:
     """FULL_RES_CHUNK or REGION_CHUNK as used on `device`."""
     return elements if device.type == "cpu" else elements * GPU_CHUNK_SCALE
-TILE = 8192  # about this many region vectors per Gram product
 
 
 class Statistics(NamedTuple):
