@@ -11,12 +11,16 @@ an all-reduce) gives the metrics of the union of the data.
 
 Boundary F-score: a pixel is a boundary pixel of a label map when a valid pixel
 of its 3 x 3 neighbourhood carries a different label (so both sides of a label
-change are marked). Pixels labelled `ignore_index` in the ground truth are left
-out of both maps (the prediction is masked by the same pixels) and never create
-a boundary. A predicted boundary pixel is matched when a ground-truth boundary
-pixel lies within `tolerance` pixels (Chebyshev distance, done as a max-pool
-dilation), and vice versa; precision and recall are counted over the whole data
-set, F = 2PR / (P + R).
+change are marked). Ground truths often mark object outlines as a band of
+`ignore_index` (PASCAL VOC: about 5 px wide); the boundary runs through that band.
+So an ignored pixel within `ignore_band` pixels (Chebyshev) of valid pixels of two or
+more classes takes the label of a nearest valid pixel (`fill_ignore_bands`: the
+band's two sides meet in its middle), and only the ignored pixels that are left (a
+whole ignored object, crop padding) are left out: they are no boundary, make none,
+and the prediction is masked by them. A predicted boundary pixel is matched when a
+ground-truth boundary pixel lies within `tolerance` pixels (Chebyshev distance,
+done as a max-pool dilation), and vice versa; precision and recall are counted over
+the whole data set, F = 2PR / (P + R), NaN where neither map has a boundary.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+IGNORE_BAND = 5  # px: an ignore band this wide between two classes holds their boundary
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -98,16 +104,41 @@ def _dilate(mask: torch.Tensor, tolerance: int) -> torch.Tensor:
     return F.max_pool2d(mask[:, None].float(), k, stride=1, padding=tolerance)[:, 0] > 0
 
 
+def fill_ignore_bands(labels: torch.Tensor, ignore_index: Optional[int] = 255,
+                      band: int = IGNORE_BAND) -> torch.Tensor:
+    """int64 [N, H, W]: `labels` ([N, H, W] or [H, W]) with each ignored pixel that lies within
+    `band` pixels (Chebyshev) of valid pixels of two or more classes given the label of a
+    nearest valid pixel (grown one pixel a step; the larger label where two meet); the
+    other ignored pixels keep `ignore_index`."""
+    lab = (labels[None] if labels.dim() == 2 else labels).long()
+    if ignore_index is None or band <= 0:
+        return lab
+    valid = lab != ignore_index
+    if bool(valid.all()) or not bool(valid.any()):
+        return lab
+    k = 2 * band + 1
+    hi = torch.where(valid, lab, -1).double()[:, None]  # labels are far below 2^53: exact
+    lo = torch.where(valid, lab, int(lab[valid].max()) + 1).double()[:, None]
+    top = F.max_pool2d(hi, k, stride=1, padding=band)
+    bottom = -F.max_pool2d(-lo, k, stride=1, padding=band)
+    between = (~valid[:, None]) & (top >= 0) & (bottom != top)  # two classes within `band`
+    grown = hi
+    for _ in range(band):
+        grown = torch.where(grown < 0, F.max_pool2d(grown, 3, stride=1, padding=1), grown)
+    return torch.where(between, grown, hi).long()[:, 0].masked_fill_(~(valid | between[:, 0]), ignore_index)
+
+
 def boundary_counts(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 2,
-                    ignore_index: Optional[int] = 255) -> torch.Tensor:
+                    ignore_index: Optional[int] = 255, ignore_band: int = IGNORE_BAND) -> torch.Tensor:
     """int64 [4]: (matched predicted boundary px, predicted boundary px,
-    matched ground-truth boundary px, ground-truth boundary px)."""
+    matched ground-truth boundary px, ground-truth boundary px). The target's ignore
+    bands are filled first (`fill_ignore_bands`, module doc)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     if target.dim() == 2:
         pred, target = pred[None], target[None]
     pred = pred.long()
-    target = target.long()
+    target = fill_ignore_bands(target, ignore_index, ignore_band)
     if ignore_index is not None:
         pred = torch.where(target == ignore_index, torch.full_like(pred, ignore_index), pred)
     bp = label_boundaries(pred, ignore_index)
@@ -120,19 +151,24 @@ def boundary_counts(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 2
 def boundary_fscore_from_counts(counts: torch.Tensor) -> Dict[str, float]:
     """Precision, recall and F from `boundary_counts` (summed over any number of images).
 
-    With no predicted boundary, precision is 1 when there is no ground-truth boundary
-    either and 0 otherwise; likewise recall.
+    With no predicted boundary, precision is 0 against a ground-truth boundary; with no
+    ground-truth boundary, recall is 0 against a predicted one. With neither there is
+    nothing to measure: all three are NaN (as mIoU is without valid pixels).
     """
     mp, tp, mg, tg = (int(v) for v in counts)
-    precision = mp / tp if tp else (1.0 if tg == 0 else 0.0)
-    recall = mg / tg if tg else (1.0 if tp == 0 else 0.0)
+    if tp == 0 and tg == 0:
+        nan = float("nan")
+        return {"boundary_precision": nan, "boundary_recall": nan, "boundary_f": nan}
+    precision = mp / tp if tp else 0.0
+    recall = mg / tg if tg else 0.0
     f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return {"boundary_precision": precision, "boundary_recall": recall, "boundary_f": f}
 
 
 def boundary_fscore(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 2,
-                    ignore_index: Optional[int] = 255) -> float:
-    return boundary_fscore_from_counts(boundary_counts(pred, target, tolerance, ignore_index))["boundary_f"]
+                    ignore_index: Optional[int] = 255, ignore_band: int = IGNORE_BAND) -> float:
+    counts = boundary_counts(pred, target, tolerance, ignore_index, ignore_band)
+    return boundary_fscore_from_counts(counts)["boundary_f"]
 
 
 class SegmentationMetrics:
@@ -154,9 +190,14 @@ class SegmentationMetrics:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred, target: [N, H, W] (or [H, W]) class indices; pred may also be logits [N, C, H, W]."""
+        """pred, target: [N, H, W] (or [H, W]) class indices; pred may also be logits [N, C, H, W]
+        (or [C, H, W])."""
         if pred.dim() == target.dim() + 1:
-            pred = pred.argmax(1)
+            pred = pred.argmax(-3)
+        elif pred.is_floating_point():
+            raise TypeError(f"pred is floating point ({pred.dtype}) and shaped like the target "
+                            f"{tuple(target.shape)}: pass class indices (an integer tensor), or logits with a "
+                            f"class axis before the last two, [N, C, H, W]")
         self.confusion += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         self.boundary += boundary_counts(pred, target, self.boundary_tolerance, self.ignore_index)
 

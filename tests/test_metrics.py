@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rmi_triton.metrics import (SegmentationMetrics, boundary_counts, boundary_fscore, confusion_matrix,
-                                format_table, iou_from_confusion, label_boundaries, mean_iou, pixel_accuracy)
+                                fill_ignore_bands, format_table, iou_from_confusion, label_boundaries, mean_iou, pixel_accuracy)
 
 
 def test_confusion_iou_accuracy_by_hand():
@@ -71,18 +71,72 @@ def test_boundary_fscore_tolerance_by_hand():
     assert boundary_fscore(flat, gt, tolerance=2) == 0.0
 
 
-def test_boundary_ignores_ignored_pixels():
+def test_ignore_band_holds_the_boundary():
     gt = _halves(3)
-    gt[:, 2] = 255      # an ignore band between the two regions: no boundary in the ground truth
-    assert label_boundaries(gt).sum().item() == 0
-    pred = _halves(2)   # the label change falls inside the band: masked, no boundary either
-    assert boundary_counts(pred, gt, tolerance=0).tolist() == [0, 0, 0, 0]
+    gt[:, 2] = 255      # an ignore band between the two regions, as VOC marks outlines
+    assert label_boundaries(gt).sum().item() == 0  # the raw map: no valid pixel meets another class
+    assert fill_ignore_bands(gt)[0, :, 2].tolist() == [1] * 5  # the larger label where the sides meet
+    pred = _halves(2)   # its label change inside the band: on the filled boundary
+    assert boundary_counts(pred, gt, tolerance=0).tolist() == [10, 10, 10, 10]
     assert boundary_fscore(pred, gt, tolerance=0) == 1.0
-    wrong = pred.clone()
-    wrong[0, 0] = 1     # a spurious blob in a valid area: its boundary is unmatched
-    counts = boundary_counts(wrong, gt, tolerance=1)
-    assert counts[0].item() == 0 and counts[1].item() == 4 and counts[3].item() == 0
-    assert boundary_fscore(wrong, gt, tolerance=1) == 0.0
+    missed = torch.zeros_like(gt)  # the region on the right not found: nothing recalled
+    assert boundary_counts(missed, gt, tolerance=1).tolist() == [0, 0, 0, 10]
+    assert boundary_fscore(missed, gt, tolerance=1) == 0.0
+
+
+def _voc_square(size=40, lo=12, hi=28, band=5):
+    """A square object (class 1) on background, its outline an ignore band `band` px wide."""
+    lab = torch.zeros(size, size, dtype=torch.long)
+    lab[lo:hi, lo:hi] = 1
+    inner, outer = lo + band // 2, hi - band // 2
+    edge = torch.zeros_like(lab, dtype=torch.bool)
+    edge[lo - band // 2:hi + band // 2, lo - band // 2:hi + band // 2] = True
+    edge[inner + (band % 2 == 0):outer, inner + (band % 2 == 0):outer] = False
+    lab[edge] = 255
+    return lab
+
+
+def test_voc_style_outline_band():
+    gt = _voc_square()
+    square = torch.zeros(40, 40, dtype=torch.long)
+    square[12:28, 12:28] = 1
+    filled = fill_ignore_bands(gt)[0]
+    assert (filled != 255).all()  # every band pixel has both classes within 5 px
+    assert boundary_fscore(square, gt) == 1.0  # the annotated object: its outline in the band's middle
+    assert boundary_fscore(torch.zeros_like(gt), gt) == 0.0  # the object missed
+    bigger = torch.zeros_like(gt)
+    bigger[8:32, 8:32] = 1  # 4 px too big on every side: beyond the 2 px tolerance
+    assert boundary_fscore(bigger, gt) == 0.0
+    near = torch.zeros_like(gt)
+    near[11:29, 11:29] = 1  # 1 px too big: within it
+    assert boundary_fscore(near, gt) == 1.0
+
+
+def test_ignored_region_far_from_a_class_change_stays_out():
+    gt = torch.zeros(30, 30, dtype=torch.long)
+    gt[10:20, 10:20] = 255  # a whole ignored object on background (VOC's "difficult")
+    assert (fill_ignore_bands(gt)[0] == gt).all()  # one class around it: nothing filled
+    pred = torch.zeros_like(gt)
+    pred[10:20, 10:20] = 3  # predicted as something: masked by the ignored region, no boundary
+    assert boundary_counts(pred, gt).tolist() == [0, 0, 0, 0]
+    assert math.isnan(boundary_fscore(pred, gt))  # nothing to measure, as mIoU without pixels
+    all_ignored = torch.full((6, 6), 255)
+    assert math.isnan(boundary_fscore(torch.zeros(6, 6, dtype=torch.long), all_ignored))
+    spurious = torch.zeros_like(gt)
+    spurious[0:3, 0:3] = 1  # a blob in a valid area with no boundary in the ground truth
+    counts = boundary_counts(spurious, gt, tolerance=1)
+    assert counts[1].item() == 12 and counts[0].item() == 0 and counts[3].item() == 0
+    assert boundary_fscore(spurious, gt) == 0.0
+
+
+def test_update_takes_one_image_logits_and_refuses_float_indices():
+    gt = _halves(2, size=3)  # C == H == W: a wrong class axis would still run
+    logits = torch.nn.functional.one_hot(gt, 3).permute(2, 0, 1).float()  # [C, H, W]
+    m = SegmentationMetrics(3)
+    m.update(logits, gt)
+    assert m.confusion.diagonal().sum().item() == 9
+    with pytest.raises(TypeError, match="floating point"):
+        m.update(gt.float(), gt)
 
 
 def test_accumulator_sums_batches_and_state_round_trip():
