@@ -116,16 +116,22 @@ def fill_ignore_bands(labels: torch.Tensor, ignore_index: Optional[int] = 255,
     valid = lab != ignore_index
     if bool(valid.all()) or not bool(valid.any()):
         return lab
-    k = 2 * band + 1
     hi = torch.where(valid, lab, -1).double()[:, None]  # labels are far below 2^53: exact
     lo = torch.where(valid, lab, int(lab[valid].max()) + 1).double()[:, None]
-    top = F.max_pool2d(hi, k, stride=1, padding=band)
-    bottom = -F.max_pool2d(-lo, k, stride=1, padding=band)
+    top = _window_max(hi, band)
+    bottom = -_window_max(-lo, band)
     between = (~valid[:, None]) & (top >= 0) & (bottom != top)  # two classes within `band`
     grown = hi
     for _ in range(band):
         grown = torch.where(grown < 0, F.max_pool2d(grown, 3, stride=1, padding=1), grown)
     return torch.where(between, grown, hi).long()[:, 0].masked_fill_(~(valid | between[:, 0]), ignore_index)
+
+
+def _window_max(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """The maximum over each (2 radius + 1)^2 window of x [N, 1, H, W] (a row pass, then a column pass)."""
+    k = 2 * radius + 1
+    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+    return F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
 
 
 def boundary_counts(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 2,
