@@ -511,6 +511,28 @@ def test_voc_error_bad_label_values_and_colour_png(tmp_path):
         ds.raw(1)
 
 
+def test_voc_palette_reordered_by_an_editor_keeps_class_ids(tmp_path):
+    """Editors and PNG optimisers may reorder a palette: the picture stays, every index
+    moves. VOC labels are read by colour then; a palette of other colours keeps its indices."""
+    voc = make_voc(tmp_path)
+    lab = np.zeros((30, 40), np.uint8)
+    lab[5:20, 5:20] = 15
+    lab[20:, :] = 255
+    order = np.arange(256)
+    order[[2, 15]] = [15, 2]  # class 15's colour moved to index 2 and back
+    colours = voc_palette()[order]
+    path = os.path.join(voc, "SegmentationClass", "2008_000001.png")
+    im = Image.frombytes("P", (40, 30), order[lab].astype(np.uint8).tobytes())
+    im.putpalette(colours.ravel().tolist())
+    im.save(path)
+    ds = VOCSegmentation(voc, split="val")
+    np.testing.assert_array_equal(ds.raw(0)[1], lab)
+    grey = Image.frombytes("P", (40, 30), lab.tobytes())
+    grey.putpalette(np.repeat(np.arange(256, dtype=np.uint8), 3).tolist())  # ids drawn as grey levels
+    grey.save(path)
+    np.testing.assert_array_equal(ds.raw(0)[1], lab)
+
+
 def test_voc_error_truncated_or_deep_files_are_named(tmp_path):
     """A half-written JPEG or PNG fails where PIL decodes it, with no file named in PIL's words
     ('image file is truncated'); a 16-bit image would be clipped to 8 bits without a word."""

@@ -97,11 +97,15 @@ def _decoding(path: str, what: str):
         raise OSError(f"{what} file {path} could not be decoded: {err}") from None
 
 
-def read_index_png(path: str) -> np.ndarray:
+def read_index_png(path: str, colours=None) -> np.ndarray:
     """Decode a label PNG that stores class indices: uint8 ``[H, W]``.
 
     Palette ("P") PNGs give their palette indices, grayscale ("L") PNGs their
     values. Colour PNGs are rejected: their pixel values are not class ids.
+    With ``colours`` (the dataset's colour map, uint8 ``[256, 3]``: class ``i`` drawn as
+    ``colours[i]``) a palette PNG whose used colours are all class colours is read by
+    colour: an editor or PNG optimiser that reorders the palette moves every index
+    but no colour. A palette with other colours (e.g. grey levels) keeps its indices.
     """
     with _decoding(path, "label") as im:
         if im.mode not in ("P", "L"):
@@ -109,7 +113,27 @@ def read_index_png(path: str) -> np.ndarray:
                 f"label file {path} has PIL mode {im.mode!r}: expected a palette ('P') or "
                 "grayscale ('L') PNG whose pixel values are class indices"
             )
-        return np.array(im, dtype=np.uint8)
+        label = np.array(im, dtype=np.uint8)
+        if colours is not None and im.mode == "P":
+            label = _ids_by_colour(label, im.getpalette() or [], colours)
+        return label
+
+
+def _ids_by_colour(label: np.ndarray, file_palette, colours: np.ndarray) -> np.ndarray:
+    """The class ids of a palette PNG's indices `label`, by the colours its own palette gives them."""
+    used = np.unique(label)
+    own = np.zeros((256, 3), dtype=np.uint8)
+    own_flat = np.asarray(file_palette[:768], dtype=np.uint8)
+    own.reshape(-1)[:len(own_flat)] = own_flat
+    if (own[used] == colours[used]).all():
+        return label  # the colour map's own order (as the official files): indices are ids
+    index_of = {tuple(colour): i for i, colour in enumerate(colours.tolist())}
+    ids = [index_of.get(tuple(own[i].tolist())) for i in used]
+    if any(i is None for i in ids):
+        return label  # not the colour map's palette: its indices are the ids
+    table = np.arange(256, dtype=np.uint8)
+    table[used] = ids
+    return table[label]
 
 
 def _pil():

@@ -16,6 +16,7 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -48,6 +49,13 @@ def voc_palette() -> np.ndarray:
         for ch in range(3):
             pal[:, ch] |= ((ids >> (3 * bit + ch)) & 1) << (7 - bit)
     return pal.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _colours() -> np.ndarray:
+    colours = voc_palette()
+    colours.flags.writeable = False
+    return colours
 
 
 def resolve_voc_root(root: str) -> str:
@@ -130,8 +138,9 @@ class VOCSegmentation(ImageLabelFolder):
         return img, lab
 
     def decode_label(self, path: str) -> np.ndarray:
-        """Palette/grayscale PNG -> uint8 ``[H, W]`` with values 0..20 or 255."""
-        label = read_index_png(path)
+        """Palette/grayscale PNG -> uint8 ``[H, W]`` with values 0..20 or 255 (a palette PNG in the
+        VOC colours is read by colour, `read_index_png`)."""
+        label = read_index_png(path, _colours())
         bad = np.unique(label[(label >= self.num_classes) & (label != self.ignore_index)])
         if bad.size:
             raise ValueError(
