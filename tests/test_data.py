@@ -687,3 +687,16 @@ def test_build_dataset_unknown_name_lists_allowed():
 def test_build_dataset_real_needs_root():
     with pytest.raises(ValueError, match="needs root="):
         build_dataset("voc")
+
+
+def test_transforms_refuse_labels_that_are_not_uint8():
+    """A resize in another dtype wrapped ids: 300 became 44 and -1 became 255 (ignore)."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    label = np.full((8, 8), 300, np.int64)
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match="label must be uint8 class ids"):
+        RandomScale(2.0, 2.0)(image, label, rng)
+    with pytest.raises(TypeError, match="label must be uint8 class ids"):
+        PadToMultiple(16)(image, label, rng)
+    out = RandomScale(2.0, 2.0)(image, label.astype(np.uint8), rng)[1]  # ids as the pipeline keeps them
+    assert out.dtype == np.uint8 and out.shape == (16, 16)

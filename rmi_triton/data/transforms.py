@@ -46,9 +46,13 @@ def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _check_pair(image: np.ndarray, label: np.ndarray) -> None:
-    """Both arrays must describe the same H x W grid."""
+    """Both arrays must describe the same H x W grid, the label in uint8 class ids (a resize
+    in another dtype would wrap ids past 255 and -1 into other classes)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be [H, W, 3], got shape {tuple(image.shape)}")
+    if np.asarray(label).dtype != np.uint8:
+        raise TypeError(f"label must be uint8 class ids (255 = ignore), got {np.asarray(label).dtype}: "
+                        f"map ids to 0..{IGNORE_INDEX - 1} and the ignored pixels to {IGNORE_INDEX} first")
     if label.shape != image.shape[:2]:
         raise ValueError(
             f"label shape {tuple(label.shape)} does not match image H x W {tuple(image.shape[:2])}"
