@@ -214,6 +214,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
     if ns.examples < 0:
         parser.error(f"--examples must be >= 0, got {ns.examples}")
+    if not 0 <= ns.seed < 2 ** 32:
+        parser.error(f"--seed must be in [0, 2**32), got {ns.seed}")
     threads = ns.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     out_dir = ns.out

@@ -49,6 +49,11 @@ from .files import atomic_writer, json_safe, remove_leftovers
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
+_ORDER_TAG = 0x4F524452  # likewise the data orders
+# How an epoch's order is seeded: 2 (since train_config saves it), its own stream of (seed,
+# epoch); 1, the checkpoints before, seed + epoch -- run `seed` then saw run `seed + 1`'s
+# orders one epoch early. A resumed run keeps its checkpoint's.
+DATA_ORDER = 2
 
 # Options a resumed run must share with the run it continues (they define the schedule).
 _SCHEDULE_KEYS = ("model", "backbone", "output_stride", "dataset", "num_classes", "loss", "batch_size",
@@ -191,6 +196,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if v is not None and not v >= least:  # NaN too
             extra = " (--no-final-eval skips the evaluation)" if name == "val_length" else ""
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {v}{extra}")
+    if not 0 <= args.seed < 2 ** 32:  # numpy's global seed takes 32 bits
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.crop is not None and args.crop < MIN_CROP:
         parser.error(f"--crop must be >= {MIN_CROP} px (the synthetic scenes' least size; the networks "
                      f"downsample 16-fold), got {args.crop}")
@@ -390,13 +397,19 @@ class Dist:
 # ---------------------------------------------------------------------------------------------
 # data: order and augmentation as pure functions of (seed, epoch, index)
 
-def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> List[int]:
+def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                data_order: int = DATA_ORDER) -> List[int]:
     """This rank's samples of `epoch`, in order: a disjoint shard of one seeded permutation.
 
     The permutation is padded by wrapping (as DistributedSampler) so every rank gets
     ``ceil(n / world)`` samples; rank r takes positions r, r + world, ...
+    `data_order`: `DATA_ORDER`, or 1 for a run resumed from a checkpoint written before it.
     """
-    g = torch.Generator().manual_seed(seed + epoch)
+    if data_order == 1:
+        g = torch.Generator().manual_seed(seed + epoch)
+    else:
+        stream = np.random.SeedSequence([_ORDER_TAG, seed, epoch])
+        g = torch.Generator().manual_seed(int(stream.generate_state(1)[0]))
     perm = torch.randperm(num_samples, generator=g).tolist()
     per_rank = math.ceil(num_samples / world)
     perm += perm[: per_rank * world - num_samples]
@@ -424,8 +437,8 @@ class _Batches:
     """Batch sampler: the batches of iterations ``start .. total-1`` for one rank."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, start: int, total: int,
-                 rank: int, world: int):
-        self.n, self.bs, self.seed = num_samples, batch_size, seed
+                 rank: int, world: int, data_order: int = DATA_ORDER):
+        self.n, self.bs, self.seed, self.data_order = num_samples, batch_size, seed, data_order
         self.start, self.total, self.rank, self.world = start, total, rank, world
         self.per_epoch = iterations_per_epoch(num_samples, batch_size, world)
 
@@ -437,7 +450,7 @@ class _Batches:
         for it in range(self.start, self.total):
             e, b = divmod(it, self.per_epoch)
             if e != epoch:
-                epoch, order = e, epoch_order(self.n, self.seed, e, self.rank, self.world)
+                epoch, order = e, epoch_order(self.n, self.seed, e, self.rank, self.world, self.data_order)
             yield [(e, i) for i in order[b * self.bs:(b + 1) * self.bs]]
 
 
@@ -708,7 +721,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         criterion = make_criterion(args, num_classes, ignore_index)
 
-        start, losses = 0, []
+        start, losses, data_order = 0, [], DATA_ORDER
         ckpt_path = os.path.join(out_dir, "last.pt")
         resume = args.resume
         if resume == "auto":
@@ -733,6 +746,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                 scaler.load_state_dict(state["scaler"])
             start = int(state["iteration"])
             losses = [float(v) for v in state.get("losses", [])][:start]
+            data_order = int(state.get("train_config", {}).get("data_order", 1))
             rng = state["rng"]
             ranks = rng.get("torch_ranks")
             if ranks is not None and len(ranks) == dist.world:
@@ -747,7 +761,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
 
         loader = DataLoader(_EpochItems(train_set, args.seed),
                             batch_sampler=_Batches(len(train_set), args.batch_size, args.seed, start, total,
-                                                   dist.rank, dist.world),
+                                                   dist.rank, dist.world, data_order),
                             num_workers=args.workers, pin_memory=device.type == "cuda",
                             worker_init_fn=_worker_ignores_stop_signals if args.workers else None,
                             # its own generator: starting the loader must not draw from the global
@@ -766,7 +780,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             save_checkpoint(ckpt_path, model_state, config, iteration=iteration,
                             optimizer=optimizer.state_dict(),
                             scaler=scaler.state_dict() if use_scaler else {}, rng=rng,
-                            losses=list(losses), train_config=dict(_schedule_config(args), world=dist.world),
+                            losses=list(losses), train_config=dict(_schedule_config(args), world=dist.world,
+                                                data_order=data_order),
                             total_iterations=total)
             return ckpt_path
 
@@ -941,7 +956,7 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     if "world" not in saved:  # written before the count was: its per-process RNG states tell it
         saved = dict(saved, world=len(state["rng"].get("torch_ranks") or [None]))
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-            if k != "lr" and saved.get(k) != now.get(k)}
+            if k not in ("lr", "data_order") and saved.get(k) != now.get(k)}
     if "world" in diff:  # the data order and the batch differ, and with --epochs the run's length
         raise SystemExit(f"--resume {path}: the checkpoint's run had {saved['world']} process(es), this one "
                          f"{world}: resume with {saved['world']} (each process trains its own shard of "

@@ -15,6 +15,7 @@ import torch
 
 from rmi_triton import RMILoss
 from rmi_triton.checkpoint import load_checkpoint, save_checkpoint
+import rmi_triton.train as train_module
 from rmi_triton.train import (bce_pixel_loss, capture_rng, epoch_order, iterations_per_epoch, parse_args,
                               poly_lr, restore_rng, run)
 
@@ -118,6 +119,25 @@ def test_same_seed_gives_the_same_loss_curve_bitwise(straight, tmp_path):
         assert torch.equal(value, straight["model"].state_dict()[name]), name
 
 
+def test_seeds_do_not_share_data_orders(tmp_path, monkeypatch):
+    """Orders seeded by seed + epoch gave run 1 the orders of run 0 one epoch late; a
+    checkpoint written before train_config said how its orders go resumes them (its next
+    batches are the ones its run would have drawn)."""
+    assert epoch_order(2000, seed=1, epoch=0) != epoch_order(2000, seed=0, epoch=1)
+    legacy = epoch_order(50, seed=1, epoch=0, data_order=1)
+    assert legacy == torch.randperm(50, generator=torch.Generator().manual_seed(1)).tolist()
+    monkeypatch.setattr(train_module, "DATA_ORDER", 1)  # a run of the versions before
+    before = run(_args(tmp_path / "before", "--no-final-eval"), log=_quiet)
+    run(_args(tmp_path / "old", "--no-final-eval", "--stop-at", "4"), log=_quiet)  # past epoch 0's 3
+    path = tmp_path / "old" / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["train_config"].pop("data_order") == 1  # as those checkpoints were written
+    torch.save(state, path)
+    monkeypatch.setattr(train_module, "DATA_ORDER", 2)
+    resumed = run(_args(tmp_path / "old", "--no-final-eval", "--resume", str(path)), log=_quiet)
+    _assert_same_run(resumed, before)
+
+
 def test_resume_refuses_a_different_schedule(tmp_path):
     run(_args(tmp_path, "--no-final-eval", "--stop-at", "1"), log=_quiet)
     with pytest.raises(SystemExit, match="batch_size"):
@@ -153,6 +173,8 @@ def test_epochs_bce_and_bfloat16_autocast(tmp_path):
     (["--resume", "/no/such/last.pt"], "--resume '/no/such/last.pt' is not a file"),
     (["--train-length", "1"], "--train-length 1 does not fill one batch of --batch-size 2"),
     (["--crop", "8"], "--crop must be >= 16 px"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", "4294967296"], "--seed must be in [0, 2**32), got 4294967296"),
     (["--val-length", "0"], "--val-length must be >= 1, got 0 (--no-final-eval skips the evaluation)"),
     (["--boundary-tolerance", "-1"], "--boundary-tolerance must be >= 0, got -1"),
     (["--lr", "nan"], "--lr must be >= 0, got nan"),
@@ -523,7 +545,8 @@ def test_distributed_resume_needs_the_same_processes_and_checkpoint(tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--size", "8"], "--size must be >= 16, got 8"),
                                            (["--val-length", "0"], "--val-length must be >= 1, got 0"),
                                            (["--batch-size", "3", "--train-length", "2"],
-                                            "--train-length must be >= 3, got 2")])
+                                            "--train-length must be >= 3, got 2"),
+                                           (["--seed", "-1"], "--seed must be in [0, 2**32), got -1")])
 def test_demo_flag_mistakes_are_named(argv, message, capsys, tmp_path):
     from rmi_triton.demo import main as demo_main
 
