@@ -700,3 +700,30 @@ def test_transforms_refuse_labels_that_are_not_uint8():
         PadToMultiple(16)(image, label, rng)
     out = RandomScale(2.0, 2.0)(image, label.astype(np.uint8), rng)[1]  # ids as the pipeline keeps them
     assert out.dtype == np.uint8 and out.shape == (16, 16)
+
+
+def test_voc_split_lists_as_other_tools_write_them(tmp_path):
+    """An id with a space or a '#' in it, a trailing comment, and the SBD list names of other
+    tools ("trainaug", "aug"), whose labels are SegmentationClassAug's."""
+    voc = make_voc(tmp_path)
+    first = VOC_IDS["val"][0]
+    for name in ("my img", "a#1"):
+        os.link(os.path.join(voc, "JPEGImages", f"{first}.jpg"), os.path.join(voc, "JPEGImages", f"{name}.jpg"))
+        os.link(os.path.join(voc, "SegmentationClass", f"{first}.png"),
+                os.path.join(voc, "SegmentationClass", f"{name}.png"))
+    seg = os.path.join(voc, "ImageSets", "Segmentation")
+    with open(os.path.join(seg, "odd.txt"), "w") as f:
+        f.write("# ids as people name them\nmy img\na#1  # a comment after the id\n")
+    ds = VOCSegmentation(voc, split="odd")
+    assert [os.path.basename(img) for img, _ in ds.samples] == ["my img.jpg", "a#1.jpg"]
+    np.testing.assert_array_equal(ds.raw(0)[1], VOCSegmentation(voc, split="val").raw(0)[1])
+    for split in ("trainaug", "aug"):
+        with open(os.path.join(seg, f"{split}.txt"), "w") as f:
+            f.write("\n".join(VOC_IDS["train"]) + "\n")
+        ds = VOCSegmentation(voc, split=split)
+        assert all(os.sep + "SegmentationClassAug" + os.sep in lab for _, lab in ds.samples)
+
+
+def test_a_negative_aug_seed_is_named():
+    with pytest.raises(ValueError, match="aug_seed must be >= 0, got -1"):
+        SyntheticScenes(split="val", length=2, aug_seed=-1)

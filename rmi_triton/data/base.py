@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -35,6 +36,8 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, transform: Callable | None = None, aug_seed: int = 0):
         self.transform = transform if transform is not None else val_transform()
+        if not 0 <= int(aug_seed):  # numpy's generators take non-negative entropy only
+            raise ValueError(f"aug_seed must be >= 0, got {aug_seed}")
         self.aug_seed = int(aug_seed)
         self._rng: np.random.Generator | None = None
         self._rng_owner: object = None
@@ -73,8 +76,9 @@ class SegmentationDataset(Dataset):
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Decode an 8-bit image file (RGB, grayscale, palette, RGBA, CMYK) to uint8 ``[H, W, 3]`` RGB.
-    16-bit and float images are refused: PIL's conversion clips them to 8 bits."""
+    """Decode an image file (RGB, grayscale, palette, RGBA, CMYK) to uint8 ``[H, W, 3]`` RGB.
+    16-bit grayscale and float images are refused: PIL's conversion clips them to 8 bits
+    (PIL reads a 48-bit RGB PNG as 8-bit RGB itself, scaled, which is kept)."""
     with _decoding(path, "image") as im:
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             raise ValueError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float): converting it to "
@@ -180,8 +184,12 @@ class ImageLabelFolder(SegmentationDataset):
         return image, label
 
 
+_COMMENT = re.compile(r"(?:^|(?<=\s))#")
+
+
 def read_split_list(path: str) -> list[list[str]]:
-    """Non-empty, whitespace-split lines of a split list file (``#`` starts a comment)."""
+    """Non-empty, whitespace-split lines of a split list file (``#`` at the start of a line or
+    after a space starts a comment; inside a name it is part of the name)."""
     rows = []
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is dropped
@@ -190,7 +198,7 @@ def read_split_list(path: str) -> list[list[str]]:
         raise ValueError(f"split list {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as "
                          "UTF-8, one sample per line") from None
     for line in lines:
-        line = line.split("#", 1)[0].strip()
+        line = _COMMENT.split(line, 1)[0].strip()
         if line:
             rows.append(line.split())
     if not rows:

@@ -8,6 +8,7 @@ directory holding ``VOCdevkit`` are accepted too)::
     <root>/ImageSets/Segmentation/{train,val,trainval}.txt   one <id> per line
     <root>/SegmentationClassAug/<id>.png       optional SBD-augmented labels (palette or grayscale)
     <root>/ImageSets/Segmentation/train_aug.txt  (or <root>/train_aug.txt) for split="train_aug"
+                                                 (likewise "trainaug", "aug")
 
 Split-list lines hold either an id, or two root-relative paths
 (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``) as in common SBD lists.
@@ -72,7 +73,7 @@ def resolve_voc_root(root: str) -> str:
 def _find_split_list(root: str, split: str) -> str:
     seg_dir = os.path.join(root, "ImageSets", "Segmentation")
     candidates = [os.path.join(seg_dir, f"{split}.txt")]
-    if split.endswith("_aug"):
+    if split.endswith("aug"):
         # SBD lists are often shipped next to the folders rather than in ImageSets.
         candidates.append(os.path.join(root, f"{split}.txt"))
     for path in candidates:
@@ -90,8 +91,8 @@ class VOCSegmentation(ImageLabelFolder):
 
     Items: ``(image float32 [3, H, W], label int64 [H, W])`` after ``transform``
     (default: normalise only). ``split`` is ``train``, ``val``, ``trainval`` or any
-    other list in ``ImageSets/Segmentation``; names ending in ``_aug`` (e.g.
-    ``train_aug``) read labels from ``SegmentationClassAug/``. All listed files are
+    other list in ``ImageSets/Segmentation``; names ending in ``aug`` (``train_aug``,
+    ``trainaug``, ``aug``) read labels from ``SegmentationClassAug/``. All listed files are
     checked to exist when the dataset is built.
     """
 
@@ -108,7 +109,8 @@ class VOCSegmentation(ImageLabelFolder):
     ):
         self.root = resolve_voc_root(root)
         self.split = split
-        label_dir = label_dir or ("SegmentationClassAug" if split.endswith("_aug") else "SegmentationClass")
+        # SBD-augmented lists ("train_aug", "trainaug", "aug") name labels of SegmentationClassAug/
+        label_dir = label_dir or ("SegmentationClassAug" if split.endswith("aug") else "SegmentationClass")
         label_root = require_dir(
             os.path.join(self.root, label_dir),
             f"VOC root {self.root} has no {label_dir}/ folder: expected "
@@ -119,6 +121,8 @@ class VOCSegmentation(ImageLabelFolder):
         super().__init__(samples, transform, aug_seed)
 
     def _sample(self, row: list[str], list_path: str, label_root: str) -> tuple[str, str]:
+        if len(row) > 1 and os.path.isfile(os.path.join(self.root, "JPEGImages", f"{' '.join(row)}.jpg")):
+            row = [" ".join(row)]  # an id with a space in it
         if len(row) == 1:
             img = os.path.join(self.root, "JPEGImages", f"{row[0]}.jpg")
             lab = os.path.join(label_root, f"{row[0]}.png")
