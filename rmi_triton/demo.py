@@ -20,6 +20,7 @@ boundary F-score) and the tool writes into ``--out`` (default ``demo_out/``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .files import json_safe
+from .files import atomic_writer, json_safe, write_atomically
 from .metrics import format_table
 from .train import MIN_CROP
 from .train import parse_args as train_args
@@ -44,6 +45,8 @@ from .train import predict, run
 DEFAULTS = {"iterations": 200, "batch_size": 8, "size": 128, "train_length": 2000, "val_length": 100}
 QUICK = {"iterations": 2, "batch_size": 2, "size": 32, "train_length": 4, "val_length": 2}
 RUNS = (("ce", "cross-entropy"), ("rmi", "BCE + RMI"))
+# what a demo leaves in --out beside the runs' folders (the module doc's list)
+PUBLISHED = ("ce.pt", "rmi.pt", "results.json", "demo.png", "rmi.onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, Dict[str, Any]] = {}
     models: Dict[str, torch.nn.Module] = {}
     val_set = None
+    # an earlier demo's outputs go first: a run stopped half-way must not leave one run's
+    # checkpoint beside the other's from another demo (they would compare as one pair)
+    for name in PUBLISHED:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
     for key, title in RUNS:
         print(f"\n== {title} ==")
         run_dir = os.path.join(out_dir, f"{key}_run")
@@ -237,7 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if res["status"] != "done":
             print(f"demo: the {title} run did not finish: {res['message']}", file=sys.stderr)
             return 1
-        shutil.copyfile(res["checkpoint"], os.path.join(out_dir, f"{key}.pt"))
+        with open(res["checkpoint"], "rb") as src, atomic_writer(os.path.join(out_dir, f"{key}.pt")) as dst:
+            shutil.copyfileobj(src, dst)
         results[key] = {"metrics": res["metrics"], "losses": res["losses"],
                         "seconds_per_iteration": res["seconds_per_iteration"],
                         "wall_seconds": time.perf_counter() - started, "argv": train_argv(key, cfg, ns, run_dir,
@@ -269,8 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "total_seconds": time.perf_counter() - t0,
     }
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(json_safe(summary), f, indent=1)
+    write_atomically(os.path.join(out_dir, "results.json"),
+                     json.dumps(json_safe(summary), indent=1).encode("utf-8"))
     if not ns.no_export:
         print("\n" + _export_summary(export))
     print(f"\nwrote {png}, {os.path.join(out_dir, 'results.json')}, "

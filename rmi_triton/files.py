@@ -50,7 +50,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
-def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl"), age_s: float = 600.0) -> list:
+def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".json"), age_s: float = 600.0) -> list:
     """Remove the temporaries an `atomic_writer` killed mid-write left in `folder` (a
     checkpoint's worth of disk each): `.tmp-*` files with one of `suffixes` untouched for
     `age_s` seconds (a writer still at work touches its own). -> names removed."""

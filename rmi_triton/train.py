@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
-from .files import atomic_writer, json_safe, remove_leftovers
+from .files import atomic_writer, json_safe, remove_leftovers, write_atomically
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
@@ -57,7 +57,8 @@ DATA_ORDER = 2
 
 # Options a resumed run must share with the run it continues (they define the schedule).
 _SCHEDULE_KEYS = ("model", "backbone", "output_stride", "dataset", "num_classes", "loss", "batch_size",
-                  "crop", "iterations", "epochs", "seed", "lr", "lr_power", "augment", "train_length")
+                  "crop", "iterations", "epochs", "seed", "lr", "lr_power", "augment", "train_length",
+                  "momentum", "weight_decay", "amp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +176,8 @@ def _device_or_default(device_arg: Optional[str]) -> str:
 _RMI_FLAGS = {"rmi_radius": "radius", "rmi_pool": "pool", "rmi_pool_size": "pool_size", "rmi_weight": "rmi_weight",
               "rmi_combine": "combine", "rmi_pixel_loss": "pixel_loss", "rmi_probs": "probs",
               "rmi_exclude_ignored": "exclude_ignored", "rmi_backend": "backend"}
+# Saved in train_config since a later version: a checkpoint without them is not compared on them.
+_LATER_KEYS = ("momentum", "weight_decay", "amp") + tuple(dest for dest in _RMI_FLAGS if dest != "rmi_backend")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -220,10 +223,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def _check_out(parser: argparse.ArgumentParser, args) -> None:
     if args.overwrite and args.resume is not None:
         parser.error(f"--overwrite starts afresh and --resume {args.resume} continues: pass one of them")
-    if args.resume is None and not args.overwrite and os.path.isfile(os.path.join(args.out, "last.pt")):
+    last = os.path.join(args.out, "last.pt")
+    if args.resume is None and not args.overwrite and os.path.isfile(last):
         parser.error(f"--out {args.out} holds an earlier run (last.pt): continue it with --resume auto, "
                      "start over there with --overwrite (its checkpoint, log and metrics are removed), "
                      "or choose another --out")
+    if args.resume not in (None, "auto") and os.path.isfile(last) and not _same_file(args.resume, last):
+        parser.error(f"--out {args.out} holds another run's last.pt, which --resume {args.resume} would "
+                     "replace: continue that run with --resume auto, or give this one another --out")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def rmi_options(args) -> Dict[str, Any]:
@@ -669,7 +683,12 @@ def _all_finite(tensors) -> bool:
 
 
 def _schedule_config(args) -> Dict[str, Any]:
-    return {k: getattr(args, k) for k in _SCHEDULE_KEYS if getattr(args, k) is not None}
+    """What a resumed run must share with its checkpoint's: the schedule, the optimizer's
+    settings, the precision and the loss (its engine may change: both compute the same)."""
+    config = {k: getattr(args, k) for k in _SCHEDULE_KEYS if getattr(args, k) is not None}
+    if args.loss == "rmi":
+        config.update({dest: getattr(args, dest) for dest in _RMI_FLAGS if dest != "rmi_backend"})
+    return config
 
 
 def model_config(args, num_classes: int) -> Dict[str, Any]:
@@ -742,7 +761,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         if resume:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            if use_scaler and "scaler" in state:
+            if use_scaler and state.get("scaler"):  # {}: written without a scaler
                 scaler.load_state_dict(state["scaler"])
             start = int(state["iteration"])
             losses = [float(v) for v in state.get("losses", [])][:start]
@@ -788,7 +807,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         log_path = os.path.join(out_dir, "log.jsonl")
         if dist.main:
             os.makedirs(out_dir, exist_ok=True)
-            _start_files(out_dir, log_path, start, fresh=not resume)
+            # a checkpoint from elsewhere: a log or metrics in --out are no part of its run
+            _start_files(out_dir, log_path, start, fresh=not resume or not _same_file(resume, ckpt_path))
         result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
                                   "model": model, "checkpoint": None, "message": "",
                                   "seconds_per_iteration": float("nan"), "total_iterations": total,
@@ -898,9 +918,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             say(format_table({args.loss: m}, train_set.class_names,
                              [("s/iteration", [f"{result['seconds_per_iteration']:.3f}"])]))
             if dist.main:
-                with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-                    json.dump(json_safe({"metrics": m, "iteration": it, "loss": args.loss,
-                                         "seconds_per_iteration": result["seconds_per_iteration"]}), f, indent=1)
+                summary = {"metrics": m, "iteration": it, "loss": args.loss,
+                           "seconds_per_iteration": result["seconds_per_iteration"]}
+                write_atomically(os.path.join(out_dir, "metrics.json"),
+                                 json.dumps(json_safe(summary), indent=1).encode("utf-8"))
         if result["message"]:
             say(result["message"])
         return result
@@ -956,7 +977,7 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     if "world" not in saved:  # written before the count was: its per-process RNG states tell it
         saved = dict(saved, world=len(state["rng"].get("torch_ranks") or [None]))
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-            if k not in ("lr", "data_order") and saved.get(k) != now.get(k)}
+            if k != "data_order" and not (k in _LATER_KEYS and k not in saved) and saved.get(k) != now.get(k)}
     if "world" in diff:  # the data order and the batch differ, and with --epochs the run's length
         raise SystemExit(f"--resume {path}: the checkpoint's run had {saved['world']} process(es), this one "
                          f"{world}: resume with {saved['world']} (each process trains its own shard of "
@@ -964,7 +985,7 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     if not diff and state.get("total_iterations", total) != total:
         diff["total iterations"] = (state["total_iterations"], total)
     if diff:
-        raise SystemExit(f"--resume {path}: the schedule differs from the checkpoint's run: "
+        raise SystemExit(f"--resume {path}: this run's settings differ from the checkpoint's run: "
                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
 
 

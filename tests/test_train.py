@@ -4,6 +4,7 @@ non-finite stops, distributed training, and the demo end to end (tiny settings).
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +144,37 @@ def test_resume_refuses_a_different_schedule(tmp_path):
     with pytest.raises(SystemExit, match="batch_size"):
         run(parse_args(TINY[:-8] + ["--batch-size", "3", "--out", str(tmp_path), "--resume",
                                     str(tmp_path / "last.pt")]), log=_quiet)
+    # the learning rate, the optimizer's settings, the precision and the loss's options went
+    # unchecked (a resumed run took --lr 0.5 without a word); the engine may change
+    path = str(tmp_path / "last.pt")
+    for flags, named in ((["--lr", "0.5"], "lr 0.007 -> 0.5"), (["--momentum", "0.5"], "momentum 0.9 -> 0.5"),
+                         (["--amp"], "amp False -> True"), (["--rmi-radius", "2"], "rmi_radius 3 -> 2"),
+                         (["--rmi-pixel-loss", "none"], "rmi_pixel_loss 'bce' -> 'none'")):
+        with pytest.raises(SystemExit, match=re.escape(named)):
+            run(_args(tmp_path, "--no-final-eval", "--resume", path, *flags), log=_quiet)
+    run(_args(tmp_path, "--no-final-eval", "--resume", path, "--stop-at", "2", "--rmi-backend", "torch"),
+        log=_quiet)
+    # a checkpoint from before these were saved is not held to them
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("momentum", "weight_decay", "amp", "rmi_radius"):
+        del state["train_config"][key]
+    torch.save(state, path)
+    assert run(_args(tmp_path, "--no-final-eval", "--resume", path, "--stop-at", "3", "--rmi-radius", "2"),
+               log=_quiet)["iteration"] == 3
+
+
+def test_resume_into_another_runs_out_is_refused(tmp_path):
+    """--resume PATH --out DIR replaced DIR's own last.pt and mixed the two runs' logs."""
+    run(_args(tmp_path / "a", "--no-final-eval", "--stop-at", "2"), log=_quiet)
+    run(_args(tmp_path / "c", "--no-final-eval", "--stop-at", "1", "--seed", "7"), log=_quiet)
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "a" / "last.pt")])
+    os.remove(tmp_path / "c" / "last.pt")  # its log and metrics stay: no part of run a
+    result = run(_args(tmp_path / "c", "--no-final-eval", "--resume", str(tmp_path / "a" / "last.pt")),
+                 log=_quiet)
+    assert result["status"] == "done"
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert logged == [3, 4, 5, 6]
 
 
 def test_epochs_bce_and_bfloat16_autocast(tmp_path):
@@ -328,11 +360,13 @@ def test_resumed_log_drops_what_came_after_its_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"an earlier run's")
     (tmp_path / ".tmp-k1ll3d.pt").write_bytes(b"a save a kill cut short")
     os.utime(tmp_path / ".tmp-k1ll3d.pt", (1.0e9, 1.0e9))
+    (tmp_path / ".tmp-metrics.json").write_bytes(b'{"metrics": {"mi')  # metrics.json's, cut short
+    os.utime(tmp_path / ".tmp-metrics.json", (1.0e9, 1.0e9))
     (tmp_path / ".tmp-writing.pt").write_bytes(b"a save at work now")
     (tmp_path / ".tmp-other.txt").write_bytes(b"not a trainer's")
     os.utime(tmp_path / ".tmp-other.txt", (1.0e9, 1.0e9))
     _start_files(str(tmp_path), str(log), 3, fresh=False)
-    assert not (tmp_path / ".tmp-k1ll3d.pt").exists()
+    assert not (tmp_path / ".tmp-k1ll3d.pt").exists() and not (tmp_path / ".tmp-metrics.json").exists()
     assert (tmp_path / ".tmp-writing.pt").exists() and (tmp_path / ".tmp-other.txt").exists()
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3]
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "last.pt").exists()
@@ -576,3 +610,25 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     net = build_from_checkpoint(out / "rmi.pt")
     with torch.no_grad():
         assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monkeypatch):
+    """A demo stopped in its second run left the new ce.pt beside the earlier demo's rmi.pt,
+    rmi.onnx and results.json: a pair that compares as one (same structure) but is not."""
+    import rmi_triton.demo as demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in demo.PUBLISHED:
+        (out / name).write_bytes(b"an earlier demo's")
+    real_run = demo.run
+
+    def stopped_in_the_rmi_run(args):
+        if args.loss == "rmi":
+            return {"status": "stopped", "message": "stopped by a signal"}
+        return real_run(args)
+
+    monkeypatch.setattr(demo, "run", stopped_in_the_rmi_run)
+    assert demo.main(["--quick", "--out", str(out), "--no-export", "--no-progress", "--threads", "2"]) == 1
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["ce.pt"]
+    assert load_checkpoint(out / "ce.pt")["iteration"] == 2
