@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from rmi_triton.loss import RMILoss
@@ -87,6 +88,35 @@ def model_config(network: nn.Module) -> Optional[Dict[str, Any]]:
     output_stride, aux_head), or None for a network `build_model` did not make."""
     config = getattr(network, "build_config", None)
     return dict(config) if isinstance(config, dict) else None
+
+
+def _row_major_strides(shape) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+@contextlib.contextmanager
+def contiguous_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Hold every parameter and buffer of `module` in the contiguous layout for the block, and
+    give each back its own tensor after. A channels_last network (a common GPU speed-up)
+    otherwise traces into a graph whose sizes torch.export narrows (or refuses at batch 1)."""
+    kept = []
+    for owner in module.modules():
+        for store in (owner._parameters, owner._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.stride() != _row_major_strides(tensor.shape):
+                    # (not is_contiguous(): a 1 x 1 kernel in channels_last passes that test, yet
+                    # its strides still make the convolution's output channels_last)
+                    kept.append((tensor, tensor.data))
+                    tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    try:
+        yield module
+    finally:
+        for tensor, data in kept:
+            tensor.data = data
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from rmi_triton.files import write_atomically
 
 from .errors import ExportError
 from .files import check_writable
-from .network import eval_mode, find_network, model_config
+from .network import contiguous_weights, eval_mode, find_network, model_config
 from .shapes import InputSpec, format_shape, free_dims, spec_from_program
 
 INPUT_NAME = "image"
@@ -230,7 +230,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
     # Trace where the weights live (a model may sit on a GPU); the graph does not record the device.
     device = next(iter(network.parameters()), torch.empty(0)).device
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    with eval_mode(network), torch.no_grad(), _quiet_exporter():
+    with eval_mode(network), contiguous_weights(network), torch.no_grad(), _quiet_exporter():
         try:
             program, example = _trace_at(network, example, dynamic)
         except ExportError:

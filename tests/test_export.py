@@ -155,6 +155,21 @@ def test_a_small_example_size_still_exports_dynamically(workdir):
     assert report.passed and max(report.max_abs_diff.values()) <= 1e-4, report.max_abs_diff
 
 
+def test_a_channels_last_network_exports_as_a_contiguous_one(workdir):
+    """channels_last (a GPU speed-up) traced into a graph whose sizes torch.export narrowed
+    (height, width >= 17 at batch 2) or refused at batch 1; the weights come back as they were."""
+    model = make_model("deeplabv3plus", 16).to(memory_format=torch.channels_last)
+    weights = {name: (p, p.data_ptr(), p.stride()) for name, p in model.named_parameters()}
+    path = workdir / "deeplabv3plus-channels-last.onnx"
+    info = export_onnx(model, path)  # batch 1
+    assert info.dynamic and info.input_spec.check((1, 3, 8, 8)) is None
+    for name, p in model.named_parameters():
+        assert p is weights[name][0] and (p.data_ptr(), p.stride()) == weights[name][1:], name
+    report = verify_onnx(path, model, sizes=[(2, 3, 8, 8), (1, 3, 37, 53)], latency_size=SMALL,
+                         latency_runs=1, latency_warmup=0)
+    assert report.passed and max(report.max_abs_diff.values()) <= 1e-4, report.max_abs_diff
+
+
 def test_verify_reports_a_graph_that_is_not_the_model(exports):
     _, path, _ = exports("deeplabv3", 16)
     other = make_model("deeplabv3", 16, seed=5)  # same architecture, other weights
