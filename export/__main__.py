@@ -20,6 +20,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from rmi_triton.files import remove_leftovers
 
 from .compare import comparable, compare_exports
 from .errors import ExportError
@@ -167,6 +168,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     json_path = check_writable(report_path(output))
     _refuse_overwriting_inputs({"OUT": output, "its report": json_path},
                                {"the checkpoint": args.checkpoint, "--compare": args.compare})
+    # what an export killed mid-way (SIGTERM from a scheduler, SIGKILL) left staged: a model each
+    for folder in {os.path.dirname(os.path.abspath(p)) for p in (output, json_path)}:
+        remove_leftovers(folder, suffixes=(".onnx", ".json"), prefixes=(".staged-", ".tmp-"))
     payload = load_checkpoint(args.checkpoint)
     if args.compare:
         comparable(args.compare)  # before the export: a file that cannot be compared fails fast

@@ -635,6 +635,22 @@ def test_staged_output_appears_only_on_success(workdir):
     assert os.listdir(target.parent) == ["model.onnx"] and target.read_bytes() == b"whole"
 
 
+def test_cli_clears_what_a_killed_export_left_staged(workdir, checkpoints, capsys):
+    """An export killed by a signal (a scheduler's SIGTERM) left its staged model, a model's
+    worth of disk each time; the next export there removes those untouched for 10 minutes."""
+    folder = workdir / "killed"
+    folder.mkdir()
+    for name in (".staged-old.onnx", ".staged-old.json", ".tmp-old.onnx"):
+        (folder / name).write_bytes(b"left by a kill")
+        os.utime(folder / name, (1.0e9, 1.0e9))
+    (folder / ".staged-now.onnx").write_bytes(b"another export at work")
+    (folder / ".staged-old.txt").write_bytes(b"not the exporter's")
+    os.utime(folder / ".staged-old.txt", (1.0e9, 1.0e9))
+    assert main([str(checkpoints[0]), str(folder / "m.onnx"), "--size", "32x32"]) == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(folder)) == [".staged-now.onnx", ".staged-old.txt", "m.json", "m.onnx"]
+
+
 @pytest.mark.parametrize("size", ["0x64", "64", "axb"])
 def test_cli_refuses_a_size_no_network_takes(workdir, checkpoints, capsys, size):
     out = workdir / "e5.onnx"
