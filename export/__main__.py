@@ -6,7 +6,8 @@ Rebuilds the network from the checkpoint's stored config (read with
 verifies it and compares it with another checkpoint's export, prints the
 report as a table and writes it as JSON next to the model (OUT.json).
 Every failure prints one line to stderr and exits with code 2; the model and
-its report are written only once everything has succeeded.
+its report are written only once everything has succeeded. With ``--compare``,
+graphs that differ in structure exit with code 1 (model and report written).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .verify import DEFAULT_ATOL, DEFAULT_RTOL, load_model, verify_onnx
 
 PROG = "rmi-export"
 EXIT_ERROR = 2
+EXIT_DIFFERENT = 1  # --compare: the graphs differ in structure
 
 
 class _UsageError(Exception):
@@ -79,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"with --verify: R of that bound; float32 rounding grows with the logits "
                              f"(default R = {DEFAULT_RTOL:g}; 0 for a plain absolute tolerance)")
     parser.add_argument("--compare", metavar="OTHER_CHECKPOINT",
-                        help="export this checkpoint too and compare graphs and latency")
+                        help="export this checkpoint too and compare graphs and latency "
+                             "(exit status 1 when their structures differ)")
     parser.add_argument("--size", type=_size, default=(256, 256), metavar="HxW",
                         help="example/static input size and latency size (default 256x256)")
     return parser
@@ -200,7 +203,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (0 success, 2 any error)."""
+    """Entry point; returns the exit code (0 success, 1 --compare found other structures, 2 any error)."""
     try:
         args = _parser().parse_args(argv)
         report = run(args)
@@ -211,6 +214,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     print(format_table(report))
+    if "compare" in report and not report["compare"]["identical"]:
+        print(f"{PROG}: the two checkpoints' graphs differ in structure (the report lists how)", file=sys.stderr)
+        return EXIT_DIFFERENT
     return 0
 
 

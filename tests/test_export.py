@@ -635,6 +635,17 @@ def test_staged_output_appears_only_on_success(workdir):
     assert os.listdir(target.parent) == ["model.onnx"] and target.read_bytes() == b"whole"
 
 
+def test_cli_compare_of_other_structures_exits_1(workdir, checkpoints, capsys):
+    """It printed "same structure NO" and exited 0: a script could not tell."""
+    other = workdir / "psp-for-compare.pt"
+    save_tiny_checkpoint(other, seed=3, name="pspnet")
+    out = workdir / "e10.onnx"
+    assert main([str(checkpoints[0]), str(out), "--compare", str(other), "--size", "32x32"]) == 1
+    printed = capsys.readouterr()
+    assert "same structure" in printed.out and "NO" in printed.out and "differ in structure" in printed.err
+    assert out.exists() and json.loads(out.with_suffix(".json").read_text())["compare"]["identical"] is False
+
+
 def test_cli_clears_what_a_killed_export_left_staged(workdir, checkpoints, capsys):
     """An export killed by a signal (a scheduler's SIGTERM) left its staged model, a model's
     worth of disk each time; the next export there removes those untouched for 10 minutes."""
