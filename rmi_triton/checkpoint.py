@@ -76,9 +76,22 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         raise ValueError(f"cannot save checkpoint {os.fspath(path)!r}: the model state must be a dict of "
                          "tensors (a state_dict()), which load_checkpoint requires")
+    wrapper = _wrapper_prefix(model_state)
+    if wrapper:
+        raise ValueError(f"cannot save checkpoint {os.fspath(path)!r}: {wrapper}")
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "config": dict(config), **extra}
     with atomic_writer(path) as f:
         torch.save(payload, f)
+
+
+def _wrapper_prefix(state: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a state dict whose every key carries a wrapper's prefix, or None."""
+    for prefix, wrapper, unwrapped in (("module.", "DistributedDataParallel (or DataParallel)", "model.module"),
+                                       ("_orig_mod.", "torch.compile", "model._orig_mod")):
+        if state and all(str(k).startswith(prefix) for k in state):
+            return (f"its weights are a {wrapper} wrapper's (every name starts with {prefix!r}); save the "
+                    f"network's own, {unwrapped}.state_dict()")
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, Any]:
@@ -92,9 +105,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
             or non-finite weights (the message names them).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path!r} is a folder, not a checkpoint file (a training run "
+                                "keeps its checkpoint in its --out folder as last.pt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory sits at the end
+        if path.lower().endswith(".onnx"):
+            raise CheckpointError(f"{path!r} is an ONNX model, not a checkpoint (the exporter reads a training "
+                                  "checkpoint; verify_onnx and compare_exports take ONNX models)")
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated (not a complete torch.save archive)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -159,6 +178,9 @@ def build_from_checkpoint(path_or_payload, map_location="cpu") -> torch.nn.Modul
         raise CheckpointError(f"checkpoint weights do not fit {config['name']}/{config['backbone']}: "
                               f"{str(err).splitlines()[-1].strip()}") from None
     if result.missing_keys or result.unexpected_keys:
+        wrapper = _wrapper_prefix(state)
+        if wrapper:
+            raise CheckpointError(f"checkpoint weights do not fit {config['name']}/{config['backbone']}: {wrapper}")
         raise CheckpointError(f"checkpoint weights do not fit {config['name']}/{config['backbone']}: "
                               f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model.eval()

@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, safe reads, clear errors."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -49,6 +50,29 @@ def test_aux_head_checkpoint_rebuilds_with_its_head(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_a_folder_or_an_onnx_model_is_named_for_what_it_is(tmp_path):
+    """A run's --out folder was reported as a checkpoint that 'does not exist', an ONNX model
+    as a 'corrupt or truncated' one."""
+    with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file .*last.pt"):
+        load_checkpoint(tmp_path)
+    onnx_model = tmp_path / "rmi.onnx"
+    onnx_model.write_bytes(b"\x08\x08\x12\x07pytorch")  # the opening of an ONNX protobuf
+    with pytest.raises(CheckpointError, match="is an ONNX model, not a checkpoint"):
+        load_checkpoint(onnx_model)
+
+
+def test_wrapper_weights_are_named(tmp_path, model):
+    """A DistributedDataParallel or torch.compile wrapper's state dict was saved without a
+    word and refused later as 'unexpected module.backbone...'."""
+    for prefix, advice in (("module.", "model.module.state_dict()"), ("_orig_mod.", "model._orig_mod.state_dict()")):
+        wrapped = {prefix + k: v for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=re.escape(advice)):
+            save_checkpoint(tmp_path / "ck.pt", wrapped, CONFIG)
+        assert not (tmp_path / "ck.pt").exists()
+        with pytest.raises(CheckpointError, match=re.escape(advice)):  # a file another tool wrote
+            build_from_checkpoint({"config": CONFIG, "model": wrapped})
 
 
 def test_truncated_file(tmp_path, model):
