@@ -243,7 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         started = time.perf_counter()
         res = run(args)
         if res["status"] != "done":
-            print(f"demo: the {title} run did not finish: {res['message']}", file=sys.stderr)
+            # (the trainer's "continue with --resume" does not apply: a demo starts both runs afresh)
+            print(f"demo: the {title} run did not finish ({res['message'].split(';')[0]}); run the demo "
+                  "again: it trains both networks afresh", file=sys.stderr)
             return 1
         with open(res["checkpoint"], "rb") as src, atomic_writer(os.path.join(out_dir, f"{key}.pt")) as dst:
             shutil.copyfileobj(src, dst)

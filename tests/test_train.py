@@ -612,7 +612,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 32, 32)
 
 
-def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monkeypatch):
+def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monkeypatch, capsys):
     """A demo stopped in its second run left the new ce.pt beside the earlier demo's rmi.pt,
     rmi.onnx and results.json: a pair that compares as one (same structure) but is not."""
     import rmi_triton.demo as demo
@@ -625,10 +625,12 @@ def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monke
 
     def stopped_in_the_rmi_run(args):
         if args.loss == "rmi":
-            return {"status": "stopped", "message": "stopped by a signal"}
+            return {"status": "stopped", "message": "stopped at iteration 1/2 (--stop-at); continue with --resume x"}
         return real_run(args)
 
     monkeypatch.setattr(demo, "run", stopped_in_the_rmi_run)
     assert demo.main(["--quick", "--out", str(out), "--no-export", "--no-progress", "--threads", "2"]) == 1
+    said = capsys.readouterr().err
+    assert "run the demo again" in said and "--resume" not in said  # its run folders go next time
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["ce.pt"]
     assert load_checkpoint(out / "ce.pt")["iteration"] == 2
