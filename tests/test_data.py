@@ -531,6 +531,13 @@ def test_voc_palette_reordered_by_an_editor_keeps_class_ids(tmp_path):
     grey.putpalette(np.repeat(np.arange(256, dtype=np.uint8), 3).tolist())  # ids drawn as grey levels
     grey.save(path)
     np.testing.assert_array_equal(ds.raw(0)[1], lab)
+    # the class colours alone, or padded with black: 255 has no colour or the background's;
+    # the ignored pixels stay ignored (they were read as background)
+    for palette in (voc_palette()[:21], np.concatenate([voc_palette()[:21], np.zeros((235, 3), np.uint8)])):
+        short = Image.frombytes("P", (40, 30), lab.tobytes())
+        short.putpalette(palette.ravel().tolist())
+        short.save(path)
+        np.testing.assert_array_equal(ds.raw(0)[1], lab)
 
 
 def test_voc_error_truncated_or_deep_files_are_named(tmp_path):
@@ -722,6 +729,10 @@ def test_voc_split_lists_as_other_tools_write_them(tmp_path):
             f.write("\n".join(VOC_IDS["train"]) + "\n")
         ds = VOCSegmentation(voc, split=split)
         assert all(os.sep + "SegmentationClassAug" + os.sep in lab for _, lab in ds.samples)
+    with open(os.path.join(seg, "train_noaug.txt"), "w") as f:  # a name that only ends in "aug"
+        f.write("\n".join(VOC_IDS["train"]) + "\n")
+    ds = VOCSegmentation(voc, split="train_noaug")
+    assert all(os.sep + "SegmentationClass" + os.sep in lab for _, lab in ds.samples)
 
 
 def test_a_negative_aug_seed_is_named():

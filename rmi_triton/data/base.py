@@ -107,9 +107,9 @@ def read_index_png(path: str, colours=None) -> np.ndarray:
     Palette ("P") PNGs give their palette indices, grayscale ("L") PNGs their
     values. Colour PNGs are rejected: their pixel values are not class ids.
     With ``colours`` (the dataset's colour map, uint8 ``[256, 3]``: class ``i`` drawn as
-    ``colours[i]``) a palette PNG whose used colours are all class colours is read by
-    colour: an editor or PNG optimiser that reorders the palette moves every index
-    but no colour. A palette with other colours (e.g. grey levels) keeps its indices.
+    ``colours[i]``) a palette PNG whose used colours are a reordering of the map is read by
+    colour: an editor or PNG optimiser that reorders the palette moves every index but no
+    colour. Other palettes (grey levels, the class colours alone) keep their indices.
     """
     with _decoding(path, "label") as im:
         if im.mode not in ("P", "L"):
@@ -124,17 +124,22 @@ def read_index_png(path: str, colours=None) -> np.ndarray:
 
 
 def _ids_by_colour(label: np.ndarray, file_palette, colours: np.ndarray) -> np.ndarray:
-    """The class ids of a palette PNG's indices `label`, by the colours its own palette gives them."""
+    """The class ids of a palette PNG's indices `label`, by the colours its own palette gives
+    them, where those colours are a reordering of the colour map; else the indices as they are.
+    Not a reordering: an index past the file's palette (many tools write the 21 class colours
+    only, and 255 then has none), a colour outside the map, or two indices of one colour
+    (a palette padded with black gives 255 the background's colour)."""
     used = np.unique(label)
-    own = np.zeros((256, 3), dtype=np.uint8)
-    own_flat = np.asarray(file_palette[:768], dtype=np.uint8)
-    own.reshape(-1)[:len(own_flat)] = own_flat
+    entries = len(file_palette) // 3
+    if int(used[-1]) >= entries:
+        return label
+    own = np.asarray(file_palette[:3 * entries], dtype=np.uint8).reshape(-1, 3)
     if (own[used] == colours[used]).all():
         return label  # the colour map's own order (as the official files): indices are ids
     index_of = {tuple(colour): i for i, colour in enumerate(colours.tolist())}
     ids = [index_of.get(tuple(own[i].tolist())) for i in used]
-    if any(i is None for i in ids):
-        return label  # not the colour map's palette: its indices are the ids
+    if any(i is None for i in ids) or len(set(ids)) < len(ids):
+        return label
     table = np.arange(256, dtype=np.uint8)
     table[used] = ids
     return table[label]

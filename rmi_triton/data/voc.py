@@ -70,10 +70,16 @@ def resolve_voc_root(root: str) -> str:
     raise FileNotFoundError(f"VOC root {root} has no JPEGImages/ folder: {_LAYOUT}")
 
 
+def _sbd_split(split: str) -> bool:
+    """Whether `split` names an SBD-augmented list, whose labels are SegmentationClassAug/'s:
+    "train_aug" (any "..._aug"), or the "trainaug" and "aug" of other tools."""
+    return split.endswith("_aug") or split in ("trainaug", "aug")
+
+
 def _find_split_list(root: str, split: str) -> str:
     seg_dir = os.path.join(root, "ImageSets", "Segmentation")
     candidates = [os.path.join(seg_dir, f"{split}.txt")]
-    if split.endswith("aug"):
+    if _sbd_split(split):
         # SBD lists are often shipped next to the folders rather than in ImageSets.
         candidates.append(os.path.join(root, f"{split}.txt"))
     for path in candidates:
@@ -91,8 +97,8 @@ class VOCSegmentation(ImageLabelFolder):
 
     Items: ``(image float32 [3, H, W], label int64 [H, W])`` after ``transform``
     (default: normalise only). ``split`` is ``train``, ``val``, ``trainval`` or any
-    other list in ``ImageSets/Segmentation``; names ending in ``aug`` (``train_aug``,
-    ``trainaug``, ``aug``) read labels from ``SegmentationClassAug/``. All listed files are
+    other list in ``ImageSets/Segmentation``; names ending in ``_aug`` (``train_aug``), and
+    ``trainaug`` and ``aug``, read labels from ``SegmentationClassAug/``. All listed files are
     checked to exist when the dataset is built.
     """
 
@@ -109,8 +115,7 @@ class VOCSegmentation(ImageLabelFolder):
     ):
         self.root = resolve_voc_root(root)
         self.split = split
-        # SBD-augmented lists ("train_aug", "trainaug", "aug") name labels of SegmentationClassAug/
-        label_dir = label_dir or ("SegmentationClassAug" if split.endswith("aug") else "SegmentationClass")
+        label_dir = label_dir or ("SegmentationClassAug" if _sbd_split(split) else "SegmentationClass")
         label_root = require_dir(
             os.path.join(self.root, label_dir),
             f"VOC root {self.root} has no {label_dir}/ folder: expected "
