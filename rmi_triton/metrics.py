@@ -15,9 +15,10 @@ change are marked). Ground truths often mark object outlines as a band of
 `ignore_index` (PASCAL VOC: about 5 px wide); the boundary runs through that band.
 So an ignored pixel within `ignore_band` pixels (Chebyshev) of valid pixels of two or
 more classes takes the label of a nearest valid pixel (`fill_ignore_bands`: the
-band's two sides meet in its middle), and only the ignored pixels that are left (a
-whole ignored object, crop padding) are left out: they are no boundary, make none,
-and the prediction is masked by them. A predicted boundary pixel is matched when a
+band's two sides meet in its middle; `ignore_band=0` turns this off), and only the
+ignored pixels that are left (a whole ignored object, crop padding but for the few
+pixels next to a class change) are left out: they are no boundary, make none, and
+the prediction is masked by them. A predicted boundary pixel is matched when a
 ground-truth boundary pixel lies within `tolerance` pixels (Chebyshev distance,
 done as a max-pool dilation), and vice versa; precision and recall are counted over
 the whole data set, F = 2PR / (P + R), NaN where neither map has a boundary.
@@ -88,13 +89,19 @@ def label_boundaries(labels: torch.Tensor, ignore_index: Optional[int] = 255) ->
         labels = labels[None]
     lab = labels.long()
     valid = lab != ignore_index if ignore_index is not None else torch.ones_like(lab, dtype=torch.bool)
-    big = int(lab[valid].max()) + 1 if valid.any() else 1
-    hi = torch.where(valid, lab, torch.full_like(lab, -1)).double()[:, None]  # ignored can't raise the max
-    lo = torch.where(valid, lab, torch.full_like(lab, big)).double()[:, None]  # nor lower the min
-    nb_max = F.max_pool2d(F.pad(hi, (1, 1, 1, 1), value=-1.0), 3, stride=1)[:, 0]
-    nb_min = -F.max_pool2d(F.pad(-lo, (1, 1, 1, 1), value=-float(big)), 3, stride=1)[:, 0]
+    top, bottom = _label_range(lab, valid, 1)
     labd = lab.double()
-    return valid & ((nb_max != labd) | (nb_min != labd))
+    return valid & ((top != labd) | (bottom != labd))
+
+
+def _label_range(lab: torch.Tensor, valid: torch.Tensor, radius: int):
+    """(largest, smallest) valid label within `radius` px (Chebyshev) of each pixel of lab
+    [N, H, W], float64 [N, H, W] (labels are far below 2^53: exact); -1 and a number past
+    every label where no pixel within reach is valid."""
+    past = int(lab[valid].max()) + 1 if bool(valid.any()) else 1
+    hi = torch.where(valid, lab, -1).double()[:, None]
+    lo = torch.where(valid, lab, past).double()[:, None]
+    return _window_max(hi, radius)[:, 0], -_window_max(-lo, radius)[:, 0]
 
 
 def _dilate(mask: torch.Tensor, tolerance: int) -> torch.Tensor:
@@ -116,15 +123,12 @@ def fill_ignore_bands(labels: torch.Tensor, ignore_index: Optional[int] = 255,
     valid = lab != ignore_index
     if bool(valid.all()) or not bool(valid.any()):
         return lab
-    hi = torch.where(valid, lab, -1).double()[:, None]  # labels are far below 2^53: exact
-    lo = torch.where(valid, lab, int(lab[valid].max()) + 1).double()[:, None]
-    top = _window_max(hi, band)
-    bottom = -_window_max(-lo, band)
-    between = (~valid[:, None]) & (top >= 0) & (bottom != top)  # two classes within `band`
-    grown = hi
+    top, bottom = _label_range(lab, valid, band)
+    between = ~valid & (top >= 0) & (bottom != top)  # two classes within `band`
+    grown = torch.where(valid, lab, -1).double()[:, None]
     for _ in range(band):
         grown = torch.where(grown < 0, F.max_pool2d(grown, 3, stride=1, padding=1), grown)
-    return torch.where(between, grown, hi).long()[:, 0].masked_fill_(~(valid | between[:, 0]), ignore_index)
+    return torch.where(between, grown[:, 0].long(), lab).masked_fill_(~(valid | between), ignore_index)
 
 
 def _window_max(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -181,12 +185,13 @@ class SegmentationMetrics:
     """Accumulates a confusion matrix and boundary counts over batches."""
 
     def __init__(self, num_classes: int, ignore_index: Optional[int] = 255, boundary_tolerance: int = 2,
-                 class_names: Optional[Sequence[str]] = None):
+                 class_names: Optional[Sequence[str]] = None, ignore_band: int = IGNORE_BAND):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ignore_index = ignore_index
         self.boundary_tolerance = int(boundary_tolerance)
+        self.ignore_band = int(ignore_band)  # 0: ignored pixels never hold a boundary
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
         self.reset()
 
@@ -205,7 +210,7 @@ class SegmentationMetrics:
                             f"{tuple(target.shape)}: pass class indices (an integer tensor), or logits with a "
                             f"class axis before the last two, [N, C, H, W]")
         self.confusion += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
-        self.boundary += boundary_counts(pred, target, self.boundary_tolerance, self.ignore_index)
+        self.boundary += boundary_counts(pred, target, self.boundary_tolerance, self.ignore_index, self.ignore_band)
 
     def state(self) -> torch.Tensor:
         """Flat int64 state, to be summed across processes and given back to `load_state`."""

@@ -82,6 +82,9 @@ def test_ignore_band_holds_the_boundary():
     missed = torch.zeros_like(gt)  # the region on the right not found: nothing recalled
     assert boundary_counts(missed, gt, tolerance=1).tolist() == [0, 0, 0, 10]
     assert boundary_fscore(missed, gt, tolerance=1) == 0.0
+    plain = SegmentationMetrics(2, boundary_tolerance=0, ignore_band=0)  # ignored pixels hold no boundary
+    plain.update(pred, gt)
+    assert plain.boundary.tolist() == [0, 0, 0, 0]
 
 
 def _voc_square(size=40, lo=12, hi=28, band=5):
