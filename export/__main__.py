@@ -21,7 +21,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from rmi_triton.files import remove_leftovers
+from rmi_triton.files import remove_leftovers, same_file
 
 from .compare import comparable, compare_exports
 from .errors import ExportError
@@ -147,18 +147,12 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _refuse_overwriting_inputs(outputs: Dict[str, str], inputs: Dict[str, Optional[str]]) -> None:
     """The files written replace their paths: one that is also an input would be lost (a
     checkpoint's weights overwritten by the ONNX graph)."""
     for out_name, out_path in outputs.items():
         for in_name, in_path in inputs.items():
-            if in_path is not None and _same_file(out_path, os.fspath(in_path)):
+            if in_path is not None and same_file(out_path, in_path):
                 raise _UsageError(f"{out_name} {out_path!r} is {in_name}: writing it would destroy an input; "
                                   "choose another output path")
 

@@ -67,6 +67,15 @@ def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".jso
     return removed
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (links and relative spellings too); a path that does
+    not exist yet is compared by its resolved name."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)

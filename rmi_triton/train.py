@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
-from .files import atomic_writer, json_safe, remove_leftovers, write_atomically
+from .files import atomic_writer, json_safe, remove_leftovers, same_file, write_atomically
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
@@ -177,7 +178,9 @@ _RMI_FLAGS = {"rmi_radius": "radius", "rmi_pool": "pool", "rmi_pool_size": "pool
               "rmi_combine": "combine", "rmi_pixel_loss": "pixel_loss", "rmi_probs": "probs",
               "rmi_exclude_ignored": "exclude_ignored", "rmi_backend": "backend"}
 # Saved in train_config since a later version: a checkpoint without them is not compared on them.
-_LATER_KEYS = ("momentum", "weight_decay", "amp") + tuple(dest for dest in _RMI_FLAGS if dest != "rmi_backend")
+# The --rmi-* options a resumed run must share (the engine may change: both compute the same loss).
+_RMI_COMPARED = tuple(dest for dest in _RMI_FLAGS if dest != "rmi_backend")
+_LATER_KEYS = ("momentum", "weight_decay", "amp") + _RMI_COMPARED
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -228,16 +231,6 @@ def _check_out(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--out {args.out} holds an earlier run (last.pt): continue it with --resume auto, "
                      "start over there with --overwrite (its checkpoint, log and metrics are removed), "
                      "or choose another --out")
-    if args.resume not in (None, "auto") and os.path.isfile(last) and not _same_file(args.resume, last):
-        parser.error(f"--out {args.out} holds another run's last.pt, which --resume {args.resume} would "
-                     "replace: continue that run with --resume auto, or give this one another --out")
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def rmi_options(args) -> Dict[str, Any]:
@@ -687,7 +680,7 @@ def _schedule_config(args) -> Dict[str, Any]:
     settings, the precision and the loss (its engine may change: both compute the same)."""
     config = {k: getattr(args, k) for k in _SCHEDULE_KEYS if getattr(args, k) is not None}
     if args.loss == "rmi":
-        config.update({dest: getattr(args, dest) for dest in _RMI_FLAGS if dest != "rmi_backend"})
+        config.update({dest: getattr(args, dest) for dest in _RMI_COMPARED})
     return config
 
 
@@ -740,7 +733,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         criterion = make_criterion(args, num_classes, ignore_index)
 
-        start, losses, data_order = 0, [], DATA_ORDER
+        start, losses, data_order, run_id = 0, [], DATA_ORDER, uuid.uuid4().hex
         ckpt_path = os.path.join(out_dir, "last.pt")
         resume = args.resume
         if resume == "auto":
@@ -750,6 +743,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             try:
                 state = load_checkpoint(resume, map_location="cpu")
                 _check_resume(state, args, config, resume, dist.world, total)
+                _check_same_run(state, resume, ckpt_path, args.out)
             except (FileNotFoundError, CheckpointError) as err:
                 problem = f"--resume {resume}: {err}"
             except SystemExit as refusal:
@@ -766,6 +760,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             start = int(state["iteration"])
             losses = [float(v) for v in state.get("losses", [])][:start]
             data_order = int(state.get("train_config", {}).get("data_order", 1))
+            run_id = state.get("train_config", {}).get("run", run_id)  # older checkpoints: from now on
             rng = state["rng"]
             ranks = rng.get("torch_ranks")
             if ranks is not None and len(ranks) == dist.world:
@@ -800,15 +795,17 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                             optimizer=optimizer.state_dict(),
                             scaler=scaler.state_dict() if use_scaler else {}, rng=rng,
                             losses=list(losses), train_config=dict(_schedule_config(args), world=dist.world,
-                                                data_order=data_order),
+                                                data_order=data_order, run=run_id),
                             total_iterations=total)
             return ckpt_path
 
         log_path = os.path.join(out_dir, "log.jsonl")
         if dist.main:
             os.makedirs(out_dir, exist_ok=True)
-            # a checkpoint from elsewhere: a log or metrics in --out are no part of its run
-            _start_files(out_dir, log_path, start, fresh=not resume or not _same_file(resume, ckpt_path))
+            # a checkpoint from elsewhere into an --out without last.pt: a log or metrics there are no
+            # part of its run (with last.pt, `_check_same_run` found it the same run's)
+            _start_files(out_dir, log_path, start,
+                         fresh=not resume or not (same_file(resume, ckpt_path) or os.path.isfile(ckpt_path)))
         result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
                                   "model": model, "checkpoint": None, "message": "",
                                   "seconds_per_iteration": float("nan"), "total_iterations": total,
@@ -963,6 +960,20 @@ def _nonfinite_message(iteration: int, what: str, ckpt_path: str) -> str:
             f"non-finite weights are never saved). Lower --lr or check the data.")
 
 
+def _check_same_run(state: Dict[str, Any], resume: str, ckpt_path: str, out: str) -> None:
+    """--resume PATH into an --out whose last.pt is another run's would replace it and mix the
+    two logs; a snapshot of the same run (a copy of an earlier last.pt) rolls it back."""
+    if not os.path.isfile(ckpt_path) or same_file(resume, ckpt_path):
+        return
+    try:  # only train_config is read (mmap: the tensors stay on disk)
+        other = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["train_config"]["run"]
+    except Exception:  # unreadable, or written before runs had an id
+        other = None
+    if other is None or other != state.get("train_config", {}).get("run"):
+        raise SystemExit(f"--out {out} holds another run's last.pt, which --resume {resume} would replace: "
+                         "continue that run with --resume auto, or give this one another --out")
+
+
 def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str, world: int,
                   total: int) -> None:
     for key in CONFIG_KEYS:
@@ -976,8 +987,15 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     now = dict(_schedule_config(args), world=world)
     if "world" not in saved:  # written before the count was: its per-process RNG states tell it
         saved = dict(saved, world=len(state["rng"].get("torch_ranks") or [None]))
+    if "momentum" not in saved:  # likewise: the optimizer's state holds what the run used
+        group = (state["optimizer"].get("param_groups") or [{}])[0]
+        saved = dict(saved, **{k: group[k] for k in ("momentum", "weight_decay") if k in group})
+    if saved.get("data_order", 1) not in (1, DATA_ORDER):
+        raise SystemExit(f"--resume {path}: the checkpoint orders its data by rule {saved['data_order']}, which "
+                         "this version does not know (a later version wrote it)")
     diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
-            if k != "data_order" and not (k in _LATER_KEYS and k not in saved) and saved.get(k) != now.get(k)}
+            if k not in ("data_order", "run") and not (k in _LATER_KEYS and k not in saved)
+            and saved.get(k) != now.get(k)}
     if "world" in diff:  # the data order and the batch differ, and with --epochs the run's length
         raise SystemExit(f"--resume {path}: the checkpoint's run had {saved['world']} process(es), this one "
                          f"{world}: resume with {saved['world']} (each process trains its own shard of "

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,17 +165,45 @@ def test_resume_refuses_a_different_schedule(tmp_path):
 
 
 def test_resume_into_another_runs_out_is_refused(tmp_path):
-    """--resume PATH --out DIR replaced DIR's own last.pt and mixed the two runs' logs."""
+    """--resume PATH --out DIR replaced DIR's own last.pt and mixed the two runs' logs; a
+    snapshot of DIR's own run (an earlier last.pt kept aside) rolls it back."""
     run(_args(tmp_path / "a", "--no-final-eval", "--stop-at", "2"), log=_quiet)
+    shutil.copyfile(tmp_path / "a" / "last.pt", tmp_path / "a-at-2.pt")
     run(_args(tmp_path / "c", "--no-final-eval", "--stop-at", "1", "--seed", "7"), log=_quiet)
-    with pytest.raises(SystemExit):
-        parse_args(TINY + ["--out", str(tmp_path / "c"), "--resume", str(tmp_path / "a" / "last.pt")])
+    with pytest.raises(SystemExit, match="holds another run's last.pt"):
+        run(_args(tmp_path / "c", "--no-final-eval", "--resume", str(tmp_path / "a" / "last.pt")), log=_quiet)
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["iteration"] == 1  # run c's, untouched
     os.remove(tmp_path / "c" / "last.pt")  # its log and metrics stay: no part of run a
     result = run(_args(tmp_path / "c", "--no-final-eval", "--resume", str(tmp_path / "a" / "last.pt")),
                  log=_quiet)
     assert result["status"] == "done"
     logged = [json.loads(line)["iteration"] for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert logged == [3, 4, 5, 6]
+    # run a went on to 4; its snapshot at 2 rolls it back, its log cut there
+    run(_args(tmp_path / "a", "--no-final-eval", "--resume", "auto", "--stop-at", "4"), log=_quiet)
+    back = run(_args(tmp_path / "a", "--no-final-eval", "--resume", str(tmp_path / "a-at-2.pt"),
+                     "--stop-at", "3"), log=_quiet)
+    assert back["iteration"] == 3
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+
+
+def test_resume_of_a_checkpoint_from_before_its_settings_were_saved(tmp_path):
+    """Such a checkpoint's optimizer state says the momentum and weight decay its run used
+    (the flags were taken and written into the next checkpoint while the loaded state ran
+    on the old values); a data order it does not know is refused."""
+    run(_args(tmp_path, "--no-final-eval", "--stop-at", "1"), log=_quiet)
+    path = tmp_path / "last.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("momentum", "weight_decay"):
+        del state["train_config"][key]
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=re.escape("momentum 0.9 -> 0.5")):
+        run(_args(tmp_path, "--no-final-eval", "--resume", str(path), "--momentum", "0.5"), log=_quiet)
+    state["train_config"]["data_order"] = 3
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match="orders its data by rule 3"):
+        run(_args(tmp_path, "--no-final-eval", "--resume", str(path)), log=_quiet)
 
 
 def test_epochs_bce_and_bfloat16_autocast(tmp_path):
