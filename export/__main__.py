@@ -25,7 +25,7 @@ from rmi_triton.files import remove_leftovers, same_file
 
 from .compare import comparable, compare_exports
 from .errors import ExportError
-from .files import check_writable, staged
+from .files import check_writable, remove_dead_staged, staged
 from .graph import summarize
 from .onnx_export import export_onnx
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, load_model, verify_onnx
@@ -165,9 +165,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     json_path = check_writable(report_path(output))
     _refuse_overwriting_inputs({"OUT": output, "its report": json_path},
                                {"the checkpoint": args.checkpoint, "--compare": args.compare})
-    # what an export killed mid-way (SIGTERM from a scheduler, SIGKILL) left staged: a model each
+    # what an export killed mid-way (SIGTERM from a scheduler, SIGKILL) left behind: a model each
     for folder in {os.path.dirname(os.path.abspath(p)) for p in (output, json_path)}:
-        remove_leftovers(folder, suffixes=(".onnx", ".json"), prefixes=(".staged-", ".tmp-"))
+        remove_dead_staged(folder)
+        remove_leftovers(folder, suffixes=(".onnx", ".json"))  # atomic writes cut short
     payload = load_checkpoint(args.checkpoint)
     if args.compare:
         comparable(args.compare)  # before the export: a file that cannot be compared fails fast

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import time
 from typing import Iterator
 
 from rmi_triton.files import publishable
@@ -44,7 +47,9 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".staged-", suffix=os.path.splitext(path)[1], dir=folder)
+    # the name says whose it is, so that `remove_dead_staged` leaves a live export's alone
+    fd, tmp = tempfile.mkstemp(prefix=f".staged-{os.getpid()}@{_host()}-", suffix=os.path.splitext(path)[1],
+                               dir=folder)
     publishable(fd)
     os.close(fd)
     try:
@@ -54,3 +59,43 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
         raise
     os.replace(tmp, path)
+
+
+_STAGED = re.compile(r"\.staged-(\d+)@([\w.]*)-")
+STALE_S = 86400.0  # a staged file this old is left over, whoever staged it
+
+
+def _host() -> str:
+    return re.sub(r"[^\w.]", "_", socket.gethostname())
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there: no test of liveness
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead_staged(folder: str | os.PathLike) -> list:
+    """Remove what exports killed mid-way (a scheduler's SIGTERM, SIGKILL) left staged in
+    `folder`, a model's worth of disk each: the `.staged-*` files whose process, named in the
+    file's name, is gone from this machine, and any untouched for a day (another machine's in
+    a shared folder, or older names). A live export's files stay, however long it verifies.
+    -> names removed."""
+    removed, now, host = [], time.time(), _host()
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if not entry.name.startswith(".staged-") or not entry.is_file(follow_symlinks=False):
+                continue
+            owner = _STAGED.match(entry.name)
+            gone = owner is not None and owner.group(2) == host and not _alive(int(owner.group(1)))
+            if gone or now - entry.stat().st_mtime > STALE_S:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed

@@ -50,16 +50,14 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
-def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".json"), age_s: float = 600.0,
-                     prefixes=(".tmp-",)) -> list:
-    """Remove the temporaries an `atomic_writer` (or the exporter's staging) killed mid-write
-    left in `folder` (a checkpoint's worth of disk each): files named with one of `prefixes`
-    and `suffixes`, untouched for `age_s` seconds (a writer still at work touches its own).
-    -> names removed."""
+def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".json"), age_s: float = 600.0) -> list:
+    """Remove the temporaries an `atomic_writer` killed mid-write left in `folder` (a
+    checkpoint's worth of disk each): `.tmp-*` files with one of `suffixes` untouched for `age_s` seconds (an `atomic_writer` at work writes its file to the end
+    without pausing). -> names removed."""
     removed, now = [], time.time()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
-            if entry.name.startswith(tuple(prefixes)) and entry.name.endswith(tuple(suffixes)) \
+            if entry.name.startswith(".tmp-") and entry.name.endswith(tuple(suffixes)) \
                     and entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > age_s:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import pathlib
+import time
 
 import pytest
 import torch
@@ -648,18 +649,30 @@ def test_cli_compare_of_other_structures_exits_1(workdir, checkpoints, capsys):
 
 def test_cli_clears_what_a_killed_export_left_staged(workdir, checkpoints, capsys):
     """An export killed by a signal (a scheduler's SIGTERM) left its staged model, a model's
-    worth of disk each time; the next export there removes those untouched for 10 minutes."""
+    worth of disk each time; the next export there removes those whose process is gone, and
+    leaves a live export's alone however long it has been verifying."""
+    import subprocess
+    import sys as _sys
+
+    from rmi_triton.export.files import _host
+
     folder = workdir / "killed"
     folder.mkdir()
-    for name in (".staged-old.onnx", ".staged-old.json", ".tmp-old.onnx"):
-        (folder / name).write_bytes(b"left by a kill")
-        os.utime(folder / name, (1.0e9, 1.0e9))
-    (folder / ".staged-now.onnx").write_bytes(b"another export at work")
-    (folder / ".staged-old.txt").write_bytes(b"not the exporter's")
-    os.utime(folder / ".staged-old.txt", (1.0e9, 1.0e9))
+    gone = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = _host()
+    left = {f".staged-{gone}@{host}-a.onnx": 0, f".staged-{gone}@{host}-b.json": 0,  # a process gone: now
+            ".staged-old.onnx": 1.0e9, ".tmp-old.onnx": 1.0e9}  # older names, a cut write: once old
+    hour_ago = time.time() - 3600
+    kept = {f".staged-{os.getpid()}@{host}-live.onnx": hour_ago,  # a live export, verifying for an hour
+            ".staged-recent.onnx": 0, ".staged-1@other_host-x.onnx": hour_ago}  # another machine's
+    for name, mtime in {**left, **kept}.items():
+        (folder / name).write_bytes(b"staged")
+        if mtime:
+            os.utime(folder / name, (mtime, mtime))
     assert main([str(checkpoints[0]), str(folder / "m.onnx"), "--size", "32x32"]) == 0
     capsys.readouterr()
-    assert sorted(os.listdir(folder)) == [".staged-now.onnx", ".staged-old.txt", "m.json", "m.onnx"]
+    assert set(os.listdir(folder)) == set(kept) | {"m.json", "m.onnx"}
 
 
 @pytest.mark.parametrize("size", ["0x64", "64", "axb"])
