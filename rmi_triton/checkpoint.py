@@ -67,8 +67,10 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
 
     Raises:
         ValueError: ``config`` lacks a key of `CONFIG_KEYS` or holds a value of
-            the wrong type (see `_config_problem`), or ``model_state`` is not a dict
-            of tensors; nothing is written.
+            the wrong type (see `_config_problem`), ``model_state`` is not a dict
+            of tensors, or it is a DistributedDataParallel / torch.compile wrapper's
+            (its names prefixed; `build_from_checkpoint` could not load it); nothing
+            is written.
     """
     problem = _config_problem(config)
     if problem:
@@ -85,13 +87,22 @@ def save_checkpoint(path: str | os.PathLike, model_state: Dict[str, torch.Tensor
 
 
 def _wrapper_prefix(state: Dict[str, Any]) -> Optional[str]:
-    """What is wrong with a state dict whose every key carries a wrapper's prefix, or None."""
-    for prefix, wrapper, unwrapped in (("module.", "DistributedDataParallel (or DataParallel)", "model.module"),
-                                       ("_orig_mod.", "torch.compile", "model._orig_mod")):
-        if state and all(str(k).startswith(prefix) for k in state):
-            return (f"its weights are a {wrapper} wrapper's (every name starts with {prefix!r}); save the "
-                    f"network's own, {unwrapped}.state_dict()")
-    return None
+    """What is wrong with a state dict whose every key carries a wrapper's prefix, or None:
+    DistributedDataParallel (or DataParallel) names its network `module.`, torch.compile
+    `_orig_mod.`, and the two nest."""
+    wrappers = {"module.": "DistributedDataParallel", "_orig_mod.": "torch.compile"}
+    names, chain = [str(k) for k in state], []
+    while names:
+        prefix = next((p for p in wrappers if all(n.startswith(p) for n in names)), None)
+        if prefix is None:
+            break
+        chain.append(prefix)
+        names = [n[len(prefix):] for n in names]
+    if not chain:
+        return None
+    unwrapped = "model" + "".join("." + p.rstrip(".") for p in chain)
+    return (f"its weights are a {' + '.join(wrappers[p] for p in chain)} wrapper's (every name starts with "
+            f"{''.join(chain)!r}); save the network's own, {unwrapped}.state_dict()")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, Any]:

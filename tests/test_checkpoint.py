@@ -66,7 +66,8 @@ def test_a_folder_or_an_onnx_model_is_named_for_what_it_is(tmp_path):
 def test_wrapper_weights_are_named(tmp_path, model):
     """A DistributedDataParallel or torch.compile wrapper's state dict was saved without a
     word and refused later as 'unexpected module.backbone...'."""
-    for prefix, advice in (("module.", "model.module.state_dict()"), ("_orig_mod.", "model._orig_mod.state_dict()")):
+    for prefix, advice in (("module.", "model.module.state_dict()"), ("_orig_mod.", "model._orig_mod.state_dict()"),
+                           ("module._orig_mod.", "model.module._orig_mod.state_dict()")):  # compiled, then wrapped
         wrapped = {prefix + k: v for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match=re.escape(advice)):
             save_checkpoint(tmp_path / "ck.pt", wrapped, CONFIG)
