@@ -56,7 +56,8 @@ _ORDER_TAG = 0x4F524452  # likewise the data orders
 # orders one epoch early. A resumed run keeps its checkpoint's.
 DATA_ORDER = 2
 
-# Options a resumed run must share with the run it continues (they define the schedule).
+# Options a resumed run must share with the run it continues (the schedule, the optimizer's
+# settings, the precision; `_schedule_config` adds the loss's).
 _SCHEDULE_KEYS = ("model", "backbone", "output_stride", "dataset", "num_classes", "loss", "batch_size",
                   "crop", "iterations", "epochs", "seed", "lr", "lr_power", "augment", "train_length",
                   "momentum", "weight_decay", "amp")
@@ -177,9 +178,9 @@ def _device_or_default(device_arg: Optional[str]) -> str:
 _RMI_FLAGS = {"rmi_radius": "radius", "rmi_pool": "pool", "rmi_pool_size": "pool_size", "rmi_weight": "rmi_weight",
               "rmi_combine": "combine", "rmi_pixel_loss": "pixel_loss", "rmi_probs": "probs",
               "rmi_exclude_ignored": "exclude_ignored", "rmi_backend": "backend"}
-# Saved in train_config since a later version: a checkpoint without them is not compared on them.
 # The --rmi-* options a resumed run must share (the engine may change: both compute the same loss).
 _RMI_COMPARED = tuple(dest for dest in _RMI_FLAGS if dest != "rmi_backend")
+# Saved in train_config since a later version: a checkpoint without them is not compared on them.
 _LATER_KEYS = ("momentum", "weight_decay", "amp") + _RMI_COMPARED
 
 
@@ -226,8 +227,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def _check_out(parser: argparse.ArgumentParser, args) -> None:
     if args.overwrite and args.resume is not None:
         parser.error(f"--overwrite starts afresh and --resume {args.resume} continues: pass one of them")
-    last = os.path.join(args.out, "last.pt")
-    if args.resume is None and not args.overwrite and os.path.isfile(last):
+    if args.resume is None and not args.overwrite and os.path.isfile(os.path.join(args.out, "last.pt")):
         parser.error(f"--out {args.out} holds an earlier run (last.pt): continue it with --resume auto, "
                      "start over there with --overwrite (its checkpoint, log and metrics are removed), "
                      "or choose another --out")
