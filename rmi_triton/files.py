@@ -52,8 +52,9 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".json"), age_s: float = 600.0) -> list:
     """Remove the temporaries an `atomic_writer` killed mid-write left in `folder` (a
-    checkpoint's worth of disk each): `.tmp-*` files with one of `suffixes` untouched for `age_s` seconds (an `atomic_writer` at work writes its file to the end
-    without pausing). -> names removed."""
+    checkpoint's worth of disk each): `.tmp-*` files with one of `suffixes` untouched for
+    `age_s` seconds (an `atomic_writer` at work writes its file to the end without pausing).
+    -> names removed."""
     removed, now = [], time.time()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
