@@ -533,11 +533,13 @@ def test_voc_palette_reordered_by_an_editor_keeps_class_ids(tmp_path):
     np.testing.assert_array_equal(ds.raw(0)[1], lab)
     # the class colours alone, or padded with black: 255 has no colour or the background's;
     # the ignored pixels stay ignored (they were read as background)
+    no_background = np.where(lab == 0, 15, lab).astype(np.uint8)  # an object filling the frame
     for palette in (voc_palette()[:21], np.concatenate([voc_palette()[:21], np.zeros((235, 3), np.uint8)])):
-        short = Image.frombytes("P", (40, 30), lab.tobytes())
-        short.putpalette(palette.ravel().tolist())
-        short.save(path)
-        np.testing.assert_array_equal(ds.raw(0)[1], lab)
+        for ids in (lab, no_background):
+            short = Image.frombytes("P", (40, 30), ids.tobytes())
+            short.putpalette(palette.ravel().tolist())
+            short.save(path)
+            np.testing.assert_array_equal(ds.raw(0)[1], ids)
 
 
 def test_voc_error_truncated_or_deep_files_are_named(tmp_path):

@@ -127,8 +127,8 @@ def _ids_by_colour(label: np.ndarray, file_palette, colours: np.ndarray) -> np.n
     """The class ids of a palette PNG's indices `label`, by the colours its own palette gives
     them, where those colours are a reordering of the colour map; else the indices as they are.
     Not a reordering: an index past the file's palette (many tools write the 21 class colours
-    only, and 255 then has none), a colour outside the map, or two indices of one colour
-    (a palette padded with black gives 255 the background's colour)."""
+    only, and 255 then has none), a colour outside the map, or a used colour the palette
+    holds twice (padded with black, 255 has the background's colour)."""
     used = np.unique(label)
     entries = len(file_palette) // 3
     if int(used[-1]) >= entries:
@@ -136,6 +136,9 @@ def _ids_by_colour(label: np.ndarray, file_palette, colours: np.ndarray) -> np.n
     own = np.asarray(file_palette[:3 * entries], dtype=np.uint8).reshape(-1, 3)
     if (own[used] == colours[used]).all():
         return label  # the colour map's own order (as the official files): indices are ids
+    _, shared, counts = np.unique(own, axis=0, return_inverse=True, return_counts=True)
+    if (counts[shared.reshape(-1)[used]] > 1).any():
+        return label  # a used colour at two indices (padding): the colour does not name one class
     index_of = {tuple(colour): i for i, colour in enumerate(colours.tolist())}
     ids = [index_of.get(tuple(own[i].tolist())) for i in used]
     if any(i is None for i in ids) or len(set(ids)) < len(ids):
