@@ -90,7 +90,7 @@ def _wrapper_prefix(state: Dict[str, Any]) -> Optional[str]:
     """What is wrong with a state dict whose every key carries a wrapper's prefix, or None:
     DistributedDataParallel (or DataParallel) names its network `module.`, torch.compile
     `_orig_mod.`, and the two nest."""
-    wrappers = {"module.": "DistributedDataParallel", "_orig_mod.": "torch.compile"}
+    wrappers = {"module.": "DistributedDataParallel (or DataParallel)", "_orig_mod.": "torch.compile"}
     names, chain = [str(k) for k in state], []
     while names:
         prefix = next((p for p in wrappers if all(n.startswith(p) for n in names)), None)

@@ -760,7 +760,6 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             start = int(state["iteration"])
             losses = [float(v) for v in state.get("losses", [])][:start]
             data_order = int(state.get("train_config", {}).get("data_order", 1))
-            run_id = state.get("train_config", {}).get("run", run_id)  # older checkpoints: from now on
             rng = state["rng"]
             ranks = rng.get("torch_ranks")
             if ranks is not None and len(ranks) == dist.world:
@@ -800,12 +799,14 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             return ckpt_path
 
         log_path = os.path.join(out_dir, "log.jsonl")
+        # a checkpoint from elsewhere into an --out without last.pt starts a run of its own there (a
+        # log or metrics there are no part of it); with last.pt `_check_same_run` found it the same run
+        fresh = not resume or not (same_file(resume, ckpt_path) or os.path.isfile(ckpt_path))
+        if not fresh:  # (a checkpoint from before runs were named: its run is named from now on)
+            run_id = state.get("train_config", {}).get("run", run_id)
         if dist.main:
             os.makedirs(out_dir, exist_ok=True)
-            # a checkpoint from elsewhere into an --out without last.pt: a log or metrics there are no
-            # part of its run (with last.pt, `_check_same_run` found it the same run's)
-            _start_files(out_dir, log_path, start,
-                         fresh=not resume or not (same_file(resume, ckpt_path) or os.path.isfile(ckpt_path)))
+            _start_files(out_dir, log_path, start, fresh)
         result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
                                   "model": model, "checkpoint": None, "message": "",
                                   "seconds_per_iteration": float("nan"), "total_iterations": total,
@@ -930,13 +931,19 @@ def _start_files(out_dir: str, log_path: str, start: int, fresh: bool) -> None:
     """The files of a run starting at iteration `start`: a fresh one (`--overwrite`) removes an
     earlier run's checkpoint, log and metrics (none of them may pass for its own); a resumed
     one keeps the log up to its checkpoint's iteration (iterations logged after it, before a
-    kill, are run and logged again). Either way the temporaries of saves a kill cut short go."""
+    kill, are run and logged again) and drops metrics of a later iteration (a run rolled back
+    to a snapshot). Either way the temporaries of saves a kill cut short go."""
     remove_leftovers(out_dir)
     if fresh:
         for name in ("last.pt", "log.jsonl", "metrics.json"):
             if os.path.isfile(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         return
+    metrics = os.path.join(out_dir, "metrics.json")
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        with open(metrics, encoding="utf-8") as f:
+            if int(json.load(f)["iteration"]) > start:  # a later iteration's (a run rolled back)
+                os.remove(metrics)
     if not os.path.isfile(log_path):
         return
     with open(log_path, encoding="utf-8") as f:
@@ -970,8 +977,9 @@ def _check_same_run(state: Dict[str, Any], resume: str, ckpt_path: str, out: str
     except Exception:  # unreadable, or written before runs had an id
         other = None
     if other is None or other != state.get("train_config", {}).get("run"):
-        raise SystemExit(f"--out {out} holds another run's last.pt, which --resume {resume} would replace: "
-                         "continue that run with --resume auto, or give this one another --out")
+        raise SystemExit(f"--out {out} holds the last.pt of another run (or of one from before runs were "
+                         f"named), which --resume {resume} would replace: continue that run with --resume auto, "
+                         "or give this one another --out")
 
 
 def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str, world: int,

@@ -170,7 +170,7 @@ def test_resume_into_another_runs_out_is_refused(tmp_path):
     run(_args(tmp_path / "a", "--no-final-eval", "--stop-at", "2"), log=_quiet)
     shutil.copyfile(tmp_path / "a" / "last.pt", tmp_path / "a-at-2.pt")
     run(_args(tmp_path / "c", "--no-final-eval", "--stop-at", "1", "--seed", "7"), log=_quiet)
-    with pytest.raises(SystemExit, match="holds another run's last.pt"):
+    with pytest.raises(SystemExit, match="holds the last.pt of another run"):
         run(_args(tmp_path / "c", "--no-final-eval", "--resume", str(tmp_path / "a" / "last.pt")), log=_quiet)
     assert load_checkpoint(tmp_path / "c" / "last.pt")["iteration"] == 1  # run c's, untouched
     os.remove(tmp_path / "c" / "last.pt")  # its log and metrics stay: no part of run a
@@ -179,11 +179,15 @@ def test_resume_into_another_runs_out_is_refused(tmp_path):
     assert result["status"] == "done"
     logged = [json.loads(line)["iteration"] for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert logged == [3, 4, 5, 6]
-    # run a went on to 4; its snapshot at 2 rolls it back, its log cut there
+    # c went its own way from a's checkpoint: it is another run, and may not replace a's either
+    with pytest.raises(SystemExit, match="holds the last.pt of another run"):
+        run(_args(tmp_path / "a", "--no-final-eval", "--resume", str(tmp_path / "c" / "last.pt")), log=_quiet)
+    # run a went on to 4; its snapshot at 2 rolls it back, its log cut there and later metrics gone
     run(_args(tmp_path / "a", "--no-final-eval", "--resume", "auto", "--stop-at", "4"), log=_quiet)
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({"iteration": 4, "metrics": {}}))
     back = run(_args(tmp_path / "a", "--no-final-eval", "--resume", str(tmp_path / "a-at-2.pt"),
                      "--stop-at", "3"), log=_quiet)
-    assert back["iteration"] == 3
+    assert back["iteration"] == 3 and not (tmp_path / "a" / "metrics.json").exists()
     logged = [json.loads(line)["iteration"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3]
 
