@@ -17,7 +17,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
@@ -25,7 +27,7 @@ from rmi_triton.files import remove_leftovers, same_file
 
 from .compare import comparable, compare_exports
 from .errors import ExportError
-from .files import check_writable, remove_dead_staged, staged
+from .files import check_writable, remove_stale_staged, staged
 from .graph import summarize
 from .onnx_export import export_onnx
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, load_model, verify_onnx
@@ -165,9 +167,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     json_path = check_writable(report_path(output))
     _refuse_overwriting_inputs({"OUT": output, "its report": json_path},
                                {"the checkpoint": args.checkpoint, "--compare": args.compare})
-    # what an export killed mid-way (SIGTERM from a scheduler, SIGKILL) left behind: a model each
+    # what an export killed outright (SIGKILL) left behind: a model each
     for folder in {os.path.dirname(os.path.abspath(p)) for p in (output, json_path)}:
-        remove_dead_staged(folder)
+        remove_stale_staged(folder)
         remove_leftovers(folder, suffixes=(".onnx", ".json"))  # atomic writes cut short
     payload = load_checkpoint(args.checkpoint)
     if args.compare:
@@ -197,8 +199,23 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through `staged`, which removes what it staged
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (0 success, 1 --compare found other structures, 2 any error)."""
+    """Entry point; returns the exit code (0 success, 1 --compare found other structures, 2 any error).
+    SIGTERM (a scheduler's, `timeout`'s) ends it as an exception would: nothing staged is left."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         args = _parser().parse_args(argv)
         report = run(args)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import socket
 import tempfile
 import time
 from typing import Iterator
@@ -47,9 +45,7 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    # the name says whose it is, so that `remove_dead_staged` leaves a live export's alone
-    fd, tmp = tempfile.mkstemp(prefix=f".staged-{os.getpid()}@{_host()}-", suffix=os.path.splitext(path)[1],
-                               dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".staged-", suffix=os.path.splitext(path)[1], dir=folder)
     publishable(fd)
     os.close(fd)
     try:
@@ -61,40 +57,20 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     os.replace(tmp, path)
 
 
-_STAGED = re.compile(r"\.staged-(\d+)@([\w.]*)-")
-STALE_S = 86400.0  # a staged file this old is left over, whoever staged it
+
+STALE_S = 86400.0  # a staged model untouched this long is a killed export's
 
 
-def _host() -> str:
-    return re.sub(r"[^\w.]", "_", socket.gethostname())
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would end the process there: no test of liveness
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
-
-
-def remove_dead_staged(folder: str | os.PathLike) -> list:
-    """Remove what exports killed mid-way (a scheduler's SIGTERM, SIGKILL) left staged in
-    `folder`, a model's worth of disk each: the `.staged-*` files whose process, named in the
-    file's name, is gone from this machine, and any untouched for a day (another machine's in
-    a shared folder, or older names). A live export's files stay, however long it verifies.
-    -> names removed."""
-    removed, now, host = [], time.time(), _host()
+def remove_stale_staged(folder: str | os.PathLike, suffixes=(".onnx", ".json")) -> list:
+    """Remove what exports killed without a chance to clean up (SIGKILL, a lost machine) left
+    staged in `folder`, a model's worth of disk each: `.staged-*` files with one of `suffixes`
+    untouched for a day (a live export's staged model may sit untouched for as long as it
+    verifies and compares; the CLI cleans up after itself on SIGTERM). -> names removed."""
+    removed, now = [], time.time()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
-            if not entry.name.startswith(".staged-") or not entry.is_file(follow_symlinks=False):
-                continue
-            owner = _STAGED.match(entry.name)
-            gone = owner is not None and owner.group(2) == host and not _alive(int(owner.group(1)))
-            if gone or now - entry.stat().st_mtime > STALE_S:
+            if entry.name.startswith(".staged-") and entry.name.endswith(tuple(suffixes)) \
+                    and entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > STALE_S:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(entry.name)

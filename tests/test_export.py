@@ -647,32 +647,39 @@ def test_cli_compare_of_other_structures_exits_1(workdir, checkpoints, capsys):
     assert out.exists() and json.loads(out.with_suffix(".json").read_text())["compare"]["identical"] is False
 
 
-def test_cli_clears_what_a_killed_export_left_staged(workdir, checkpoints, capsys):
-    """An export killed by a signal (a scheduler's SIGTERM) left its staged model, a model's
-    worth of disk each time; the next export there removes those whose process is gone, and
-    leaves a live export's alone however long it has been verifying."""
-    import subprocess
-    import sys as _sys
+def test_cli_leaves_nothing_staged_when_terminated(workdir, checkpoints, capsys, monkeypatch):
+    """An export ended by SIGTERM (a scheduler's, `timeout`'s) left its staged model, a model's
+    worth of disk each time; now it unwinds like an error. What a SIGKILL leaves goes once a
+    day old; younger ones may be a live export's, verifying (removing those failed it)."""
+    import signal
 
-    from rmi_triton.export.files import _host
+    import rmi_triton.export.__main__ as cli
 
-    folder = workdir / "killed"
+    folder = workdir / "terminated"
     folder.mkdir()
-    gone = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    host = _host()
-    left = {f".staged-{gone}@{host}-a.onnx": 0, f".staged-{gone}@{host}-b.json": 0,  # a process gone: now
-            ".staged-old.onnx": 1.0e9, ".tmp-old.onnx": 1.0e9}  # older names, a cut write: once old
-    hour_ago = time.time() - 3600
-    kept = {f".staged-{os.getpid()}@{host}-live.onnx": hour_ago,  # a live export, verifying for an hour
-            ".staged-recent.onnx": 0, ".staged-1@other_host-x.onnx": hour_ago}  # another machine's
-    for name, mtime in {**left, **kept}.items():
-        (folder / name).write_bytes(b"staged")
-        if mtime:
-            os.utime(folder / name, (mtime, mtime))
-    assert main([str(checkpoints[0]), str(folder / "m.onnx"), "--size", "32x32"]) == 0
-    capsys.readouterr()
-    assert set(os.listdir(folder)) == set(kept) | {"m.json", "m.onnx"}
+    day_old = time.time() - 86400 - 60
+    for name in (".staged-killed.onnx", ".staged-killed.json"):
+        (folder / name).write_bytes(b"left by a SIGKILL")
+        os.utime(folder / name, (day_old, day_old))
+    hour_old = time.time() - 3600
+    live = (".staged-verifying.onnx", ".staged-verifying.json", ".staged-notes.txt")
+    for name in live:
+        (folder / name).write_bytes(b"another export at work")
+        os.utime(folder / name, (hour_old, hour_old))
+    os.utime(folder / ".staged-notes.txt", (day_old, day_old))  # not the exporter's suffix
+
+    def terminated(network, path, **kwargs):
+        pathlib.Path(path).write_bytes(b"half an export")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the export")
+
+    monkeypatch.setattr(cli, "export_onnx", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(checkpoints[0]), str(folder / "m.onnx"), "--size", "32x32"])
+    assert stopped.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert sorted(os.listdir(folder)) == sorted(live)
 
 
 @pytest.mark.parametrize("size", ["0x64", "64", "axb"])
