@@ -27,7 +27,7 @@ from rmi_triton.files import remove_leftovers, same_file
 
 from .compare import comparable, compare_exports
 from .errors import ExportError
-from .files import check_writable, remove_stale_staged, staged
+from .files import STALE_S, check_writable, staged
 from .graph import summarize
 from .onnx_export import export_onnx
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, load_model, verify_onnx
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                {"the checkpoint": args.checkpoint, "--compare": args.compare})
     # what an export killed outright (SIGKILL) left behind: a model each
     for folder in {os.path.dirname(os.path.abspath(p)) for p in (output, json_path)}:
-        remove_stale_staged(folder)
+        remove_leftovers(folder, suffixes=(".onnx", ".json"), age_s=STALE_S, prefix=".staged-")
         remove_leftovers(folder, suffixes=(".onnx", ".json"))  # atomic writes cut short
     payload = load_checkpoint(args.checkpoint)
     if args.compare:

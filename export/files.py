@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from typing import Iterator
 
 from rmi_triton.files import publishable
@@ -57,21 +56,6 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
     os.replace(tmp, path)
 
 
-
-STALE_S = 86400.0  # a staged model untouched this long is a killed export's
-
-
-def remove_stale_staged(folder: str | os.PathLike, suffixes=(".onnx", ".json")) -> list:
-    """Remove what exports killed without a chance to clean up (SIGKILL, a lost machine) left
-    staged in `folder`, a model's worth of disk each: `.staged-*` files with one of `suffixes`
-    untouched for a day (a live export's staged model may sit untouched for as long as it
-    verifies and compares; the CLI cleans up after itself on SIGTERM). -> names removed."""
-    removed, now = [], time.time()
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(folder):
-            if entry.name.startswith(".staged-") and entry.name.endswith(tuple(suffixes)) \
-                    and entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > STALE_S:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed.append(entry.name)
-    return removed
+# A staged model untouched this long is what an export killed outright (SIGKILL) left: a live
+# one's may sit untouched as long as it verifies and compares (SIGTERM cleans up at once).
+STALE_S = 86400.0

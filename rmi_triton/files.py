@@ -50,15 +50,16 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
-def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".json"), age_s: float = 600.0) -> list:
+def remove_leftovers(folder: str | os.PathLike, suffixes=(".pt", ".jsonl", ".json"), age_s: float = 600.0,
+                     prefix: str = ".tmp-") -> list:
     """Remove the temporaries an `atomic_writer` killed mid-write left in `folder` (a
-    checkpoint's worth of disk each): `.tmp-*` files with one of `suffixes` untouched for
-    `age_s` seconds (an `atomic_writer` at work writes its file to the end without pausing).
-    -> names removed."""
+    checkpoint's worth of disk each): `prefix`* files with one of `suffixes` untouched for
+    `age_s` seconds (an `atomic_writer` at work writes its file to the end without pausing;
+    the exporter's staged files, `prefix=".staged-"`, wait longer). -> names removed."""
     removed, now = [], time.time()
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
-            if entry.name.startswith(".tmp-") and entry.name.endswith(tuple(suffixes)) \
+            if entry.name.startswith(prefix) and entry.name.endswith(tuple(suffixes)) \
                     and entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > age_s:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
