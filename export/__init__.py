@@ -8,13 +8,23 @@
 Command line: ``python -m rmi_triton.export CHECKPOINT OUT.onnx [--verify] [--compare OTHER]``.
 """
 
-from .compare import CompareReport, compare_exports
+from .base import missing, require
 from .errors import ExportError
-from .graph import GraphSummary, summarize, training_leftovers
-from .network import find_network, model_config
-from .onnx_export import ExportInfo, export_onnx
-from .shapes import DimRule, InputSpec
-from .verify import DEFAULT_SIZES, VerificationError, VerifyReport, verify_onnx
+
+if missing():
+    # without the export extra the package still imports (the command line answers --help and
+    # names the extra); each of its names raises an ImportError that says what to install
+    def __getattr__(name: str):
+        if name in __all__:
+            require()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:
+    from .compare import CompareReport, compare_exports
+    from .graph import GraphSummary, summarize, training_leftovers
+    from .network import find_network, model_config
+    from .onnx_export import ExportInfo, export_onnx
+    from .shapes import DimRule, InputSpec
+    from .verify import DEFAULT_SIZES, VerificationError, VerifyReport, verify_onnx
 
 __all__ = [
     "CompareReport",

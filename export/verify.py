@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from .base import DEFAULT_ATOL, DEFAULT_RTOL
 from .errors import ExportError
 from .graph import GraphSummary, summarize, training_leftovers
 from .network import eval_mode, find_network
@@ -27,15 +28,6 @@ from .shapes import DIM_NAMES, DimRule, InputSpec, format_shape
 # special-case (see `onnx_export._runtime_checks`).
 DEFAULT_SIZES: Tuple[Tuple[int, int, int, int], ...] = ((1, 3, 128, 160), (2, 3, 96, 96), (1, 3, 8, 8))
 LATENCY_SIZE = (1, 3, 256, 256)
-# onnxruntime differs from PyTorch by float32 rounding, which grows with the logits'
-# magnitude and the network's depth, so the allowed difference is ATOL + RTOL * max|logit|.
-# Measured on correct exports (BN statistics from data, logits ~10): ResNet-18 within
-# 7e-6 * max|logit|, ResNet-50/101 within 2e-4 from 96x96 to 513x513, where PyTorch float32
-# itself is as far from float64. Faults moved the logits by 5e-3 * max|logit| (one class's
-# bias off by 0.05) to 2e-2 (one conv's weights 1% off) and beyond (a missing ReLU, another
-# interpolation). RTOL sits between, 5x from each side.
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
 
 
 class VerificationError(ExportError):

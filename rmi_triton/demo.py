@@ -11,8 +11,10 @@ boundary F-score) and the tool writes into ``--out`` (default ``demo_out/``):
 
 * ``ce.pt``, ``rmi.pt``   the two checkpoints (rmi_triton.checkpoint format)
 * ``results.json``        metrics, timings, loss curves, the exact settings
-* ``demo.png``            loss curves and qualitative predictions side by side
-* ``rmi.onnx`` etc.       when ``rmi_triton.export`` is available (see `_export_step`)
+* ``demo.png``            loss curves and qualitative predictions side by side, where
+                          matplotlib is installed (``pip install 'rmi_triton[plot]'``)
+* ``rmi.onnx`` etc.       where the export extra is (``pip install 'rmi_triton[export]'``;
+                          see `_export_step`)
 * ``ce_run/``, ``rmi_run/`` each run's trainer folder (last.pt, log.jsonl, metrics.json),
                           replaced on every demo run
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -47,6 +50,7 @@ QUICK = {"iterations": 2, "batch_size": 2, "size": 32, "train_length": 4, "val_l
 RUNS = (("ce", "cross-entropy"), ("rmi", "BCE + RMI"))
 # what a demo leaves in --out beside the runs' folders (the module doc's list)
 PUBLISHED = ("ce.pt", "rmi.pt", "results.json", "demo.png", "rmi.onnx")
+PLOT_INSTALL = "pip install 'rmi_triton[plot]'"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +228,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = ns.out
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
+    # said before the training, not found missing after it
+    figure = None if importlib.util.find_spec("matplotlib") is None else os.path.join(out_dir, "demo.png")
+    if figure is None:
+        print(f"demo: matplotlib is not installed, so no demo.png this time ({PLOT_INSTALL})")
+    if not ns.no_export:
+        from rmi_triton.export.base import INSTALL, missing
+
+        if missing():
+            print(f"demo: {', '.join(missing())} not installed, so no ONNX export this time ({INSTALL})")
     print(f"demo: DeepLabv3+ ResNet-18 os16, {cfg['size']}x{cfg['size']} synthetic scenes, batch "
           f"{cfg['batch_size']}, {cfg['iterations']} iterations per run, seed {ns.seed}, {threads} threads")
     results: Dict[str, Dict[str, Any]] = {}
@@ -265,8 +278,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ])
     print(f"\n{cfg['iterations']} iterations x batch {cfg['batch_size']}, validation: {len(val_set)} scenes\n")
     print(table)
-    png = os.path.join(out_dir, "demo.png")
-    write_figure(png, results, models, val_set, ns.examples, torch.device(ns.device))
     export = {"skipped": "--no-export"} if ns.no_export else _export_step(out_dir, models["rmi"], cfg["size"],
                                                                             ns.quick)
     summary = {
@@ -275,6 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": results,
         "table": table,
         "export": export,
+        "figure": figure or f"skipped: matplotlib is not installed ({PLOT_INSTALL})",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -282,11 +294,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     write_atomically(os.path.join(out_dir, "results.json"),
                      json.dumps(json_safe(summary), indent=1).encode("utf-8"))
+    if figure is not None:  # after results.json, which a failing figure cannot cost
+        write_figure(figure, results, models, val_set, ns.examples, torch.device(ns.device))
     if not ns.no_export:
         print("\n" + _export_summary(export))
-    print(f"\nwrote {png}, {os.path.join(out_dir, 'results.json')}, "
-          f"{os.path.join(out_dir, 'ce.pt')}, {os.path.join(out_dir, 'rmi.pt')} "
-          f"({summary['total_seconds']:.0f} s in all)")
+    written = [name for name in PUBLISHED if os.path.exists(os.path.join(out_dir, name))]
+    print(f"\nwrote {', '.join(written)} into {out_dir} ({summary['total_seconds']:.0f} s in all)")
     return 0
 
 

@@ -687,3 +687,37 @@ def test_cli_refuses_a_size_no_network_takes(workdir, checkpoints, capsys, size)
     out = workdir / "e5.onnx"
     assert "size" in _cli_error([checkpoints[0], out, "--size", size], capsys)
     assert not out.exists()
+
+
+_HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # as if not installed\n"
+
+
+@pytest.mark.parametrize("hidden", [("onnx", "onnxruntime", "onnxscript"), ("onnxruntime",)])
+def test_without_the_export_extra_the_package_and_command_name_it(hidden, tmp_path):
+    """Without onnx, `import rmi_triton.export` and every `rmi-export` (--help too) ended in a
+    traceback from a module-level `import onnx`; without onnxruntime, --verify's traceback exited
+    with 1, which --compare uses for 'the graphs differ'."""
+    import subprocess
+    import sys
+
+    script = _HIDE.format(names=hidden) + (
+        "import rmi_triton.export\n"
+        "try:\n"
+        "    from rmi_triton.export import export_onnx\n"
+        "except ImportError as err:\n"
+        "    print('import:', err)\n"
+        "from rmi_triton.export.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+
+    def command(*argv):
+        return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+
+    helped = command("--help")
+    assert helped.returncode == 0 and "usage: rmi-export" in helped.stdout, helped.stderr
+    ran = command("absent.pt", "out.onnx", "--verify")
+    named = f"needs {', '.join(hidden)}, not installed here: pip install 'rmi_triton[export]'"
+    assert f"import: rmi_triton.export {named}" in ran.stdout
+    assert ran.returncode == 2 and ran.stderr == f"rmi-export: error: rmi_triton.export {named}\n"
+    assert not list(tmp_path.iterdir())
+

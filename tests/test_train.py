@@ -635,6 +635,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
+    assert results["figure"] == str(out / "demo.png")
     for key in ("ce", "rmi"):
         run_ = results["runs"][key]
         assert len(run_["losses"]) == 2 and 0.0 <= run_["metrics"]["miou"] <= 1.0
@@ -643,6 +644,28 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     net = build_from_checkpoint(out / "rmi.pt")
     with torch.no_grad():
         assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+def test_demo_without_matplotlib_says_so_first_and_keeps_its_results(tmp_path, capsys, monkeypatch):
+    """Without the plot extra the demo trained both networks, then died importing matplotlib
+    for the figure, before results.json was written."""
+    import sys
+
+    from rmi_triton.demo import main as demo_main
+
+    for name in ("matplotlib", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    monkeypatch.setattr("rmi_triton.demo._export_step", lambda *args, **kwargs: {"skipped": "test"})
+    out = tmp_path / "demo"
+    assert demo_main(["--quick", "--out", str(out), "--no-progress", "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    for said in ("matplotlib is not installed, so no demo.png this time (pip install 'rmi_triton[plot]')",
+                 "onnxruntime not installed, so no ONNX export this time (pip install 'rmi_triton[export]')"):
+        assert printed.index(said) < printed.index("== cross-entropy ==")
+    assert not (out / "demo.png").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["figure"].startswith("skipped: matplotlib is not installed") and results["runs"]["rmi"]
+    assert f"wrote ce.pt, rmi.pt, results.json into {out}" in printed
 
 
 def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,38 @@
+"""The parts of `rmi_triton.export` that import without its extra packages (onnx, onnxruntime,
+onnxscript: ``pip install 'rmi_triton[export]'``): the check that names what is missing, and
+the verification's default tolerances, which the command line's ``--help`` shows.
+
+Without the extra, ``import rmi_triton.export`` raises an ImportError naming the extra, and
+``rmi-export`` answers ``--help`` and otherwise says the same in one line (exit 2), where
+both failed deep inside with a bare ``No module named 'onnx'``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import List
+
+PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx's exporter writes the graph with it
+INSTALL = "pip install 'rmi_triton[export]'"
+
+# onnxruntime differs from PyTorch by float32 rounding, which grows with the logits'
+# magnitude and the network's depth, so the allowed difference is ATOL + RTOL * max|logit|.
+# Measured on correct exports (BN statistics from data, logits ~10): ResNet-18 within
+# 7e-6 * max|logit|, ResNet-50/101 within 2e-4 from 96x96 to 513x513, where PyTorch float32
+# itself is as far from float64. Faults moved the logits by 5e-3 * max|logit| (one class's
+# bias off by 0.05) to 2e-2 (one conv's weights 1% off) and beyond (a missing ReLU, another
+# interpolation). RTOL sits between, 5x from each side.
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+def missing() -> List[str]:
+    """The packages of the extra that cannot be imported here."""
+    return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def require() -> None:
+    """Raise an ImportError naming the absent packages and the extra that installs them."""
+    absent = missing()
+    if absent:
+        raise ImportError(f"rmi_triton.export needs {', '.join(absent)}, not installed here: {INSTALL}")
