@@ -229,6 +229,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except (ExportError, CheckpointError, FileNotFoundError, OSError, ImportError) as err:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as err:  # from torch, onnx, onnxruntime: an uncaught one would exit with 1, --compare's answer
+        print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
     print(format_table(report))
     if "compare" in report and not report["compare"]["identical"]:
         print(f"{PROG}: the two checkpoints' graphs differ in structure (the report lists how)", file=sys.stderr)

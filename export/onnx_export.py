@@ -225,6 +225,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
     if len(shape) != 4 or min(shape) < 1:
         raise ExportError(f"example_shape must be [N, C, H, W] with sizes >= 1; got {shape}")
     network = find_network(model)
+    dtypes = {t.dtype for t in network.parameters() if t.is_floating_point()}
+    if dtypes - {torch.float32}:  # the graph takes a float32 image (the example below is one)
+        raise ExportError(f"export_onnx takes a float32 network; {type(network).__name__}'s weights are "
+                          f"{', '.join(sorted(str(d) for d in dtypes))}: export a float32 copy "
+                          f"(copy.deepcopy(network).float())")
     config = config if config is not None else model_config(network)
     started = time.perf_counter()
     # Trace where the weights live (a model may sit on a GPU); the graph does not record the device.
@@ -266,7 +271,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
     _set_metadata(proto, metadata)
     opset_used = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset is not None and opset_used != opset:  # the exporter falls back silently otherwise
-        raise ExportError(f"the exporter cannot produce opset {opset} for this network (it gave {opset_used})")
+        raise ExportError(f"the exporter cannot produce opset {opset} for this network (it gave {opset_used}; "
+                          f"ask for {opset_used} or newer)")
     write_atomically(path, proto.SerializeToString())
     return ExportInfo(path=path, seconds=time.perf_counter() - started, opset=int(opset_used),
                       dynamic=spec.dynamic, input_shape=spec.describe(), input_spec=spec, config=config,

@@ -721,3 +721,30 @@ def test_without_the_export_extra_the_package_and_command_name_it(hidden, tmp_pa
     assert ran.returncode == 2 and ran.stderr == f"rmi-export: error: rmi_triton.export {named}\n"
     assert not list(tmp_path.iterdir())
 
+
+def test_cli_an_unforeseen_error_is_one_line_and_exit_2(workdir, checkpoints, capsys, monkeypatch):
+    """An error from torch or onnxruntime (e.g. --compare with a float16-input ONNX model) left a
+    traceback and exit status 1, which --compare uses for 'the graphs differ'."""
+    import rmi_triton.export.__main__ as cli
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Unexpected input data type.\n Actual: (tensor(float))")
+
+    monkeypatch.setattr(cli, "export_onnx", fails)
+    out = workdir / "e11.onnx"
+    assert main([str(checkpoints[0]), str(out), "--size", "32x32"]) == 2
+    assert capsys.readouterr().err == ("rmi-export: error: RuntimeError: Unexpected input data type. "
+                                       "Actual: (tensor(float))\n")
+    assert not out.exists()
+
+
+def test_only_float32_networks_and_exportable_opsets(workdir):
+    """A bfloat16 network failed inside torch.export with 'convert the input', which the caller of
+    export_onnx cannot do; an opset the exporter cannot convert to was refused without the one to ask for."""
+    model = build_model("pspnet", 2, backbone="resnet18").eval()
+    with pytest.raises(ExportError, match=r"takes a float32 network; PSPNet's weights are torch.bfloat16: "
+                                          r"export a float32 copy"):
+        export_onnx(copy.deepcopy(model).to(torch.bfloat16), workdir / "bf16.onnx")
+    with pytest.raises(ExportError, match=r"cannot produce opset 13 .*\(it gave (\d+); ask for \1 or newer\)"):
+        export_onnx(model, workdir / "opset13.onnx", opset=13, example_shape=(1, 3, 32, 32))
+    assert not (workdir / "bf16.onnx").exists() and not (workdir / "opset13.onnx").exists()
