@@ -84,8 +84,9 @@ def find_network(model: nn.Module) -> nn.Module:
 
 
 def model_config(network: nn.Module) -> Optional[Dict[str, Any]]:
-    """The `build_model` config of one of our networks (name, num_classes, backbone,
-    output_stride, aux_head), or None for a network `build_model` did not make."""
+    """The `build_model` config of one of our networks (its ``build_config``: name, num_classes,
+    backbone, output_stride, aux_head, BatchNorm settings other than the defaults), or None for
+    a network `build_model` did not make."""
     config = getattr(network, "build_config", None)
     return dict(config) if isinstance(config, dict) else None
 

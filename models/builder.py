@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Dict, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 from torch import nn
 
@@ -19,6 +20,7 @@ _MODELS: Dict[str, Type[SegmentationModel]] = {
 }
 
 MODEL_NAMES: Tuple[str, ...] = tuple(_MODELS)
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm2d's defaults, build_model's norm layers by default
 
 
 def build_model(
@@ -30,6 +32,8 @@ def build_model(
     norm_layer: Optional[NormLayer] = None,
     sync_bn: bool = False,
     aux_head: bool = False,
+    bn_eps: float = BN_EPS,
+    bn_momentum: Optional[float] = BN_MOMENTUM,
 ) -> SegmentationModel:
     """Build a segmentation network.
 
@@ -49,11 +53,21 @@ def build_model(
             cannot be combined with ``norm_layer``.
         aux_head: add an auxiliary classifier on ``layer3``; in training mode
             ``forward`` then returns ``(logits, aux_logits)``.
+        bn_eps, bn_momentum: the BatchNorm layers' eps and momentum (None: a
+            cumulative average), e.g. 1e-3 for weights trained that way;
+            cannot be combined with ``norm_layer``, whose layers set their own.
 
     Returns:
         A module mapping ``[N, 3, H, W]`` to logits ``[N, num_classes, H, W]``
         for any H, W; its ``build_config`` dict holds the arguments that
-        rebuild it (name, num_classes, backbone, output_stride, aux_head).
+        rebuild it, ``build_model(**build_config)``, which checkpoints record
+        (name, num_classes, backbone, output_stride, aux_head, and bn_eps and
+        bn_momentum where they are not the defaults). A ``norm_layer`` whose
+        layers are BatchNorm (or SyncBatchNorm) sharing one eps and momentum is
+        recorded as those; any other (GroupNorm, ...) is code a checkpoint cannot
+        hold: ``build_config["norm_layer"]`` then describes it, and
+        `rmi_triton.checkpoint.build_from_checkpoint` says to build the network
+        with that norm_layer and load the checkpoint's weights into it.
 
     Raises:
         TypeError: an argument of the wrong type: ``name``/``backbone`` not a
@@ -85,17 +99,51 @@ def build_model(
                         f"got {type(norm_layer).__name__}")
     if sync_bn and norm_layer is not None:
         raise ValueError("pass either norm_layer or sync_bn=True, not both")
+    _check_bn_settings(bn_eps, bn_momentum)
+    if norm_layer is not None and (bn_eps, bn_momentum) != (BN_EPS, BN_MOMENTUM):
+        raise ValueError("pass either norm_layer or bn_eps/bn_momentum, not both (norm_layer's layers "
+                         "set their own)")
 
-    if sync_bn:
-        norm_layer = nn.SyncBatchNorm
-    elif norm_layer is None:
-        norm_layer = nn.BatchNorm2d
-    trunk = build_resnet(backbone, output_stride, norm_layer, pretrained)
-    model = _MODELS[name](trunk, num_classes, norm_layer=norm_layer, aux_head=aux_head)
+    if norm_layer is None:
+        norm_layer = functools.partial(nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d, eps=bn_eps,
+                                       momentum=bn_momentum)
+    made: List[nn.Module] = []
+
+    def recorded(channels: int) -> nn.Module:
+        layer = norm_layer(channels)
+        made.append(layer)
+        return layer
+
+    trunk = build_resnet(backbone, output_stride, recorded, pretrained)
+    model = _MODELS[name](trunk, num_classes, norm_layer=recorded, aux_head=aux_head)
     # what rebuilds this network (checkpoints, export): the architecture, not the weights
     model.build_config = {"name": name, "num_classes": num_classes, "backbone": backbone,
-                          "output_stride": output_stride, "aux_head": aux_head}
+                          "output_stride": output_stride, "aux_head": aux_head, **_norm_config(made)}
     return model
+
+
+def _check_bn_settings(eps: Any, momentum: Any) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"bn_eps must be a number > 0, got {eps!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 <= momentum <= 1):
+        raise ValueError(f"bn_momentum must be a number in [0, 1] or None, got {momentum!r}")
+
+
+def _norm_config(layers: List[nn.Module]) -> Dict[str, Any]:
+    """The network's norm layers as `build_config` entries: none for BatchNorm2d's defaults;
+    bn_eps and bn_momentum for BatchNorm layers (SyncBatchNorm: the same weights and the same
+    inference) that share other ones; else a description under "norm_layer", which no
+    config can rebuild (a checkpoint holds no code)."""
+    kinds = (nn.BatchNorm2d, nn.SyncBatchNorm)
+    settings = {(layer.eps, layer.momentum) if type(layer) in kinds and layer.affine
+                and layer.track_running_stats else None for layer in layers}
+    if len(settings) == 1 and None not in settings:
+        eps, momentum = settings.pop()
+        return {} if (eps, momentum) == (BN_EPS, BN_MOMENTUM) else {"bn_eps": float(eps), "bn_momentum": (
+            None if momentum is None else float(momentum))}
+    odd = next((layer for layer in layers if type(layer) not in kinds), layers[0])
+    return {"norm_layer": f"{odd!r}" + ("" if len(settings) == 1 else " (and layers of other settings)")}
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -30,10 +30,13 @@ VERSION = 1
 # without them was built with (aux_head was not recorded at first).
 CONFIG_KEYS = ("name", "num_classes", "backbone", "output_stride")
 CONFIG_DEFAULTS: Dict[str, Any] = {"aux_head": False}
-# The config values `build_model` takes, each with the exact type it must have (exact:
-# bool is an int subclass, so isinstance would let True pass as num_classes 1).
-CONFIG_TYPES: Dict[str, type] = {"name": str, "num_classes": int, "backbone": str, "output_stride": int,
-                                 "aux_head": bool}
+# The config values `build_model` takes, each with the exact types it may have (exact:
+# bool is an int subclass, so isinstance would let True pass as num_classes 1); bn_eps and
+# bn_momentum only where a network's BatchNorm settings are not the defaults. "norm_layer"
+# describes norm layers no config can rebuild (`build_model`'s build_config).
+CONFIG_TYPES: Dict[str, Tuple[type, ...]] = {
+    "name": (str,), "num_classes": (int,), "backbone": (str,), "output_stride": (int,), "aux_head": (bool,),
+    "bn_eps": (float,), "bn_momentum": (float, type(None)), "norm_layer": (str,)}
 
 
 class CheckpointError(ValueError):
@@ -51,9 +54,9 @@ def _config_problem(config: Any) -> Optional[str]:
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         return f"the model config lacks {missing}; needs {list(CONFIG_KEYS)}"
-    for key, kind in CONFIG_TYPES.items():
-        if key in config and type(config[key]) is not kind:
-            return (f"model config {key!r} must be of type {kind.__name__}, "
+    for key, kinds in CONFIG_TYPES.items():
+        if key in config and type(config[key]) not in kinds:
+            return (f"model config {key!r} must be of type {' or '.join(k.__name__ for k in kinds)}, "
                     f"got {type(config[key]).__name__} {config[key]!r}")
     return None
 
@@ -175,6 +178,11 @@ def build_from_checkpoint(path_or_payload, map_location="cpu") -> torch.nn.Modul
     if problem:
         raise CheckpointError(f"checkpoint has no usable model config: {problem}")
     config = payload["config"]
+    if "norm_layer" in config:
+        raise CheckpointError(
+            f"checkpoint's network was built with norm_layer {config['norm_layer']}, which a checkpoint cannot "
+            "rebuild (it holds no code): build it with build_model(..., norm_layer=<the same>) and load the "
+            "checkpoint's 'model' state dict into it")
     arguments = dict(CONFIG_DEFAULTS, **{k: config[k] for k in CONFIG_TYPES if k in config})
     try:
         model = build_model(**arguments)

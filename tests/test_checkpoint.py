@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, safe reads, clear errors."""
 
+import functools
 import os
 import re
 
@@ -45,6 +46,51 @@ def test_aux_head_checkpoint_rebuilds_with_its_head(tmp_path):
         assert torch.equal(rebuilt(x), model(x))  # eval mode: the main logits alone
     aux_logits = rebuilt.train()(x)[1]
     assert aux_logits.shape == (2, 3, 40, 48)
+
+
+def _with_running_statistics(model):
+    """BatchNorm statistics away from (0, 1), so that eps shows in the logits."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.running_mean.uniform_(-0.1, 0.1)
+                layer.running_var.uniform_(1e-3, 1e-2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: build_model("deeplabv3", 3, backbone="resnet18",
+                        norm_layer=functools.partial(torch.nn.BatchNorm2d, eps=1e-3, momentum=0.01)),
+    lambda: build_model("pspnet", 3, backbone="resnet18", bn_eps=1e-3, bn_momentum=None),
+])
+def test_batchnorm_settings_survive_the_checkpoint(tmp_path, build):
+    """The config recorded no norm settings: a network of eps 1e-3 came back with 1e-5 layers and
+    other logits (0.02 off at logits of 3; the export then verified against the wrong network)."""
+    torch.manual_seed(2)
+    model = _with_running_statistics(build())
+    path = tmp_path / "bn.pt"
+    save_checkpoint(path, model.state_dict(), model.build_config)
+    rebuilt = build_from_checkpoint(path)
+    assert rebuilt.build_config == model.build_config and model.build_config["bn_eps"] == 1e-3
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    assert [(m.eps, m.momentum) for m in rebuilt.modules() if isinstance(m, torch.nn.BatchNorm2d)] == \
+        [(m.eps, m.momentum) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_a_network_of_other_norm_layers_is_named_not_misloaded(tmp_path):
+    """A GroupNorm network's checkpoint failed to load with 'missing backbone.bn1.running_mean...'."""
+    model = build_model("deeplabv3", 3, backbone="resnet18", norm_layer=lambda c: torch.nn.GroupNorm(8, c))
+    assert model.build_config["norm_layer"].startswith("GroupNorm(8, ")
+    path = tmp_path / "gn.pt"
+    save_checkpoint(path, model.state_dict(), model.build_config)
+    with pytest.raises(CheckpointError, match=r"built with norm_layer GroupNorm\(8, .* cannot rebuild .* "
+                                              r"build_model\(\.\.\., norm_layer=<the same>\)"):
+        build_from_checkpoint(path)
+    mixed = build_model("pspnet", 2, backbone="resnet18", norm_layer=lambda c: torch.nn.BatchNorm2d(
+        c, eps=1e-3 if c > 256 else 1e-5))
+    assert mixed.build_config["norm_layer"].endswith("(and layers of other settings)")
 
 
 def test_missing_file(tmp_path):

@@ -620,3 +620,19 @@ def test_build_config_rebuilds_the_same_architecture():
     twin = build_model(**model.build_config)
     assert [(k, v.shape) for k, v in twin.state_dict().items()] == \
         [(k, v.shape) for k, v in model.state_dict().items()]
+
+
+
+def test_batchnorm_settings_are_arguments_and_checked():
+    model = build_model("deeplabv3", 2, backbone="resnet18", bn_eps=1e-3, bn_momentum=0.01)
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert layers and {(m.eps, m.momentum) for m in layers} == {(1e-3, 0.01)}
+    assert build_model(**model.build_config).build_config == model.build_config
+    synced = build_model("deeplabv3", 2, backbone="resnet18", sync_bn=True, bn_eps=1e-3)
+    assert {type(m) for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {nn.SyncBatchNorm}
+    assert synced.build_config["bn_eps"] == 1e-3  # same weights, same inference: rebuilt as BatchNorm
+    for bad in ({"bn_eps": 0.0}, {"bn_eps": True}, {"bn_momentum": 1.5}, {"bn_momentum": "0.1"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            build_model("pspnet", 2, backbone="resnet18", **bad)
+    with pytest.raises(ValueError, match="either norm_layer or bn_eps"):
+        build_model("pspnet", 2, backbone="resnet18", norm_layer=nn.BatchNorm2d, bn_eps=1e-3)
