@@ -143,17 +143,19 @@ class SegmentationModel(nn.Module):
             raise TypeError(f"image batch is {x.dtype} but the network's weights are {weight.dtype}: convert the "
                             f"input (x.to({weight.dtype})) or the network, or run under torch.autocast")
         size = x.shape[-2:]
-        features = self.backbone(x)
+        features = None
         try:
+            features = self.backbone(x)
             head = self.head(features)
         except ValueError as err:
             if "Expected more than 1 value per channel when training" not in str(err):
                 raise
+            where = (f"the backbone (its feature maps shrink to 1 x 1 at {size[0]} x {size[1]})" if features is None
+                     else "the head's global-pooling branch (ASPP's image pooling, PSP's 1 x 1 bin)")
             raise ValueError(
-                f"a batch of {x.shape[0]} image in training mode: the head's global-pooling branch (ASPP's "
-                "image pooling, PSP's 1 x 1 bin) gives BatchNorm one value per channel, which it cannot "
-                "normalise; train with 2 or more images a step (per process, unless SyncBatchNorm pools "
-                "them), or put the BatchNorm layers in eval mode") from None
+                f"a batch of {x.shape[0]} image in training mode: {where} gives BatchNorm one value per "
+                "channel, which it cannot normalise; train with 2 or more images a step (per process, "
+                "unless SyncBatchNorm pools them), or put the BatchNorm layers in eval mode") from None
         logits = resize_bilinear(head, size)
         if self.aux_head is not None and self.training:
             aux = resize_bilinear(self.aux_head(features["layer3"]), size)

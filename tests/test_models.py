@@ -420,6 +420,9 @@ def test_one_image_in_training_mode_is_explained(name):
     net = build_model(name, NUM_CLASSES, backbone="resnet18").train()
     with pytest.raises(ValueError, match="a batch of 1 image in training mode: the head's global-pooling"):
         net(torch.randn(1, 3, 33, 47))
+    with pytest.raises(ValueError, match=r"a batch of 1 image in training mode: the backbone \(its feature "
+                                         r"maps shrink to 1 x 1 at 8 x 8\) gives BatchNorm one value"):
+        net(torch.randn(1, 3, 8, 8))  # PyTorch's bare message came from the backbone's BatchNorm here
     net.eval()(torch.randn(1, 3, 33, 47))  # inference takes one image
 
 
