@@ -11,9 +11,9 @@ Command line: ``python -m rmi_triton.export CHECKPOINT OUT.onnx [--verify] [--co
 from .base import missing, require
 from .errors import ExportError
 
-if missing():
-    # without the export extra the package still imports (the command line answers --help and
-    # names the extra); each of its names raises an ImportError that says what to install
+if missing(["onnx"]):
+    # the modules import onnx: without it the package still imports (the command line answers
+    # --help and names the extra), and each of its names raises an ImportError saying what to install
     def __getattr__(name: str):
         if name in __all__:
             require()

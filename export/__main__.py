@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from rmi_triton.files import remove_leftovers, same_file
 
-from .base import DEFAULT_ATOL, DEFAULT_RTOL, missing, require
+from .base import DEFAULT_ATOL, DEFAULT_RTOL, EXPORTING, PACKAGES, missing, require
 from .errors import ExportError
 from .files import STALE_S, check_writable, staged
 
-if not missing():  # without the export extra, --help still answers and run() names the extra
+if not missing(["onnx"]):  # without it, --help still answers and run() names the extra
     from .compare import comparable, compare_exports
     from .graph import summarize
     from .onnx_export import export_onnx
@@ -164,7 +164,7 @@ def _refuse_overwriting_inputs(outputs: Dict[str, str], inputs: Dict[str, Option
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Do the work of one command line; raises on any failure, writes only on success."""
-    require()  # the export extra (onnx, onnxruntime, onnxscript), named before any work
+    require(PACKAGES if args.verify or args.compare else EXPORTING)  # what is missing, before any work
     if not args.verify and (args.atol is not None or args.rtol is not None):
         raise _UsageError("--atol and --rtol set the tolerance of --verify, which was not asked for")
     output = check_writable(args.output)  # before any work: fail fast, name the path

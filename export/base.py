@@ -2,17 +2,19 @@
 onnxscript: ``pip install 'rmi_triton[export]'``): the check that names what is missing, and
 the verification's default tolerances, which the command line's ``--help`` shows.
 
-Without the extra, ``import rmi_triton.export`` raises an ImportError naming the extra, and
-``rmi-export`` answers ``--help`` and otherwise says the same in one line (exit 2), where
-both failed deep inside with a bare ``No module named 'onnx'``.
+Each use asks for what it needs: an export onnx and onnxscript, a verification or comparison
+onnxruntime too. Without onnx the package still imports, and each of its public names raises
+an ImportError naming the extra; ``rmi-export`` answers ``--help`` and otherwise says the same
+in one line (exit 2). Before, both failed deep inside with a bare ``No module named 'onnx'``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import List
+from typing import List, Sequence
 
-PACKAGES = ("onnx", "onnxruntime", "onnxscript")  # onnxscript: torch.onnx's exporter writes the graph with it
+PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+EXPORTING = ("onnx", "onnxscript")  # onnxscript: torch.onnx's exporter writes the graph with it
 INSTALL = "pip install 'rmi_triton[export]'"
 
 # onnxruntime differs from PyTorch by float32 rounding, which grows with the logits'
@@ -26,13 +28,13 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 
 
-def missing() -> List[str]:
-    """The packages of the extra that cannot be imported here."""
-    return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
+def missing(packages: Sequence[str] = PACKAGES) -> List[str]:
+    """Those of `packages` (of the extra) that are not installed here."""
+    return [name for name in packages if importlib.util.find_spec(name) is None]
 
 
-def require() -> None:
-    """Raise an ImportError naming the absent packages and the extra that installs them."""
-    absent = missing()
+def require(packages: Sequence[str] = PACKAGES) -> None:
+    """Raise an ImportError naming those of `packages` that are absent and the extra that installs them."""
+    absent = missing(packages)
     if absent:
         raise ImportError(f"rmi_triton.export needs {', '.join(absent)}, not installed here: {INSTALL}")

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import onnx
 
+from .base import require
 from .errors import ExportError
 from .graph import GraphSummary, iter_nodes, summarize
 from .shapes import format_shape
@@ -187,6 +188,7 @@ def compare_exports(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
         `CompareReport`; ``identical`` is False and ``mismatches`` says how when the
         structures differ. Latency is measured whenever both graphs take the same input.
     """
+    require()  # onnxruntime times them: named before any export
     with tempfile.TemporaryDirectory(prefix="rmi-compare-") as scratch:
         folder = os.fspath(workdir) if workdir is not None else scratch
         options = {"opset": opset, "dynamic": dynamic, "example_shape": example_shape}

@@ -19,6 +19,7 @@ from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fix
 import rmi_triton
 from rmi_triton.files import write_atomically
 
+from .base import EXPORTING, require
 from .errors import ExportError
 from .files import check_writable
 from .network import contiguous_weights, eval_mode, find_network, model_config
@@ -217,6 +218,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: Optional[in
         ExportError: unwritable ``path`` (checked before any work), a module the
             network cannot be found in, or a failing export.
     """
+    require(EXPORTING)  # onnxscript: before the trace (the converter failed on it after)
     path = check_writable(path)
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and not (isinstance(opset, int) and 7 <= opset <= newest):

@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch import nn
 
-from .base import DEFAULT_ATOL, DEFAULT_RTOL
+from .base import DEFAULT_ATOL, DEFAULT_RTOL, require
 from .errors import ExportError
 from .graph import GraphSummary, summarize, training_leftovers
 from .network import eval_mode, find_network
@@ -192,6 +192,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, *,
             non-finite tolerance.
         VerificationError: checks 1-3 fail; ``.report`` has the measurements.
     """
+    require(["onnxruntime"])  # before any work
     started = time.perf_counter()
     for label, value in (("atol", atol), ("rtol", rtol)):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -151,16 +151,32 @@ def write_figure(path: str, results: Dict[str, Dict[str, Any]], models: Dict[str
     plt.close(fig)
 
 
+def _exporter_problem() -> Optional[str]:
+    """Why the export step cannot run here (a package of the export extra missing, or the
+    exporter failing to import), or None."""
+    try:
+        from rmi_triton.export.base import INSTALL, missing
+
+        absent = missing()
+        if absent:
+            return f"{', '.join(absent)} not installed ({INSTALL})"
+        import rmi_triton.export  # noqa: F401  (imports onnx: an install that is there but broken)
+    except Exception as err:
+        return f"rmi_triton.export unavailable: {type(err).__name__}: {err}"
+    return None
+
+
 def _export_step(out_dir: str, rmi_model: Optional[torch.nn.Module] = None, size: int = 128,
                  quick: bool = False) -> Dict[str, Any]:
     """Export the RMI network to ONNX, verify it against PyTorch, and compare its graph and
     latency with the CE network's (from ``ce.pt`` / ``rmi.pt``). Uses ``rmi_triton.export``;
     any failure is reported in the result instead of stopping the demo."""
     report: Dict[str, Any] = {}
-    try:
-        from rmi_triton.export import compare_exports, export_onnx, verify_onnx
-    except Exception as err:  # exporter missing or broken: the demo's results stand on their own
-        return {"skipped": f"rmi_triton.export unavailable: {type(err).__name__}: {err}"}
+    problem = _exporter_problem()
+    if problem:  # the demo's results stand on their own
+        return {"skipped": problem}
+    from rmi_triton.export import compare_exports, export_onnx, verify_onnx
+
     if rmi_model is None:
         from .checkpoint import build_from_checkpoint
 
@@ -232,11 +248,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     figure = None if importlib.util.find_spec("matplotlib") is None else os.path.join(out_dir, "demo.png")
     if figure is None:
         print(f"demo: matplotlib is not installed, so no demo.png this time ({PLOT_INSTALL})")
-    if not ns.no_export:
-        from rmi_triton.export.base import INSTALL, missing
-
-        if missing():
-            print(f"demo: {', '.join(missing())} not installed, so no ONNX export this time ({INSTALL})")
+    problem = None if ns.no_export else _exporter_problem()
+    if problem:
+        print(f"demo: no ONNX export this time: {problem}")
     print(f"demo: DeepLabv3+ ResNet-18 os16, {cfg['size']}x{cfg['size']} synthetic scenes, batch "
           f"{cfg['batch_size']}, {cfg['iterations']} iterations per run, seed {ns.seed}, {threads} threads")
     results: Dict[str, Dict[str, Any]] = {}
@@ -278,6 +292,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ])
     print(f"\n{cfg['iterations']} iterations x batch {cfg['batch_size']}, validation: {len(val_set)} scenes\n")
     print(table)
+    figure_note = figure or f"skipped: matplotlib is not installed ({PLOT_INSTALL})"
+    if figure is not None:
+        try:
+            write_figure(figure, results, models, val_set, ns.examples, torch.device(ns.device))
+        except Exception as err:  # the runs' results are written all the same; the exit status says it
+            figure_note = f"failed: {type(err).__name__}: {err}"
+            print(f"demo: the figure {figure_note}; the results are written all the same", file=sys.stderr)
     export = {"skipped": "--no-export"} if ns.no_export else _export_step(out_dir, models["rmi"], cfg["size"],
                                                                             ns.quick)
     summary = {
@@ -286,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": results,
         "table": table,
         "export": export,
-        "figure": figure or f"skipped: matplotlib is not installed ({PLOT_INSTALL})",
+        "figure": figure_note,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__},
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
@@ -294,13 +315,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     write_atomically(os.path.join(out_dir, "results.json"),
                      json.dumps(json_safe(summary), indent=1).encode("utf-8"))
-    if figure is not None:  # after results.json, which a failing figure cannot cost
-        write_figure(figure, results, models, val_set, ns.examples, torch.device(ns.device))
     if not ns.no_export:
         print("\n" + _export_summary(export))
     written = [name for name in PUBLISHED if os.path.exists(os.path.join(out_dir, name))]
     print(f"\nwrote {', '.join(written)} into {out_dir} ({summary['total_seconds']:.0f} s in all)")
-    return 0
+    return 1 if figure_note.startswith("failed") else 0
 
 
 if __name__ == "__main__":

@@ -692,8 +692,13 @@ def test_cli_refuses_a_size_no_network_takes(workdir, checkpoints, capsys, size)
 _HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # as if not installed\n"
 
 
-@pytest.mark.parametrize("hidden", [("onnx", "onnxruntime", "onnxscript"), ("onnxruntime",)])
-def test_without_the_export_extra_the_package_and_command_name_it(hidden, tmp_path):
+@pytest.mark.parametrize("hidden, argv, error", [
+    (("onnx", "onnxruntime", "onnxscript"), [], "rmi_triton.export needs onnx, onnxscript, not installed"),
+    (("onnxscript",), [], "rmi_triton.export needs onnxscript, not installed"),
+    (("onnxruntime",), ["--verify"], "rmi_triton.export needs onnxruntime, not installed"),
+    (("onnxruntime",), [], "checkpoint 'absent.pt' does not exist"),  # an export alone needs no onnxruntime
+])
+def test_without_the_export_extra_the_package_and_command_name_it(hidden, argv, error, tmp_path):
     """Without onnx, `import rmi_triton.export` and every `rmi-export` (--help too) ended in a
     traceback from a module-level `import onnx`; without onnxruntime, --verify's traceback exited
     with 1, which --compare uses for 'the graphs differ'."""
@@ -704,23 +709,37 @@ def test_without_the_export_extra_the_package_and_command_name_it(hidden, tmp_pa
         "import rmi_triton.export\n"
         "try:\n"
         "    from rmi_triton.export import export_onnx\n"
+        "    print('import: done')\n"
         "except ImportError as err:\n"
         "    print('import:', err)\n"
         "from rmi_triton.export.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
 
-    def command(*argv):
-        return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True,
+    def command(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                               cwd=tmp_path, timeout=120)
 
     helped = command("--help")
     assert helped.returncode == 0 and "usage: rmi-export" in helped.stdout, helped.stderr
-    ran = command("absent.pt", "out.onnx", "--verify")
-    named = f"needs {', '.join(hidden)}, not installed here: pip install 'rmi_triton[export]'"
-    assert f"import: rmi_triton.export {named}" in ran.stdout
-    assert ran.returncode == 2 and ran.stderr == f"rmi-export: error: rmi_triton.export {named}\n"
+    ran = command("absent.pt", "out.onnx", *argv)
+    imported = ("import: rmi_triton.export needs onnx, onnxruntime, onnxscript, not installed here: pip install "
+                "'rmi_triton[export]'") if "onnx" in hidden else "import: done"
+    assert ran.stdout.splitlines()[0] == imported
+    assert ran.returncode == 2 and ran.stderr.startswith(f"rmi-export: error: {error}")
+    assert ran.stderr.count("\n") == 1 and ("needs" not in error or "pip install 'rmi_triton[export]'" in ran.stderr)
     assert not list(tmp_path.iterdir())
 
+
+def test_verify_and_compare_name_onnxruntime_before_any_work(workdir, checkpoints, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    needs = r"needs onnxruntime, not installed here: pip install 'rmi_triton\[export\]'"
+    with pytest.raises(ImportError, match=needs):
+        verify_onnx(workdir / "never-written.onnx", make_model("pspnet", 16))
+    with pytest.raises(ImportError, match=needs):
+        compare_exports(checkpoints[0], checkpoints[1], workdir=workdir / "never-made")
+    assert not (workdir / "never-made").exists()
 
 def test_cli_an_unforeseen_error_is_one_line_and_exit_2(workdir, checkpoints, capsys, monkeypatch):
     """An error from torch or onnxruntime (e.g. --compare with a float16-input ONNX model) left a

@@ -660,12 +660,36 @@ def test_demo_without_matplotlib_says_so_first_and_keeps_its_results(tmp_path, c
     assert demo_main(["--quick", "--out", str(out), "--no-progress", "--threads", "2"]) == 0
     printed = capsys.readouterr().out
     for said in ("matplotlib is not installed, so no demo.png this time (pip install 'rmi_triton[plot]')",
-                 "onnxruntime not installed, so no ONNX export this time (pip install 'rmi_triton[export]')"):
+                 "no ONNX export this time: onnxruntime not installed (pip install 'rmi_triton[export]')"):
         assert printed.index(said) < printed.index("== cross-entropy ==")
     assert not (out / "demo.png").exists()
     results = json.loads((out / "results.json").read_text())
     assert results["figure"].startswith("skipped: matplotlib is not installed") and results["runs"]["rmi"]
     assert f"wrote ce.pt, rmi.pt, results.json into {out}" in printed
+
+
+def test_demo_with_a_failing_figure_and_a_broken_exporter_still_writes_its_results(tmp_path, capsys,
+                                                                                   monkeypatch):
+    """An exporter that is installed but fails to import stopped the demo before training (the
+    check for the extra imported it); a figure that failed lost results.json."""
+    import sys
+
+    import rmi_triton.demo as demo
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setitem(sys.modules, "rmi_triton.export", None)  # an import that fails
+    monkeypatch.setattr(demo, "write_figure", fails)
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", "--out", str(out), "--no-progress", "--threads", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "demo: no ONNX export this time: rmi_triton.export unavailable: ModuleNotFoundError" in captured.out
+    assert "demo: the figure failed: RuntimeError: no display; the results are written all the same" in captured.err
+    results = json.loads((out / "results.json").read_text())
+    assert results["figure"] == "failed: RuntimeError: no display" and results["runs"]["rmi"]["metrics"]
+    assert results["export"]["skipped"].startswith("rmi_triton.export unavailable: ModuleNotFoundError")
+    assert not (out / "demo.png").exists()
 
 
 def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monkeypatch, capsys):
