@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
@@ -60,7 +62,8 @@ def build_model(
     Returns:
         A module mapping ``[N, 3, H, W]`` to logits ``[N, num_classes, H, W]``
         for any H, W; its ``build_config`` dict holds the arguments that
-        rebuild it, ``build_model(**build_config)``, which checkpoints record
+        rebuild it, ``build_model(**build_config)`` (but for norm layers of
+        another kind, below), which checkpoints record
         (name, num_classes, backbone, output_stride, aux_head, and bn_eps and
         bn_momentum where they are not the defaults). A ``norm_layer`` whose
         layers are BatchNorm (or SyncBatchNorm) sharing one eps and momentum is
@@ -73,10 +76,14 @@ def build_model(
         TypeError: an argument of the wrong type: ``name``/``backbone`` not a
             str, ``num_classes``/``output_stride`` not an int (a float such as
             ``16.0`` or a bool is refused, not converted), ``sync_bn``/``aux_head``
-            not a bool, ``pretrained`` not a path, ``norm_layer`` not callable.
+            not a bool, ``pretrained`` not a path, ``norm_layer`` not callable
+            (or the description a build_config keeps of one), ``bn_eps`` /
+            ``bn_momentum`` not a number (or None for the momentum).
         ValueError: unknown ``name``/``backbone``, ``output_stride`` not 8 or
-            16, ``num_classes`` < 1, both ``norm_layer`` and ``sync_bn``, or
-            pretrained weights that do not fit the backbone.
+            16, ``num_classes`` < 1, both ``norm_layer`` and ``sync_bn`` (or
+            ``bn_eps``/``bn_momentum``), ``bn_eps`` < 0 or not finite,
+            ``bn_momentum`` outside [0, 1], or pretrained weights that do not
+            fit the backbone.
         FileNotFoundError: ``pretrained`` names no file.
     """
     check_choice("model", name, MODEL_NAMES)
@@ -95,8 +102,10 @@ def build_model(
         raise TypeError(f"pretrained must be a path (str or os.PathLike) or None, "
                         f"got {type(pretrained).__name__}")
     if norm_layer is not None and not callable(norm_layer):
-        raise TypeError(f"norm_layer must be a callable channels -> nn.Module, "
-                        f"got {type(norm_layer).__name__}")
+        described = isinstance(norm_layer, str)  # e.g. a build_config's record of layers it cannot rebuild
+        raise TypeError(f"norm_layer must be a callable channels -> nn.Module, got {type(norm_layer).__name__}"
+                        + (f" {norm_layer!r} (a build_config describes norm layers it cannot rebuild so: pass "
+                           "the callable that made them)" if described else ""))
     if sync_bn and norm_layer is not None:
         raise ValueError("pass either norm_layer or sync_bn=True, not both")
     _check_bn_settings(bn_eps, bn_momentum)
@@ -123,11 +132,15 @@ def build_model(
 
 
 def _check_bn_settings(eps: Any, momentum: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-        raise ValueError(f"bn_eps must be a number > 0, got {eps!r}")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0 <= momentum <= 1):
-        raise ValueError(f"bn_momentum must be a number in [0, 1] or None, got {momentum!r}")
+    for flag, value in (("bn_eps", eps), ("bn_momentum", momentum)):
+        if (value is not None or flag == "bn_eps") and (isinstance(value, bool)
+                                                         or not isinstance(value, numbers.Real)):
+            raise TypeError(f"{flag} must be a number{' or None' if flag == 'bn_momentum' else ''}, "
+                            f"got {type(value).__name__} {value!r}")
+    if not (0 <= eps and math.isfinite(eps)):  # (BatchNorm takes 0: its variance alone then)
+        raise ValueError(f"bn_eps must be a finite number >= 0, got {eps!r}")
+    if momentum is not None and not 0 <= momentum <= 1:
+        raise ValueError(f"bn_momentum must be in [0, 1] or None, got {momentum!r}")
 
 
 def _norm_config(layers: List[nn.Module]) -> Dict[str, Any]:
@@ -135,15 +148,18 @@ def _norm_config(layers: List[nn.Module]) -> Dict[str, Any]:
     bn_eps and bn_momentum for BatchNorm layers (SyncBatchNorm: the same weights and the same
     inference) that share other ones; else a description under "norm_layer", which no
     config can rebuild (a checkpoint holds no code)."""
-    kinds = (nn.BatchNorm2d, nn.SyncBatchNorm)
-    settings = {(layer.eps, layer.momentum) if type(layer) in kinds and layer.affine
-                and layer.track_running_stats else None for layer in layers}
-    if len(settings) == 1 and None not in settings:
-        eps, momentum = settings.pop()
+    def settings(layer: nn.Module):
+        rebuildable = type(layer) in (nn.BatchNorm2d, nn.SyncBatchNorm) and layer.affine and layer.track_running_stats
+        return (layer.eps, layer.momentum) if rebuildable else None
+
+    found = [settings(layer) for layer in layers]
+    if None not in found and len(set(found)) == 1:
+        eps, momentum = found[0]
         return {} if (eps, momentum) == (BN_EPS, BN_MOMENTUM) else {"bn_eps": float(eps), "bn_momentum": (
             None if momentum is None else float(momentum))}
-    odd = next((layer for layer in layers if type(layer) not in kinds), layers[0])
-    return {"norm_layer": f"{odd!r}" + ("" if len(settings) == 1 else " (and layers of other settings)")}
+    # the first layer no config rebuilds, else the first whose settings differ from the first layer's
+    odd = found.index(None) if None in found else next(i for i, s in enumerate(found) if s != found[0])
+    return {"norm_layer": repr(layers[odd]) + ("" if None in found else f" beside {layers[0]!r}")}
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:

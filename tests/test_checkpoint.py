@@ -90,7 +90,11 @@ def test_a_network_of_other_norm_layers_is_named_not_misloaded(tmp_path):
         build_from_checkpoint(path)
     mixed = build_model("pspnet", 2, backbone="resnet18", norm_layer=lambda c: torch.nn.BatchNorm2d(
         c, eps=1e-3 if c > 256 else 1e-5))
-    assert mixed.build_config["norm_layer"].endswith("(and layers of other settings)")
+    assert re.fullmatch(r"BatchNorm2d\(512, eps=0.001, .*\) beside BatchNorm2d\(64, eps=1e-05, .*\)",
+                        mixed.build_config["norm_layer"])
+    untracked = build_model("pspnet", 2, backbone="resnet18", norm_layer=lambda c: torch.nn.BatchNorm2d(
+        c, track_running_stats=c < 256))  # the layer named is one no config rebuilds, not the first
+    assert re.fullmatch(r"BatchNorm2d\(256, .*track_running_stats=False\)", untracked.build_config["norm_layer"])
 
 
 def test_missing_file(tmp_path):

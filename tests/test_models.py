@@ -634,8 +634,14 @@ def test_batchnorm_settings_are_arguments_and_checked():
     synced = build_model("deeplabv3", 2, backbone="resnet18", sync_bn=True, bn_eps=1e-3)
     assert {type(m) for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {nn.SyncBatchNorm}
     assert synced.build_config["bn_eps"] == 1e-3  # same weights, same inference: rebuilt as BatchNorm
-    for bad in ({"bn_eps": 0.0}, {"bn_eps": True}, {"bn_momentum": 1.5}, {"bn_momentum": "0.1"}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    assert build_model("pspnet", 2, backbone="resnet18", bn_eps=0.0).build_config["bn_eps"] == 0.0  # BatchNorm takes 0
+    for bad, error in (({"bn_eps": -1e-3}, ValueError), ({"bn_eps": float("inf")}, ValueError),
+                       ({"bn_momentum": 1.5}, ValueError), ({"bn_eps": True}, TypeError),
+                       ({"bn_eps": "1e-3"}, TypeError), ({"bn_momentum": "0.1"}, TypeError)):
+        with pytest.raises(error, match=next(iter(bad))):
             build_model("pspnet", 2, backbone="resnet18", **bad)
+    with pytest.raises(TypeError, match=r"got str 'GroupNorm.*\(a build_config describes norm layers it cannot "
+                                        r"rebuild so: pass the callable that made them\)"):
+        build_model("pspnet", 2, backbone="resnet18", norm_layer="GroupNorm(8, 64, eps=1e-05, affine=True)")
     with pytest.raises(ValueError, match="either norm_layer or bn_eps"):
         build_model("pspnet", 2, backbone="resnet18", norm_layer=nn.BatchNorm2d, bn_eps=1e-3)
