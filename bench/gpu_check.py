@@ -89,7 +89,13 @@ DEVICE = torch.device("cpu" if ARGS.dry_run else "cuda")
 if __name__ == "__main__" and not ARGS.dry_run and not torch.cuda.is_available():
     _ARGS.error("no CUDA device here (torch " + torch.__version__ + "): run it on a GPU machine, or pass "
                 "--dry-run for the CPU rehearsal (tiny shapes through the Triton interpreter, a few minutes)")
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}
+# (loss, gradient) relative to the reference fed the same logits, whose gradient comes back in their
+# dtype: a half-precision loss is a float32 one (the contract's 1e-2 for half precision let a loss
+# rounded to the logits' dtype pass); a half-precision gradient is held to half an ulp of its dtype
+# (the H200 measured 6e-5), which a float32 -> bfloat16 cast by truncation misses (4e-3). The
+# interpreter truncates (a GPU rounds to nearest): the dry run allows a whole bfloat16 ulp.
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-5, 2.0 ** -11),
+       torch.bfloat16: (1e-5, 2.0 ** -7 if ARGS.dry_run else 2.0 ** -8)}
 GRAD_SCALE = 3.7
 
 if ARGS.dry_run:
@@ -637,7 +643,8 @@ def print_report(results):
     print(f"== machine: {machine}")
     bad = [r for r in correctness if not r["ok"]]
     print(f"== correctness vs float64 reference: {len(correctness) - len(bad)}/{len(correctness)} ok "
-          f"(float32: loss 1e-5, grad 1e-4; half: 1e-2; grad of {GRAD_SCALE} * loss)")
+          f"(loss 1e-5; grad float32 1e-4, float16 {TOL[torch.float16][1]:.1e}, bfloat16 "
+          f"{TOL[torch.bfloat16][1]:.1e}; grad of {GRAD_SCALE} * loss)")
     for r in correctness:
         flag = "ok  " if r["ok"] else "FAIL"
         print(f"  {flag} {r['backend']:6s} {r['dtype']:8s} loss {r['loss_rel']:.1e} grad {r['grad_rel']:.1e}  "

@@ -1,12 +1,14 @@
 """The float64 reference against cases computed on paper, and gradcheck."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
 from rmi_triton import reference_rmi
-from rmi_triton.options import LOG_EPS, RIDGE
+from rmi_triton.options import LOG_EPS, RIDGE, RMIOptions
+from rmi_triton.pooling import ignored_cells, kept_regions, pool_map
 
 A = RIDGE
 
@@ -72,14 +74,64 @@ def test_hand_case_class_reduction_and_additive():
 
 
 def test_avg_pool_geometry_matches_hand_count():
-    # 1 x 1 x 8 x 8 of class 0 everywhere, s = 4, padding 2 -> 3 x 3 cells; the corner cell
-    # holds 2 x 2 real pixels out of 16 -> y' = 0.25, edges 0.5, centre 1
-    labels = torch.zeros(1, 8, 8, dtype=torch.long)
-    logits = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
-    out = reference_rmi(logits, labels, radius=3, pool="avg", pool_size=4, pixel_loss=None, rmi_weight=0)
-    # one region vector only (3 x 3 grid, R = 3): all centred sums vanish -> V = 0
-    expected = _log_diag(*([math.sqrt(A)] * 9)) / 9
-    assert out.rmi.item() == pytest.approx(expected, rel=1e-12)
+    # 1 x 1 x 8 x 8 ones, s = 4, padding 2 -> 3 x 3 cells; the corner cell holds 2 x 2 real pixels
+    # out of 16 -> 0.25, edges 0.5, centre 1 (the padding counts as zeros, as the published code)
+    ones = torch.ones(1, 1, 8, 8, dtype=torch.float64)
+    opts = RMIOptions(pool="avg", pool_size=4)
+    expected = torch.tensor([[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]], dtype=torch.float64)
+    assert torch.equal(pool_map(ones, opts)[0, 0], expected)
+    assert torch.equal(pool_map(ones, opts, labels_like=True)[0, 0], expected)  # labels pool alike
+    # max pooling over the same windows: 1 wherever a real pixel is
+    assert torch.equal(pool_map(ones, RMIOptions(pool="max", pool_size=4))[0, 0], torch.ones(3, 3).double())
+
+
+def _cells_by_the_rule(ignored, pool: str, s: int):
+    """The README's rule for `exclude_ignored`, written out pixel by pixel: a cell is ignored when an
+    ignored pixel feeds it (avg / max: its s x s window, padding s // 2; interp: the pixel nearest
+    picks for the labels or one bilinear interpolation (align_corners=True) weighs; none: itself)."""
+    h, w = len(ignored), len(ignored[0])
+    if pool == "none":
+        return [row[:] for row in ignored]
+    if pool in ("avg", "max"):
+        pad = s // 2
+        h_low, w_low = (h + 2 * pad - s) // s + 1, (w + 2 * pad - s) // s + 1
+        return [[any(ignored[r][c] for r in range(max(i * s - pad, 0), min(i * s - pad + s, h))
+                     for c in range(max(j * s - pad, 0), min(j * s - pad + s, w)))
+                 for j in range(w_low)] for i in range(h_low)]
+    h_low, w_low = h // s, w // s
+
+    def sources(k, size, size_low):  # exact: output k samples k (size - 1) / (size_low - 1)
+        position = Fraction(k * (size - 1), max(size_low - 1, 1))
+        first = math.floor(position)
+        return {first} | ({first + 1} if position != first else set())
+
+    def nearest(k, size, size_low):  # PyTorch's "nearest": floor(k * size / size_low)
+        return min(k * size // size_low, size - 1)
+
+    return [[any(ignored[r][c] for r in sources(i, h, h_low) for c in sources(j, w, w_low))
+             or ignored[nearest(i, h, h_low)][nearest(j, w, w_low)]
+             for j in range(w_low)] for i in range(h_low)]
+
+
+@pytest.mark.parametrize("pool, s, radius", [("avg", 4, 3), ("avg", 3, 2), ("max", 2, 3), ("max", 5, 1),
+                                              ("interp", 4, 3), ("interp", 3, 2), ("none", 1, 3)])
+def test_exclude_ignored_follows_the_written_rule(pool, s, radius):
+    """The reference and both engines take the kept region vectors from `pooling.kept_regions`, so
+    their agreement cannot check it: here it meets the rule written out cell by cell."""
+    g = torch.Generator().manual_seed(s * 10 + radius)
+    opts = RMIOptions(pool=pool, pool_size=s, radius=radius, exclude_ignored=True)
+    for h, w in ((23, 31), (17, 17), (30, 19)):
+        for frac in (0.01, 0.05):
+            ignored = (torch.rand(2, 1, h, w, generator=g) < frac).double()
+            cells = ignored_cells(ignored, opts)
+            kept = kept_regions(ignored, opts)
+            for n in range(2):
+                rule = _cells_by_the_rule(ignored[n, 0].bool().tolist(), pool, s)
+                assert cells[n, 0].tolist() == rule, (h, w, frac)
+                h_low, w_low = len(rule), len(rule[0])
+                expected = [[not any(rule[a + i][b + j] for i in range(radius) for j in range(radius))
+                             for b in range(w_low - radius + 1)] for a in range(h_low - radius + 1)]
+                assert kept[n, 0].tolist() == expected, (h, w, frac)
 
 
 def test_gradcheck():

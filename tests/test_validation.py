@@ -82,11 +82,20 @@ def test_label_out_of_range(good, value):
         rmi_loss(logits, labels)
 
 
-def test_label_range_check_can_be_skipped(good):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_label_range_check_can_be_skipped(good, backend, monkeypatch):
+    """validate=False reads no label on the host (the check costs a device sync)."""
+    import rmi_triton.validation as validation
+
+    def read(*args):
+        raise AssertionError("the label range was checked with validate=False")
+
     logits, labels = good
-    labels = labels.clone()
-    labels[0, 0, 0] = 2  # valid: passes either way
-    assert torch.isfinite(rmi_loss(logits, labels, validate=False))
+    expected = rmi_loss(logits, labels, backend=backend)
+    monkeypatch.setattr(validation, "_check_label_range", read)
+    assert torch.equal(rmi_loss(logits, labels, validate=False, backend=backend), expected)
+    with pytest.raises(AssertionError, match="checked with validate=False"):  # where validate=True reads
+        rmi_loss(logits, labels, backend=backend)
 
 
 @pytest.mark.parametrize("where", ["label class", "other class", "ignored pixel"])
