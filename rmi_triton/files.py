@@ -90,8 +90,12 @@ def load_refusal(err: BaseException) -> str:
     if named:
         return f"it names {named.group(1)}, which is not a tensor or a plain container"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    kept = [line for line in lines if not any(word in line for word in _ADVICE)]
-    return " ".join(kept) or f"{type(err).__name__} (the file ends early or is empty)"
+    kept = " ".join(line for line in lines if not any(word in line for word in _ADVICE))
+    if not kept:
+        return f"{type(err).__name__} (the file ends early or is empty)"
+    if " " not in kept:  # a bare key or number (a KeyError's) says nothing alone
+        return f"not a file torch.save wrote ({type(err).__name__}: {kept})"
+    return kept
 
 
 _ADVICE = ("weights_only", "Weights only", "trust", "allowlist", "safe_globals")

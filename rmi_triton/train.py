@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
 from .files import atomic_writer, json_safe, remove_leftovers, same_file, write_atomically
@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="synthetic", choices=("synthetic", "voc", "camvid"),
                    help="synthetic: the embedded scenes, generated on the fly; voc, camvid: from --data-root")
     g.add_argument("--data-root", default=None, help="dataset folder (voc / camvid)")
-    g.add_argument("--num-classes", type=int, default=5, help="synthetic only: classes incl. background (2..7)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="synthetic only: classes incl. background (2..7, default 5); voc and camvid have 21 "
+                        "and 11, which their labels fix")
     g.add_argument("--train-split", default="train",
                    help="voc: train, trainval or train_aug (the SBD list the paper trains on); camvid: train, "
                         "val, test or trainval")
@@ -218,6 +220,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--batch-size 1: the networks' global-pooling branch gives BatchNorm one value per "
                      "channel in training; use 2 or more images a process (or --sync-bn across processes)")
     _check_paths(parser, args)
+    if args.dataset != "synthetic":
+        for name in ("num_classes", "train_length"):
+            if getattr(args, name) is not None:  # refused, not ignored
+                parser.error(f"--{name.replace('_', '-')} applies to the synthetic scenes only (--dataset "
+                             f"{args.dataset} has {'its own classes' if name == 'num_classes' else 'its split'})")
+        if args.augment is False and args.crop is not None:
+            parser.error("--crop is the augmentation's random crop: with --no-augment the images go in whole "
+                         f"(--dataset {args.dataset})")
+    elif args.num_classes is None:
+        args.num_classes = 5
+    elif not 2 <= args.num_classes <= 7:
+        parser.error(f"--num-classes must be in 2..7 for the synthetic scenes, got {args.num_classes}")
     _check_device(parser, args.device)
     _check_rmi_flags(parser, args)
     _check_out(parser, args)
@@ -461,6 +475,21 @@ class _Batches:
             yield [(e, i) for i in order[b * self.bs:(b + 1) * self.bs]]
 
 
+class DataError(ValueError):
+    """Training data the run cannot take; `main` says it in one line."""
+
+
+def _same_size_batch(items):
+    """The default collation, after a check that names what stacks cannot take: training images of
+    different sizes, which only the augmentation's crop brings to one size."""
+    sizes = sorted({tuple(image.shape[-2:]) for image, _ in items})
+    if len(sizes) > 1:
+        raise DataError(f"training images of different sizes in one batch ({' and '.join('x'.join(map(str, s)) for s in sizes[:2])}): "
+                         "with --no-augment they go in whole; the augmentation (the default for voc and camvid) "
+                         "crops them to one size")
+    return default_collate(items)
+
+
 def iterations_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> int:
     per_rank = math.ceil(num_samples / world)
     n = per_rank // batch_size
@@ -470,7 +499,9 @@ def iterations_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> i
     return n
 
 
-def build_datasets(args):
+def build_datasets(args, with_val: bool = True):
+    """(training set, validation set or None without `with_val`). The training set is augmented
+    unless --no-augment (real datasets) or asked (synthetic), whatever its split is named."""
     from .data import build_dataset
 
     kw: Dict[str, Any] = {}
@@ -479,8 +510,11 @@ def build_datasets(args):
     train_kw = dict(kw)
     if args.dataset == "synthetic" and args.train_length is not None:
         train_kw["length"] = args.train_length
+    augment = args.augment if args.augment is not None else args.dataset != "synthetic"
     train = build_dataset(args.dataset, args.data_root, args.train_split, crop_size=args.crop,
-                          augment=args.augment, **train_kw)
+                          augment=augment, **train_kw)
+    if not with_val:
+        return train, None
     val_kw = dict(kw)
     if args.dataset == "synthetic":
         if args.val_length is not None:
@@ -507,8 +541,9 @@ def bce_pixel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 def make_criterion(args, num_classes: int, ignore_index: int):
     """``f(logits, labels) -> scalar loss`` for ``args.loss``."""
-    if args.loss == "ce":
-        return lambda logits, labels: F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    if args.loss == "ce":  # the mean over labelled pixels; 0 (not 0 / 0) for a batch without any
+        return lambda logits, labels: F.cross_entropy(logits.float(), labels, ignore_index=ignore_index,
+                                                      reduction="sum") / (labels != ignore_index).sum().clamp(min=1)
     if args.loss == "bce":
         return lambda logits, labels: bce_pixel_loss(logits, labels, ignore_index)
     from .loss import RMILoss
@@ -706,7 +741,12 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        train_set, val_set = build_datasets(args)
+        try:  # the validation split only where it is evaluated
+            train_set, val_set = build_datasets(args, with_val=bool(args.eval_every) or not args.no_final_eval)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise SystemExit(f"error: --dataset {args.dataset}"
+                             + (f" --data-root {args.data_root}" if args.data_root else "")
+                             + f" (splits {args.train_split!r}, {args.val_split!r}): {err}") from None
         num_classes, ignore_index = train_set.num_classes, train_set.ignore_index
         try:
             per_epoch = iterations_per_epoch(len(train_set), args.batch_size, dist.world)
@@ -776,6 +816,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                             batch_sampler=_Batches(len(train_set), args.batch_size, args.seed, start, total,
                                                    dist.rank, dist.world, data_order),
                             num_workers=args.workers, pin_memory=device.type == "cuda",
+                            collate_fn=_same_size_batch,
                             worker_init_fn=_worker_ignores_stop_signals if args.workers else None,
                             # its own generator: starting the loader must not draw from the global
                             # torch RNG (dropout's), or a resumed run would be one draw off
@@ -916,10 +957,13 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             say(format_table({args.loss: m}, train_set.class_names,
                              [("s/iteration", [f"{result['seconds_per_iteration']:.3f}"])]))
             if dist.main:
-                summary = {"metrics": m, "iteration": it, "loss": args.loss,
-                           "seconds_per_iteration": result["seconds_per_iteration"]}
+                summary = {"metrics": m, "iteration": it, "loss": args.loss, "split": args.val_split,
+                           "val_length": args.val_length, "seconds_per_iteration": result["seconds_per_iteration"]}
                 write_atomically(os.path.join(out_dir, "metrics.json"),
                                  json.dumps(json_safe(summary), indent=1).encode("utf-8"))
+        if result["status"] == "done":
+            evaluated = "" if args.no_final_eval else f", metrics.json (the {args.val_split!r} split's scores)"
+            result["message"] = f"wrote {out_dir}: last.pt (the checkpoint), log.jsonl (the losses){evaluated}"
         if result["message"]:
             say(result["message"])
         return result
@@ -998,6 +1042,8 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     if "momentum" not in saved:  # likewise: the optimizer's state holds what the run used
         group = (state["optimizer"].get("param_groups") or [{}])[0]
         saved = dict(saved, **{k: group[k] for k in ("momentum", "weight_decay") if k in group})
+    if saved.get("dataset", "synthetic") != "synthetic":  # before --num-classes was refused there, its
+        saved = {k: v for k, v in saved.items() if k != "num_classes"}  # default 5 was recorded: meaningless
     if saved.get("data_order", 1) not in (1, DATA_ORDER):
         raise SystemExit(f"--resume {path}: the checkpoint orders its data by rule {saved['data_order']}, which "
                          "this version does not know (a later version wrote it)")
@@ -1024,6 +1070,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
+    except DataError as err:  # a DataLoader worker's comes wrapped: its last line is the message
+        raise SystemExit(f"error: {str(err).strip().splitlines()[-1].removeprefix('DataError: ')}") from None
     except AgreedExit as stop:
         if not _speaks_for_the_run():
             raise SystemExit(1) from None  # every rank raised it: rank 0 says it

@@ -244,10 +244,14 @@ def test_epochs_bce_and_bfloat16_autocast(tmp_path):
     (["--boundary-tolerance", "-1"], "--boundary-tolerance must be >= 0, got -1"),
     (["--lr", "nan"], "--lr must be >= 0, got nan"),
     (["--workers", "-2"], "--workers must be >= 0, got -2"),
+    (["--num-classes", "9"], "--num-classes must be in 2..7 for the synthetic scenes, got 9"),
+    (["--dataset", "voc", "--data-root", "."], "--train-length applies to the synthetic scenes only"),
+    (["--dataset", "camvid", "--data-root", ".", "--num-classes", "3"],
+     "--num-classes applies to the synthetic scenes only (--dataset camvid has its own classes)"),
 ])
 def test_command_line_mistakes_are_named_before_the_run(argv, message, capsys):
     """A mistake in the flags ends in parse_args with a usage error that names the flag (exit 2),
-    not in a traceback from inside the run."""
+    not in a traceback from inside the run (or, for flags another dataset has no use for, silence)."""
     with pytest.raises(SystemExit) as raised:
         parse_args(TINY + argv)
     assert raised.value.code == 2
@@ -714,3 +718,51 @@ def test_a_demo_stopped_half_way_leaves_no_earlier_demos_outputs(tmp_path, monke
     assert "run the demo again" in said and "--resume" not in said  # its run folders go next time
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["ce.pt"]
     assert load_checkpoint(out / "ce.pt")["iteration"] == 2
+
+
+VOC_RUN = ["--model", "deeplabv3plus", "--backbone", "resnet18", "--dataset", "voc", "--crop", "32",
+           "--batch-size", "2", "--iterations", "2", "--loss", "ce", "--threads", "2", "--no-progress"]
+
+
+def test_a_voc_run_on_a_split_of_its_own_name(tmp_path, capsys):
+    """The training split was augmented only when its name began with 'train': a list of one's own
+    (or CamVid's val) went in whole, --crop unused, and images of different sizes failed in torch's
+    collation; the validation split was read even where nothing evaluates it."""
+    from test_data import make_voc
+
+    voc = make_voc(tmp_path / "data")  # images of 30x40, 36x28 and 24x24
+    lists = os.path.join(voc, "ImageSets", "Segmentation")
+    shutil.copy(os.path.join(lists, "train.txt"), os.path.join(lists, "mine.txt"))
+    os.remove(os.path.join(lists, "val.txt"))
+    out = tmp_path / "run"
+    result = run(parse_args(VOC_RUN + ["--data-root", voc, "--train-split", "mine", "--no-final-eval",
+                                       "--out", str(out)]), log=_quiet)
+    assert result["status"] == "done" and result["message"] == (f"wrote {out}: last.pt (the checkpoint), "
+                                                                "log.jsonl (the losses)")
+    with pytest.raises(SystemExit, match=rf"^error: --dataset voc --data-root {re.escape(voc)} \(splits "
+                                         r"'mine', 'val'\): VOC split list for split='val' not found"):
+        run(parse_args(VOC_RUN + ["--data-root", voc, "--train-split", "mine", "--out", str(tmp_path / "r2")]),
+            log=_quiet)
+    with pytest.raises(SystemExit, match=r"^error: training images of different sizes in one batch \(\d+x\d+ "
+                                         r"and \d+x\d+\): with --no-augment they go in whole"):
+        train_module.main(VOC_RUN[:6] + VOC_RUN[8:] + ["--data-root", voc, "--train-split", "mine",
+                                                       "--no-augment", "--no-final-eval",
+                                                       "--out", str(tmp_path / "r3")])
+    with pytest.raises(SystemExit):
+        parse_args(VOC_RUN + ["--data-root", voc, "--no-augment"])
+    assert "--crop is the augmentation's random crop: with --no-augment" in capsys.readouterr().err
+
+
+def test_cross_entropy_of_a_batch_without_labelled_pixels_is_zero():
+    """F.cross_entropy's mean over no labelled pixel is 0 / 0: one such crop stopped a --loss ce run
+    as 'non-finite' (BCE and RMI gave finite values on the same batch)."""
+    args = parse_args(TINY + ["--loss", "ce", "--out", "unused"])
+    criterion = train_module.make_criterion(args, 3, 255)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = criterion(logits, torch.full((2, 8, 8), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    labels = torch.randint(0, 3, (2, 8, 8))
+    labels[0, :4] = 255
+    torch.testing.assert_close(criterion(logits, labels),
+                               torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
