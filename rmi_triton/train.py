@@ -922,6 +922,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                                  interrupted=lambda: signalled(stop))  # a signal stops it
                     if m is not None:
                         say(f"eval @ {it}: mIoU {100 * m['miou']:.2f}  boundary F {100 * m['boundary_f']:.2f}")
+                        if dist.main:  # kept beside the losses (a resume keeps it up to its checkpoint)
+                            with open(log_path, "a", encoding="utf-8") as f:
+                                f.write(json.dumps(json_safe({"iteration": it, "eval": m,
+                                                              "split": args.val_split})) + "\n")
                     stopping = signalled(stop)  # a signal during the evaluation: no further step
                 mark = time.perf_counter()
                 if stopping:
@@ -963,7 +967,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                                  json.dumps(json_safe(summary), indent=1).encode("utf-8"))
         if result["status"] == "done":
             evaluated = "" if args.no_final_eval else f", metrics.json (the {args.val_split!r} split's scores)"
-            result["message"] = f"wrote {out_dir}: last.pt (the checkpoint), log.jsonl (the losses){evaluated}"
+            logged = "the losses and evaluations" if args.eval_every else "the losses"
+            result["message"] = f"wrote {out_dir}: last.pt (the checkpoint), log.jsonl ({logged}){evaluated}"
         if result["message"]:
             say(result["message"])
         return result

@@ -486,6 +486,9 @@ def test_seconds_per_iteration_leave_out_evaluations(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "make_criterion", timed_criterion)
     result = run(_args(tmp_path, "--eval-every", "2", "--iterations", "4", "--save-every", "1"), log=_quiet)
     assert result["status"] == "done" and clock[0] == 4 * 2.0 + 200.0  # evaluations at 2 and the final one
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], sorted(r)) for r in records if "eval" in r] == [(2, ["eval", "iteration", "split"])]
+    assert "log.jsonl (the losses and evaluations)" in result["message"]  # the periodic one was only printed
     assert result["seconds_per_iteration"] == 2.0
     assert json.loads((tmp_path / "metrics.json").read_text())["seconds_per_iteration"] == 2.0
 
