@@ -450,8 +450,9 @@ class _EpochItems(Dataset):
     def __getitem__(self, key):
         epoch, index = key
         rng = np.random.default_rng([_AUG_TAG, self.seed, int(epoch), int(index)])
-        image, label = self.base.raw(index)
-        return self.base.transform(image, label, rng)
+        with _data_errors("training item", index):
+            image, label = self.base.raw(index)
+            return self.base.transform(image, label, rng)
 
 
 class _Batches:
@@ -476,7 +477,17 @@ class _Batches:
 
 
 class DataError(ValueError):
-    """Training data the run cannot take; `main` says it in one line."""
+    """Data the run cannot take; `main` says it in one line."""
+
+
+@contextlib.contextmanager
+def _data_errors(what: str, index: int):
+    """What reading or transforming an item raises (a file cut short, a label value out of range, a
+    label of another size: the datasets name the file) as a DataError naming the item."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise DataError(f"{what} {index}: {err}") from err
 
 
 def _same_size_batch(items):
@@ -624,7 +635,11 @@ def evaluate(model: torch.nn.Module, dataset, device, batch_size: int = 8, bound
         if interrupted is not None and interrupted():
             model.train(was_training)
             return None
-        for items in _same_size_runs([dataset[i] for i in indices[start:start + batch_size]]):
+        batch = []
+        for i in indices[start:start + batch_size]:
+            with _data_errors("evaluation item", i):
+                batch.append(dataset[i])
+        for items in _same_size_runs(batch):
             images = torch.stack([x for x, _ in items]).to(device)
             labels = torch.stack([y for _, y in items])
             with _autocast(device, amp):
@@ -1075,8 +1090,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except DataError as err:  # a DataLoader worker's comes wrapped: its last line is the message
-        raise SystemExit(f"error: {str(err).strip().splitlines()[-1].removeprefix('DataError: ')}") from None
+    except DataError as err:  # a DataLoader worker's comes wrapped in its traceback: the last line
+        raise SystemExit(f"error: {str(err).strip().splitlines()[-1].split('DataError: ', 1)[-1]}") from None
     except AgreedExit as stop:
         if not _speaks_for_the_run():
             raise SystemExit(1) from None  # every rank raised it: rank 0 says it

@@ -769,3 +769,19 @@ def test_cross_entropy_of_a_batch_without_labelled_pixels_is_zero():
     labels[0, :4] = 255
     torch.testing.assert_close(criterion(logits, labels),
                                torch.nn.functional.cross_entropy(logits, labels, ignore_index=255))
+
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_training_data_is_one_line(tmp_path, workers):
+    """A truncated image (or a label out of range, of another size) ended the run in a traceback
+    from PIL or the dataset, wrapped once more by a DataLoader worker."""
+    from test_data import VOC_IDS, make_voc
+
+    voc = make_voc(tmp_path / "data")
+    with open(os.path.join(voc, "JPEGImages", f"{VOC_IDS['train'][1]}.jpg"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SystemExit, match=r"^error: training item 1: image file .*2007_000002.jpg could not be "
+                                         r"decoded: [^\n]*$"):
+        train_module.main(VOC_RUN + ["--data-root", voc, "--workers", workers, "--batch-size", "3",
+                                     "--no-final-eval", "--out", str(tmp_path / "run")])
