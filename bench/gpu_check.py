@@ -91,11 +91,11 @@ if __name__ == "__main__" and not ARGS.dry_run and not torch.cuda.is_available()
                 "--dry-run for the CPU rehearsal (tiny shapes through the Triton interpreter, a few minutes)")
 # (loss, gradient) relative to the reference fed the same logits, whose gradient comes back in their
 # dtype: a half-precision loss is a float32 one (the contract's 1e-2 for half precision let a loss
-# rounded to the logits' dtype pass); a half-precision gradient is held to half an ulp of its dtype
-# (the H200 measured 6e-5), which a float32 -> bfloat16 cast by truncation misses (4e-3). The
-# interpreter truncates (a GPU rounds to nearest): the dry run allows a whole bfloat16 ulp.
+# rounded to the logits' dtype pass); a half-precision gradient within half an ulp of float16 and
+# 1e-3 for bfloat16 (the H200 measured 6e-5; a float32 -> bfloat16 cast by truncation gives 4e-3).
+# The interpreter truncates (a GPU rounds to nearest): the dry run allows a whole bfloat16 ulp.
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-5, 2.0 ** -11),
-       torch.bfloat16: (1e-5, 2.0 ** -7 if ARGS.dry_run else 2.0 ** -8)}
+       torch.bfloat16: (1e-5, 2.0 ** -7 if ARGS.dry_run else 1e-3)}
 GRAD_SCALE = 3.7
 
 if ARGS.dry_run:

@@ -94,7 +94,7 @@ def load_refusal(err: BaseException) -> str:
     if not kept:
         return f"{type(err).__name__} (the file ends early or is empty)"
     if " " not in kept:  # a bare key or number (a KeyError's) says nothing alone
-        return f"not a file torch.save wrote ({type(err).__name__}: {kept})"
+        return f"not an intact file of torch.save ({type(err).__name__}: {kept})"
     return kept
 
 

@@ -232,6 +232,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.num_classes = 5
     elif not 2 <= args.num_classes <= 7:
         parser.error(f"--num-classes must be in 2..7 for the synthetic scenes, got {args.num_classes}")
+    if args.augment is None:  # resolved here, so that checkpoints record what the run does
+        args.augment = args.dataset != "synthetic"
     _check_device(parser, args.device)
     _check_rmi_flags(parser, args)
     _check_out(parser, args)
@@ -521,7 +523,7 @@ def build_datasets(args, with_val: bool = True):
     train_kw = dict(kw)
     if args.dataset == "synthetic" and args.train_length is not None:
         train_kw["length"] = args.train_length
-    augment = args.augment if args.augment is not None else args.dataset != "synthetic"
+    augment = args.augment if args.augment is not None else args.dataset != "synthetic"  # (parse_args resolves it)
     train = build_dataset(args.dataset, args.data_root, args.train_split, crop_size=args.crop,
                           augment=augment, **train_kw)
     if not with_val:
@@ -876,7 +878,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
 
             bar = tqdm(total=total, initial=start, desc=args.loss, dynamic_ncols=True, file=sys.stderr)
         # seconds of training steps (data included), not of the evaluations and saves between them
-        train_seconds, done_here = 0.0, 0
+        train_seconds, done_here, evaluations_logged = 0.0, 0, False
         it = start
         mark = time.perf_counter()
 
@@ -938,6 +940,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                     if m is not None:
                         say(f"eval @ {it}: mIoU {100 * m['miou']:.2f}  boundary F {100 * m['boundary_f']:.2f}")
                         if dist.main:  # kept beside the losses (a resume keeps it up to its checkpoint)
+                            evaluations_logged = True
                             with open(log_path, "a", encoding="utf-8") as f:
                                 f.write(json.dumps(json_safe({"iteration": it, "eval": m,
                                                               "split": args.val_split})) + "\n")
@@ -982,7 +985,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                                  json.dumps(json_safe(summary), indent=1).encode("utf-8"))
         if result["status"] == "done":
             evaluated = "" if args.no_final_eval else f", metrics.json (the {args.val_split!r} split's scores)"
-            logged = "the losses and evaluations" if args.eval_every else "the losses"
+            logged = "the losses and evaluations" if evaluations_logged else "the losses"
             result["message"] = f"wrote {out_dir}: last.pt (the checkpoint), log.jsonl ({logged}){evaluated}"
         if result["message"]:
             say(result["message"])
@@ -1062,8 +1065,14 @@ def _check_resume(state: Dict[str, Any], args, config: Dict[str, Any], path: str
     if "momentum" not in saved:  # likewise: the optimizer's state holds what the run used
         group = (state["optimizer"].get("param_groups") or [{}])[0]
         saved = dict(saved, **{k: group[k] for k in ("momentum", "weight_decay") if k in group})
-    if saved.get("dataset", "synthetic") != "synthetic":  # before --num-classes was refused there, its
-        saved = {k: v for k, v in saved.items() if k != "num_classes"}  # default 5 was recorded: meaningless
+    if "augment" not in saved:  # written before the choice was recorded: the rule of then, by the split's
+        # name (a run of a list of one's own went in whole: --no-augment continues it as it was)
+        saved = dict(saved, augment=saved.get("dataset", "synthetic") != "synthetic"
+                     and args.train_split.startswith("train"))
+    if saved.get("dataset", "synthetic") != "synthetic":  # what such a run recorded without effect, before
+        # those flags were refused there: --num-classes (its default 5), --train-length, --crop without augmentation
+        moot = {"num_classes", "train_length"} | ({"crop"} if saved["augment"] is False else set())
+        saved = {k: v for k, v in saved.items() if k not in moot}
     if saved.get("data_order", 1) not in (1, DATA_ORDER):
         raise SystemExit(f"--resume {path}: the checkpoint orders its data by rule {saved['data_order']}, which "
                          "this version does not know (a later version wrote it)")

@@ -442,7 +442,7 @@ def test_pretrained_not_a_state_dict(tmp_path):
     with pytest.raises(ValueError, match="could not read"):
         build_model("pspnet", NUM_CLASSES, backbone="resnet18", pretrained=garbage)
     garbage.write_bytes(b"hello this is text\n")  # torch.load's KeyError said only its key: '101'
-    with pytest.raises(ValueError, match=r"could not read .*: not a file torch.save wrote \(KeyError: 101\)$"):
+    with pytest.raises(ValueError, match=r"could not read .*: not an intact file of torch.save \(KeyError: 101\)$"):
         build_model("pspnet", NUM_CLASSES, backbone="resnet18", pretrained=garbage)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")

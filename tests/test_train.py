@@ -785,3 +785,29 @@ def test_unreadable_training_data_is_one_line(tmp_path, workers):
                                          r"decoded: [^\n]*$"):
         train_module.main(VOC_RUN + ["--data-root", voc, "--workers", workers, "--batch-size", "3",
                                      "--no-final-eval", "--out", str(tmp_path / "run")])
+
+
+def test_a_checkpoint_from_before_the_augmentation_was_recorded_resumes_as_it_ran(tmp_path, capsys):
+    """A VOC run of a list of one's own, written before: it went in whole (the rule then read the
+    split's name), recorded --train-length and --crop that did nothing, and --num-classes' default."""
+    from test_data import make_voc
+
+    voc = make_voc(tmp_path / "data")
+    lists = os.path.join(voc, "ImageSets", "Segmentation")
+    with open(os.path.join(lists, "mine.txt"), "w") as f:
+        f.write("2007_000003\n" * 4)  # one size: whole images stack
+    out = tmp_path / "run"
+    flags = VOC_RUN[:6] + VOC_RUN[8:] + ["--data-root", voc, "--train-split", "mine", "--out", str(out),
+                                         "--eval-every", "10"]
+    first = run(parse_args(flags + ["--no-augment", "--stop-at", "1"]), log=_quiet)
+    assert first["status"] == "stopped"
+    state = load_checkpoint(out / "last.pt")
+    config = state["train_config"]
+    del config["augment"]
+    config.update(num_classes=5, train_length=6, crop=32)
+    torch.save(state, out / "last.pt")
+    with pytest.raises(SystemExit, match=r"settings differ from the checkpoint's run: augment False -> True$"):
+        run(parse_args(flags + ["--resume", "auto"]), log=_quiet)
+    done = run(parse_args(flags + ["--no-augment", "--resume", "auto"]), log=_quiet)
+    assert done["status"] == "done" and done["iteration"] == 2
+    assert "log.jsonl (the losses), metrics.json" in done["message"]  # --eval-every 10 never evaluated
