@@ -495,11 +495,11 @@ def _data_errors(what: str, index: int):
 def _same_size_batch(items):
     """The default collation, after a check that names what stacks cannot take: training images of
     different sizes, which only the augmentation's crop brings to one size."""
-    sizes = sorted({tuple(image.shape[-2:]) for image, _ in items})
+    sizes = sorted({"x".join(map(str, image.shape[-2:])) for image, _ in items})
     if len(sizes) > 1:
-        raise DataError(f"training images of different sizes in one batch ({' and '.join('x'.join(map(str, s)) for s in sizes[:2])}): "
-                         "with --no-augment they go in whole; the augmentation (the default for voc and camvid) "
-                         "crops them to one size")
+        raise DataError(f"training images of different sizes in one batch ({' and '.join(sizes[:2])}): with "
+                        "--no-augment they go in whole; the augmentation (the default for voc and camvid) crops "
+                        "them to one size")
     return default_collate(items)
 
 
