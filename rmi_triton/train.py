@@ -513,8 +513,8 @@ def iterations_per_epoch(num_samples: int, batch_size: int, world: int = 1) -> i
 
 
 def build_datasets(args, with_val: bool = True):
-    """(training set, validation set or None without `with_val`). The training set is augmented
-    unless --no-augment (real datasets) or asked (synthetic), whatever its split is named."""
+    """(training set, validation set or None without `with_val`) for parsed `args`: the training
+    set augmented as `parse_args` resolved --augment, whatever its split is named."""
     from .data import build_dataset
 
     kw: Dict[str, Any] = {}
@@ -523,9 +523,8 @@ def build_datasets(args, with_val: bool = True):
     train_kw = dict(kw)
     if args.dataset == "synthetic" and args.train_length is not None:
         train_kw["length"] = args.train_length
-    augment = args.augment if args.augment is not None else args.dataset != "synthetic"  # (parse_args resolves it)
     train = build_dataset(args.dataset, args.data_root, args.train_split, crop_size=args.crop,
-                          augment=augment, **train_kw)
+                          augment=args.augment, **train_kw)  # (resolved by parse_args: one rule)
     if not with_val:
         return train, None
     val_kw = dict(kw)
