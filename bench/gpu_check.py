@@ -9,7 +9,8 @@
    reference (`reference_rmi`) for float32 / float16 / bfloat16 logits and a
    few options (loss and d(3.7 * loss)/dlogits, relative error in norm, the
    docs/DESIGN.md section 3 tolerances), confident predictions (logits of +-12, where
-   float32 p near 1 would keep too little of 1 - p), both engines under
+   float32 p near 1 would keep too little of 1 - p), logits that barely vary (1e-4:
+   the narrow planes' float64 pass, `rmi_triton.narrow`), both engines under
    torch.use_deterministic_algorithms, the Triton engine with NaN-filled internal
    buffers, and two Triton runs compared bitwise.
 2. Timings (`triton.testing.do_bench` medians) of forward, backward and
@@ -107,6 +108,9 @@ else:
                     ((8, 150, 512, 512), 4)]
 # confident predictions (logits of +-12): the engines' exact p near 1 (bench/RESULTS.md, 2026-12-07)
 CONFIDENT_OPTIONS = [{}, {"probs": "softmax", "pool": "max", "rmi_weight": 0.0}, {"probs": "softmax", "pixel_loss": "ce"}]
+# logits all within about 1e-4 of 0: the narrow planes' float64 pass (kernel A's EXACT
+# specialisation: float64 exponentials and square roots, which the interpreter takes from numpy)
+NARROW_OPTIONS = [{"pool": "max"}, {"probs": "softmax", "pool": "max"}, {"exclude_ignored": True, "pool": "none"}]
 CHECK_OPTIONS = [
     {},
     {"pool": "max"},
@@ -129,12 +133,12 @@ def over_budget() -> bool:
     return time.time() - START > budget
 
 
-def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05, confident=None):
-    """Logits N(0, 2^2), or (confident=A) A (2 y - 1) + 0.3 noise: a confident prediction, p
+def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05, confident=None, scale=2.0):
+    """Logits N(0, scale^2), or (confident=A) A (2 y - 1) + 0.3 noise: a confident prediction, p
     within exp(-A) of its label, where float32 p near 1 would keep too little of 1 - p."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     n, c, h, w = shape
-    logits = torch.randn(n, c, h, w, generator=g) * 2
+    logits = torch.randn(n, c, h, w, generator=g) * scale
     labels = torch.randint(0, c, (n, h, w), generator=g)
     labels[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
     if confident is not None:
@@ -163,19 +167,20 @@ def loss_and_grad(fn, logits, labels):
 
 def check_correctness():
     rows = []
-    cases = [(opts, torch.float32, None) for opts in CHECK_OPTIONS]
-    cases += [(opts, dt, None) for dt in (torch.float16, torch.bfloat16)
+    cases = [(opts, torch.float32, {}) for opts in CHECK_OPTIONS]
+    cases += [(opts, dt, {}) for dt in (torch.float16, torch.bfloat16)
               for opts in ({}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"})]
-    cases += [(opts, torch.float32, 12.0) for opts in CONFIDENT_OPTIONS]
+    cases += [(opts, torch.float32, {"confident": 12.0}) for opts in CONFIDENT_OPTIONS]
+    cases += [(opts, torch.float32, {"scale": 1e-4}) for opts in NARROW_OPTIONS]
     # under torch.use_deterministic_algorithms (ops that raise there on CUDA only: a float
     # cumsum, a product scatter_reduce, the interpolation's backward)
-    cases += [(dict(opts, deterministic=True), torch.float32, None)
+    cases += [(dict(opts, deterministic=True), torch.float32, {})
               for opts in ({}, {"pool": "max"}, {"pool": "interp"}, {"probs": "softmax", "pixel_loss": "ce"})]
     triton_engine.FILL_OUTPUTS_WITH_NAN = True
     try:
-        for i, (opts, dtype, confident) in enumerate(cases):
+        for i, (opts, dtype, logit_kind) in enumerate(cases):
             deterministic = opts.pop("deterministic", False)
-            logits, labels = random_inputs(CHECK_SHAPE, dtype, seed=100 + i, confident=confident)
+            logits, labels = random_inputs(CHECK_SHAPE, dtype, seed=100 + i, **logit_kind)
             if opts.get("class_weights") is not None:
                 opts = dict(opts, class_weights=opts["class_weights"][:CHECK_SHAPE[1]])
             ref_loss, ref_grad = loss_and_grad(lambda x, y: reference_rmi(x.double(), y, **opts).loss,
@@ -184,8 +189,10 @@ def check_correctness():
             for backend in ("torch", "triton"):
                 row = dict(backend=backend, dtype=str(dtype).split(".")[-1], options=opts or "defaults",
                            loss_rel=float("nan"), grad_rel=float("nan"), ok=False)
-                if confident is not None:
-                    row["options"] = f"{row['options']}, logits +-{confident:g}"
+                if "confident" in logit_kind:
+                    row["options"] = f"{row['options']}, logits +-{logit_kind['confident']:g}"
+                if "scale" in logit_kind:
+                    row["options"] = f"{row['options']}, logits {logit_kind['scale']:g} N(0, 1)"
                 if deterministic:
                     row["options"] = f"{row['options']}, deterministic algorithms"
                 before = torch.are_deterministic_algorithms_enabled()
@@ -583,8 +590,9 @@ def fmt(v, spec=".2f"):
 def kernel_bytes(shape, pool_size, logit_bytes=4, label_bytes=8):
     """The least bytes kernels A and D move at a shape with avg pooling (float32 logits, int64
     labels): A reads the logits and labels and writes y' (float32 where pool_size is a power
-    of two) and p' (float64); D reads the logits, the labels and dL/dp' (float32) and writes
-    the gradient."""
+    of two) and p' (float64) (its EXACT pass reads each image's C flags and, no plane being
+    narrow, nothing else); D reads the logits, the labels and dL/dp' (float32) and writes the
+    gradient."""
     n, c, h, w = shape
     geo = triton_engine._Geometry(h, w, triton_engine.POOL_AVG, pool_size)
     full, labels, cells = n * c * h * w * logit_bytes, n * h * w * label_bytes, n * c * geo.h_low * geo.w_low

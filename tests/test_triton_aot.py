@@ -45,6 +45,10 @@ FULL_RES_CASES = [
     dict(pool="avg", s=3, softmax=False, pixel=1, logits="fp32", labels="i64", wide=True),
     dict(pool="avg", s=4, softmax=True, pixel=1, logits="fp32", labels="i64"),  # softmax with BCE
 ]
+# kernel A's float64 pass over the narrow planes (rmi_triton.narrow): rare, so only compiling
+# without spills is asked of it
+EXACT_CASES = [dict(FULL_RES_CASES[0], exact=True), dict(FULL_RES_CASES[2], exact=True),
+               dict(FULL_RES_CASES[4], exact=True)]
 # Blocks an SM that the memory-bound passes keep at the paper's setting (registers decide):
 # on an H200, D at 2 blocks of 8 warps where it had 3 ran 0.44 ms instead of 0.42 (more loads
 # in flight a thread, fewer threads); A and D now run blocks of one warp (16 and 24 warps an SM)
@@ -59,6 +63,7 @@ def _specs():
     specs = []
     for arch, warp in TARGETS:
         specs += _kernel_specs(arch, warp, FULL_RES_CASES, REGION_CASES)
+        specs += [dict(kernel="pool_forward", arch=arch, warp=warp, **case) for case in EXACT_CASES]
     for arch, warp in OTHER_TARGETS:
         specs += _kernel_specs(arch, warp, FULL_RES_CASES[:1], REGION_CASES[:1])
     return specs
@@ -70,6 +75,7 @@ def _kernel_specs(arch, warp, full_res_cases, region_cases):
         specs.append(dict(kernel="pool_forward", arch=arch, warp=warp, **case))
         specs.append(dict(kernel="pool_backward", arch=arch, warp=warp, **case))
     for case in region_cases:
+        specs.append(dict(kernel="narrow", arch=arch, warp=warp, **case))
         specs.append(dict(kernel="centred_maps", arch=arch, warp=warp, **case))
         if not case.get("keep"):
             specs.append(dict(kernel="shifted_products", arch=arch, warp=warp, **case))
@@ -121,9 +127,12 @@ def _kernel_source(spec):
         ones = ("sx_c", "sg_c") if spec.get("layout") == "nhwc" else ("sx_w", "sg_w")
         if spec["kernel"] == "pool_forward":
             fn = te._pool_forward_kernel
-            constexprs.update(WRITE_Y=True, CHECK_FINITE=True)
-            pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", p_low_ptr="*fp32", y_low_ptr="*fp32",
-                            arg_ptr="*u8", part_ptr="*fp32")
+            exact = spec.get("exact", False)
+            constexprs.update(WRITE_Y=not exact, CHECK_FINITE=not exact, EXACT=exact, C_PAD=32 if exact else 1)
+            if exact:
+                constexprs.update(PIXEL=te.PIXEL_NONE, HAS_WEIGHTS=False)
+            pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", p_low_ptr="*fp64", y_low_ptr="*fp32",
+                            arg_ptr="*u8", part_ptr="*fp32", narrow_ptr="*i32")
         else:
             fn = te._pool_backward_kernel
             constexprs.update(HAS_RMI=True)
@@ -137,6 +146,13 @@ def _kernel_source(spec):
     h_low = 129  # 513 x 513 input, 4 x 4 average pooling
     m = (h_low - radius + 1) ** 2
     _, lanes, chunk, _, _, _ = te._product_layout(h_low, h_low, radius)
+    if spec["kernel"] == "narrow":
+        fn = te._narrow_kernel
+        constexprs = dict(S=4, PAD=2, R=radius, BLOCK=te.NARROW_ELEMENTS, AVG=True, HAS_KEEP=spec.get("keep", False))
+        pointers = dict(p_ptr="*fp64", keep_ptr="*fp32", flag_ptr="*i32")
+        sig = _signature(fn, pointers, constexprs)
+        sig["spread"] = "fp32"  # a Python float, as the launcher passes it
+        return ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     if spec["kernel"] == "centred_maps":
         fn = te._centred_maps_kernel
         stride = (h_low + 2 * radius - 2) ** 2 + chunk  # B0's padded maps and B1's guard

@@ -170,7 +170,9 @@ def test_launches_of_a_step(monkeypatch):
     launches = op_count.count_triton_launches(counter, monkeypatch.setattr)
     logits, labels = random_inputs(1, 2, 21, 23, seed=14)
     op_count.step(counter, launches, logits, labels, backend="triton", validate=False)
-    assert sorted(launches) == sorted(triton_engine.KERNEL_NAMES) and set(launches.values()) == {1}
+    # kernel A twice: its EXACT pass over the narrow planes (here none) follows the narrow kernel
+    assert sorted(launches) == sorted(triton_engine.KERNEL_NAMES)
+    assert launches == dict.fromkeys(triton_engine.KERNEL_NAMES, 1) | {"_pool_forward_kernel": 2}
     assert counter.syncs == 1
     assert counter.ops["linalg_cholesky_ex"] == 1
     assert counter.ops["eye"] == 0  # L^-1's identity is made once per size and device
@@ -588,3 +590,45 @@ def test_whole_loss_compiles_in_one_graph():
     assert_close_rel(out, expected, 1e-6, "compiled loss")
     assert_close_rel(x.grad, x_eager.grad, 1e-5, "compiled gradient")
     assert crit.cholesky_retries == 0
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("with_keep", [False, True])
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
+    """Kernel _narrow_kernel flags the planes `rmi_triton.narrow.narrow_planes` finds: spreads
+    at half and twice the bound, around 1/2, near 0 and near 1 (where a sum of squares less its
+    mean's square would be all rounding), a step between the plane's halves, avg pooling's
+    border cells (diluted by padding), a cell without a valid pixel, and with exclude_ignored's
+    kept vectors an image where no cell counts. block=16: a plane in many blocks, their moments
+    merged."""
+    from rmi_triton.narrow import NARROW_SPREAD, covered_cells, narrow_planes
+    from rmi_triton.pooling import pixel_share
+
+    if block is not None:
+        monkeypatch.setattr(triton_engine, "NARROW_ELEMENTS", block)
+    opts = RMIOptions(pool=pool, pool_size=2, radius=3, exclude_ignored=with_keep)
+    size = (17, 21)
+    h, w = opts.pooled_size(*size)
+    n, c = 2, 8
+    g = torch.Generator().manual_seed(8)
+    noise = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    noise[:, 6] = torch.where(torch.arange(h).view(h, 1) < h // 2, -1.0, 1.0)  # a step: spread between blocks
+    noise = (noise - noise.mean((2, 3), keepdim=True)) / noise.std((2, 3), correction=0, keepdim=True)
+    level = torch.tensor([0.5, 0.5, 1e-5, 1e-5, 1 - 1e-7, 1 - 1e-7, 0.3, 0.3], dtype=torch.float64).view(1, c, 1, 1)
+    factor = torch.tensor([0.5, 2.0, 0.5, 2.0, 0.5, 2.0, 2.0, 8.0], dtype=torch.float64).view(1, c, 1, 1)
+    p = level + factor * NARROW_SPREAD * torch.minimum(level, 1 - level) * noise
+    share = pixel_share(*size, opts, "cpu") if pool == "avg" else None
+    if share is not None:
+        p = p * share
+    p[1, :, 4, 5] = 1e-6 * (share[4, 5] if share is not None else 1)  # no valid pixel: the floor alone
+    keep = covered = None
+    if with_keep:
+        keep = torch.rand(n, h - 2, w - 2, generator=g) < 0.5
+        keep[1] = False
+        covered = covered_cells(keep, 3)
+        keep = keep.flatten(1).float()
+    expected = narrow_planes(p, share, covered)
+    flags = triton_engine._launch_narrow(p, keep, size, opts)
+    assert flags.bool().tolist() == expected.tolist()
+    assert expected.any() and not expected.all()

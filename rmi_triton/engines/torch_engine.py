@@ -36,7 +36,9 @@ confident prediction (V is then a small difference of large terms; at a logit of
 rounding of p is 2e-4 of 1 - p), and a float32 softmax rounds to 1 beyond a margin of 17.
 The sigmoid's t is copysign(sigmoid(-|x|), x); the softmax's 1 - p at the largest logit is
 the other classes' share, rest / (1 + rest). The pooled p' is float64: the high and low
-sides pooled apart, then met. The region stage works in float64 from there.
+sides pooled apart, then met. The region stage works in float64 from there. Planes whose p'
+barely varies, where even that rounding is a large part of the spread, are pooled again
+from float64 probabilities (`rmi_triton.narrow`, `_pool_narrow`).
 
 Planes whose labels are constant (a class absent from an image) carry an RMI
 term with exactly zero gradient: their statistics, the pooling of their
@@ -54,8 +56,9 @@ import torch.nn.functional as F
 
 from ..algebra import split_blocks
 from ..differentiable import once
+from ..narrow import find_narrow
 from ..options import PROB_CLIP, RMIOptions
-from ..pooling import bilinear_backward, kept_regions
+from ..pooling import bilinear_backward, kept_regions, pixel_share
 from ..precision import autocast_off
 from ..validation import raise_if_nonfinite
 
@@ -289,7 +292,7 @@ def _planes(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _high(t: torch.Tensor) -> torch.Tensor:
     """k: where p = k - t is the high side, 1 - t (module doc): t >= +0 (its sign bit clear), bool."""
-    return t.view(torch.int32) >= 0
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64) >= 0
 
 
 def _high_halves(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -324,7 +327,7 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
         sums = t.new_empty(2, *out.shape)
         _cell_sums(_high_halves(t, buffer), s, sums[0])
         _cell_sums(t, s, sums[1])
-        out.copy_(sums[0]).sub_(sums[1]).div_(s * s).add_(_pixel_share(*t.shape[-2:], opts, t.device), alpha=0.5)
+        out.copy_(sums[0]).sub_(sums[1]).div_(s * s).add_(pixel_share(*t.shape[-2:], opts, t.device), alpha=0.5)
     elif opts.pool == "max":
         # any high pixel beats every low one; on either side the smallest t is the largest p
         s, high, neg = opts.pool_size, _high(t), t.neg()
@@ -408,26 +411,13 @@ def _masking_bias(valid: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
 
-def _pixel_share(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
-    """[H', W'] float64: the share of each average-pooling cell's s x s positions that are
-    image pixels (the padding counts as zeros)."""
-    s, pad = opts.pool_size, opts.pool_size // 2
-    h_low, w_low = opts.pooled_size(h, w)
-
-    def share(size, cells):
-        start = torch.arange(cells, device=device) * s - pad
-        return ((start + s).clamp(max=size) - start.clamp(min=0)).double() / s
-
-    return share(h, h_low).unsqueeze(1) * share(w, w_low)
-
-
 def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
     """What the 1e-6 added to every full-resolution probability becomes after pooling (float64):
     avg pooling counts the padding, so a border cell gets 1e-6 times its share of real
     pixels; max, interp and none keep 1e-6."""
     if not (opts.downsamples and opts.pool == "avg"):
         return torch.tensor(PROB_CLIP, dtype=torch.float64, device=device)
-    return PROB_CLIP * _pixel_share(h, w, opts, device)
+    return PROB_CLIP * pixel_share(h, w, opts, device)
 
 
 class _Scratch:
@@ -488,10 +478,11 @@ def _cross_entropy(xc: torch.Tensor, lab: torch.Tensor, m, top, rest) -> torch.T
     return torch.where((lab == top) & (rest < 1.0), log_rest, torch.sub(m, xc.gather(1, lab)).add_(log_rest))
 
 
-def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool, informative):
+def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: bool, informative, keep):
     """-> pixel term (float64 scalar), pooled p [N, C, H', W'] float64, max-pool indices,
     and (keep_probs) t of the masked probabilities [N, C, H, W] float32 for the backward.
-    informative: [N, C] bool, the planes whose pooled p is needed (zero in the others)."""
+    informative: [N, C] bool, the planes whose pooled p is needed (zero in the others);
+    keep: the region vectors that enter the statistics (exclude_ignored) or None."""
     n, c, h, w = x.shape
     h_low, w_low = opts.pooled_size(h, w)
     p_low = x.new_zeros((n, c, h_low, w_low), dtype=torch.float64)
@@ -532,7 +523,11 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
             bce[classes] += _bce_sums(masked, lab, lab_weight)
         _pool_probs(t, opts, p_low[g], None if indices is None else indices[g], scratch.get(2, xc.shape),
                     informative[g])
-    p_low += _pooled_clip(h, w, opts, x.device)
+    clip = _pooled_clip(h, w, opts, x.device)
+    narrow = (find_narrow(p_low, keep, (h, w), opts, clip) & informative).cpu()
+    if bool(narrow.any()):
+        _pool_narrow(x, valid, opts, p_low, indices, narrow)
+    p_low += clip
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
     if opts.pixel_loss == "bce":
@@ -540,6 +535,27 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     elif opts.pixel_loss == "ce":
         pixel = pixel / torch.where(ce_weight > 0, ce_weight, torch.ones_like(ce_weight))
     return pixel, p_low, indices, kept
+
+
+def _pool_narrow(x, valid, opts: RMIOptions, p_low, indices, narrow) -> None:
+    """p_low and the max-pool indices of the planes `narrow` ([N, C] bool, on the CPU)
+    recomputed from float64 probabilities (`rmi_triton.narrow`); the same steps as
+    `_full_res_forward`'s in float64, block by block where some plane is narrow."""
+    bias = _masking_bias(valid) if opts.probs == "sigmoid" else None
+    scratch = _Scratch(x.device)
+    for images, classes in _blocks(x.shape, opts, x.device):
+        g = (images, classes)
+        if not bool(narrow[g].any()):
+            continue
+        xc = x[g].double()
+        t = scratch.get(0, xc.shape, torch.float64)
+        if opts.probs == "softmax":
+            _signed_softmax(xc, valid[images].unsqueeze(1), t)
+        else:
+            masked = torch.add(xc, bias[images], out=scratch.get(1, xc.shape, torch.float64))
+            _signed_sigmoid(masked, scratch.get(2, xc.shape, torch.float64), t)
+        _pool_probs(t, opts, p_low[g], None if indices is None else indices[g],
+                    scratch.get(1, xc.shape, torch.float64), narrow[g].to(x.device))
 
 
 def _softmax_grad(g_p: torch.Tensor, t: torch.Tensor, out: torch.Tensor, buffer: torch.Tensor) -> None:
@@ -1139,11 +1155,11 @@ class _TorchStatistics(torch.autograd.Function):
         weights = opts.weights_tensor(c, logits.device)
         y_low = pooled_labels(valid, safe, c, opts)
         informative = informative_planes(y_low)
-        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, opts, weights,
-                                                        ctx.needs_input_grad[0], informative)
         keep = None
         if opts.exclude_ignored:
             keep = kept_regions((~valid).unsqueeze(1).float(), opts).squeeze(1).float()
+        pixel, p_low, indices, kept = _full_res_forward(logits, valid, safe, opts, weights,
+                                                        ctx.needs_input_grad[0], informative, keep)
         mean, joint = region_moments(y_low, p_low, keep, opts.radius, informative)
         sy, sp, syp = (block.contiguous() for block in split_blocks(joint, opts.d))
         ctx.opts = opts

@@ -58,6 +58,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ..differentiable import once
+from ..narrow import NARROW_SPREAD
 from ..options import PROB_CLIP, RIDGE, RMIOptions
 from ..pooling import bilinear_backward, kept_regions
 from ..validation import raise_if_nonfinite
@@ -91,13 +92,14 @@ GPU_BLOCKS = dict(
     MERGE_ELEMENTS=128,  # joint-matrix entries per program of kernel B3 (256 spilled with Triton 3.6)
     BORDER_ELEMENTS=1024,  # line positions x stencil offsets per step of kernel B1b
     CENTRE_ELEMENTS=1024,  # padded-map positions per program of kernel B0
+    NARROW_ELEMENTS=1024,  # cells per step of the narrow-plane kernel (one plane a program)
     STENCIL_FRAME_ELEMENTS=1024,  # frame cells x window offsets per program of kernel C (sets its registers)
     STENCIL_TILE=1024,  # interior cells per program of kernel C
     STENCIL_TILE_W=64,  # their columns
 )
 INTERPRETER_BLOCKS = dict(FULL_RES_ELEMENTS=16384, MOMENT_BLOCK_M=256, MOMENT_BD=256, PRODUCT_ELEMENTS=1 << 17,
                           PRODUCT_TILE=1 << 14, MERGE_ELEMENTS=1 << 16, BORDER_ELEMENTS=1 << 15,
-                          CENTRE_ELEMENTS=1 << 16,
+                          CENTRE_ELEMENTS=1 << 16, NARROW_ELEMENTS=1 << 16,
                           STENCIL_FRAME_ELEMENTS=1 << 16, STENCIL_TILE=1 << 14, STENCIL_TILE_W=128)
 _BLOCKS = INTERPRETER_BLOCKS if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCKS
 FULL_RES_ELEMENTS = _BLOCKS["FULL_RES_ELEMENTS"]
@@ -108,6 +110,7 @@ PRODUCT_TILE = _BLOCKS["PRODUCT_TILE"]
 MERGE_ELEMENTS = _BLOCKS["MERGE_ELEMENTS"]
 BORDER_ELEMENTS = _BLOCKS["BORDER_ELEMENTS"]
 CENTRE_ELEMENTS = _BLOCKS["CENTRE_ELEMENTS"]
+NARROW_ELEMENTS = _BLOCKS["NARROW_ELEMENTS"]
 STENCIL_FRAME_ELEMENTS = _BLOCKS["STENCIL_FRAME_ELEMENTS"]
 STENCIL_TILE = _BLOCKS["STENCIL_TILE"]
 STENCIL_TILE_W = _BLOCKS["STENCIL_TILE_W"]
@@ -128,11 +131,11 @@ def use_gpu_blocks(set_attribute=setattr) -> None:
 # alike); a one-warp program needs none, in the same registers and instructions. D (no
 # barriers either way) keeps A's geometry. B3 runs 2 warps over 256 entries: with more a
 # program, ptxas (sm_80) spilled a few bytes at R = 3 or 10, Triton 3.6 or 3.9.
-NUM_WARPS = dict(pool_forward=1, centred_maps=4, shifted_products=8, border_sums=4, window_products=8,
+NUM_WARPS = dict(pool_forward=1, narrow=4, centred_maps=4, shifted_products=8, border_sums=4, window_products=8,
                  merge_moments=2, grad_constants=4, region_grad=8, pool_backward=1)
 # the kernels' names, in launch order (tools that count or profile them: bench/op_count.py,
 # bench/gpu_check.py)
-KERNEL_NAMES = ("_pool_forward_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
+KERNEL_NAMES = ("_pool_forward_kernel", "_narrow_kernel", "_centred_maps_kernel", "_shifted_products_kernel",
                 "_border_sums_kernel", "_window_products_kernel", "_merge_moments_kernel",
                 "_grad_constants_kernel", "_region_grad_kernel", "_pool_backward_kernel")
 PRODUCT_LANES = 8  # stencil offsets per program of kernel B1, at most
@@ -349,7 +352,16 @@ if _HAVE_TRITON:
         return q * e
 
     @triton.jit
-    def _log_sum_exp(x_base, x_off, pix_ok, C, sx_c):
+    def _arith(x, EXACT: tl.constexpr):
+        """x in kernel A's arithmetic: float32, float64 where EXACT (the narrow planes'
+        second pass, `rmi_triton.narrow`)."""
+        if EXACT:
+            return x.to(tl.float64)
+        else:
+            return x.to(tl.float32)
+
+    @triton.jit
+    def _log_sum_exp(x_base, x_off, pix_ok, C, sx_c, EXACT: tl.constexpr):
         """Per pixel [SP, BLOCK * SP] over the C classes, float32: (log(1 + rest), the largest
         logit m, rest = sum of exp(x_c - m) over the classes but the first that holds m,
         top_small = rest / (1 + rest): 1 - softmax at m's class). The log-sum-exp is
@@ -360,11 +372,12 @@ if _HAVE_TRITON:
         (base 2: one instruction on a GPU) of -|x - m| a class: a new maximum scales the
         rest and adds the old maximum's term, 1. The largest logit's term stays exactly 1
         and out of `rest`, so 1 - softmax at the largest logit, rest / (1 + rest), keeps its
-        relative precision (from a float32 softmax near 1 it would not)."""
-        m = tl.full(x_off.shape, -float("inf"), tl.float32)
-        rest = tl.zeros(x_off.shape, dtype=tl.float32)
+        relative precision (from a float32 softmax near 1 it would not). EXACT: in float64
+        (`_arith`)."""
+        m = _arith(tl.full(x_off.shape, -float("inf"), tl.float32), EXACT)
+        rest = _arith(tl.zeros(x_off.shape, dtype=tl.float32), EXACT)
         for _ in range(C):
-            x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
+            x = _arith(_load_pixels(x_base + x_off, pix_ok), EXACT)
             e = tl.exp2(tl.abs(x - m) * -LOG2E)
             rest = tl.where(x > m, (rest + 1.0) * e, rest + e)
             m = tl.maximum(m, x)
@@ -430,6 +443,31 @@ if _HAVE_TRITON:
         return low, pooled, pix_ok, x_base, x_off, row, col, lab, valid, valid.to(tl.float32)
 
     @triton.jit
+    def _pool_p(high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                S: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, POOL: tl.constexpr):
+        """Stores one class's pooled p' (float64) and, max pooling, the window index of its
+        maximum, from `_prob_split`'s sides; padding counts as zero in avg's s * s divisor."""
+        # p = sigmoid(x) v + floor is 1 - small (+ floor) on the high side
+        if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
+            # Any high pixel beats every low one; on the high side the smallest 1 - p wins,
+            # on the low side the largest p (ignored pixels: p = 0, below any valid one).
+            # Both sides to float32's relative precision: ordering by x - lse instead tied
+            # and swapped pixels whose 1 - p differ by less than lse's rounding.
+            top_high, arg_high = _cell_argmax(tl.where(pix_ok, tl.where(valid & high, -small, -1.0),
+                                                       -float("inf")), S, SP, BLOCK)
+            low_key = tl.where(valid, tl.where(high, -1.0, small), -0.5)
+            top_low, arg_low = _cell_argmax(tl.where(pix_ok, low_key, -float("inf")), S, SP, BLOCK)
+            has_high = top_high > -1.0
+            p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
+            tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
+            tl.store(arg_ptr + low, tl.where(has_high, arg_high, arg_low).to(tl.uint8), mask=pooled)
+        else:  # none: s = 1
+            high_count = _cell_sum(tl.where(valid & high, 1.0, 0.0), SP, BLOCK)
+            signed = _cell_sum(tl.where(valid, tl.where(high, -small, small), 0.0), SP, BLOCK)
+            p_cell = (high_count.to(tl.float64) + signed.to(tl.float64) + floor) * inv_area
+            tl.store(p_low_ptr + low, p_cell, mask=pooled)
+
+    @triton.jit
     def _pool_forward_kernel(
         x_ptr,  # [N, C, H, W] logits (float32/16/bf16), strides sx_*
         lab_ptr,  # [N, H, W] labels (int64/int32/uint8), contiguous
@@ -438,13 +476,43 @@ if _HAVE_TRITON:
         y_low_ptr,  # [N, C, H', W'] float32 or float64 (`label_map_dtype`) out: pooled one-hot labels y' (when WRITE_Y)
         arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
         part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, 0 or NaN (non-finite logits)
+        narrow_ptr,  # [N, C] int32 (EXACT): the narrow planes, nonzero
         C, H, W, H_low, W_low, W_cells, n_cells,
         sx_n, sx_c, sx_h, sx_w,
         ignore_index,
         S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
         HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr, WIDE: tl.constexpr,
+        EXACT: tl.constexpr, C_PAD: tl.constexpr,
     ):
+        """Kernel A. EXACT: the narrow planes' second pass (`rmi_triton.narrow`), p' and the
+        max pooling's arg-max of those planes only, from float64 probabilities; every program
+        of an image without a narrow plane returns after one load of its C flags (C_PAD: C
+        rounded up to a power of two)."""
+        if EXACT:
+            classes = tl.arange(0, C_PAD)
+            flags = tl.load(narrow_ptr + tl.program_id(1).to(tl.int64) * C + classes, mask=classes < C, other=0)
+            if tl.max(flags, axis=0) != 0:
+                _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr,
+                                    narrow_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w,
+                                    ignore_index, S, PAD, SP, BLOCK, POOL, SOFTMAX, PIXEL, HAS_WEIGHTS, WRITE_Y,
+                                    CHECK_FINITE, WIDE, EXACT)
+        else:
+            _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, narrow_ptr,
+                                C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w, ignore_index,
+                                S, PAD, SP, BLOCK, POOL, SOFTMAX, PIXEL, HAS_WEIGHTS, WRITE_Y, CHECK_FINITE,
+                                WIDE, EXACT)
+
+    @triton.jit
+    def _pool_forward_block(
+        x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, narrow_ptr,
+        C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w, ignore_index,
+        S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
+        POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr, WRITE_Y: tl.constexpr, CHECK_FINITE: tl.constexpr, WIDE: tl.constexpr,
+        EXACT: tl.constexpr,
+    ):
+        """Kernel A's work on its block (`_pool_forward_kernel`)."""
         _, _, pix_ok, x_base, x_off, _, _, lab, valid, vf = _block_pixels(
             x_ptr, lab_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_h, sx_w, ignore_index,
             S, PAD, SP, BLOCK, WIDE)
@@ -455,7 +523,7 @@ if _HAVE_TRITON:
         hw_low = H_low * W_low
 
         if SOFTMAX or PIXEL == 2:
-            log_rest, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            log_rest, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c, EXACT)
         else:
             log_rest = 0.0
             m = 0.0
@@ -464,71 +532,119 @@ if _HAVE_TRITON:
         if POOL != 2:  # the cells' in-image pixels times the probabilities' floor, exactly
             floor = _cell_sum(pix_ok.to(tl.float32), SP, BLOCK).to(tl.float64) * PROB_CLIP_C
             inv_area = 1.0 / tl.full((), S * S, tl.float64)
-        loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
-        bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
-        x_next = _load_pixels(x_base + x_off, pix_ok)
-        for c in range(C):
-            if POOL == 2:  # max pooling: the second load's registers would halve the blocks an SM holds
-                x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
-            else:
-                x = x_next.to(tl.float32)
-                x_next = _load_next_class(x_base, x_off, pix_ok, sx_c, c, C)
-            is_c = lab == c
-            if CHECK_FINITE:
-                bad += x * 0.0
-            high, small, e = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
-            if PIXEL == 1:  # softplus(x) - x y = max(t x, 0) + log(1 + exp(-|x|)), t = 1 - 2 y
-                if SOFTMAX:  # (max(x, 0) - x y first: exact, where x + log(1 + e) - x would lose e)
-                    e = tl.exp2(tl.abs(x) * -LOG2E)
-                bce = tl.maximum(tl.where(is_c, -x, x), 0.0) + _log1p_unit(e)
-                if HAS_WEIGHTS:
-                    bce = bce * tl.load(w_ptr + c)
-                loss += bce
-            if PIXEL == 2:
-                loss += tl.where(is_c, x, 0.0)
-            y = tl.where(is_c, 1.0, 0.0)
-            # p' in float64: p = sigmoid(x) v + floor is 1 - small (+ floor) on the high side
-            if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
-                # Any high pixel beats every low one; on the high side the smallest 1 - p wins,
-                # on the low side the largest p (ignored pixels: p = 0, below any valid one).
-                # Both sides to float32's relative precision: ordering by x - lse instead tied
-                # and swapped pixels whose 1 - p differ by less than lse's rounding.
-                top_high, arg_high = _cell_argmax(tl.where(pix_ok, tl.where(valid & high, -small, -1.0),
-                                                           -float("inf")), S, SP, BLOCK)
-                low_key = tl.where(valid, tl.where(high, -1.0, small), -0.5)
-                top_low, arg_low = _cell_argmax(tl.where(pix_ok, low_key, -float("inf")), S, SP, BLOCK)
-                has_high = top_high > -1.0
-                p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
-                tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
-                tl.store(arg_ptr + low, tl.where(has_high, arg_high, arg_low).to(tl.uint8), mask=pooled)
-                if WRITE_Y:
-                    tl.store(y_low_ptr + low, _cell_max(y, SP, BLOCK), mask=pooled)
-            else:
-                # avg: padding counts as zero in the s * s divisor; none: s = 1
-                high_count = _cell_sum(tl.where(valid & high, 1.0, 0.0), SP, BLOCK)
-                signed = _cell_sum(tl.where(valid, tl.where(high, -small, small), 0.0), SP, BLOCK)
-                p_cell = (high_count.to(tl.float64) + signed.to(tl.float64) + floor) * inv_area
-                tl.store(p_low_ptr + low, p_cell, mask=pooled)
-                if WRITE_Y:
-                    tl.store(y_low_ptr + low, _cell_sum(y, SP, BLOCK).to(tl.float64) * inv_area, mask=pooled)
-            x_base += sx_c
-            low += hw_low
-
-        if PIXEL == 2:  # w_label (lse - x_label); log(1 + rest) where the label has the largest logit
-            loss = tl.where(_top_class(loss, m, rest), _log1p_unit(rest), (m - loss) + log_rest)
-            if HAS_WEIGHTS:
-                pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
-            else:
-                pw = vf
-            loss_sum = _block_sum(tl.where(valid, loss * pw, 0.0))
-            denom = _block_sum(pw)
         else:
-            loss_sum = _block_sum(tl.where(valid, loss, 0.0))
-            denom = _block_sum(vf)
-        part = part_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 3
-        tl.store(part, loss_sum)
-        tl.store(part + 1, denom)
-        tl.store(part + 2, _block_sum(bad))
+            floor = 0.0
+            inv_area = 1.0
+        if EXACT:
+            narrow_base = narrow_ptr + tl.program_id(1).to(tl.int64) * C
+            for c in range(C):
+                if tl.load(narrow_base + c) != 0:
+                    x = _arith(_load_pixels(x_base + x_off, pix_ok), EXACT)
+                    high, small, _exp = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
+                    _pool_p(high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                            S, SP, BLOCK, POOL)
+                x_base += sx_c
+                low += hw_low
+        else:
+            loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
+            bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
+            x_next = _load_pixels(x_base + x_off, pix_ok)
+            for c in range(C):
+                if POOL == 2:  # max pooling: the second load's registers would halve the blocks an SM holds
+                    x = _load_pixels(x_base + x_off, pix_ok).to(tl.float32)
+                else:
+                    x = x_next.to(tl.float32)
+                    x_next = _load_next_class(x_base, x_off, pix_ok, sx_c, c, C)
+                is_c = lab == c
+                if CHECK_FINITE:
+                    bad += x * 0.0
+                high, small, e = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
+                if PIXEL == 1:  # softplus(x) - x y = max(t x, 0) + log(1 + exp(-|x|)), t = 1 - 2 y
+                    if SOFTMAX:  # (max(x, 0) - x y first: exact, where x + log(1 + e) - x would lose e)
+                        e = tl.exp2(tl.abs(x) * -LOG2E)
+                    bce = tl.maximum(tl.where(is_c, -x, x), 0.0) + _log1p_unit(e)
+                    if HAS_WEIGHTS:
+                        bce = bce * tl.load(w_ptr + c)
+                    loss += bce
+                if PIXEL == 2:
+                    loss += tl.where(is_c, x, 0.0)
+                _pool_p(high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                        S, SP, BLOCK, POOL)
+                if WRITE_Y:
+                    y = tl.where(is_c, 1.0, 0.0)
+                    if POOL == 2:
+                        tl.store(y_low_ptr + low, _cell_max(y, SP, BLOCK), mask=pooled)
+                    else:
+                        tl.store(y_low_ptr + low, _cell_sum(y, SP, BLOCK).to(tl.float64) * inv_area, mask=pooled)
+                x_base += sx_c
+                low += hw_low
+
+            if PIXEL == 2:  # w_label (lse - x_label); log(1 + rest) where the label has the largest logit
+                loss = tl.where(_top_class(loss, m, rest), _log1p_unit(rest), (m - loss) + log_rest)
+                if HAS_WEIGHTS:
+                    pw = tl.load(w_ptr + lab, mask=valid, other=0.0) * vf
+                else:
+                    pw = vf
+                loss_sum = _block_sum(tl.where(valid, loss * pw, 0.0))
+                denom = _block_sum(pw)
+            else:
+                loss_sum = _block_sum(tl.where(valid, loss, 0.0))
+                denom = _block_sum(vf)
+            part = part_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * 3
+            tl.store(part, loss_sum)
+            tl.store(part + 1, denom)
+            tl.store(part + 2, _block_sum(bad))
+
+    @triton.jit
+    def _narrow_kernel(p_ptr, keep_ptr, flag_ptr, C, H, W, H_low, W_low, H_v, W_v, spread,
+                       S: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
+                       AVG: tl.constexpr, HAS_KEEP: tl.constexpr):
+        """Whether each plane is narrow: `rmi_triton.narrow.narrow_planes`' rule, one plane a
+        program, in one pass over p' [N, C, H', W'] float64: q = p' / (the share of a cell's
+        s x s window in the H x W image, AVG) over the cells with q above the 1e-6 floor (some
+        valid pixel feeds them) and, HAS_KEEP, held by a kept region vector ([N, H_v, W_v]).
+        Their mean and centred sum of squares, block by block, merged as Chan et al. merge two
+        samples' moments (no difference of large sums: exact enough near p' = 1). Writes
+        flag_ptr[plane]: 1 or 0."""
+        plane = tl.program_id(0).to(tl.int64)
+        n = plane // C
+        hw = H_low * W_low
+        count = tl.zeros((), tl.float64)
+        mean = tl.zeros((), tl.float64)
+        m2 = tl.zeros((), tl.float64)
+        for start in range(0, hw, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            ok = idx < hw
+            i = idx // W_low
+            j = idx % W_low
+            q = tl.load(p_ptr + plane * hw + idx, mask=ok, other=0.0)
+            if AVG:  # the padding counts as zeros in avg pooling's s * s divisor
+                rows = tl.minimum(i * S - PAD + S, H) - tl.maximum(i * S - PAD, 0)
+                cols = tl.minimum(j * S - PAD + S, W) - tl.maximum(j * S - PAD, 0)
+                q = q * (S * S) / tl.maximum(rows * cols, 1).to(tl.float64)  # (lanes past the map: 0)
+            counted = ok & (q > PROB_CLIP_C)
+            if HAS_KEEP:
+                held = tl.zeros((BLOCK,), tl.int1)
+                for a in tl.static_range(R):
+                    for b in tl.static_range(R):
+                        inside = (i >= a) & (i - a < H_v) & (j >= b) & (j - b < W_v)
+                        kept = tl.load(keep_ptr + n * H_v * W_v + (i - a) * W_v + (j - b), mask=ok & inside,
+                                       other=0.0)
+                        held = held | (kept != 0)
+                counted = counted & held
+            q = tl.where(counted, q, 0.0)
+            block_count = tl.sum(counted.to(tl.float64), axis=0)
+            block_mean = tl.sum(q, axis=0) / tl.maximum(block_count, 1.0)
+            block_m2 = tl.sum(tl.where(counted, (q - block_mean) * (q - block_mean), 0.0), axis=0)
+            total = count + block_count
+            delta = block_mean - mean
+            frac = block_count / tl.maximum(total, 1.0)
+            mean = mean + delta * frac
+            m2 = m2 + block_m2 + delta * delta * count * frac
+            count = total
+        level = tl.minimum(mean, 1.0 - mean) * spread
+        narrow = (count > 0) & (m2 / tl.maximum(count, 1.0) <= level * level)
+        tl.store(flag_ptr + plane, narrow.to(tl.int32))
 
     @triton.jit
     def _joint_gather(maps_ptr, plane, mi, mj, m_ok, J, stride, Wp, R: tl.constexpr, D: tl.constexpr,
@@ -1121,7 +1237,7 @@ if _HAVE_TRITON:
             if PIXEL == 2 and HAS_WEIGHTS:
                 coef = coef * tl.load(w_ptr + lab, mask=valid, other=0.0)
         if SOFTMAX or PIXEL == 2:
-            log_rest, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c)
+            log_rest, m, rest, top_small = _log_sum_exp(x_base, x_off, pix_ok, C, sx_c, False)
         if SOFTMAX and HAS_RMI:
             # dL/dx_c = p_c (g_c - sum_k p_k g_k), g = dL/dp. Where the largest logit's class
             # t has p_t > 1/2, g_t - sum_k p_k g_k = (1 - p_t) g_t - sum_{k != t} p_k g_k
@@ -1242,17 +1358,54 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
     arg = _new((n, c, geo.h_low, geo.w_low), torch.uint8, dev, 255) if geo.pool == POOL_MAX else \
         torch.empty(1, dtype=torch.uint8, device=dev)
     parts = _new((n, geo.n_blocks, 3), torch.float32, dev)
-    w_arg = weights if weights is not None else p_low
+    _pool_forward(x, labels, weights, opts, geo, (p_low, y_low, arg, parts), write_y, None)
+    return p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts
+
+
+def _launch_narrow(p_low, keep, size, opts: RMIOptions):
+    """`_narrow_kernel` -> [N, C] int32, 1 where a plane is narrow (`rmi_triton.narrow`); p_low
+    [N, C, H', W'] float64 as the statistics see it, keep: [N, H_v W_v] float or None, size: the
+    logits' (H, W)."""
+    n, c, h_low, w_low = p_low.shape
+    avg = opts.downsamples and opts.pool == "avg"
+    s = opts.pool_size if avg else 1
+    flags = _new((n, c), torch.int32, p_low.device, -1)
+    _narrow_kernel[(n * c,)](
+        p_low, keep if keep is not None else p_low, flags, c, *size, h_low, w_low,
+        h_low - opts.radius + 1, w_low - opts.radius + 1, NARROW_SPREAD,
+        S=s, PAD=s // 2, R=opts.radius, BLOCK=min(NARROW_ELEMENTS, _next_pow2(h_low * w_low)), AVG=avg,
+        HAS_KEEP=keep is not None, num_warps=NUM_WARPS["narrow"],
+    )
+    return flags
+
+
+def _repool_narrow(x, labels, opts: RMIOptions, p_low, arg, flags):
+    """Kernel A's EXACT pass: p_low's planes flagged in `flags` ([N, C] int32) and their
+    max-pool arg-max (arg, or None) again, from float64 probabilities (`rmi_triton.narrow`).
+    Reads nothing on the host: the programs of an image without a narrow plane read its
+    flags and return."""
+    n, c, h, w = x.shape
+    geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
+    arg = arg if arg is not None else torch.empty(1, dtype=torch.uint8, device=x.device)
+    _pool_forward(x, labels, None, opts, geo, (p_low, p_low, arg, p_low), False, flags)
+
+
+def _pool_forward(x, labels, weights, opts: RMIOptions, geo: "_Geometry", outputs, write_y: bool, flags):
+    """Launches kernel A over `outputs` (p_low, y_low, arg, parts); flags: None, or the narrow
+    planes of its EXACT pass (`_repool_narrow`)."""
+    n, c, h, w = x.shape
+    p_low, y_low, arg, parts = outputs
+    exact = flags is not None
     _pool_forward_kernel[(geo.n_blocks, n)](
-        x, labels, w_arg, p_low, y_low, arg, parts,
+        x, labels, weights if weights is not None else p_low, p_low, y_low, arg, parts,
+        flags if exact else p_low,
         c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
         *x.stride(), _ignore_value(opts.ignore_index),
         S=geo.s, PAD=geo.pad, SP=geo.sp, BLOCK=geo.block, POOL=geo.pool,
-        SOFTMAX=opts.probs == "softmax", PIXEL=_pixel_code(opts.pixel_loss),
-        HAS_WEIGHTS=weights is not None, WRITE_Y=write_y, CHECK_FINITE=opts.validate, WIDE=_wide(x),
-        num_warps=NUM_WARPS["pool_forward"],
+        SOFTMAX=opts.probs == "softmax", PIXEL=PIXEL_NONE if exact else _pixel_code(opts.pixel_loss),
+        HAS_WEIGHTS=weights is not None, WRITE_Y=write_y, CHECK_FINITE=opts.validate and not exact,
+        WIDE=_wide(x), EXACT=exact, C_PAD=_next_pow2(c) if exact else 1, num_warps=NUM_WARPS["pool_forward"],
     )
-    return p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts
 
 
 def _moment_layout(d: int, m: int):
@@ -1569,9 +1722,14 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
     p_low, y_low, arg, parts = _launch_pool_forward(logits, labels, weights, opts, write_y=not interp)
     if interp:
         size = opts.pooled_size(*logits.shape[-2:])
-        p_low = torch.nn.functional.interpolate(p_low, size=size, mode="bilinear", align_corners=True)
+        p_full = p_low
+        p_low = torch.nn.functional.interpolate(p_full, size=size, mode="bilinear", align_corners=True)
         valid, safe = label_maps(labels, opts)
         y_low = pooled_labels(valid, safe, logits.shape[1], opts)
+    flags = _launch_narrow(p_low, keep, logits.shape[-2:], opts)
+    _repool_narrow(logits, labels, opts, p_full if interp else p_low, arg, flags)
+    if interp:  # every plane's again: choosing the narrow ones would read the flags on the host
+        p_low = torch.nn.functional.interpolate(p_full, size=size, mode="bilinear", align_corners=True)
     if validate:
         raise_if_nonfinite(parts[..., 2].sum() == 0)
     totals = parts.sum((0, 1), dtype=torch.float64)

@@ -1,0 +1,93 @@
+"""Narrow planes: pooled probabilities that barely vary, pooled again from float64.
+
+Both engines form each pixel's probability in float32, as its smaller side min(p, 1 - p) to
+float32's relative precision (the engines' module docs): a rounding of about 1e-7 of that
+side a pixel. Where a plane's probabilities vary by little more, its statistics and above
+all its gradient are made of that rounding. Logits all within about 1e-4 of each other put
+the gradient 1.6e-4 to 1.2e-2 off (test_numerics.py); with exclude_ignored the error went as
+about 1.4e-7 over the logits' spread (1.4e-5 at 1e-2, 1.6e-6 at 1e-1), and max pooling's
+float32 ties routed a cell's gradient to another pixel. Such planes are rare in training (a
+network whose output hardly depends on the image), so the engines pool every plane from
+float32 probabilities, then pool the narrow ones again from float64 probabilities, whose
+rounding is 1e-16: kernel A's EXACT pass on the Triton engine, `_pool_narrow` on the torch
+engine.
+
+A plane is narrow when the standard deviation of q = p' / share over the cells that enter
+its statistics is at most NARROW_SPREAD of min(mean, 1 - mean); share is the part of a cell's
+window inside the image (avg pooling's padding dilutes p' exactly, a variation no rounding
+made), and a cell counts where some valid pixel feeds it (q above the 1e-6 floor) and, with
+exclude_ignored, a kept region vector holds it. (Ignored pixels, p = 0, dilute cells too
+where they are kept: the statistics then see that exact variation, and the float32 pass was
+as exact there as elsewhere.) Just outside the bound the float32 pass's gradient was at most
+6e-6 off the reference (205 cases on the torch engine and 93 on the Triton engine's
+interpreter: every pooling, both probabilities, with and without exclude_ignored), 16 times
+inside docs/DESIGN.md's 1e-4; at half the bound (2^-6) it was 1.3e-5. The torch engine takes
+this rule as written here; the Triton engine's `_narrow_kernel` is the same rule in one
+kernel (a step's host time follows its op count).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .options import PROB_CLIP, RMIOptions
+from .pooling import pixel_share
+
+NARROW_SPREAD = 2.0 ** -5
+CHUNK = 1 << 20  # elements of p' taken at a time: 8 MiB of float64 temporaries
+
+
+def find_narrow(p_low: torch.Tensor, keep: Optional[torch.Tensor], size, opts: RMIOptions,
+                floor=None) -> torch.Tensor:
+    """The torch engine's call: p' [N, C, H', W'] float64 of logits of `size` (H, W), keep:
+    the region vectors that enter the statistics (exclude_ignored; any shape holding
+    N x (H'-R+1) x (W'-R+1)) or None, floor: what the statistics add to p' still (the 1e-6
+    floor, where it is not in p' yet: [H', W'] or a number) -> [N, C] bool."""
+    n, _, h_low, w_low = p_low.shape
+    share = pixel_share(*size, opts, p_low.device) if opts.downsamples and opts.pool == "avg" else None
+    covered = None
+    if keep is not None:
+        covered = covered_cells(keep.reshape(n, h_low - opts.radius + 1, w_low - opts.radius + 1), opts.radius)
+    return narrow_planes(p_low, share, covered, floor)
+
+
+def covered_cells(keep: torch.Tensor, radius: int) -> torch.Tensor:
+    """keep [N, H'-R+1, W'-R+1] (bool or 0/1: the region vectors that enter the statistics)
+    -> [N, 1, H', W'] float64 0/1, the cells some such vector holds."""
+    k = keep.to(torch.float64).unsqueeze(1)
+    pad = radius - 1
+    return F.max_pool2d(F.pad(k, (pad, pad, pad, pad)), radius, stride=1)
+
+
+def narrow_planes(p_low: torch.Tensor, share: Optional[torch.Tensor] = None, covered: Optional[torch.Tensor] = None,
+                  floor=None) -> torch.Tensor:
+    """p' [N, C, H', W'] float64 (plus `floor`, if given) -> [N, C] bool, the narrow planes
+    (module doc); kernel `_narrow_kernel` of the Triton engine is the same rule.
+
+    share ([H', W'], `pixel_share`; None: 1): the share of each cell's window in the image,
+    whose padding dilutes p' exactly (a variation no rounding made, which hides none). The
+    cells that count: q = p' / share above the 1e-6 floor (some valid pixel feeds the cell)
+    and, with covered ([N, 1, H', W'] 0/1, `covered_cells`), held by a kept region vector. A
+    plane without such cells is not narrow. Classes are taken CHUNK elements at a time, so
+    that the temporaries stay small next to p'; no value is read on the host."""
+    n, c = p_low.shape[:2]
+    step = max(1, CHUNK // max(1, n * p_low[0, 0].numel()))
+    found = []
+    for first in range(0, c, step):
+        q = p_low[:, first:first + step]
+        q = q + floor if floor is not None else q.clone()
+        if share is not None:
+            q /= share
+        weight = (q > PROB_CLIP).to(q.dtype)
+        if covered is not None:
+            weight *= covered
+        count = weight.sum((2, 3))
+        safe = count.clamp(min=1)
+        mean = (q * weight).sum((2, 3)) / safe
+        var = q.sub_(mean[..., None, None]).mul_(weight).square_().sum((2, 3)) / safe
+        level = torch.minimum(mean, 1 - mean)
+        found.append((var <= (NARROW_SPREAD * level).square()) & (count > 0))
+    return torch.cat(found, 1)
