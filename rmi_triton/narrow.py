@@ -12,18 +12,25 @@ float32 probabilities, then pool the narrow ones again from float64 probabilitie
 rounding is 1e-16: kernel A's EXACT pass on the Triton engine, `_pool_narrow` on the torch
 engine.
 
-A plane is narrow when the standard deviation of q = p' / share over the cells that enter
-its statistics is at most NARROW_SPREAD of min(mean, 1 - mean); share is the part of a cell's
-window inside the image (avg pooling's padding dilutes p' exactly, a variation no rounding
-made), and a cell counts where some valid pixel feeds it (q above the 1e-6 floor) and, with
-exclude_ignored, a kept region vector holds it. (Ignored pixels, p = 0, dilute cells too
-where they are kept: the statistics then see that exact variation, and the float32 pass was
-as exact there as elsewhere.) Just outside the bound the float32 pass's gradient was at most
-6e-6 off the reference (205 cases on the torch engine and 93 on the Triton engine's
-interpreter: every pooling, both probabilities, with and without exclude_ignored), 16 times
+A plane is narrow when its labels vary (a plane of constant y' has no RMI gradient) and the
+standard deviation of q over the cells that enter its statistics is at most NARROW_SPREAD of
+min(mean, 1 - mean). With avg pooling (and "interp") q = p' / the valid pixels' share of the
+cell: the padding and ignored pixels (p = 0) dilute p' exactly, and where every valid pixel
+is one class y' varies by that dilution alone, so counting it as spread left such planes to
+the float32 pass (5e-4 to 1.4e-3 off, found by a review). A cell counts where some valid
+pixel feeds it (share > 0; with max pooling and none, p' above the 1e-6 floor, which they put
+exactly where no valid pixel is) and, with exclude_ignored, a kept region vector holds it.
+Just outside the bound the float32 pass's gradient was at most 6.0e-6 off the reference (121
+cases on the torch engine, 46 and 3.1e-6 on the Triton engine's interpreter: every pooling,
+both probabilities, with and without exclude_ignored; `bench/narrow_bound.py`), 16 times
 inside docs/DESIGN.md's 1e-4; at half the bound (2^-6) it was 1.3e-5. The torch engine takes
 this rule as written here; the Triton engine's `_narrow_kernel` is the same rule in one
 kernel (a step's host time follows its op count).
+
+Not covered: a plane flat in one region and wide elsewhere is not narrow, and there max
+pooling's float32 ties can still route a cell's gradient to another pixel than the float64
+reference's (torch / Triton 7.7e-3 / 5.4e-3 with the top half of a 2 x 3 x 40 x 44 image at
+logits of about 1e-4 and the rest N(0, 4); a review saw 2e-2 on another such input).
 """
 
 from __future__ import annotations
@@ -34,20 +41,23 @@ import torch
 import torch.nn.functional as F
 
 from .options import PROB_CLIP, RMIOptions
-from .pooling import pixel_share
+from .pooling import pool_map
 
 NARROW_SPREAD = 2.0 ** -5
 CHUNK = 1 << 20  # elements of p' taken at a time: 8 MiB of float64 temporaries
 
 
-def find_narrow(p_low: torch.Tensor, keep: Optional[torch.Tensor], size, opts: RMIOptions,
+def find_narrow(p_low: torch.Tensor, valid: torch.Tensor, keep: Optional[torch.Tensor], opts: RMIOptions,
                 floor=None) -> torch.Tensor:
-    """The torch engine's call: p' [N, C, H', W'] float64 of logits of `size` (H, W), keep:
-    the region vectors that enter the statistics (exclude_ignored; any shape holding
+    """The torch engine's call: p' [N, C, H', W'] float64, valid [N, H, W] bool, keep: the
+    region vectors that enter the statistics (exclude_ignored; any shape holding
     N x (H'-R+1) x (W'-R+1)) or None, floor: what the statistics add to p' still (the 1e-6
-    floor, where it is not in p' yet: [H', W'] or a number) -> [N, C] bool."""
+    floor, where it is not in p' yet: [H', W'] or a number) -> [N, C] bool. Planes whose
+    labels are constant are the caller's to leave out (`informative_planes`)."""
     n, _, h_low, w_low = p_low.shape
-    share = pixel_share(*size, opts, p_low.device) if opts.downsamples and opts.pool == "avg" else None
+    share = None
+    if opts.downsamples and opts.pool in ("avg", "interp"):
+        share = pool_map(valid.unsqueeze(1).to(torch.float64), opts)
     covered = None
     if keep is not None:
         covered = covered_cells(keep.reshape(n, h_low - opts.radius + 1, w_low - opts.radius + 1), opts.radius)
@@ -65,12 +75,14 @@ def covered_cells(keep: torch.Tensor, radius: int) -> torch.Tensor:
 def narrow_planes(p_low: torch.Tensor, share: Optional[torch.Tensor] = None, covered: Optional[torch.Tensor] = None,
                   floor=None) -> torch.Tensor:
     """p' [N, C, H', W'] float64 (plus `floor`, if given) -> [N, C] bool, the narrow planes
-    (module doc); kernel `_narrow_kernel` of the Triton engine is the same rule.
+    (module doc); the Triton engine's `_narrow_kernel` is the same rule, with the planes whose
+    labels are constant left out.
 
-    share ([H', W'], `pixel_share`; None: 1): the share of each cell's window in the image,
-    whose padding dilutes p' exactly (a variation no rounding made, which hides none). The
-    cells that count: q = p' / share above the 1e-6 floor (some valid pixel feeds the cell)
-    and, with covered ([N, 1, H', W'] 0/1, `covered_cells`), held by a kept region vector. A
+    share ([N, 1, H', W'], `pool_map` of the valid mask: avg pooling and "interp"): the part
+    of each cell's p' that valid pixels make; q = p' / share, their mean p, over the cells
+    where it is positive. Without it (max pooling, none), q = p' over the cells above the
+    1e-6 floor, which max pooling and none put exactly where no valid pixel is. covered
+    ([N, 1, H', W'] 0/1, `covered_cells`): only cells a kept region vector holds count. A
     plane without such cells is not narrow. Classes are taken CHUNK elements at a time, so
     that the temporaries stay small next to p'; no value is read on the host."""
     n, c = p_low.shape[:2]
@@ -80,8 +92,11 @@ def narrow_planes(p_low: torch.Tensor, share: Optional[torch.Tensor] = None, cov
         q = p_low[:, first:first + step]
         q = q + floor if floor is not None else q.clone()
         if share is not None:
-            q /= share
-        weight = (q > PROB_CLIP).to(q.dtype)
+            counted = (share > 0).expand_as(q)
+            q /= torch.where(counted, share, torch.ones_like(share))
+        else:
+            counted = q > PROB_CLIP
+        weight = counted.to(q.dtype)
         if covered is not None:
             weight *= covered
         count = weight.sum((2, 3))

@@ -5,7 +5,7 @@ import torch
 
 from rmi_triton import RMIOptions
 from rmi_triton.narrow import NARROW_SPREAD, covered_cells, find_narrow, narrow_planes
-from rmi_triton.pooling import pixel_share
+from rmi_triton.pooling import pool_map
 
 
 def _plane(values):
@@ -28,20 +28,25 @@ def test_the_bound_is_relative_to_the_smaller_side(level):
         assert narrow_planes(p).tolist() == [[expected]], (level, factor)
 
 
-def test_the_padding_dilution_and_cells_without_a_valid_pixel():
-    """Border cells of avg pooling hold padding: their p' is the mean p of their pixels times
-    that share, a variation known exactly. Divided out, a plane of equal probabilities is
-    narrow; not divided out, it would look wide. A cell that no valid pixel feeds (p' the
-    floor alone) does not count either."""
+def test_the_dilution_and_cells_without_a_valid_pixel():
+    """Avg pooling's padding and ignored pixels (p = 0) dilute a cell's p' by the valid
+    pixels' share, a variation known exactly: divided out, a plane of equal probabilities is
+    narrow (its statistics see the dilution only where labels vary with it, as when every
+    valid pixel is one class; not divided out, such a plane looked wide and was 6e-4 off). A
+    cell without a valid pixel does not count: share 0, or (no share: max pooling, none)
+    p' at the floor."""
     opts = RMIOptions(pool_size=2, radius=2)
-    share = pixel_share(11, 13, opts, "cpu")  # 6 x 7 cells, half of the first row's and column's padding
-    assert share[0, 0] == 0.25 and share[0, 1] == 0.5 and share[1, 1] == 1
+    valid = torch.ones(1, 11, 13, dtype=torch.bool)
+    valid[0, 4, 5] = valid[0, 7:9, 9:11] = False
+    share = pool_map(valid.unsqueeze(1).double(), opts)  # 6 x 7 cells
+    assert share[0, 0, 0, 0] == 0.25 and share[0, 0, 2, 3] == 0.75 and share[0, 0, 4, 5] == 0
     p = (0.4 + 1e-6 * _plane(_noise())) * share
     assert narrow_planes(p, share).tolist() == [[True]]
-    assert narrow_planes(p, None).tolist() == [[False]]
-    p[..., 5, 6] = 0
-    assert narrow_planes(p, share, floor=1e-6 * share).tolist() == [[True]]
-    assert narrow_planes(p, share, floor=2e-6 * share).tolist() == [[False]]  # above the floor it counts
+    assert narrow_planes(p).tolist() == [[False]]
+    q = 0.4 + 1e-6 * _plane(_noise())
+    q[..., 4, 5] = 0
+    assert narrow_planes(q, floor=1e-6).tolist() == [[True]]
+    assert narrow_planes(q, floor=2e-6).tolist() == [[False]]  # above the floor a cell counts
 
 
 def test_only_covered_cells_count():
@@ -73,10 +78,12 @@ def test_find_narrow_takes_each_plane_alone():
     p = 0.5 + 0.2 * torch.rand(2, 3, 6, 7, generator=g, dtype=torch.float64)
     p[1, 2] = 0.25 + 1e-7 * torch.rand(6, 7, generator=g, dtype=torch.float64)
     p[1, :, 0, 0] = 0  # a cell without a valid pixel
+    valid = torch.ones(2, 10, 12, dtype=torch.bool)
+    valid[1, 0, 0] = False
     keep = torch.ones(2, 5, 6, dtype=torch.bool)
-    assert find_narrow(p, None, (10, 12), opts, 1e-6).tolist() == [[False, False, False], [False, False, True]]
+    assert find_narrow(p, valid, None, opts, 1e-6).tolist() == [[False, False, False], [False, False, True]]
     keep[1] = False
-    assert find_narrow(p, keep, (10, 12), opts, 1e-6).tolist() == [[False, False, False], [False, False, False]]
+    assert find_narrow(p, valid, keep, opts, 1e-6).tolist() == [[False, False, False], [False, False, False]]
 
 
 def test_chunks_of_classes_and_the_floor_change_nothing(monkeypatch):

@@ -132,7 +132,7 @@ def _kernel_source(spec):
             if exact:
                 constexprs.update(PIXEL=te.PIXEL_NONE, HAS_WEIGHTS=False)
             pointers = dict(x_ptr=logits, lab_ptr=labels, w_ptr="*fp32", p_low_ptr="*fp64", y_low_ptr="*fp32",
-                            arg_ptr="*u8", part_ptr="*fp32", narrow_ptr="*i32")
+                            arg_ptr="*u8", part_ptr="*fp32", share_ptr="*fp32", narrow_ptr="*i32")
         else:
             fn = te._pool_backward_kernel
             constexprs.update(HAS_RMI=True)
@@ -148,8 +148,8 @@ def _kernel_source(spec):
     _, lanes, chunk, _, _, _ = te._product_layout(h_low, h_low, radius)
     if spec["kernel"] == "narrow":
         fn = te._narrow_kernel
-        constexprs = dict(S=4, PAD=2, R=radius, BLOCK=te.NARROW_ELEMENTS, AVG=True, HAS_KEEP=spec.get("keep", False))
-        pointers = dict(p_ptr="*fp64", keep_ptr="*fp32", flag_ptr="*i32")
+        constexprs = dict(R=radius, BLOCK=te.NARROW_ELEMENTS, SHARE=True, HAS_KEEP=spec.get("keep", False))
+        pointers = dict(p_ptr="*fp64", y_ptr="*fp32", share_ptr="*fp32", keep_ptr="*fp32", flag_ptr="*i32")
         sig = _signature(fn, pointers, constexprs)
         sig["spread"] = "fp32"  # a Python float, as the launcher passes it
         return ASTSource(fn=fn, signature=sig, constexprs=constexprs)

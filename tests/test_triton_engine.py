@@ -596,20 +596,19 @@ def test_whole_loss_compiles_in_one_graph():
 @pytest.mark.parametrize("with_keep", [False, True])
 @pytest.mark.parametrize("pool", ["avg", "max"])
 def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
-    """Kernel _narrow_kernel flags the planes `rmi_triton.narrow.narrow_planes` finds: spreads
-    at half and twice the bound, around 1/2, near 0 and near 1 (where a sum of squares less its
-    mean's square would be all rounding), a step between the plane's halves, avg pooling's
-    border cells (diluted by padding), a cell without a valid pixel, and with exclude_ignored's
-    kept vectors an image where no cell counts. block=16: a plane in many blocks, their moments
-    merged."""
+    """Kernel _narrow_kernel flags the planes `rmi_triton.narrow.narrow_planes` finds whose
+    labels vary: spreads at half and twice the bound, around 1/2, near 0 and near 1 (where a
+    sum of squares less its mean's square would be all rounding), a step between the plane's
+    halves, cells diluted by padding or ignored pixels, a cell without a valid pixel, a plane
+    of constant labels, and with exclude_ignored's kept vectors an image where no cell counts.
+    block=16: a plane in many blocks, their moments merged."""
     from rmi_triton.narrow import NARROW_SPREAD, covered_cells, narrow_planes
-    from rmi_triton.pooling import pixel_share
+    from rmi_triton.pooling import pool_map
 
     if block is not None:
         monkeypatch.setattr(triton_engine, "NARROW_ELEMENTS", block)
     opts = RMIOptions(pool=pool, pool_size=2, radius=3, exclude_ignored=with_keep)
-    size = (17, 21)
-    h, w = opts.pooled_size(*size)
+    h, w = opts.pooled_size(17, 21)
     n, c = 2, 8
     g = torch.Generator().manual_seed(8)
     noise = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
@@ -618,17 +617,63 @@ def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
     level = torch.tensor([0.5, 0.5, 1e-5, 1e-5, 1 - 1e-7, 1 - 1e-7, 0.3, 0.3], dtype=torch.float64).view(1, c, 1, 1)
     factor = torch.tensor([0.5, 2.0, 0.5, 2.0, 0.5, 2.0, 2.0, 8.0], dtype=torch.float64).view(1, c, 1, 1)
     p = level + factor * NARROW_SPREAD * torch.minimum(level, 1 - level) * noise
-    share = pixel_share(*size, opts, "cpu") if pool == "avg" else None
-    if share is not None:
-        p = p * share
-    p[1, :, 4, 5] = 1e-6 * (share[4, 5] if share is not None else 1)  # no valid pixel: the floor alone
+    valid = torch.ones(n, 17, 21, dtype=torch.bool)
+    valid[1, 8:10, 10:12] = False  # one cell without a valid pixel
+    valid[:, 3, 4] = False
+    share = None
+    if pool == "avg":  # the floor: 1e-6 a pixel of the image, the valid ones' p diluted by their share
+        share = pool_map(valid.unsqueeze(1).double(), opts)
+        p = p * share + 1e-6 * pool_map(torch.ones_like(valid).unsqueeze(1).double(), opts)
+    else:
+        p[1, :, 4, 5] = 0
+        p = p + 1e-6
+    y = torch.rand(n, c, h, w, generator=g)
+    y[0, 0] = 0.0  # constant labels: never narrow
     keep = covered = None
     if with_keep:
         keep = torch.rand(n, h - 2, w - 2, generator=g) < 0.5
         keep[1] = False
         covered = covered_cells(keep, 3)
         keep = keep.flatten(1).float()
-    expected = narrow_planes(p, share, covered)
-    flags = triton_engine._launch_narrow(p, keep, size, opts)
+    expected = narrow_planes(p, share, covered) & (y.flatten(2).amax(2) > y.flatten(2).amin(2))
+    flags = triton_engine._launch_narrow(p, y, None if share is None else share[:, 0].float().contiguous(), keep, 3)
     assert flags.bool().tolist() == expected.tolist()
     assert expected.any() and not expected.all()
+    assert not expected[0, 0] and narrow_planes(p, share, covered)[0, 0]
+
+
+@pytest.mark.parametrize("options", [{"pool_size": 2}, {"pool_size": 5}, {"pool_size": 5, "exclude_ignored": True},
+                                     {"pool": "max", "pool_size": 3}, {"pool": "interp", "pool_size": 3},
+                                     {"pool": "none", "radius": 2}], ids=case_id)
+def test_both_engines_find_the_same_narrow_planes(options, monkeypatch):
+    """On kernel A's own p' (its floor rounded as it rounds it: at pool size 5 a border cell
+    without a valid pixel came out a float64 ulp above 1e-6) the kernel flags what the torch
+    engine's rule flags: narrow planes near 1/2, near 0 (logits -8) and near 1 among wide
+    ones, a class absent from an image (never narrow), ignored pixels along a border."""
+    from rmi_triton.engines.torch_engine import informative_planes, label_maps
+    from rmi_triton.narrow import find_narrow
+    from rmi_triton.pooling import kept_regions
+
+    g = torch.Generator().manual_seed(12)
+    n, c, h, w = 2, 4, 33, 37
+    logits = torch.randn(n, c, h, w, generator=g) * 1e-4
+    logits[:, 1] = torch.randn(n, h, w, generator=g) * 2  # wide
+    logits[:, 2] -= 8.0
+    logits[:, 3] += 9.0
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[0][labels[0] == 2] = 0  # class 2 absent from image 0
+    labels[:, :3, 33:] = 255
+    labels[torch.rand(n, h, w, generator=g) < 0.002] = 255
+    seen = []
+    real = triton_engine._launch_narrow
+    monkeypatch.setattr(triton_engine, "_launch_narrow", lambda *a: seen.append((a, real(*a))) or seen[-1][1])
+    options = dict(dict(radius=3), **options)
+    rmi_loss(logits, labels, backend="triton", **options)
+    opts = RMIOptions(**options)
+    (p_low, y_low, _share, keep, _radius), flags = seen[0]
+    valid, _ = label_maps(labels, opts)
+    if opts.exclude_ignored:
+        keep = kept_regions((~valid).unsqueeze(1).float(), opts)
+    expected = find_narrow(p_low, valid, keep, opts) & informative_planes(y_low)
+    assert flags.bool().tolist() == expected.tolist()
+    assert expected[1].tolist() == [True, False, True, True] and not expected[0, 2]

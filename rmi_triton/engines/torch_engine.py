@@ -524,7 +524,7 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         _pool_probs(t, opts, p_low[g], None if indices is None else indices[g], scratch.get(2, xc.shape),
                     informative[g])
     clip = _pooled_clip(h, w, opts, x.device)
-    narrow = (find_narrow(p_low, keep, (h, w), opts, clip) & informative).cpu()
+    narrow = (find_narrow(p_low, valid, keep, opts, clip) & informative).cpu()
     if bool(narrow.any()):
         _pool_narrow(x, valid, opts, p_low, indices, narrow)
     p_low += clip
@@ -543,7 +543,9 @@ def _pool_narrow(x, valid, opts: RMIOptions, p_low, indices, narrow) -> None:
     `_full_res_forward`'s in float64, block by block where some plane is narrow."""
     bias = _masking_bias(valid) if opts.probs == "sigmoid" else None
     scratch = _Scratch(x.device)
-    for images, classes in _blocks(x.shape, opts, x.device):
+    # a CPU's blocks on any device: this pass is rare, and its float64 temporaries (three of a
+    # block's size) stay small next to the first pass's scratch, which is still held
+    for images, classes in _blocks(x.shape, opts, torch.device("cpu")):
         g = (images, classes)
         if not bool(narrow[g].any()):
             continue

@@ -60,7 +60,7 @@ import torch
 from ..differentiable import once
 from ..narrow import NARROW_SPREAD
 from ..options import PROB_CLIP, RIDGE, RMIOptions
-from ..pooling import bilinear_backward, kept_regions
+from ..pooling import bilinear_backward, kept_regions, pool_map
 from ..validation import raise_if_nonfinite
 from .torch_engine import Statistics, label_map_dtype, label_maps, pooled_labels
 
@@ -461,7 +461,7 @@ if _HAVE_TRITON:
             p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
             tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
             tl.store(arg_ptr + low, tl.where(has_high, arg_high, arg_low).to(tl.uint8), mask=pooled)
-        else:  # none: s = 1
+        else:  # avg; none: s = 1
             high_count = _cell_sum(tl.where(valid & high, 1.0, 0.0), SP, BLOCK)
             signed = _cell_sum(tl.where(valid, tl.where(high, -small, small), 0.0), SP, BLOCK)
             p_cell = (high_count.to(tl.float64) + signed.to(tl.float64) + floor) * inv_area
@@ -476,6 +476,7 @@ if _HAVE_TRITON:
         y_low_ptr,  # [N, C, H', W'] float32 or float64 (`label_map_dtype`) out: pooled one-hot labels y' (when WRITE_Y)
         arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
         part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, 0 or NaN (non-finite logits)
+        share_ptr,  # [N, H', W'] float32 out (avg pooling, WRITE_Y): the valid pixels' share of each cell
         narrow_ptr,  # [N, C] int32 (EXACT): the narrow planes, nonzero
         C, H, W, H_low, W_low, W_cells, n_cells,
         sx_n, sx_c, sx_h, sx_w,
@@ -493,19 +494,19 @@ if _HAVE_TRITON:
             classes = tl.arange(0, C_PAD)
             flags = tl.load(narrow_ptr + tl.program_id(1).to(tl.int64) * C + classes, mask=classes < C, other=0)
             if tl.max(flags, axis=0) != 0:
-                _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr,
+                _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, share_ptr,
                                     narrow_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w,
                                     ignore_index, S, PAD, SP, BLOCK, POOL, SOFTMAX, PIXEL, HAS_WEIGHTS, WRITE_Y,
                                     CHECK_FINITE, WIDE, EXACT)
         else:
-            _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, narrow_ptr,
-                                C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w, ignore_index,
+            _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, share_ptr,
+                                narrow_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w, ignore_index,
                                 S, PAD, SP, BLOCK, POOL, SOFTMAX, PIXEL, HAS_WEIGHTS, WRITE_Y, CHECK_FINITE,
                                 WIDE, EXACT)
 
     @triton.jit
     def _pool_forward_block(
-        x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, narrow_ptr,
+        x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, share_ptr, narrow_ptr,
         C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w, ignore_index,
         S: tl.constexpr, PAD: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr,
         POOL: tl.constexpr, SOFTMAX: tl.constexpr, PIXEL: tl.constexpr,
@@ -546,6 +547,9 @@ if _HAVE_TRITON:
                 x_base += sx_c
                 low += hw_low
         else:
+            if WRITE_Y and POOL == 1:  # p' / share is the valid pixels' mean p (`_narrow_kernel`)
+                tl.store(share_ptr + (tl.program_id(1).to(tl.int64) * H_low + cell_r) * W_low + cell_c,
+                         _cell_sum(vf, SP, BLOCK) * (1.0 / (S * S)), mask=pooled)
             loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
             bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
             x_next = _load_pixels(x_base + x_off, pix_ok)
@@ -596,37 +600,45 @@ if _HAVE_TRITON:
             tl.store(part + 2, _block_sum(bad))
 
     @triton.jit
-    def _narrow_kernel(p_ptr, keep_ptr, flag_ptr, C, H, W, H_low, W_low, H_v, W_v, spread,
-                       S: tl.constexpr, PAD: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-                       AVG: tl.constexpr, HAS_KEEP: tl.constexpr):
+    def _narrow_kernel(p_ptr, y_ptr, share_ptr, keep_ptr, flag_ptr, C, H_low, W_low, H_v, W_v, spread,
+                       R: tl.constexpr, BLOCK: tl.constexpr, SHARE: tl.constexpr, HAS_KEEP: tl.constexpr):
         """Whether each plane is narrow: `rmi_triton.narrow.narrow_planes`' rule, one plane a
-        program, in one pass over p' [N, C, H', W'] float64: q = p' / (the share of a cell's
-        s x s window in the H x W image, AVG) over the cells with q above the 1e-6 floor (some
-        valid pixel feeds them) and, HAS_KEEP, held by a kept region vector ([N, H_v, W_v]).
-        Their mean and centred sum of squares, block by block, merged as Chan et al. merge two
-        samples' moments (no difference of large sums: exact enough near p' = 1). Writes
-        flag_ptr[plane]: 1 or 0."""
+        program, in one pass over p' [N, C, H', W'] float64 and y' (its labels: a plane whose
+        y' is constant has no RMI gradient, `informative_planes`, and is never narrow). SHARE:
+        q = p' / the valid pixels' share of each cell ([N, H', W']: kernel A's with avg
+        pooling, the interpolated valid mask with "interp"), over the cells where it is
+        positive; else q = p' over the cells above the 1e-6 floor (max pooling and none put
+        exactly the floor where no valid pixel is). HAS_KEEP: only cells a kept region vector
+        ([N, H_v, W_v]) holds count. Their mean and centred sum of squares, block by block,
+        merged as Chan et al. merge two samples' moments (no difference of large sums: exact
+        enough near p' = 1). Writes flag_ptr[plane]: 1 or 0."""
         plane = tl.program_id(0).to(tl.int64)
         n = plane // C
         hw = H_low * W_low
         count = tl.zeros((), tl.float64)
         mean = tl.zeros((), tl.float64)
         m2 = tl.zeros((), tl.float64)
+        y_low = tl.full((), float("inf"), tl.float64)
+        y_high = tl.full((), -float("inf"), tl.float64)
         for start in range(0, hw, BLOCK):
             idx = start + tl.arange(0, BLOCK)
             ok = idx < hw
-            i = idx // W_low
-            j = idx % W_low
             q = tl.load(p_ptr + plane * hw + idx, mask=ok, other=0.0)
-            if AVG:  # the padding counts as zeros in avg pooling's s * s divisor
-                rows = tl.minimum(i * S - PAD + S, H) - tl.maximum(i * S - PAD, 0)
-                cols = tl.minimum(j * S - PAD + S, W) - tl.maximum(j * S - PAD, 0)
-                q = q * (S * S) / tl.maximum(rows * cols, 1).to(tl.float64)  # (lanes past the map: 0)
-            counted = ok & (q > PROB_CLIP_C)
+            y = tl.load(y_ptr + plane * hw + idx, mask=ok, other=0.0).to(tl.float64)
+            y_low = tl.minimum(y_low, tl.min(tl.where(ok, y, float("inf")), axis=0))
+            y_high = tl.maximum(y_high, tl.max(tl.where(ok, y, -float("inf")), axis=0))
+            if SHARE:
+                share = tl.load(share_ptr + n * hw + idx, mask=ok, other=0.0).to(tl.float64)
+                counted = ok & (share > 0)
+                q = q / tl.where(counted, share, 1.0)
+            else:
+                counted = ok & (q > PROB_CLIP_C)
             if HAS_KEEP:
+                i = idx // W_low
+                j = idx % W_low
                 held = tl.zeros((BLOCK,), tl.int1)
-                for a in tl.static_range(R):
-                    for b in tl.static_range(R):
+                for a in range(R):  # loops, not unrolled: R * R loads unrolled spilled at R = 5 (sm_90)
+                    for b in range(R):
                         inside = (i >= a) & (i - a < H_v) & (j >= b) & (j - b < W_v)
                         kept = tl.load(keep_ptr + n * H_v * W_v + (i - a) * W_v + (j - b), mask=ok & inside,
                                        other=0.0)
@@ -643,7 +655,7 @@ if _HAVE_TRITON:
             m2 = m2 + block_m2 + delta * delta * count * frac
             count = total
         level = tl.minimum(mean, 1.0 - mean) * spread
-        narrow = (count > 0) & (m2 / tl.maximum(count, 1.0) <= level * level)
+        narrow = (count > 0) & (y_high > y_low) & (m2 / tl.maximum(count, 1.0) <= level * level)
         tl.store(flag_ptr + plane, narrow.to(tl.int32))
 
     @triton.jit
@@ -1349,31 +1361,34 @@ def _ignore_value(ignore_index: int) -> int:
 
 def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
     """Kernel A -> (p' [N,C,H',W'] f64, y' (`label_map_dtype`) or None, argmax uint8 or None,
-    partials [N, blocks, 3])."""
+    partials [N, blocks, 3], the valid pixels' share of each cell [N, H', W'] float32 (avg
+    pooling and write_y) or None)."""
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     dev = x.device
     p_low = _new((n, c, geo.h_low, geo.w_low), torch.float64, dev)
     y_low = _new((n, c, geo.h_low, geo.w_low), label_map_dtype(opts), dev) if write_y else p_low
+    shared = write_y and geo.pool == POOL_AVG
+    share = _new((n, geo.h_low, geo.w_low), torch.float32, dev) if shared else p_low
     arg = _new((n, c, geo.h_low, geo.w_low), torch.uint8, dev, 255) if geo.pool == POOL_MAX else \
         torch.empty(1, dtype=torch.uint8, device=dev)
     parts = _new((n, geo.n_blocks, 3), torch.float32, dev)
-    _pool_forward(x, labels, weights, opts, geo, (p_low, y_low, arg, parts), write_y, None)
-    return p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts
+    _pool_forward(x, labels, weights, opts, geo, (p_low, y_low, arg, parts, share), write_y, None)
+    return (p_low, (y_low if write_y else None), (arg if geo.pool == POOL_MAX else None), parts,
+            (share if shared else None))
 
 
-def _launch_narrow(p_low, keep, size, opts: RMIOptions):
+def _launch_narrow(p_low, y_low, share, keep, radius: int):
     """`_narrow_kernel` -> [N, C] int32, 1 where a plane is narrow (`rmi_triton.narrow`); p_low
-    [N, C, H', W'] float64 as the statistics see it, keep: [N, H_v W_v] float or None, size: the
-    logits' (H, W)."""
+    [N, C, H', W'] float64 as the statistics see it, y_low its labels, share: the valid pixels'
+    share of each cell ([N, H', W'], avg pooling and "interp") or None, keep: [N, H_v W_v]
+    float or None."""
     n, c, h_low, w_low = p_low.shape
-    avg = opts.downsamples and opts.pool == "avg"
-    s = opts.pool_size if avg else 1
     flags = _new((n, c), torch.int32, p_low.device, -1)
     _narrow_kernel[(n * c,)](
-        p_low, keep if keep is not None else p_low, flags, c, *size, h_low, w_low,
-        h_low - opts.radius + 1, w_low - opts.radius + 1, NARROW_SPREAD,
-        S=s, PAD=s // 2, R=opts.radius, BLOCK=min(NARROW_ELEMENTS, _next_pow2(h_low * w_low)), AVG=avg,
+        p_low, y_low, share if share is not None else p_low, keep if keep is not None else p_low, flags,
+        c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, NARROW_SPREAD,
+        R=radius, BLOCK=min(NARROW_ELEMENTS, _next_pow2(h_low * w_low)), SHARE=share is not None,
         HAS_KEEP=keep is not None, num_warps=NUM_WARPS["narrow"],
     )
     return flags
@@ -1387,17 +1402,17 @@ def _repool_narrow(x, labels, opts: RMIOptions, p_low, arg, flags):
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     arg = arg if arg is not None else torch.empty(1, dtype=torch.uint8, device=x.device)
-    _pool_forward(x, labels, None, opts, geo, (p_low, p_low, arg, p_low), False, flags)
+    _pool_forward(x, labels, None, opts, geo, (p_low, p_low, arg, p_low, p_low), False, flags)
 
 
 def _pool_forward(x, labels, weights, opts: RMIOptions, geo: "_Geometry", outputs, write_y: bool, flags):
-    """Launches kernel A over `outputs` (p_low, y_low, arg, parts); flags: None, or the narrow
-    planes of its EXACT pass (`_repool_narrow`)."""
+    """Launches kernel A over `outputs` (p_low, y_low, arg, parts, share); flags: None, or the
+    narrow planes of its EXACT pass (`_repool_narrow`)."""
     n, c, h, w = x.shape
-    p_low, y_low, arg, parts = outputs
+    p_low, y_low, arg, parts, share = outputs
     exact = flags is not None
     _pool_forward_kernel[(geo.n_blocks, n)](
-        x, labels, weights if weights is not None else p_low, p_low, y_low, arg, parts,
+        x, labels, weights if weights is not None else p_low, p_low, y_low, arg, parts, share,
         flags if exact else p_low,
         c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
         *x.stride(), _ignore_value(opts.ignore_index),
@@ -1719,14 +1734,15 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
     opts = _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_ignored, validate)
     labels = labels.contiguous()
     interp = opts.pool == "interp" and opts.downsamples
-    p_low, y_low, arg, parts = _launch_pool_forward(logits, labels, weights, opts, write_y=not interp)
+    p_low, y_low, arg, parts, share = _launch_pool_forward(logits, labels, weights, opts, write_y=not interp)
     if interp:
         size = opts.pooled_size(*logits.shape[-2:])
         p_full = p_low
         p_low = torch.nn.functional.interpolate(p_full, size=size, mode="bilinear", align_corners=True)
         valid, safe = label_maps(labels, opts)
         y_low = pooled_labels(valid, safe, logits.shape[1], opts)
-    flags = _launch_narrow(p_low, keep, logits.shape[-2:], opts)
+        share = pool_map(valid.unsqueeze(1).double(), opts)
+    flags = _launch_narrow(p_low, y_low, share, keep, radius)
     _repool_narrow(logits, labels, opts, p_full if interp else p_low, arg, flags)
     if interp:  # every plane's again: choosing the narrow ones would read the flags on the host
         p_low = torch.nn.functional.interpolate(p_full, size=size, mode="bilinear", align_corners=True)
