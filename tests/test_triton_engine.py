@@ -629,6 +629,8 @@ def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
         p = p + 1e-6
     y = torch.rand(n, c, h, w, generator=g)
     y[0, 0] = 0.0  # constant labels: never narrow
+    y[1, 0] = 0.0
+    y[1, 0, 0, 0] = 1.0  # labels that vary only in the first block: narrow
     keep = covered = None
     if with_keep:
         keep = torch.rand(n, h - 2, w - 2, generator=g) < 0.5
@@ -636,10 +638,12 @@ def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
         covered = covered_cells(keep, 3)
         keep = keep.flatten(1).float()
     expected = narrow_planes(p, share, covered) & (y.flatten(2).amax(2) > y.flatten(2).amin(2))
-    flags = triton_engine._launch_narrow(p, y, None if share is None else share[:, 0].float().contiguous(), keep, 3)
+    counts = None if share is None else (4 * share[:, 0]).float().contiguous()  # kernel A's: valid pixels a cell
+    flags = triton_engine._launch_narrow(p, y, counts, keep, 3, 4)
     assert flags.bool().tolist() == expected.tolist()
     assert expected.any() and not expected.all()
     assert not expected[0, 0] and narrow_planes(p, share, covered)[0, 0]
+    assert expected[1, 0] or with_keep
 
 
 @pytest.mark.parametrize("options", [{"pool_size": 2}, {"pool_size": 5}, {"pool_size": 5, "exclude_ignored": True},
@@ -670,7 +674,7 @@ def test_both_engines_find_the_same_narrow_planes(options, monkeypatch):
     options = dict(dict(radius=3), **options)
     rmi_loss(logits, labels, backend="triton", **options)
     opts = RMIOptions(**options)
-    (p_low, y_low, _share, keep, _radius), flags = seen[0]
+    (p_low, y_low, _share, keep, _radius, _area), flags = seen[0]
     valid, _ = label_maps(labels, opts)
     if opts.exclude_ignored:
         keep = kept_regions((~valid).unsqueeze(1).float(), opts)

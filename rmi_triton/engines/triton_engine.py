@@ -476,7 +476,7 @@ if _HAVE_TRITON:
         y_low_ptr,  # [N, C, H', W'] float32 or float64 (`label_map_dtype`) out: pooled one-hot labels y' (when WRITE_Y)
         arg_ptr,  # [N, C, H', W'] uint8 out: window index of the max (when POOL == max)
         part_ptr,  # [N, n_blocks, 3] float32 out: pixel-loss sum, its denominator, 0 or NaN (non-finite logits)
-        share_ptr,  # [N, H', W'] float32 out (avg pooling, WRITE_Y): the valid pixels' share of each cell
+        share_ptr,  # [N, H', W'] float32 out (avg pooling, WRITE_Y): the valid pixels of each cell, counted
         narrow_ptr,  # [N, C] int32 (EXACT): the narrow planes, nonzero
         C, H, W, H_low, W_low, W_cells, n_cells,
         sx_n, sx_c, sx_h, sx_w,
@@ -547,9 +547,9 @@ if _HAVE_TRITON:
                 x_base += sx_c
                 low += hw_low
         else:
-            if WRITE_Y and POOL == 1:  # p' / share is the valid pixels' mean p (`_narrow_kernel`)
+            if WRITE_Y and POOL == 1:  # p' s^2 / count is the valid pixels' mean p (`_narrow_kernel`)
                 tl.store(share_ptr + (tl.program_id(1).to(tl.int64) * H_low + cell_r) * W_low + cell_c,
-                         _cell_sum(vf, SP, BLOCK) * (1.0 / (S * S)), mask=pooled)
+                         _cell_sum(vf, SP, BLOCK), mask=pooled)
             loss = tl.zeros(pix_ok.shape, dtype=tl.float32)  # BCE: sum_c w_c (softplus(x_c) - y_c x_c); CE: x_label
             bad = tl.zeros(pix_ok.shape, dtype=tl.float32)  # x * 0: NaN where a logit is NaN or infinite
             x_next = _load_pixels(x_base + x_off, pix_ok)
@@ -601,12 +601,14 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _narrow_kernel(p_ptr, y_ptr, share_ptr, keep_ptr, flag_ptr, C, H_low, W_low, H_v, W_v, spread,
-                       R: tl.constexpr, BLOCK: tl.constexpr, SHARE: tl.constexpr, HAS_KEEP: tl.constexpr):
+                       R: tl.constexpr, BLOCK: tl.constexpr, SHARE: tl.constexpr, AREA: tl.constexpr,
+                       HAS_KEEP: tl.constexpr):
         """Whether each plane is narrow: `rmi_triton.narrow.narrow_planes`' rule, one plane a
         program, in one pass over p' [N, C, H', W'] float64 and y' (its labels: a plane whose
         y' is constant has no RMI gradient, `informative_planes`, and is never narrow). SHARE:
-        q = p' / the valid pixels' share of each cell ([N, H', W']: kernel A's with avg
-        pooling, the interpolated valid mask with "interp"), over the cells where it is
+        q = p' AREA / share, share ([N, H', W']) kernel A's count of valid pixels a cell with
+        avg pooling (AREA = s^2: no float32 1 / s^2 rounds it) or the interpolated valid mask
+        with "interp" (AREA = 1), over the cells where it is
         positive; else q = p' over the cells above the 1e-6 floor (max pooling and none put
         exactly the floor where no valid pixel is). HAS_KEEP: only cells a kept region vector
         ([N, H_v, W_v]) holds count. Their mean and centred sum of squares, block by block,
@@ -630,7 +632,7 @@ if _HAVE_TRITON:
             if SHARE:
                 share = tl.load(share_ptr + n * hw + idx, mask=ok, other=0.0).to(tl.float64)
                 counted = ok & (share > 0)
-                q = q / tl.where(counted, share, 1.0)
+                q = q * AREA / tl.where(counted, share, 1.0)
             else:
                 counted = ok & (q > PROB_CLIP_C)
             if HAS_KEEP:
@@ -1361,7 +1363,7 @@ def _ignore_value(ignore_index: int) -> int:
 
 def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
     """Kernel A -> (p' [N,C,H',W'] f64, y' (`label_map_dtype`) or None, argmax uint8 or None,
-    partials [N, blocks, 3], the valid pixels' share of each cell [N, H', W'] float32 (avg
+    partials [N, blocks, 3], the valid pixels of each cell counted [N, H', W'] float32 (avg
     pooling and write_y) or None)."""
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
@@ -1378,17 +1380,17 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
             (share if shared else None))
 
 
-def _launch_narrow(p_low, y_low, share, keep, radius: int):
+def _launch_narrow(p_low, y_low, share, keep, radius: int, area: int = 1):
     """`_narrow_kernel` -> [N, C] int32, 1 where a plane is narrow (`rmi_triton.narrow`); p_low
     [N, C, H', W'] float64 as the statistics see it, y_low its labels, share: the valid pixels'
-    share of each cell ([N, H', W'], avg pooling and "interp") or None, keep: [N, H_v W_v]
-    float or None."""
+    share of each cell times `area` ([N, H', W']: kernel A's counts with avg pooling, area
+    s^2; the interpolated valid mask with "interp") or None, keep: [N, H_v W_v] float or None."""
     n, c, h_low, w_low = p_low.shape
     flags = _new((n, c), torch.int32, p_low.device, -1)
     _narrow_kernel[(n * c,)](
         p_low, y_low, share if share is not None else p_low, keep if keep is not None else p_low, flags,
         c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, NARROW_SPREAD,
-        R=radius, BLOCK=min(NARROW_ELEMENTS, _next_pow2(h_low * w_low)), SHARE=share is not None,
+        R=radius, BLOCK=min(NARROW_ELEMENTS, _next_pow2(h_low * w_low)), SHARE=share is not None, AREA=area,
         HAS_KEEP=keep is not None, num_warps=NUM_WARPS["narrow"],
     )
     return flags
@@ -1742,7 +1744,8 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
         valid, safe = label_maps(labels, opts)
         y_low = pooled_labels(valid, safe, logits.shape[1], opts)
         share = pool_map(valid.unsqueeze(1).double(), opts)
-    flags = _launch_narrow(p_low, y_low, share, keep, radius)
+    area = opts.pool_size ** 2 if opts.downsamples and opts.pool == "avg" else 1
+    flags = _launch_narrow(p_low, y_low, share, keep, radius, area)
     _repool_narrow(logits, labels, opts, p_full if interp else p_low, arg, flags)
     if interp:  # every plane's again: choosing the narrow ones would read the flags on the host
         p_low = torch.nn.functional.interpolate(p_full, size=size, mode="bilinear", align_corners=True)
