@@ -40,19 +40,6 @@ def pool_map(x: torch.Tensor, opts: RMIOptions, *, labels_like: bool = False) ->
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
-def pixel_share(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
-    """[H', W'] float64: the share of each average-pooling cell's s x s positions that are
-    image pixels (the padding counts as zeros)."""
-    s, pad = opts.pool_size, opts.pool_size // 2
-    h_low, w_low = opts.pooled_size(h, w)
-
-    def share(size, cells):
-        start = torch.arange(cells, device=device) * s - pad
-        return ((start + s).clamp(max=size) - start.clamp(min=0)).double() / s
-
-    return share(h, h_low).unsqueeze(1) * share(w, w_low)
-
-
 def ignored_cells(ignored: torch.Tensor, opts: RMIOptions) -> torch.Tensor:
     """[N, 1, H, W] 0/1 float ignore mask -> [N, 1, H', W'] bool, the rule above."""
     if not opts.downsamples:

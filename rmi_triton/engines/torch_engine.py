@@ -58,7 +58,7 @@ from ..algebra import split_blocks
 from ..differentiable import once
 from ..narrow import find_narrow
 from ..options import PROB_CLIP, RMIOptions
-from ..pooling import bilinear_backward, kept_regions, pixel_share
+from ..pooling import bilinear_backward, kept_regions
 from ..precision import autocast_off
 from ..validation import raise_if_nonfinite
 
@@ -327,7 +327,7 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
         sums = t.new_empty(2, *out.shape)
         _cell_sums(_high_halves(t, buffer), s, sums[0])
         _cell_sums(t, s, sums[1])
-        out.copy_(sums[0]).sub_(sums[1]).div_(s * s).add_(pixel_share(*t.shape[-2:], opts, t.device), alpha=0.5)
+        out.copy_(sums[0]).sub_(sums[1]).div_(s * s).add_(_pixel_share(*t.shape[-2:], opts, t.device), alpha=0.5)
     elif opts.pool == "max":
         # any high pixel beats every low one; on either side the smallest t is the largest p
         s, high, neg = opts.pool_size, _high(t), t.neg()
@@ -411,13 +411,26 @@ def _masking_bias(valid: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill_(~valid, float("-inf")).unsqueeze(1)
 
 
+def _pixel_share(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
+    """[H', W'] float64: the share of each average-pooling cell's s x s positions that are
+    image pixels (the padding counts as zeros)."""
+    s, pad = opts.pool_size, opts.pool_size // 2
+    h_low, w_low = opts.pooled_size(h, w)
+
+    def share(size, cells):
+        start = torch.arange(cells, device=device) * s - pad
+        return ((start + s).clamp(max=size) - start.clamp(min=0)).double() / s
+
+    return share(h, h_low).unsqueeze(1) * share(w, w_low)
+
+
 def _pooled_clip(h: int, w: int, opts: RMIOptions, device) -> torch.Tensor:
     """What the 1e-6 added to every full-resolution probability becomes after pooling (float64):
     avg pooling counts the padding, so a border cell gets 1e-6 times its share of real
     pixels; max, interp and none keep 1e-6."""
     if not (opts.downsamples and opts.pool == "avg"):
         return torch.tensor(PROB_CLIP, dtype=torch.float64, device=device)
-    return PROB_CLIP * pixel_share(h, w, opts, device)
+    return PROB_CLIP * _pixel_share(h, w, opts, device)
 
 
 class _Scratch:
