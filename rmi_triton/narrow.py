@@ -88,13 +88,15 @@ def narrow_planes(p_low: torch.Tensor, share: Optional[torch.Tensor] = None, cov
     that the temporaries stay small next to p'; no value is read on the host."""
     n, c = p_low.shape[:2]
     step = max(1, CHUNK // max(1, n * p_low[0, 0].numel()))
+    if share is not None:  # [N, 1, H', W'], the same for every class: formed once
+        counted = share > 0
+        divisor = torch.where(counted, share, torch.ones_like(share))
     found = []
     for first in range(0, c, step):
         q = p_low[:, first:first + step]
         q = q + floor if floor is not None else q.clone()
         if share is not None:
-            counted = (share > 0).expand_as(q)
-            q /= torch.where(counted, share, torch.ones_like(share))
+            q /= divisor
         else:
             counted = q > PROB_CLIP
         weight = counted.to(q.dtype)
