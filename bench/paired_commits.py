@@ -1,6 +1,7 @@
 """The torch engine of another commit against the working tree's, interleaved step by step.
 
-    python bench/paired_commits.py REV [--steps 60] [--labels uniform|scenes] [N C H W POOL]
+    python bench/paired_commits.py REV [--steps 60] [--labels uniform|scenes] [--upsample K]
+                                   [--option NAME=VALUE ...] [N C H W POOL]
 
 Loads `rmi_triton/engines/torch_engine.py` as it was at REV (git show) beside the working
 tree's and times forward+backward of `rmi_loss` with each, alternating which goes first,
@@ -59,8 +60,11 @@ def main():
     parser.add_argument("rev")
     add_step_options(parser)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an RMILoss option for both engines (pool=max, probs=softmax, ...)")
     args = parser.parse_args()
     logits, labels, pool = step_inputs(args)
+    options = dict(_option(text) for text in args.option)
     n, c, h, w = logits.shape
     engines = {"rev": module_at(args.rev, "rmi_triton/engines/torch_engine.py"), "tree": torch_engine}
     times = {"rev": [], "tree": [], "cross_entropy": []}
@@ -75,7 +79,7 @@ def main():
                     F.cross_entropy(logits, labels, ignore_index=255).backward()
                 else:
                     front._engine = lambda x, backend, module=engines[name]: module
-                    rmi_loss(logits, labels, pool_size=pool).backward()
+                    rmi_loss(logits, labels, pool_size=pool, **options).backward()
                 if step >= 2:
                     times[name].append(time.perf_counter() - start)
     finally:
@@ -88,7 +92,19 @@ def main():
     for name, values in times.items():
         values.sort()
         print(f"{name:14s} min {values[0] * 1e3:7.1f} ms   median {values[mid] * 1e3:7.1f} ms")
-    print(f"({n}x{c}x{h}x{w}, avg pool {pool}, {args.labels} labels, {args.threads} threads, {args.steps} steps)")
+    print(f"({n}x{c}x{h}x{w}, pool size {pool}, {options or 'defaults'}, {args.labels} labels, "
+          f"upsampled {args.upsample}x, {args.threads} threads, {args.steps} steps)")
+
+
+def _option(text: str):
+    """"pool=max" -> ("pool", "max"); numbers as numbers."""
+    name, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 if __name__ == "__main__":

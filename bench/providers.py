@@ -82,6 +82,9 @@ def add_step_options(parser) -> None:
     parser.add_argument("shape", nargs="*", type=int, default=[4, 21, 256, 256, 4], help="N C H W POOL")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--labels", choices=["uniform", "scenes"], default="uniform")
+    parser.add_argument("--upsample", type=int, default=1,
+                        help="logits drawn on a grid this many times coarser, upsampled bilinearly (a "
+                             "network's smooth output), times 3")
 
 
 def step_inputs(args):
@@ -89,4 +92,7 @@ def step_inputs(args):
     torch.set_num_threads(args.threads)
     n, c, h, w, pool = args.shape
     logits, labels = make_inputs((n, c, h, w), labels=args.labels)
+    if args.upsample > 1:
+        coarse = logits[:, :, ::args.upsample, ::args.upsample] * 3
+        logits = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).contiguous()
     return logits.requires_grad_(True), labels, pool

@@ -147,13 +147,14 @@ def _kernel_source(spec):
     m = (h_low - radius + 1) ** 2
     _, lanes, chunk, _, _, _ = te._product_layout(h_low, h_low, radius)
     if spec["kernel"] == "narrow":
-        # avg 4's counts (float32) and y' (float32); with keep, max pooling's (no share) and y' in
-        # float64, as a pool size of 3 makes it
+        # avg 4's counts (float32) and y' (float32); with keep, max pooling's (no share) of the
+        # softmax (its arg-max's tie bits) and y' in float64, as a pool size of 3 makes it
         fn = te._narrow_kernel
         keep = spec.get("keep", False)
-        constexprs = dict(R=radius, BLOCK=te.NARROW_ELEMENTS, SHARE=not keep, AREA=1 if keep else 16, HAS_KEEP=keep)
+        constexprs = dict(R=radius, BLOCK=te.NARROW_ELEMENTS, SHARE=not keep, AREA=1 if keep else 16, HAS_KEEP=keep,
+                          TIES=keep)
         pointers = dict(p_ptr="*fp64", y_ptr="*fp64" if keep else "*fp32", share_ptr="*fp32", keep_ptr="*fp32",
-                        flag_ptr="*i32")
+                        arg_ptr="*u8", flag_ptr="*i32")
         sig = _signature(fn, pointers, constexprs)
         sig["spread"] = "fp32"  # a Python float, as the launcher passes it
         return ASTSource(fn=fn, signature=sig, constexprs=constexprs)

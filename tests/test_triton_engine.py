@@ -646,6 +646,54 @@ def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
     assert expected[1, 0] or with_keep
 
 
+def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypatch):
+    """Softmax with max pooling: where a cell's largest p has another within `tie_bound` of it,
+    a float32 p may rank the two otherwise than the float64 reference. One cell of image 0 holds
+    nine pixels whose logits differ by about 2e-7 (the rest: N(0, 16)): kernel A sets TIE_BIT
+    there in every class and nowhere else, `_narrow_kernel` flags image 0's planes, the EXACT
+    pass leaves no TIE_BIT behind, and the torch engine pools the same planes again."""
+    from rmi_triton.engines import torch_engine
+
+    g = torch.Generator().manual_seed(14)
+    n, c, h, w = 2, 3, 17, 22
+    logits = torch.randn(n, c, h, w, generator=g) * 4
+    # pool size 3 (padding 1): cell (2, 3) is rows 5-7, columns 8-10
+    logits[0, :, 5:8, 8:11] = torch.randn(c, 1, 1, generator=g) * 0.5 + torch.randn(c, 3, 3, generator=g) * 2e-7
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    options = dict(pool="max", pool_size=3, probs="softmax", radius=2)
+
+    seen = {}
+    narrow, repool = triton_engine._launch_narrow, triton_engine._repool_narrow
+
+    def spy_narrow(*a):
+        seen["bits"] = (a[-1] & triton_engine.TIE_BIT.value) != 0
+        seen["flags"] = narrow(*a)
+        return seen["flags"]
+
+    def spy_repool(x, labels, opts, p_low, arg, flags):
+        repool(x, labels, opts, p_low, arg, flags)
+        seen["after"] = arg.clone()
+
+    monkeypatch.setattr(triton_engine, "_launch_narrow", spy_narrow)
+    monkeypatch.setattr(triton_engine, "_repool_narrow", spy_repool)
+    pool_narrow = torch_engine._pool_narrow
+    monkeypatch.setattr(torch_engine, "_pool_narrow",
+                        lambda *a: seen.setdefault("torch", a[-1].clone()) is None or pool_narrow(*a))
+    for backend in ("triton", "torch"):
+        loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
+        ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
+                                           logits.double(), labels, **options)
+        assert_close_rel(loss, ref_loss, 1e-5, f"{backend} loss")
+        assert_close_rel(grad, ref_grad, 1e-4, f"{backend} gradient")
+    expected = torch.zeros(n, c, 6, 8, dtype=torch.bool)
+    expected[0, :, 2, 3] = True
+    assert seen["bits"].tolist() == expected.tolist()
+    planes = [[True] * c, [False] * c]
+    assert seen["flags"].bool().tolist() == planes
+    assert not ((seen["after"] & triton_engine.TIE_BIT.value) != 0).any()
+    assert seen["torch"].tolist() == planes
+
+
 @pytest.mark.parametrize("options", [{"pool_size": 2}, {"pool_size": 5}, {"pool_size": 5, "exclude_ignored": True},
                                      {"pool": "max", "pool_size": 3}, {"pool": "interp", "pool_size": 3},
                                      {"pool": "none", "radius": 2}], ids=case_id)
@@ -674,7 +722,7 @@ def test_both_engines_find_the_same_narrow_planes(options, monkeypatch):
     options = dict(dict(radius=3), **options)
     rmi_loss(logits, labels, backend="triton", **options)
     opts = RMIOptions(**options)
-    (p_low, y_low, _share, keep, _radius, _area), flags = seen[0]
+    (p_low, y_low, _share, keep, _radius, _area, _ties), flags = seen[0]
     valid, _ = label_maps(labels, opts)
     if opts.exclude_ignored:
         keep = kept_regions((~valid).unsqueeze(1).float(), opts)

@@ -38,7 +38,9 @@ The sigmoid's t is copysign(sigmoid(-|x|), x); the softmax's 1 - p at the larges
 the other classes' share, rest / (1 + rest). The pooled p' is float64: the high and low
 sides pooled apart, then met. The region stage works in float64 from there. Planes whose p'
 barely varies, where even that rounding is a large part of the spread, are pooled again
-from float64 probabilities (`rmi_triton.narrow`, `_pool_narrow`).
+from float64 probabilities (`rmi_triton.narrow`, `_pool_narrow`). Max pooling ranks the
+sigmoid's pixels by their logits (exact); the softmax's planes with near-ties in some cell
+take the same float64 pass.
 
 Planes whose labels are constant (a class absent from an image) carry an RMI
 term with exactly zero gradient: their statistics, the pooling of their
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 
 from ..algebra import split_blocks
 from ..differentiable import once
-from ..narrow import find_narrow
+from ..narrow import find_narrow, tie_bound
 from ..options import PROB_CLIP, RMIOptions
 from ..pooling import bilinear_backward, kept_regions
 from ..precision import autocast_off
@@ -301,22 +303,29 @@ def _high_halves(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, buffer: torch.Tensor,
-                wanted=None) -> None:
+                wanted=None, order=None, ties=None) -> None:
     """out [n, C, H', W'] float64 <- the downsampled p = k - t of t [n, C, H, W] (module doc);
     indices: the arg-max of max pooling; buffer: scratch shaped like t. With `wanted` ([n, C]
     bool) only those planes are written. The high and low sides are summed apart (avg) or
     compared apart (max) and met in float64, so that p' near 1 keeps 1 - p' to float32's
-    relative precision."""
+    relative precision. Max pooling: `order` (shaped like t), where given, ranks the pixels
+    in p's order exactly (the sigmoid's masked logits: a float32 p ties pixels whose p
+    differ); else t does, and `ties` ([n, C] bool, where given) is set where a cell's two
+    largest p are within `tie_bound` (`rmi_triton.narrow`)."""
     index = None if wanted is None else _wanted_planes(wanted)
     if index is not None:
         if len(index):
             part = out.new_empty(1, len(index), *out.shape[2:])
             part_indices = None if indices is None else indices.new_empty(part.shape)
+            part_ties = None if ties is None else ties.new_zeros(1, len(index))
             part_t = _planes(t, index)
-            _pool_probs(part_t, opts, part, part_indices, buffer.flatten()[:part_t.numel()].view(part_t.shape))
+            _pool_probs(part_t, opts, part, part_indices, buffer.flatten()[:part_t.numel()].view(part_t.shape),
+                        order=None if order is None else _planes(order, index), ties=part_ties)
             out.flatten(0, 1).index_copy_(0, index, part[0])
             if indices is not None:
                 indices.flatten(0, 1).index_copy_(0, index, part_indices[0])
+            if ties is not None:
+                ties.flatten().index_copy_(0, index, part_ties[0])
         return
     if not opts.downsamples:
         out.copy_(_high_halves(t, buffer)).add_(0.5).sub_(t)
@@ -328,6 +337,12 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
         _cell_sums(_high_halves(t, buffer), s, sums[0])
         _cell_sums(t, s, sums[1])
         out.copy_(sums[0]).sub_(sums[1]).div_(s * s).add_(_pixel_share(*t.shape[-2:], opts, t.device), alpha=0.5)
+    elif opts.pool == "max" and order is not None:
+        s = opts.pool_size
+        _, index = F.max_pool2d(order, s, s, s // 2, return_indices=True)
+        indices.copy_(index)
+        best = t.flatten(2).gather(2, index.flatten(2)).view(out.shape)
+        out.copy_(best).neg_().add_(_high_halves(best, torch.empty_like(best)).add_(0.5))  # k - t, in float64
     elif opts.pool == "max":
         # any high pixel beats every low one; on either side the smallest t is the largest p
         s, high, neg = opts.pool_size, _high(t), t.neg()
@@ -338,6 +353,14 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
         has_high = best_high > float("-inf")
         torch.where(has_high, best_high.double() + 1.0, best_low.double(), out=out)
         torch.where(has_high, index_high, index_low, out=indices)
+        if ties is not None:  # each side's second largest: its largest put out of the running
+            high_side.flatten(2).scatter_(2, index_high.flatten(2), float("-inf"))
+            low_side.flatten(2).scatter_(2, index_low.flatten(2), float("-inf"))
+            best = torch.where(has_high, best_high, best_low)
+            second = torch.where(has_high, F.max_pool2d(high_side, s, s, s // 2),
+                                 F.max_pool2d(low_side, s, s, s // 2))
+            near = (best - second).abs_() < tie_bound(best)
+            ties |= near.flatten(2).any(2)
     else:
         p = _high_halves(t, buffer).double().add_(0.5).sub_(t)
         out.copy_(F.interpolate(p, size=out.shape[-2:], mode="bilinear", align_corners=True))
@@ -501,6 +524,9 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     p_low = x.new_zeros((n, c, h_low, w_low), dtype=torch.float64)
     indices = torch.zeros((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
+    # max pooling of the softmax: the planes with near-ties, pooled again from float64 as the narrow ones
+    ties = torch.zeros((n, c), dtype=torch.bool, device=x.device) if indices is not None \
+        and opts.probs == "softmax" else None
     valid_f = valid.unsqueeze(1).float()
     checksum = torch.zeros((), dtype=torch.float32, device=x.device)  # a finite sum of x proves every x finite
     pixel = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -532,12 +558,16 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
             masked = torch.add(xc, bias[images], out=scratch.get(2, xc.shape))
             if opts.probs == "sigmoid":
                 _signed_sigmoid(masked, scratch.get(1, xc.shape), t)
-        if opts.pixel_loss == "bce":
+        _pool_probs(t, opts, p_low[g], None if indices is None else indices[g], scratch.get(1, xc.shape),
+                    informative[g], order=masked if opts.probs == "sigmoid" else None,
+                    ties=None if ties is None else ties[g])
+        if opts.pixel_loss == "bce":  # after the pooling, which may read `masked`: this overwrites it
             bce[classes] += _bce_sums(masked, lab, lab_weight)
-        _pool_probs(t, opts, p_low[g], None if indices is None else indices[g], scratch.get(2, xc.shape),
-                    informative[g])
     clip = _pooled_clip(h, w, opts, x.device)
-    narrow = (find_narrow(p_low, valid, keep, opts, clip) & informative).cpu()
+    narrow = find_narrow(p_low, valid, keep, opts, clip)
+    if ties is not None:
+        narrow |= ties
+    narrow = (narrow & informative).cpu()
     if bool(narrow.any()):
         _pool_narrow(x, valid, opts, p_low, indices, narrow)
     p_low += clip
@@ -570,7 +600,8 @@ def _pool_narrow(x, valid, opts: RMIOptions, p_low, indices, narrow) -> None:
             masked = torch.add(xc, bias[images], out=scratch.get(1, xc.shape, torch.float64))
             _signed_sigmoid(masked, scratch.get(2, xc.shape, torch.float64), t)
         _pool_probs(t, opts, p_low[g], None if indices is None else indices[g],
-                    scratch.get(1, xc.shape, torch.float64), narrow[g].to(x.device))
+                    scratch.get(2, xc.shape, torch.float64), narrow[g].to(x.device),
+                    order=masked if opts.probs == "sigmoid" else None)
 
 
 def _softmax_grad(g_p: torch.Tensor, t: torch.Tensor, out: torch.Tensor, buffer: torch.Tensor) -> None:

@@ -6,7 +6,10 @@ Forward then backward, the full-resolution kernels reading their inputs once:
       downsampled cells per program, looping over the classes: probabilities
       (sigmoid, or softmax from a first log-sum-exp loop), valid mask, the
       s x s pooling of p and of the one-hot labels (by counting), the arg-max
-      of max pooling, the pixel-term partial sums and a non-finite count.
+      of max pooling (the sigmoid's by the logits; the softmax's by p, with
+      near-ties marked for the float64 pass, `rmi_triton.narrow`), the
+      pixel-term partial sums and a non-finite count; then `_narrow_kernel`
+      and A's float64 pass over the planes it flags.
   B downsampled, the sums of the region vectors and of their products
       (`_launch_region_moments`):
       B0 `_centred_maps_kernel` y' and p' minus their first cells, float64,
@@ -58,7 +61,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from ..differentiable import once
-from ..narrow import NARROW_SPREAD
+from ..narrow import NARROW_SPREAD, TIE_TOLERANCE
 from ..options import PROB_CLIP, RIDGE, RMIOptions
 from ..pooling import bilinear_backward, kept_regions, pool_map
 from ..validation import raise_if_nonfinite
@@ -150,6 +153,11 @@ MAP_BYTES_FLOOR = 32 << 20
 PROB_CLIP_C = tl.constexpr(PROB_CLIP) if _HAVE_TRITON else PROB_CLIP
 LOG2E = tl.constexpr(1.4426950408889634) if _HAVE_TRITON else None  # 1 / ln 2
 LN2 = tl.constexpr(0.6931471805599453) if _HAVE_TRITON else None
+TIE_TOLERANCE_C = tl.constexpr(TIE_TOLERANCE) if _HAVE_TRITON else TIE_TOLERANCE
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38) if _HAVE_TRITON else None
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38) if _HAVE_TRITON else None  # the smallest normal float32
+# kernel A's arg-max byte: the window index (< 64), plus TIE_BIT where the cell holds a near-tie
+TIE_BIT = tl.constexpr(128) if _HAVE_TRITON else 128
 
 # Tests set this to pre-fill every internal output buffer with NaN (255 for the
 # uint8 arg-max), so that an element a kernel forgot to write cannot pass.
@@ -443,24 +451,59 @@ if _HAVE_TRITON:
         return low, pooled, pix_ok, x_base, x_off, row, col, lab, valid, valid.to(tl.float32)
 
     @triton.jit
-    def _pool_p(high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
-                S: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, POOL: tl.constexpr):
+    def _cell_columns(v, SP: tl.constexpr, BLOCK: tl.constexpr):
+        """[BLOCK] -> [1, BLOCK * SP]: each cell's value at its window's columns."""
+        return tl.reshape(tl.broadcast_to(v[:, None], (BLOCK, SP)), (BLOCK * SP,))[None, :]
+
+    @triton.jit
+    def _tie_bound(top):
+        """`rmi_triton.narrow.tie_bound`: how near another pixel's key must come to a cell's
+        largest, `top`, to count as a tie (0, no tie, where top is 0)."""
+        size = tl.abs(top)
+        return size * (4.0 + tl.abs(tl.log2(tl.maximum(size, FLOAT32_TINY)) * LN2)) * TIE_TOLERANCE_C
+
+    @triton.jit
+    def _pool_p(x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                S: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, POOL: tl.constexpr,
+                SOFTMAX: tl.constexpr, EXACT: tl.constexpr):
         """Stores one class's pooled p' (float64) and, max pooling, the window index of its
-        maximum, from `_prob_split`'s sides; padding counts as zero in avg's s * s divisor."""
+        maximum, from `_prob_split`'s sides (x: the logits, the sigmoid's order); padding
+        counts as zero in avg's s * s divisor."""
         # p = sigmoid(x) v + floor is 1 - small (+ floor) on the high side
         if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
-            # Any high pixel beats every low one; on the high side the smallest 1 - p wins,
-            # on the low side the largest p (ignored pixels: p = 0, below any valid one).
-            # Both sides to float32's relative precision: ordering by x - lse instead tied
-            # and swapped pixels whose 1 - p differ by less than lse's rounding.
-            top_high, arg_high = _cell_argmax(tl.where(pix_ok, tl.where(valid & high, -small, -1.0),
-                                                       -float("inf")), S, SP, BLOCK)
-            low_key = tl.where(valid, tl.where(high, -1.0, small), -0.5)
-            top_low, arg_low = _cell_argmax(tl.where(pix_ok, low_key, -float("inf")), S, SP, BLOCK)
-            has_high = top_high > -1.0
-            p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
+            if SOFTMAX:
+                # Any high pixel beats every low one; on the high side the smallest 1 - p wins,
+                # on the low side the largest p (ignored pixels: p = 0, below any valid one).
+                # Both sides to float32's relative precision: ordering by x - lse instead tied
+                # and swapped pixels whose 1 - p differ by less than lse's rounding.
+                top_high, arg_high = _cell_argmax(tl.where(pix_ok, tl.where(valid & high, -small, -1.0),
+                                                           -float("inf")), S, SP, BLOCK)
+                low_key = tl.where(valid, tl.where(high, -1.0, small), -0.5)
+                top_low, arg_low = _cell_argmax(tl.where(pix_ok, low_key, -float("inf")), S, SP, BLOCK)
+                has_high = top_high > -1.0
+                p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
+                arg = tl.where(has_high, arg_high, arg_low)
+                if not EXACT:
+                    # A float32 p orders pixels whose p differ by less than its rounding at
+                    # random: a cell whose largest p has another within TIE_TOLERANCE of it
+                    # sets TIE_BIT, and `_narrow_kernel` sends its plane to the EXACT pass.
+                    # Each pixel's key on its own side (a low pixel's, >= 0, is never near a
+                    # high maximum's, <= 0); cells of ignored pixels or p = 0 alone: no tie.
+                    top = tl.where(has_high, top_high, tl.maximum(top_low, 0.0))
+                    bound = _cell_columns(_tie_bound(top), SP, BLOCK)
+                    key = tl.where(pix_ok, tl.where(valid, tl.where(high, -small, small), -0.5), -float("inf"))
+                    near = tl.abs(key - _cell_columns(top, SP, BLOCK)) < bound
+                    arg = tl.where(_cell_sum(near.to(tl.float32), SP, BLOCK) > 1.0, arg + TIE_BIT, arg)
+            else:
+                # sigmoid is increasing: the largest logit has the largest p, exactly (a
+                # float32 p ties logits that differ: a cell's gradient went to another pixel
+                # than the float64 reference's); ignored pixels below every valid one
+                key = tl.where(valid, tl.maximum(x, -FLOAT32_MAX), -FLOAT32_MAX)
+                top, arg = _cell_argmax(tl.where(pix_ok, key, -float("inf")), S, SP, BLOCK)
+                top_small, _e = _sigmoid_small(top)  # 0 at -FLOAT32_MAX
+                p_cell = tl.where(top >= 0, 1.0 - top_small.to(tl.float64), top_small.to(tl.float64))
             tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
-            tl.store(arg_ptr + low, tl.where(has_high, arg_high, arg_low).to(tl.uint8), mask=pooled)
+            tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
         else:  # avg; none: s = 1
             high_count = _cell_sum(tl.where(valid & high, 1.0, 0.0), SP, BLOCK)
             signed = _cell_sum(tl.where(valid, tl.where(high, -small, small), 0.0), SP, BLOCK)
@@ -542,8 +585,8 @@ if _HAVE_TRITON:
                 if tl.load(narrow_base + c) != 0:
                     x = _arith(_load_pixels(x_base + x_off, pix_ok), EXACT)
                     high, small, _exp = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
-                    _pool_p(high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
-                            S, SP, BLOCK, POOL)
+                    _pool_p(x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                            S, SP, BLOCK, POOL, SOFTMAX, EXACT)
                 x_base += sx_c
                 low += hw_low
         else:
@@ -572,8 +615,8 @@ if _HAVE_TRITON:
                     loss += bce
                 if PIXEL == 2:
                     loss += tl.where(is_c, x, 0.0)
-                _pool_p(high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
-                        S, SP, BLOCK, POOL)
+                _pool_p(x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                        S, SP, BLOCK, POOL, SOFTMAX, EXACT)
                 if WRITE_Y:
                     y = tl.where(is_c, 1.0, 0.0)
                     if POOL == 2:
@@ -600,9 +643,9 @@ if _HAVE_TRITON:
             tl.store(part + 2, _block_sum(bad))
 
     @triton.jit
-    def _narrow_kernel(p_ptr, y_ptr, share_ptr, keep_ptr, flag_ptr, C, H_low, W_low, H_v, W_v, spread,
+    def _narrow_kernel(p_ptr, y_ptr, share_ptr, keep_ptr, arg_ptr, flag_ptr, C, H_low, W_low, H_v, W_v, spread,
                        R: tl.constexpr, BLOCK: tl.constexpr, SHARE: tl.constexpr, AREA: tl.constexpr,
-                       HAS_KEEP: tl.constexpr):
+                       HAS_KEEP: tl.constexpr, TIES: tl.constexpr):
         """Whether each plane is narrow: `rmi_triton.narrow.narrow_planes`' rule, one plane a
         program, in one pass over p' [N, C, H', W'] float64 and y' (its labels: a plane whose
         y' is constant has no RMI gradient, `informative_planes`, and is never narrow). SHARE:
@@ -613,7 +656,9 @@ if _HAVE_TRITON:
         exactly the floor where no valid pixel is). HAS_KEEP: only cells a kept region vector
         ([N, H_v, W_v]) holds count. Their mean and centred sum of squares, block by block,
         merged as Chan et al. merge two samples' moments (no difference of large sums: exact
-        enough near p' = 1). Writes flag_ptr[plane]: 1 or 0."""
+        enough near p' = 1). TIES (softmax with max pooling): a plane is also sent to the EXACT
+        pass where a cell of its arg-max (arg_ptr, [N, C, H', W'] uint8) has kernel A's TIE_BIT.
+        Writes flag_ptr[plane]: 1 or 0."""
         plane = tl.program_id(0).to(tl.int64)
         n = plane // C
         hw = H_low * W_low
@@ -622,9 +667,13 @@ if _HAVE_TRITON:
         m2 = tl.zeros((), tl.float64)
         y_low = tl.full((), float("inf"), tl.float64)
         y_high = tl.full((), -float("inf"), tl.float64)
+        tied = tl.zeros((), tl.int32)
         for start in range(0, hw, BLOCK):
             idx = start + tl.arange(0, BLOCK)
             ok = idx < hw
+            if TIES:
+                arg = tl.load(arg_ptr + plane * hw + idx, mask=ok, other=0).to(tl.int32)
+                tied = tied | tl.max(arg & TIE_BIT, axis=0)
             q = tl.load(p_ptr + plane * hw + idx, mask=ok, other=0.0)
             y = tl.load(y_ptr + plane * hw + idx, mask=ok, other=0.0).to(tl.float64)
             y_low = tl.minimum(y_low, tl.min(tl.where(ok, y, float("inf")), axis=0))
@@ -657,7 +706,7 @@ if _HAVE_TRITON:
             m2 = m2 + block_m2 + delta * delta * count * frac
             count = total
         level = tl.minimum(mean, 1.0 - mean) * spread
-        narrow = (count > 0) & (y_high > y_low) & (m2 / tl.maximum(count, 1.0) <= level * level)
+        narrow = (y_high > y_low) & (((count > 0) & (m2 / tl.maximum(count, 1.0) <= level * level)) | (tied != 0))
         tl.store(flag_ptr + plane, narrow.to(tl.int32))
 
     @triton.jit
@@ -1213,7 +1262,7 @@ if _HAVE_TRITON:
         cells [BLOCK * SP] (zero at ignored pixels and outside the pooled map)."""
         g = tl.load(g_low_ptr + low, mask=pooled, other=0.0)
         if POOL == 2:
-            arg = tl.load(arg_ptr + low, mask=pooled, other=0).to(tl.int32)
+            arg = tl.load(arg_ptr + low, mask=pooled, other=0).to(tl.int32) & (TIE_BIT - 1)
             routed = tl.where(k == arg[None, :], g[None, :], 0.0)
         else:  # avg spreads over the s * s window; none: s = 1
             routed = g[None, :] * (1.0 / (S * S))
@@ -1380,18 +1429,20 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
             (share if shared else None))
 
 
-def _launch_narrow(p_low, y_low, share, keep, radius: int, area: int = 1):
+def _launch_narrow(p_low, y_low, share, keep, radius: int, area: int = 1, ties=None):
     """`_narrow_kernel` -> [N, C] int32, 1 where a plane is narrow (`rmi_triton.narrow`); p_low
     [N, C, H', W'] float64 as the statistics see it, y_low its labels, share: the valid pixels'
     share of each cell times `area` ([N, H', W']: kernel A's counts with avg pooling, area
-    s^2; the interpolated valid mask with "interp") or None, keep: [N, H_v W_v] float or None."""
+    s^2; the interpolated valid mask with "interp") or None, keep: [N, H_v W_v] float or None,
+    ties: kernel A's arg-max (softmax with max pooling: its TIE_BIT flags a plane too) or None."""
     n, c, h_low, w_low = p_low.shape
     flags = _new((n, c), torch.int32, p_low.device, -1)
     _narrow_kernel[(n * c,)](
-        p_low, y_low, share if share is not None else p_low, keep if keep is not None else p_low, flags,
+        p_low, y_low, share if share is not None else p_low, keep if keep is not None else p_low,
+        ties if ties is not None else p_low, flags,
         c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, NARROW_SPREAD,
         R=radius, BLOCK=min(NARROW_ELEMENTS, _next_pow2(h_low * w_low)), SHARE=share is not None, AREA=area,
-        HAS_KEEP=keep is not None, num_warps=NUM_WARPS["narrow"],
+        HAS_KEEP=keep is not None, TIES=ties is not None, num_warps=NUM_WARPS["narrow"],
     )
     return flags
 
@@ -1745,7 +1796,7 @@ def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[
         y_low = pooled_labels(valid, safe, logits.shape[1], opts)
         share = pool_map(valid.unsqueeze(1).double(), opts)
     area = opts.pool_size ** 2 if opts.downsamples and opts.pool == "avg" else 1
-    flags = _launch_narrow(p_low, y_low, share, keep, radius, area)
+    flags = _launch_narrow(p_low, y_low, share, keep, radius, area, arg if opts.probs == "softmax" else None)
     _repool_narrow(logits, labels, opts, p_full if interp else p_low, arg, flags)
     if interp:  # every plane's again: choosing the narrow ones would read the flags on the host
         p_low = torch.nn.functional.interpolate(p_full, size=size, mode="bilinear", align_corners=True)

@@ -1,0 +1,79 @@
+"""How many planes each engine pools again from float64 for max pooling's near-ties (softmax).
+
+    python bench/tie_planes.py [--backends torch,triton] [--seed 0]
+
+Softmax with max pooling, 4 x 21 x 97 x 97: logits N(0, 4) pixel by pixel, and a network's
+smooth output (logits drawn on a 13 x 13 grid, upsampled bilinearly 8 times) at three scales.
+Counts the planes with a near-tie (`rmi_triton.narrow.tie_bound`): the torch engine's `ties`,
+kernel A's TIE_BIT (the Triton engine runs through its interpreter on a CPU).
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from rmi_triton import rmi_loss  # noqa: E402
+from rmi_triton.engines import torch_engine, triton_engine  # noqa: E402
+
+OPTIONS = dict(pool="max", probs="softmax")
+
+
+def tied_planes(logits, labels, backend: str) -> int:
+    found = []
+    if backend == "torch":
+        real = torch_engine._pool_probs
+
+        def spy(*args, **kwargs):
+            real(*args, **kwargs)
+            if kwargs.get("ties") is not None and args[5] is not None:  # the first pass's call, not its recursion
+                found.append(int(kwargs["ties"].sum()))
+
+        module, name, replacement = torch_engine, "_pool_probs", spy
+    else:
+        real = triton_engine._launch_narrow
+
+        def spy(*args):
+            ties = args[-1]
+            found.append(int(((ties & triton_engine.TIE_BIT.value) != 0).flatten(2).any(2).sum()))
+            return real(*args)
+
+        module, name, replacement = triton_engine, "_launch_narrow", spy
+    setattr(module, name, replacement)
+    try:
+        rmi_loss(logits, labels, backend=backend, **OPTIONS)
+    finally:
+        setattr(module, name, real)
+    return sum(found)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="torch,triton")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(args.seed)
+    n, c, h, w = 4, 21, 97, 97
+
+    def smooth(scale, offset=0.0):
+        coarse = torch.randn(n, c, 13, 13, generator=g) * scale + offset
+        return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
+
+    confident = 8.0 * F.one_hot(torch.randint(0, c, (n, 13, 13), generator=g), c).permute(0, 3, 1, 2)
+    cases = [("N(0, 4) a pixel", torch.randn(n, c, h, w, generator=g) * 2),
+             ("smooth, N(0, 9) on the coarse grid", smooth(3.0)),
+             ("smooth, N(0, 0.09) on the coarse grid", smooth(0.3)),
+             ("smooth, N(0, 0.09) + 8 at a class a coarse cell", smooth(0.3, confident))]
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    for name, logits in cases:
+        counts = ", ".join(f"{backend} {tied_planes(logits.contiguous(), labels, backend)}"
+                           for backend in args.backends.split(","))
+        print(f"{name:48s} planes with a near-tie of {n * c}: {counts}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
