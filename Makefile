@@ -35,10 +35,11 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-# the test files spread over the CPU cores (pytest-xdist), each file kept in one worker
-# so that its module-wide fixtures (the AOT compilation, the exported networks) run once
+# the tests spread over the CPU cores (pytest-xdist) one by one, but for the files with
+# module-wide fixtures (the AOT compilation, the exported networks, the tiny runs): their
+# `xdist_group` mark keeps each in one worker, so that the fixtures run once
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q

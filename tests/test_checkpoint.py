@@ -10,6 +10,9 @@ import torch
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, save_checkpoint
 from rmi_triton.models import build_model
 
+# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 CONFIG = {"name": "deeplabv3plus", "num_classes": 3, "backbone": "resnet18", "output_stride": 16}
 
 

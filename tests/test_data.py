@@ -34,6 +34,9 @@ from rmi_triton.data import (
     voc_palette,
 )
 
+# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
+pytestmark = pytest.mark.xdist_group("test_data")
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -5,6 +5,9 @@ import pytest
 
 from helpers import bench_module
 
+# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
+pytestmark = pytest.mark.xdist_group("test_gpu_check")
+
 
 @pytest.fixture(scope="module")
 def gpu_check():

@@ -500,8 +500,10 @@ if _HAVE_TRITON:
                 # than the float64 reference's); ignored pixels below every valid one
                 key = tl.where(valid, tl.maximum(x, -FLOAT32_MAX), -FLOAT32_MAX)
                 top, arg = _cell_argmax(tl.where(pix_ok, key, -float("inf")), S, SP, BLOCK)
-                top_small, _e = _sigmoid_small(top)  # 0 at -FLOAT32_MAX
+                has_valid = top > -FLOAT32_MAX  # (sigmoid(-FLOAT32_MAX) is 0 too)
+                top_small, _e = _sigmoid_small(tl.where(has_valid, top, 0.0))
                 p_cell = tl.where(top >= 0, 1.0 - top_small.to(tl.float64), top_small.to(tl.float64))
+                p_cell = tl.where(has_valid, p_cell, 0.0)
             tl.store(p_low_ptr + low, p_cell + PROB_CLIP_C, mask=pooled)
             tl.store(arg_ptr + low, arg.to(tl.uint8), mask=pooled)
         else:  # avg; none: s = 1
