@@ -1,11 +1,12 @@
-"""How many planes each engine pools again from float64 for max pooling's near-ties (softmax).
+"""How many cells (and planes) each engine pools again from float64 for max pooling's near-ties.
 
     python bench/tie_planes.py [--backends torch,triton] [--seed 0]
 
 Softmax with max pooling, 4 x 21 x 97 x 97: logits N(0, 4) pixel by pixel, and a network's
 smooth output (logits drawn on a 13 x 13 grid, upsampled bilinearly 8 times) at three scales.
-Counts the planes with a near-tie (`rmi_triton.narrow.tie_bound`): the torch engine's `ties`,
-kernel A's TIE_BIT (the Triton engine runs through its interpreter on a CPU).
+Counts the cells with a near-tie (`rmi_triton.narrow.tie_bound`), and the planes that hold one:
+the torch engine's `ties`, kernel A's TIE_BIT (the Triton engine runs through its interpreter on
+a CPU).
 """
 
 import argparse
@@ -23,7 +24,8 @@ from rmi_triton.engines import torch_engine, triton_engine  # noqa: E402
 OPTIONS = dict(pool="max", probs="softmax")
 
 
-def tied_planes(logits, labels, backend: str) -> int:
+def tied_cells(logits, labels, backend: str) -> torch.Tensor:
+    """[N, C, H', W'] bool: the cells the engine found tied."""
     found = []
     if backend == "torch":
         real = torch_engine._pool_probs
@@ -31,15 +33,14 @@ def tied_planes(logits, labels, backend: str) -> int:
         def spy(*args, **kwargs):
             real(*args, **kwargs)
             if kwargs.get("ties") is not None and args[5] is not None:  # the first pass's call, not its recursion
-                found.append(int(kwargs["ties"].sum()))
+                found.append(kwargs["ties"].clone())
 
         module, name, replacement = torch_engine, "_pool_probs", spy
     else:
         real = triton_engine._launch_narrow
 
         def spy(*args):
-            ties = args[-1]
-            found.append(int(((ties & triton_engine.TIE_BIT.value) != 0).flatten(2).any(2).sum()))
+            found.append((args[-1] & triton_engine.TIE_BIT.value) != 0)
             return real(*args)
 
         module, name, replacement = triton_engine, "_launch_narrow", spy
@@ -48,7 +49,7 @@ def tied_planes(logits, labels, backend: str) -> int:
         rmi_loss(logits, labels, backend=backend, **OPTIONS)
     finally:
         setattr(module, name, real)
-    return sum(found)
+    return torch.cat(found)  # (the torch engine's blocks: whole images)
 
 
 def main():
@@ -70,9 +71,12 @@ def main():
              ("smooth, N(0, 0.09) + 8 at a class a coarse cell", smooth(0.3, confident))]
     labels = torch.randint(0, c, (n, h, w), generator=g)
     for name, logits in cases:
-        counts = ", ".join(f"{backend} {tied_planes(logits.contiguous(), labels, backend)}"
-                           for backend in args.backends.split(","))
-        print(f"{name:48s} planes with a near-tie of {n * c}: {counts}", flush=True)
+        counts = []
+        for backend in args.backends.split(","):
+            cells = tied_cells(logits.contiguous(), labels, backend)
+            counts.append(f"{backend} {int(cells.sum())} cells of {cells.numel()}, "
+                          f"in {int(cells.flatten(2).any(2).sum())} planes of {n * c}")
+        print(f"{name:48s} {'; '.join(counts)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,17 @@ Max pooling's ties. A plane flat in one region only is not narrow, and there a f
 ranked near-equal pixels of a cell otherwise than the float64 reference, which sent the
 cell's gradient to another pixel (with the top half of an image at logits of about 1e-4, up
 to 1.2e-1 off: `test_numerics.py`). The sigmoid is increasing, so both engines now rank its
-pixels by their logits, which is exact. The softmax's p is ranked as before, and a cell whose
-largest p has another within `tie_bound` of it (kernel A marks it in its arg-max byte; the
-torch engine compares each side's two largest) sends its plane to the same float64 pass,
-where its labels vary. The bound, |p| (4 + |ln p|) TIE_TOLERANCE (of 1 - p on the high side),
-is 3.2 times the largest relative error of the float32 p measured on either engine, 1.5e-7
-(4 + |ln p|) (Triton's interpreter; the torch engine's, 7e-8), so two pixels outside it keep
-their order (measured down to p = 1e-9; a cell's gradient is as small as p there). On a
-network's smooth output some cell of a plane ties now and then, and each such plane costs a
-float64 pass (`bench/tie_planes.py`; bench/RESULTS.md).
+pixels by their logits, which is exact. The softmax's p is ranked as before, and the cells
+whose largest p has another within `tie_bound` of it (the high side's 1 - p against 1 - p,
+and against the low side's p near 1/2: the float32 split at 1/2 is itself rounded) are
+pooled again from float64 probabilities, those cells alone: kernel A marks them in its
+arg-max byte for its EXACT pass, the torch engine gathers their windows
+(`_pool_tied_cells`). The bound, |p| (4 + |ln p|) TIE_TOLERANCE (of 1 - p on the high
+side), is 3.2 times the largest relative error of the float32 p measured on either engine,
+1.5e-7 (4 + |ln p|) (Triton's interpreter; the torch engine's, 7e-8), so two pixels outside
+it keep their order (measured down to p = 1e-9; a cell's gradient is as small as p there).
+Pixels of equal logits (an image's edge after an upsampling that repeats it) tie exactly
+and are pooled again too, for nothing: `bench/tie_planes.py`, bench/RESULTS.md.
 """
 
 from __future__ import annotations

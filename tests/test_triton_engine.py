@@ -650,8 +650,10 @@ def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypa
     """Softmax with max pooling: where a cell's largest p has another within `tie_bound` of it,
     a float32 p may rank the two otherwise than the float64 reference. One cell of image 0 holds
     nine pixels whose logits differ by about 2e-7 (the rest: N(0, 16)): kernel A sets TIE_BIT
-    there in every class and nowhere else, `_narrow_kernel` flags image 0's planes, the EXACT
-    pass leaves no TIE_BIT behind, and the torch engine pools the same planes again."""
+    there in every class and nowhere else, `_narrow_kernel` flags image 0's planes 2 (ties
+    alone), the EXACT pass rewrites that cell alone (blocks of 4 cells: the other blocks
+    return after reading the flags and their bytes) and leaves no TIE_BIT behind; the torch
+    engine pools the same cells again."""
     from rmi_triton.engines import torch_engine
 
     g = torch.Generator().manual_seed(14)
@@ -661,6 +663,8 @@ def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypa
     logits[0, :, 5:8, 8:11] = torch.randn(c, 1, 1, generator=g) * 0.5 + torch.randn(c, 3, 3, generator=g) * 2e-7
     labels = torch.randint(0, c, (n, h, w), generator=g)
     options = dict(pool="max", pool_size=3, probs="softmax", radius=2)
+    monkeypatch.setattr(triton_engine, "FULL_RES_ELEMENTS", 64)  # 4 cells a block
+    monkeypatch.setattr(torch_engine, "TIED_CELL_CHUNK", 1)  # a cell at a time
 
     seen = {}
     narrow, repool = triton_engine._launch_narrow, triton_engine._repool_narrow
@@ -671,14 +675,16 @@ def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypa
         return seen["flags"]
 
     def spy_repool(x, labels, opts, p_low, arg, flags):
+        before = p_low.clone()
         repool(x, labels, opts, p_low, arg, flags)
         seen["after"] = arg.clone()
+        seen["rewritten"] = p_low != before
 
     monkeypatch.setattr(triton_engine, "_launch_narrow", spy_narrow)
     monkeypatch.setattr(triton_engine, "_repool_narrow", spy_repool)
-    pool_narrow = torch_engine._pool_narrow
-    monkeypatch.setattr(torch_engine, "_pool_narrow",
-                        lambda *a: seen.setdefault("torch", a[-1].clone()) is None or pool_narrow(*a))
+    pool_tied = torch_engine._pool_tied_cells
+    monkeypatch.setattr(torch_engine, "_pool_tied_cells",
+                        lambda *a: seen.setdefault("torch", a[-1].tolist()) is None or pool_tied(*a))
     for backend in ("triton", "torch"):
         loss, grad = loss_and_grad(lambda x, y, **o: rmi_loss(x, y, backend=backend, **o), logits, labels, **options)
         ref_loss, ref_grad = loss_and_grad(lambda x, y, **o: reference_rmi(x, y, RMIOptions(**o)).loss,
@@ -688,10 +694,10 @@ def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypa
     expected = torch.zeros(n, c, 6, 8, dtype=torch.bool)
     expected[0, :, 2, 3] = True
     assert seen["bits"].tolist() == expected.tolist()
-    planes = [[True] * c, [False] * c]
-    assert seen["flags"].bool().tolist() == planes
+    assert seen["flags"].tolist() == [[2] * c, [0] * c]  # ties alone: those cells only
     assert not ((seen["after"] & triton_engine.TIE_BIT.value) != 0).any()
-    assert seen["torch"].tolist() == planes
+    assert seen["rewritten"].tolist() == expected.tolist()
+    assert seen["torch"] == [[0, k, 2, 3] for k in range(c)]
 
 
 @pytest.mark.parametrize("options", [{"pool_size": 2}, {"pool_size": 5}, {"pool_size": 5, "exclude_ignored": True},

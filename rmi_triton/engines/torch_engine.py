@@ -73,6 +73,7 @@ REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the
 # -> 1158 and 13; bench/RESULTS.md)
 GPU_CHUNK_SCALE = 8
 TILE = 8192  # about this many region vectors per Gram product
+TIED_CELL_CHUNK = 1 << 20  # elements of the tied cells' windows gathered at a time (`_pool_tied_cells`)
 
 
 def _chunk(elements: int, device: torch.device) -> int:
@@ -310,14 +311,14 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
     compared apart (max) and met in float64, so that p' near 1 keeps 1 - p' to float32's
     relative precision. Max pooling: `order` (shaped like t), where given, ranks the pixels
     in p's order exactly (the sigmoid's masked logits: a float32 p ties pixels whose p
-    differ); else t does, and `ties` ([n, C] bool, where given) is set where a cell's two
-    largest p are within `tie_bound` (`rmi_triton.narrow`)."""
+    differ); else t does, and `ties` (shaped like out, bool, where given) is set at the cells
+    whose two largest p are within `tie_bound` (`rmi_triton.narrow`)."""
     index = None if wanted is None else _wanted_planes(wanted)
     if index is not None:
         if len(index):
             part = out.new_empty(1, len(index), *out.shape[2:])
             part_indices = None if indices is None else indices.new_empty(part.shape)
-            part_ties = None if ties is None else ties.new_zeros(1, len(index))
+            part_ties = None if ties is None else ties.new_zeros(part.shape)
             part_t = _planes(t, index)
             _pool_probs(part_t, opts, part, part_indices, buffer.flatten()[:part_t.numel()].view(part_t.shape),
                         order=None if order is None else _planes(order, index), ties=part_ties)
@@ -325,7 +326,7 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
             if indices is not None:
                 indices.flatten(0, 1).index_copy_(0, index, part_indices[0])
             if ties is not None:
-                ties.flatten().index_copy_(0, index, part_ties[0])
+                ties.flatten(0, 1).index_copy_(0, index, part_ties[0])
         return
     if not opts.downsamples:
         out.copy_(_high_halves(t, buffer)).add_(0.5).sub_(t)
@@ -359,8 +360,10 @@ def _pool_probs(t: torch.Tensor, opts: RMIOptions, out: torch.Tensor, indices, b
             best = torch.where(has_high, best_high, best_low)
             second = torch.where(has_high, F.max_pool2d(high_side, s, s, s // 2),
                                  F.max_pool2d(low_side, s, s, s // 2))
-            near = (best - second).abs_() < tie_bound(best)
-            ties |= near.flatten(2).any(2)
+            ties |= (best - second).abs_() < tie_bound(best)
+            # and across the sides: the float32 split at 1/2 (a sum of rounded terms) can put the
+            # larger of two p near 1/2 on the low side (a review found a pair 1.5e-8 apart)
+            ties |= has_high & (((best_high + 1.0) - best_low).abs_() < tie_bound(best_low))
     else:
         p = _high_halves(t, buffer).double().add_(0.5).sub_(t)
         out.copy_(F.interpolate(p, size=out.shape[-2:], mode="bilinear", align_corners=True))
@@ -524,8 +527,8 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
     p_low = x.new_zeros((n, c, h_low, w_low), dtype=torch.float64)
     indices = torch.zeros((n, c, h_low, w_low), dtype=torch.int64, device=x.device) if opts.pool == "max" \
         and opts.downsamples else None
-    # max pooling of the softmax: the planes with near-ties, pooled again from float64 as the narrow ones
-    ties = torch.zeros((n, c), dtype=torch.bool, device=x.device) if indices is not None \
+    # max pooling of the softmax: the cells with near-ties, pooled again from float64
+    ties = torch.zeros(p_low.shape, dtype=torch.bool, device=x.device) if indices is not None \
         and opts.probs == "softmax" else None
     valid_f = valid.unsqueeze(1).float()
     checksum = torch.zeros((), dtype=torch.float32, device=x.device)  # a finite sum of x proves every x finite
@@ -564,12 +567,13 @@ def _full_res_forward(x, valid, safe, opts: RMIOptions, weights, keep_probs: boo
         if opts.pixel_loss == "bce":  # after the pooling, which may read `masked`: this overwrites it
             bce[classes] += _bce_sums(masked, lab, lab_weight)
     clip = _pooled_clip(h, w, opts, x.device)
-    narrow = find_narrow(p_low, valid, keep, opts, clip)
-    if ties is not None:
-        narrow |= ties
-    narrow = (narrow & informative).cpu()
+    narrow = (find_narrow(p_low, valid, keep, opts, clip) & informative).cpu()
     if bool(narrow.any()):
         _pool_narrow(x, valid, opts, p_low, indices, narrow)
+    if ties is not None:  # (a narrow plane's cells are all pooled again already)
+        cells = ties.logical_and_(~narrow.to(x.device)[..., None, None]).nonzero()
+        if len(cells):
+            _pool_tied_cells(x, valid, opts, p_low, indices, cells)
     p_low += clip
     if opts.validate and not bool(torch.isfinite(checksum)):
         raise_if_nonfinite(torch.isfinite(x).all())  # exact check: the sum may have overflowed
@@ -602,6 +606,31 @@ def _pool_narrow(x, valid, opts: RMIOptions, p_low, indices, narrow) -> None:
         _pool_probs(t, opts, p_low[g], None if indices is None else indices[g],
                     scratch.get(2, xc.shape, torch.float64), narrow[g].to(x.device),
                     order=masked if opts.probs == "sigmoid" else None)
+
+
+def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
+    """p_low and the max-pool indices of `cells` ([K, 4]: image, class, row, column of p_low)
+    again from their windows' float64 softmax probabilities: each window's pixels gathered
+    with every class ([k, s, s, C], TIED_CELL_CHUNK elements at a time), the first largest p in
+    row-major order, as torch's max pooling (padding never, ignored pixels at p = 0)."""
+    h, w = x.shape[-2:]
+    s = opts.pool_size
+    offsets = torch.arange(s, device=x.device) - s // 2
+    step = max(1, TIED_CELL_CHUNK // (s * s * x.shape[1]))
+    for first in range(0, len(cells), step):
+        b, c, i, j = cells[first:first + step].unbind(1)
+        rows, cols = i[:, None] * s + offsets, j[:, None] * s + offsets  # [k, s]
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        r = rows.clamp(0, h - 1)[:, :, None].expand(-1, -1, s)
+        q = cols.clamp(0, w - 1)[:, None, :].expand(-1, s, -1)
+        image = b[:, None, None].expand(-1, s, s)
+        window = x[image, :, r, q].double()  # [k, s, s, C]
+        log_p = window.gather(-1, c[:, None, None, None].expand(-1, s, s, 1)).squeeze(-1) - window.logsumexp(-1)
+        p = torch.where(valid[image, r, q], log_p.exp(), 0.0)
+        key = torch.where(inside, p, float("-inf")).flatten(1)
+        k = key.argmax(1)  # the first largest
+        p_low[b, c, i, j] = key.gather(1, k[:, None]).squeeze(1)
+        indices[b, c, i, j] = rows.gather(1, (k // s)[:, None]).squeeze(1) * w + cols.gather(1, (k % s)[:, None]).squeeze(1)
 
 
 def _softmax_grad(g_p: torch.Tensor, t: torch.Tensor, out: torch.Tensor, buffer: torch.Tensor) -> None:

@@ -485,13 +485,17 @@ if _HAVE_TRITON:
                 arg = tl.where(has_high, arg_high, arg_low)
                 if not EXACT:
                     # A float32 p orders pixels whose p differ by less than its rounding at
-                    # random: a cell whose largest p has another within TIE_TOLERANCE of it
-                    # sets TIE_BIT, and `_narrow_kernel` sends its plane to the EXACT pass.
-                    # Each pixel's key on its own side (a low pixel's, >= 0, is never near a
-                    # high maximum's, <= 0); cells of ignored pixels or p = 0 alone: no tie.
+                    # random: a cell whose largest p has another within `_tie_bound` of it
+                    # sets TIE_BIT, and `_narrow_kernel` sends the cell to the EXACT pass.
+                    # Where the cell has a high pixel, the low ones on the high side's scale,
+                    # p - 1 (exact for p >= 1/2): the float32 split at 1/2 (rest < 1, a sum of
+                    # rounded terms) can put the larger of two p near 1/2 on the low side (a
+                    # review found a pair 1.5e-8 apart, 4.8e-2 off). Ignored pixels and cells
+                    # of p = 0 alone: no tie.
                     top = tl.where(has_high, top_high, tl.maximum(top_low, 0.0))
                     bound = _cell_columns(_tie_bound(top), SP, BLOCK)
-                    key = tl.where(pix_ok, tl.where(valid, tl.where(high, -small, small), -0.5), -float("inf"))
+                    low_scale = tl.where(_cell_columns(has_high, SP, BLOCK), small - 1.0, small)
+                    key = tl.where(valid, tl.where(high, -small, low_scale), -float("inf"))
                     near = tl.abs(key - _cell_columns(top, SP, BLOCK)) < bound
                     arg = tl.where(_cell_sum(near.to(tl.float32), SP, BLOCK) > 1.0, arg + TIE_BIT, arg)
             else:
@@ -511,6 +515,21 @@ if _HAVE_TRITON:
             signed = _cell_sum(tl.where(valid, tl.where(high, -small, small), 0.0), SP, BLOCK)
             p_cell = (high_count.to(tl.float64) + signed.to(tl.float64) + floor) * inv_area
             tl.store(p_low_ptr + low, p_cell, mask=pooled)
+
+    @triton.jit
+    def _holds_tie(arg_ptr, narrow_ptr, C, H_low, W_low, W_cells, n_cells, BLOCK: tl.constexpr):
+        """Whether a cell of this program's block has kernel A's TIE_BIT in a plane flagged 2
+        (sent to the EXACT pass for its ties alone): C loads of BLOCK bytes at most."""
+        cell_r, cell_c, _, pooled = _cells(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), n_cells, W_cells,
+                                           H_low, W_low)
+        low = _map_index(cell_r, cell_c, C, H_low, W_low)
+        narrow_base = narrow_ptr + tl.program_id(1).to(tl.int64) * C
+        hit = tl.zeros((), tl.int32)
+        for c in range(C):
+            flag = tl.load(narrow_base + c) + tl.zeros((BLOCK,), tl.int32)  # (as in `_pool_forward_block`)
+            arg = tl.load(arg_ptr + low + c * H_low * W_low, mask=pooled & (flag == 2), other=0).to(tl.int32)
+            hit = hit | tl.max(arg & TIE_BIT, axis=0)
+        return hit != 0
 
     @triton.jit
     def _pool_forward_kernel(
@@ -538,7 +557,10 @@ if _HAVE_TRITON:
         if EXACT:
             classes = tl.arange(0, C_PAD)
             flags = tl.load(narrow_ptr + tl.program_id(1).to(tl.int64) * C + classes, mask=classes < C, other=0)
-            if tl.max(flags, axis=0) != 0:
+            go = tl.max(tl.where(flags == 1, 1, 0), axis=0)  # a narrow plane: every block
+            if POOL == 2 and SOFTMAX:  # planes sent for their ties alone (flag 2): the blocks that hold one
+                go = go | _holds_tie(arg_ptr, narrow_ptr, C, H_low, W_low, W_cells, n_cells, BLOCK)
+            if go != 0:
                 _pool_forward_block(x_ptr, lab_ptr, w_ptr, p_low_ptr, y_low_ptr, arg_ptr, part_ptr, share_ptr,
                                     narrow_ptr, C, H, W, H_low, W_low, W_cells, n_cells, sx_n, sx_c, sx_h, sx_w,
                                     ignore_index, S, PAD, SP, BLOCK, POOL, SOFTMAX, PIXEL, HAS_WEIGHTS, WRITE_Y,
@@ -584,10 +606,16 @@ if _HAVE_TRITON:
         if EXACT:
             narrow_base = narrow_ptr + tl.program_id(1).to(tl.int64) * C
             for c in range(C):
-                if tl.load(narrow_base + c) != 0:
+                flag = tl.load(narrow_base + c)
+                if flag != 0:
                     x = _arith(_load_pixels(x_base + x_off, pix_ok), EXACT)
                     high, small, _exp = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
-                    _pool_p(x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, pooled, floor, inv_area,
+                    written = pooled
+                    if POOL == 2 and SOFTMAX:  # flag 2: only the cells kernel A marked tied
+                        cell_flag = flag + tl.zeros((BLOCK,), tl.int32)  # (a scalar in a block's mask: the interpreter refuses it)
+                        old = tl.load(arg_ptr + low, mask=pooled & (cell_flag == 2), other=0)
+                        written = pooled & ((cell_flag == 1) | ((old & TIE_BIT) != 0))
+                    _pool_p(x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, written, floor, inv_area,
                             S, SP, BLOCK, POOL, SOFTMAX, EXACT)
                 x_base += sx_c
                 low += hw_low
@@ -659,8 +687,9 @@ if _HAVE_TRITON:
         ([N, H_v, W_v]) holds count. Their mean and centred sum of squares, block by block,
         merged as Chan et al. merge two samples' moments (no difference of large sums: exact
         enough near p' = 1). TIES (softmax with max pooling): a plane is also sent to the EXACT
-        pass where a cell of its arg-max (arg_ptr, [N, C, H', W'] uint8) has kernel A's TIE_BIT.
-        Writes flag_ptr[plane]: 1 or 0."""
+        pass where a cell of its arg-max (arg_ptr, [N, C, H', W'] uint8) has kernel A's TIE_BIT,
+        for those cells alone. Writes flag_ptr[plane]: 1 (narrow), 2 (not narrow, some cell
+        tied) or 0."""
         plane = tl.program_id(0).to(tl.int64)
         n = plane // C
         hw = H_low * W_low
@@ -708,8 +737,9 @@ if _HAVE_TRITON:
             m2 = m2 + block_m2 + delta * delta * count * frac
             count = total
         level = tl.minimum(mean, 1.0 - mean) * spread
-        narrow = (y_high > y_low) & (((count > 0) & (m2 / tl.maximum(count, 1.0) <= level * level)) | (tied != 0))
-        tl.store(flag_ptr + plane, narrow.to(tl.int32))
+        narrow = (count > 0) & (m2 / tl.maximum(count, 1.0) <= level * level)
+        flag = tl.where(narrow, 1, tl.where(tied != 0, 2, 0))
+        tl.store(flag_ptr + plane, tl.where(y_high > y_low, flag, 0))
 
     @triton.jit
     def _joint_gather(maps_ptr, plane, mi, mj, m_ok, J, stride, Wp, R: tl.constexpr, D: tl.constexpr,
@@ -1432,7 +1462,8 @@ def _launch_pool_forward(x, labels, weights, opts: RMIOptions, write_y: bool):
 
 
 def _launch_narrow(p_low, y_low, share, keep, radius: int, area: int = 1, ties=None):
-    """`_narrow_kernel` -> [N, C] int32, 1 where a plane is narrow (`rmi_triton.narrow`); p_low
+    """`_narrow_kernel` -> [N, C] int32, 1 where a plane is narrow (`rmi_triton.narrow`), 2 where
+    it is not but a cell of it is tied (softmax with max pooling: those cells alone); p_low
     [N, C, H', W'] float64 as the statistics see it, y_low its labels, share: the valid pixels'
     share of each cell times `area` ([N, H', W']: kernel A's counts with avg pooling, area
     s^2; the interpolated valid mask with "interp") or None, keep: [N, H_v W_v] float or None,
@@ -1451,9 +1482,10 @@ def _launch_narrow(p_low, y_low, share, keep, radius: int, area: int = 1, ties=N
 
 def _repool_narrow(x, labels, opts: RMIOptions, p_low, arg, flags):
     """Kernel A's EXACT pass: p_low's planes flagged in `flags` ([N, C] int32) and their
-    max-pool arg-max (arg, or None) again, from float64 probabilities (`rmi_triton.narrow`).
-    Reads nothing on the host: the programs of an image without a narrow plane read its
-    flags and return."""
+    max-pool arg-max (arg, or None) again, from float64 probabilities (`rmi_triton.narrow`);
+    of a plane flagged 2, only its tied cells. Reads nothing on the host: the programs of an
+    image without a narrow plane, or of a block without a tied cell, read the flags (and the
+    block's arg-max bytes) and return."""
     n, c, h, w = x.shape
     geo = _Geometry(h, w, _pool_code(opts), opts.pool_size)
     arg = arg if arg is not None else torch.empty(1, dtype=torch.uint8, device=x.device)
