@@ -427,16 +427,19 @@ def test_logits_that_barely_vary_meet_the_contract(backend, options, monkeypatch
     _assert_meets_contract(backend, logits, labels, dict(options, radius=3, pool_size=2))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "torch, two windows a chunk"])
 @pytest.mark.parametrize("options", [{"rmi_weight": 0.0}, {"probs": "softmax", "rmi_weight": 0.0},
                                      {"probs": "softmax", "pixel_loss": "ce"}], ids=case_id)
-def test_max_pooling_of_a_plane_flat_in_one_region_meets_the_contract(backend, options):
+def test_max_pooling_of_a_plane_flat_in_one_region_meets_the_contract(backend, options, monkeypatch):
     """Logits of about 1e-4 in the top half of each image and N(0, 4) below: no plane is narrow,
     and max pooling's float32 ties in the flat half sent cells' gradients to other pixels than
     the float64 reference's: 4.9e-4 / 1.2e-1 (sigmoid, torch / Triton), 6.8e-3 (softmax, both
     engines; 6.4e-3 with cross-entropy). The sigmoid's pixels are now ranked by their logits
     (exact), the softmax's planes with near-ties pooled again from float64
-    (`rmi_triton.narrow.tie_bound`)."""
+    (`rmi_triton.narrow.tie_bound`), those cells alone."""
+    if backend == "torch, two windows a chunk":  # `_pool_tied_cells` in many chunks
+        monkeypatch.setattr(torch_engine, "TIED_CELL_CHUNK", 2 * 4 * 4 * 3)
+        backend = "torch"
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 3, 40, 44, generator=g) * 2
     logits[:, :, :20] = torch.randn(2, 3, 20, 44, generator=g) * 1e-4

@@ -646,14 +646,15 @@ def test_narrow_kernel_follows_the_rule(block, with_keep, pool, monkeypatch):
     assert expected[1, 0] or with_keep
 
 
-def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypatch):
+@pytest.mark.parametrize("tied_chunk", [1, None], ids=["a cell a chunk", "one chunk"])
+def test_near_ties_of_max_pooling_send_their_cells_to_the_float64_pass(monkeypatch, tied_chunk):
     """Softmax with max pooling: where a cell's largest p has another within `tie_bound` of it,
     a float32 p may rank the two otherwise than the float64 reference. One cell of image 0 holds
     nine pixels whose logits differ by about 2e-7 (the rest: N(0, 16)): kernel A sets TIE_BIT
     there in every class and nowhere else, `_narrow_kernel` flags image 0's planes 2 (ties
     alone), the EXACT pass rewrites that cell alone (blocks of 4 cells: the other blocks
     return after reading the flags and their bytes) and leaves no TIE_BIT behind; the torch
-    engine pools the same cells again."""
+    engine pools the same cells again (a cell at a time, or its three classes' from one window)."""
     from rmi_triton.engines import torch_engine
 
     g = torch.Generator().manual_seed(14)
@@ -664,7 +665,8 @@ def test_near_ties_of_max_pooling_send_their_planes_to_the_float64_pass(monkeypa
     labels = torch.randint(0, c, (n, h, w), generator=g)
     options = dict(pool="max", pool_size=3, probs="softmax", radius=2)
     monkeypatch.setattr(triton_engine, "FULL_RES_ELEMENTS", 64)  # 4 cells a block
-    monkeypatch.setattr(torch_engine, "TIED_CELL_CHUNK", 1)  # a cell at a time
+    if tied_chunk is not None:
+        monkeypatch.setattr(torch_engine, "TIED_CELL_CHUNK", tied_chunk)
 
     seen = {}
     narrow, repool = triton_engine._launch_narrow, triton_engine._repool_narrow

@@ -73,11 +73,11 @@ REGION_CHUNK = 1 << 21  # elements of region-vector stacks alive per step of the
 # -> 1158 and 13; bench/RESULTS.md)
 GPU_CHUNK_SCALE = 8
 TILE = 8192  # about this many region vectors per Gram product
-TIED_CELL_CHUNK = 1 << 20  # elements of the tied cells' windows gathered at a time (`_pool_tied_cells`)
+TIED_CELL_CHUNK = 1 << 20  # elements of the tied cells' windows gathered at a time (`_pool_tied_cells`, on a CPU)
 
 
 def _chunk(elements: int, device: torch.device) -> int:
-    """FULL_RES_CHUNK or REGION_CHUNK as used on `device`."""
+    """FULL_RES_CHUNK, REGION_CHUNK or TIED_CELL_CHUNK as used on `device`."""
     return elements if device.type == "cpu" else elements * GPU_CHUNK_SCALE
 
 
@@ -611,26 +611,38 @@ def _pool_narrow(x, valid, opts: RMIOptions, p_low, indices, narrow) -> None:
 def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
     """p_low and the max-pool indices of `cells` ([K, 4]: image, class, row, column of p_low)
     again from their windows' float64 softmax probabilities: each window's pixels gathered
-    with every class ([k, s, s, C], TIED_CELL_CHUNK elements at a time), the first largest p in
-    row-major order, as torch's max pooling (padding never, ignored pixels at p = 0)."""
+    with every class once, for all the classes tied there (an edge of equal pixels ties in
+    about every class: per tied cell it was C times the work), windows of TIED_CELL_CHUNK
+    elements at a time; the first largest p in row-major order, as torch's max pooling
+    (padding never, ignored pixels at p = 0)."""
     h, w = x.shape[-2:]
+    h_low, w_low = p_low.shape[-2:]
     s = opts.pool_size
     offsets = torch.arange(s, device=x.device) - s // 2
-    step = max(1, TIED_CELL_CHUNK // (s * s * x.shape[1]))
-    for first in range(0, len(cells), step):
-        b, c, i, j = cells[first:first + step].unbind(1)
-        rows, cols = i[:, None] * s + offsets, j[:, None] * s + offsets  # [k, s]
+    windows, window_of = torch.unique((cells[:, 0] * h_low + cells[:, 2]) * w_low + cells[:, 3],
+                                      return_inverse=True)
+    order = torch.argsort(window_of, stable=True)
+    cells, window_of = cells[order], window_of[order]
+    ends = [0] + torch.bincount(window_of, minlength=len(windows)).cumsum(0).tolist()
+    step = max(1, _chunk(TIED_CELL_CHUNK, x.device) // (s * s * x.shape[1]))
+    for first in range(0, len(windows), step):
+        last = min(first + step, len(windows))
+        b, c, i, j = cells[ends[first]:ends[last]].unbind(1)
+        window = window_of[ends[first]:ends[last]] - first
+        place = windows[first:last]
+        rows = (place // w_low % h_low)[:, None] * s + offsets  # [windows, s]
+        cols = (place % w_low)[:, None] * s + offsets
         inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         r = rows.clamp(0, h - 1)[:, :, None].expand(-1, -1, s)
         q = cols.clamp(0, w - 1)[:, None, :].expand(-1, s, -1)
-        image = b[:, None, None].expand(-1, s, s)
-        window = x[image, :, r, q].double()  # [k, s, s, C]
-        log_p = window.gather(-1, c[:, None, None, None].expand(-1, s, s, 1)).squeeze(-1) - window.logsumexp(-1)
-        p = torch.where(valid[image, r, q], log_p.exp(), 0.0)
-        key = torch.where(inside, p, float("-inf")).flatten(1)
+        image = (place // (h_low * w_low))[:, None, None].expand(-1, s, s)
+        log_p = torch.log_softmax(x[image, :, r, q].double(), -1)  # [windows, s, s, C]
+        p = torch.where(valid[image, r, q][window], log_p[window, :, :, c].exp(), 0.0)  # [k, s, s]
+        key = torch.where(inside[window], p, float("-inf")).flatten(1)
         k = key.argmax(1)  # the first largest
         p_low[b, c, i, j] = key.gather(1, k[:, None]).squeeze(1)
-        indices[b, c, i, j] = rows.gather(1, (k // s)[:, None]).squeeze(1) * w + cols.gather(1, (k % s)[:, None]).squeeze(1)
+        top_row = rows[window].gather(1, (k // s)[:, None]).squeeze(1)
+        indices[b, c, i, j] = top_row * w + cols[window].gather(1, (k % s)[:, None]).squeeze(1)
 
 
 def _softmax_grad(g_p: torch.Tensor, t: torch.Tensor, out: torch.Tensor, buffer: torch.Tensor) -> None:
