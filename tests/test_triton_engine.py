@@ -702,6 +702,25 @@ def test_near_ties_of_max_pooling_send_their_cells_to_the_float64_pass(monkeypat
     assert seen["torch"] == [[0, k, 2, 3] for k in range(c)]
 
 
+def test_ignored_pixels_are_no_near_tie(monkeypatch):
+    """A cell of one valid pixel at p = 1/2 + 1e-7 (class 0, the high side: its key 1 - p) and
+    three ignored ones (p = 0): kernel A took the ignored pixels' key as -0.5, within the tie
+    bound of the valid one's -(1 - p), and sent the cell to the float64 pass for nothing (found
+    by a review); ignored pixels are never near now."""
+    g = torch.Generator().manual_seed(15)
+    logits = torch.randn(1, 3, 8, 8, generator=g) * 4
+    labels = torch.randint(0, 3, (1, 8, 8), generator=g)
+    logits[0, :, 1, 1] = torch.tensor([0.0, -0.6931476, -0.6931476])  # pool size 2: cell (1, 1) is rows and columns 1-2
+    labels[0, 1:3, 1:3] = 255
+    labels[0, 1, 1] = 0
+    seen = []
+    narrow = triton_engine._launch_narrow
+    monkeypatch.setattr(triton_engine, "_launch_narrow",
+                        lambda *a: seen.append((a[-1] & triton_engine.TIE_BIT.value) != 0) or narrow(*a))
+    rmi_loss(logits, labels, backend="triton", pool="max", pool_size=2, probs="softmax", radius=2)
+    assert not seen[0][0, 0, 1, 1]
+
+
 @pytest.mark.parametrize("options", [{"pool_size": 2}, {"pool_size": 5}, {"pool_size": 5, "exclude_ignored": True},
                                      {"pool": "max", "pool_size": 3}, {"pool": "interp", "pool_size": 3},
                                      {"pool": "none", "radius": 2}], ids=case_id)
