@@ -111,6 +111,9 @@ CONFIDENT_OPTIONS = [{}, {"probs": "softmax", "pool": "max", "rmi_weight": 0.0},
 # logits all within about 1e-4 of 0: the narrow planes' float64 pass (kernel A's EXACT
 # specialisation: float64 exponentials and square roots, which the interpreter takes from numpy)
 NARROW_OPTIONS = [{"pool": "max"}, {"probs": "softmax", "pool": "max"}, {"exclude_ignored": True, "pool": "none"}]
+# max pooling's near-ties (rmi_triton.narrow.tie_bound): the top half of each image flat, the softmax's
+# tied cells pooled again in kernel A's EXACT pass
+TIE_OPTIONS = [{"pool": "max"}, {"probs": "softmax", "pool": "max"}, {"probs": "softmax", "pool": "max", "pixel_loss": "ce"}]
 CHECK_OPTIONS = [
     {},
     {"pool": "max"},
@@ -133,12 +136,15 @@ def over_budget() -> bool:
     return time.time() - START > budget
 
 
-def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05, confident=None, scale=2.0):
+def random_inputs(shape, dtype=torch.float32, seed=0, ignore_frac=0.05, confident=None, scale=2.0, flat_half=False):
     """Logits N(0, scale^2), or (confident=A) A (2 y - 1) + 0.3 noise: a confident prediction, p
-    within exp(-A) of its label, where float32 p near 1 would keep too little of 1 - p."""
+    within exp(-A) of its label, where float32 p near 1 would keep too little of 1 - p;
+    flat_half: the top half of each image at 1e-4 N(0, 1), where max pooling's cells tie."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     n, c, h, w = shape
     logits = torch.randn(n, c, h, w, generator=g) * scale
+    if flat_half:
+        logits[:, :, :h // 2] *= 1e-4 / scale
     labels = torch.randint(0, c, (n, h, w), generator=g)
     labels[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
     if confident is not None:
@@ -172,6 +178,7 @@ def check_correctness():
               for opts in ({}, {"probs": "softmax", "pixel_loss": "ce"}, {"pool": "max"})]
     cases += [(opts, torch.float32, {"confident": 12.0}) for opts in CONFIDENT_OPTIONS]
     cases += [(opts, torch.float32, {"scale": 1e-4}) for opts in NARROW_OPTIONS]
+    cases += [(opts, torch.float32, {"flat_half": True}) for opts in TIE_OPTIONS]
     # under torch.use_deterministic_algorithms (ops that raise there on CUDA only: a float
     # cumsum, a product scatter_reduce, the interpolation's backward)
     cases += [(dict(opts, deterministic=True), torch.float32, {})
@@ -193,6 +200,8 @@ def check_correctness():
                     row["options"] = f"{row['options']}, logits +-{logit_kind['confident']:g}"
                 if "scale" in logit_kind:
                     row["options"] = f"{row['options']}, logits {logit_kind['scale']:g} N(0, 1)"
+                if "flat_half" in logit_kind:
+                    row["options"] = f"{row['options']}, top half flat"
                 if deterministic:
                     row["options"] = f"{row['options']}, deterministic algorithms"
                 before = torch.are_deterministic_algorithms_enabled()
