@@ -39,8 +39,8 @@ the other classes' share, rest / (1 + rest). The pooled p' is float64: the high 
 sides pooled apart, then met. The region stage works in float64 from there. Planes whose p'
 barely varies, where even that rounding is a large part of the spread, are pooled again
 from float64 probabilities (`rmi_triton.narrow`, `_pool_narrow`). Max pooling ranks the
-sigmoid's pixels by their logits (exact); the softmax's planes with near-ties in some cell
-take the same float64 pass.
+sigmoid's pixels by their logits (exact); the softmax's cells with near-ties are pooled again
+from float64 probabilities of their windows alone (`_pool_tied_cells`).
 
 Planes whose labels are constant (a class absent from an image) carry an RMI
 term with exactly zero gradient: their statistics, the pooling of their

@@ -9,7 +9,7 @@ Forward then backward, the full-resolution kernels reading their inputs once:
       of max pooling (the sigmoid's by the logits; the softmax's by p, with
       near-ties marked for the float64 pass, `rmi_triton.narrow`), the
       pixel-term partial sums and a non-finite count; then `_narrow_kernel`
-      and A's float64 pass over the planes it flags.
+      and A's float64 pass over the planes (or tied cells) it flags.
   B downsampled, the sums of the region vectors and of their products
       (`_launch_region_moments`):
       B0 `_centred_maps_kernel` y' and p' minus their first cells, float64,
