@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def random_inputs(n=2, c=3, h=37, w=53, *, scale=2.0, ignore_frac=0.1, ignore_index=255, seed=0,
@@ -12,6 +13,22 @@ def random_inputs(n=2, c=3, h=37, w=53, *, scale=2.0, ignore_frac=0.1, ignore_in
     labels = torch.randint(0, c, (n, h, w), generator=g)
     labels[torch.rand(n, h, w, generator=g) < ignore_frac] = ignore_index
     return logits, labels.to(label_dtype)
+
+
+def upsampled_inputs(n=2, c=3, h=29, w=35, seed=3):
+    """A network's output: logits on a coarse grid, upsampled as `rmi_triton.models` upsample
+    (bilinear, align_corners=False), so that each image's first and last rows and columns
+    repeat (rows 0-3 and columns 0-2 here); labels with ignored pixels in image 0's first row
+    and column (equal logits, not equal validity), and class 2 absent from image 1 (a plane
+    skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, c, 4, 5, generator=g) * 3
+    logits = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[0, 0, :] = 255
+    labels[0, 5:, 0] = 255
+    labels[1][labels[1] == 2] = 0
+    return logits.contiguous(), labels
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "value"):
