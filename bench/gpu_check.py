@@ -33,12 +33,16 @@
    host sync (measurement only), as a CUDA-graph replay (the GPU time alone)
    and under torch.compile (default and "reduce-overhead"): what the host's work
    costs.
-7. Issue 3's bars at 16x21x513x513 avg 4, read from 2 and 5: forward+backward
+7. Max pooling's near-ties on a network's upsampled output (the first timing shape): the
+   Triton engine with avg, max and softmax-with-max pooling on random and upsampled logits,
+   and the cells that the softmax sends to kernel A's float64 pass for their ties.
+8. Issue 3's bars at 16x21x513x513 avg 4, read from 2 and 5: forward+backward
    against cross-entropy's and the published formula's, the extra memory beyond
    the gradient, and kernels A and D's least bytes moved over the copy bandwidth.
 
-The sections run in the order 1, the copy bandwidth, 5, 2, 6, 3, 4 (what the bars need
-first, then the step's variants next to the timings whose "eager" they repeat); a section
+The sections run in the order 1, the copy bandwidth, 5, 2, 6, 3, 4, 7 (what the bars need
+first, then the step's variants next to the timings whose "eager" they repeat, the checks of
+torch.compile and autocast before the max-pooling figures, which no bar reads); a section
 that fails or is not started for the time budget is named with its reason in the report
 and costs none of the others. The report printed last is the result; `--out DIR`
 also holds it as JSON (gpu_check.json, written again after every section, so that a run
@@ -487,6 +491,62 @@ def time_step_variants():
     return result
 
 
+def upsampled_logits(shape, seed, factor=8):
+    """Logits as a network's head gives them: drawn at 1/factor of the size (N(0, 9)) and
+    upsampled as `rmi_triton.models` upsample (bilinear, align_corners=False), so that each
+    image's first and last rows and columns repeat; the labels of `random_inputs`."""
+    n, c, h, w = shape
+    logits, labels = random_inputs(shape, seed=seed)
+    coarse = logits[:, :, ::factor, ::factor] * 1.5
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).contiguous(), labels
+
+
+def time_max_pooling():
+    """Max pooling's near-ties on a network's output (the first timing shape): the Triton
+    engine's forward+backward with avg pooling, max pooling and the softmax with max pooling,
+    on random logits and on `upsampled_logits`. There the repeated edges tie every window
+    exactly (equal p) and the interpolation's rounding leaves other pixels an ulp apart: the
+    softmax's tied cells (kernel A's TIE_BIT) are pooled again in kernel A's EXACT pass, which
+    runs over every block that holds one (reasoned: most blocks hold an image's edge cell).
+    With each: the tied cells and the planes flagged for their ties alone, counted in a run
+    before the timing."""
+    shape, pool_size = BENCH_SHAPES[0]
+    rows = []
+    for kind in ("random", "upsampled 8x"):
+        logits, labels = random_inputs(shape, seed=5) if kind == "random" else upsampled_logits(shape, seed=5)
+        x = logits.detach().clone().requires_grad_(True)
+        for options in ({}, {"pool": "max"}, {"probs": "softmax", "pool": "max"}):
+            row = dict(logits=kind, options=options or "defaults")
+            rows.append(row)
+            if over_budget():
+                row["note"] = "skipped: the run's time budget is spent"
+                continue
+            loss_fn = lambda x, y, o=options: rmi_loss(x, y, backend="triton", pool_size=pool_size,  # noqa: E731
+                                                       validate=False, **o)
+            real, counts = triton_engine._launch_narrow, {}
+
+            def spy(*args, **kwargs):
+                flags = real(*args, **kwargs)
+                ties = args[6] if len(args) > 6 else kwargs.get("ties")
+                if ties is not None:
+                    counts.update(tied_cells=int(((ties & triton_engine.TIE_BIT.value) != 0).sum()),
+                                  tie_planes=int((flags == 2).sum()), cells=ties.numel())
+                return flags
+
+            triton_engine._launch_narrow = spy
+            try:
+                torch.autograd.grad(loss_fn(x, labels), x)
+                row.update(counts)
+            except Exception as exc:  # noqa: BLE001 - one case must not cost the others
+                row["note"] = f"error: {type(exc).__name__}: {exc}"[:300]
+                continue
+            finally:
+                triton_engine._launch_narrow = real
+            row["full_ms"] = bench_ms(lambda: torch.autograd.grad(loss_fn(x, labels), x))
+            log("max pooling", row)
+    return dict(shape="x".join(map(str, shape)), pool_size=pool_size, rows=rows)
+
+
 # ----------------------------------------------------------------------------
 # 3. torch.compile of a tiny training step
 # ----------------------------------------------------------------------------
@@ -713,6 +773,13 @@ def print_report(results):
                  "graphed_loss_check", "compiled_ms", "compiled_reduce_overhead_ms"):
         value = variants.get(name)
         print(f"     {name:20s} {fmt(value) if isinstance(value, float) else value}")
+    ties = results.get("max_pooling", {})
+    print(f"== max pooling's near-ties, Triton engine ({ties.get('shape')}, pool size {ties.get('pool_size')}), "
+          f"fwd+bwd medians; tied cells (kernel A's TIE_BIT) and planes flagged for their ties:")
+    for r in ties.get("rows", []):
+        print(f"     {r['logits']:13s} {str(r['options']):38s} {fmt(r.get('full_ms')):>9s} ms  "
+              f"{r.get('tied_cells', '-')} of {r.get('cells', '-')} cells, {r.get('tie_planes', '-')} planes  "
+              f"{r.get('note', '')}")
     for name, reason in results.get("not_run", {}).items():
         print(f"== section {name}: {reason}")
     print(f"== the performance targets ({'x'.join(map(str, BENCH_SHAPES[0][0]))} avg {BENCH_SHAPES[0][1]}):")
@@ -793,6 +860,7 @@ def sections(results):
         ("compile", check_compile, checked),
         ("mixed", lambda: check_autocast_and_soak(iterations=20 if ARGS.dry_run else 300,
                                                   block=5 if ARGS.dry_run else 25), checked),
+        ("max_pooling", time_max_pooling, lambda reason: dict(error=reason)),
     )
 
 

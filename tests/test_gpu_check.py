@@ -97,6 +97,7 @@ def test_a_failing_section_costs_none_of_the_others(gpu_check, monkeypatch, tmp_
     monkeypatch.setattr(gpu_check, "run_timings", section("timings", [dict(
         shape="16x21x513x513", pool="avg 4", provider="cross_entropy", full_ms=1.17)]))
     monkeypatch.setattr(gpu_check, "time_step_variants", section("variants", dict(graph_replay_ms=1.0)))
+    monkeypatch.setattr(gpu_check, "time_max_pooling", section("max_pooling", dict(rows=[])))
     monkeypatch.setattr(gpu_check, "check_compile", section("compile", dict(ok=True, graph_breaks=0)))
     monkeypatch.setattr(gpu_check, "check_autocast_and_soak", section("mixed", error=KeyError("autocast")))
     monkeypatch.setattr(gpu_check, "DEVICE", torch.device("cpu"))
@@ -104,7 +105,7 @@ def test_a_failing_section_costs_none_of_the_others(gpu_check, monkeypatch, tmp_
     monkeypatch.setattr(gpu_check.ARGS, "commit", "abc1234")
     monkeypatch.setattr(gpu_check.ARGS, "budget_s", 1e9)
     assert gpu_check.main() == 1  # two sections failed
-    assert ran == ["correctness", "bandwidth", "breakdown", "timings", "variants", "compile", "mixed"]
+    assert ran == ["correctness", "bandwidth", "breakdown", "timings", "variants", "compile", "mixed", "max_pooling"]
     assert saved_before["compile"] == ["bandwidth", "bars", "breakdown", "correctness", "machine", "not_run",
                                        "timings", "variants"]
     out = capsys.readouterr().out
@@ -126,14 +127,14 @@ def test_sections_after_the_budget_are_skipped_and_reported(gpu_check, monkeypat
     rows = [dict(backend="torch", dtype="float32", options="defaults", loss_rel=1e-8, grad_rel=1e-7, ok=True)]
     monkeypatch.setattr(gpu_check, "check_correctness", lambda: rows)
     for name in ("measure_copy_bandwidth", "profile_triton_step", "run_timings", "time_step_variants",
-                 "check_compile", "check_autocast_and_soak"):
+                 "time_max_pooling", "check_compile", "check_autocast_and_soak"):
         monkeypatch.setattr(gpu_check, name, lambda *a, **k: pytest.fail("started after the budget"))
     monkeypatch.setattr(gpu_check, "DEVICE", torch.device("cpu"))
     monkeypatch.setattr(gpu_check.ARGS, "out", None)
     monkeypatch.setattr(gpu_check.ARGS, "budget_s", -1.0)
     assert gpu_check.main() == 0  # skipped sections are not failures
     out = capsys.readouterr().out
-    for name in ("bandwidth", "breakdown", "timings", "variants", "compile", "mixed"):
+    for name in ("bandwidth", "breakdown", "timings", "variants", "compile", "mixed", "max_pooling"):
         assert f"== section {name}: skipped: the run's time budget is spent" in out
     assert "== the performance targets" in out
 
