@@ -461,6 +461,24 @@ def test_max_pooling_of_upsampled_logits_meets_the_contract(backend, options):
     _assert_meets_contract(backend, logits, labels, dict(options, pool="max", probs="softmax", radius=2))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tied_cells_are_ranked_to_the_precision_of_p(backend):
+    """Softmax with max pooling on a confident upsampled output: two pixels of a cell whose p
+    at a class of about 3e-4 differ by 8 of its float64 ulps (1.3e-15 relative, from logits
+    1e-11 apart at the other classes). Both engines' float64 passes formed such p as
+    exp((x - m) - log(1 + rest)), which rounds at that exponent's scale (an ulp of 8 is
+    1.8e-15): they tied, the first pixel won, and the gradient was 4.3e-4 off. They take
+    exp(x - m) / (1 + rest) now, as the reference's softmax does. (Found by a randomised run.)"""
+    g = torch.Generator().manual_seed(167441861)
+    coarse = torch.randn(1, 6, 8, 7, generator=g) * 1e-3
+    coarse += 8.0 * torch.nn.functional.one_hot(torch.randint(0, 6, (1, 8, 7), generator=g), 6).permute(0, 3, 1, 2)
+    logits = torch.nn.functional.interpolate(coarse, size=(38, 32), mode="bilinear", align_corners=False)
+    labels = torch.randint(0, 6, (1, 38, 32), generator=g)
+    labels[torch.rand(1, 38, 32, generator=g) < 0.1] = 255
+    _assert_meets_contract(backend, logits.contiguous(), labels,
+                           dict(pool="max", pool_size=4, radius=2, probs="softmax", rmi_weight=0.0))
+
+
 # two pixels' logits whose softmax p at class 0 lie within 2e-8 of each other and of 1/2, the
 # larger put on the low side by each engine's float32 split at 1/2 (rest < 1): torch's, Triton's
 HALF_PAIRS = {"torch": ([1.49009395045141e-07, -0.6931470632553101, -0.6931471228599548],

@@ -614,7 +614,10 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
     with every class once, for all the classes tied there (an edge of equal pixels ties in
     about every class: per tied cell it was C times the work), windows of TIED_CELL_CHUNK
     elements at a time; the first largest p in row-major order, as torch's max pooling
-    (padding never, ignored pixels at p = 0)."""
+    (padding never, ignored pixels at p = 0). The probabilities are `_signed_softmax`'s t,
+    exp(x - m) / (1 + rest): a log-softmax's exp rounds log p at its own scale (an ulp of 8
+    is 1.8e-15), and tied two pixels whose p differ by 8 of p's ulps, which the reference
+    ranks (found by a randomised run on upsampled logits)."""
     h, w = x.shape[-2:]
     h_low, w_low = p_low.shape[-2:]
     s = opts.pool_size
@@ -636,11 +639,20 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
         r = rows.clamp(0, h - 1)[:, :, None].expand(-1, -1, s)
         q = cols.clamp(0, w - 1)[:, None, :].expand(-1, s, -1)
         image = (place // (h_low * w_low))[:, None, None].expand(-1, s, s)
-        log_p = torch.log_softmax(x[image, :, r, q].double(), -1)  # [windows, s, s, C]
-        p = torch.where(valid[image, r, q][window], log_p[window, :, :, c].exp(), 0.0)  # [k, s, s]
-        key = torch.where(inside[window], p, float("-inf")).flatten(1)
-        k = key.argmax(1)  # the first largest
-        p_low[b, c, i, j] = key.gather(1, k[:, None]).squeeze(1)
+        xw = x[image, :, r, q].double().permute(0, 3, 1, 2).contiguous()  # [windows, C, s, s]
+        t = torch.empty_like(xw)
+        _signed_softmax(xw, valid[image, r, q].unsqueeze(1), t)
+        t = t[window, c].flatten(1)  # [k, s * s]
+        # any high pixel beats every low one: on the high side the smallest 1 - p = t wins, on
+        # the low side the largest p = -t (0 at ignored pixels); padding never
+        high = _high(t)
+        inside_k = inside[window].flatten(1)
+        high_key = torch.where(high & inside_k, -t, float("-inf"))
+        low_key = torch.where(~high & inside_k, -t, float("-inf"))
+        has_high = high_key.amax(1) > float("-inf")
+        k = torch.where(has_high, high_key.argmax(1), low_key.argmax(1))  # the first largest
+        top = t.gather(1, k[:, None]).squeeze(1)
+        p_low[b, c, i, j] = torch.where(has_high, 1.0 - top, -top)
         top_row = rows[window].gather(1, (k // s)[:, None]).squeeze(1)
         indices[b, c, i, j] = top_row * w + cols[window].gather(1, (k % s)[:, None]).squeeze(1)
 

@@ -381,7 +381,7 @@ if _HAVE_TRITON:
         rest and adds the old maximum's term, 1. The largest logit's term stays exactly 1
         and out of `rest`, so 1 - softmax at the largest logit, rest / (1 + rest), keeps its
         relative precision (from a float32 softmax near 1 it would not). EXACT: in float64
-        (`_arith`)."""
+        (`_arith`), and the first result is 1 / (1 + rest) (`_prob_split`)."""
         m = _arith(tl.full(x_off.shape, -float("inf"), tl.float32), EXACT)
         rest = _arith(tl.zeros(x_off.shape, dtype=tl.float32), EXACT)
         for _ in range(C):
@@ -390,6 +390,8 @@ if _HAVE_TRITON:
             rest = tl.where(x > m, (rest + 1.0) * e, rest + e)
             m = tl.maximum(m, x)
             x_base += sx_c
+        if EXACT:  # (`_prob_split`'s factor where it takes p to its own precision)
+            return 1.0 / (1.0 + rest), m, rest, rest / (1.0 + rest)
         return tl.log2(1.0 + rest) * LN2, m, rest, rest / (1.0 + rest)
 
     @triton.jit
@@ -399,15 +401,23 @@ if _HAVE_TRITON:
         return (x == m) & (rest < 1.0)
 
     @triton.jit
-    def _prob_split(x, log_rest, m, rest, top_small, SOFTMAX: tl.constexpr):
+    def _prob_split(x, log_rest, m, rest, top_small, SOFTMAX: tl.constexpr, EXACT: tl.constexpr):
         """A probability p [SP, BLOCK * SP] as (p > 1/2, the smaller of p and 1 - p), each
         to float32's relative precision, and exp(-|x|) (sigmoid only). p' near 1 held as a
         float32 p keeps too little of 1 - p' for the statistics of a confident prediction
         (where V is a small difference of large terms): kernel A sums the two sides apart.
-        Softmax: only `_top_class` can exceed 1/2; its 1 - p is top_small = rest / (1 + rest)."""
+        Softmax: only `_top_class` can exceed 1/2; its 1 - p is top_small = rest / (1 + rest).
+        EXACT (float64; log_rest is then 1 / (1 + rest), `_log_sum_exp`): the other classes' p
+        as exp(x - m) / (1 + rest), to p's own precision: from (x - m) - log(1 + rest) it was
+        rounded at that sum's scale (an ulp of 8 is 1.8e-15), and max pooling's EXACT pass
+        tied pixels whose p differ by 8 of p's ulps, which the reference ranks (found by a
+        randomised run on upsampled logits)."""
         if SOFTMAX:
             high = _top_class(x, m, rest)
-            small = tl.where(high, top_small, tl.exp2(((x - m) - log_rest) * LOG2E))
+            if EXACT:
+                small = tl.where(high, top_small, tl.exp2((x - m) * LOG2E) * log_rest)
+            else:
+                small = tl.where(high, top_small, tl.exp2(((x - m) - log_rest) * LOG2E))
             e = small
         else:
             high = x >= 0
@@ -609,7 +619,7 @@ if _HAVE_TRITON:
                 flag = tl.load(narrow_base + c)
                 if flag != 0:
                     x = _arith(_load_pixels(x_base + x_off, pix_ok), EXACT)
-                    high, small, _exp = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
+                    high, small, _exp = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX, EXACT)
                     written = pooled
                     if POOL == 2 and SOFTMAX:  # flag 2: only the cells kernel A marked tied
                         cell_flag = flag + tl.zeros((BLOCK,), tl.int32)  # (a scalar in a block's mask: the interpreter refuses it)
@@ -635,7 +645,7 @@ if _HAVE_TRITON:
                 is_c = lab == c
                 if CHECK_FINITE:
                     bad += x * 0.0
-                high, small, e = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX)
+                high, small, e = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX, EXACT)
                 if PIXEL == 1:  # softplus(x) - x y = max(t x, 0) + log(1 + exp(-|x|)), t = 1 - 2 y
                     if SOFTMAX:  # (max(x, 0) - x y first: exact, where x + log(1 + e) - x would lose e)
                         e = tl.exp2(tl.abs(x) * -LOG2E)
