@@ -17,13 +17,17 @@ def random_inputs(n=2, c=3, h=37, w=53, *, scale=2.0, ignore_frac=0.1, ignore_in
 
 def upsampled_inputs(n=2, c=3, h=29, w=35, seed=3):
     """A network's output: logits on a coarse grid, upsampled as `rmi_triton.models` upsample
-    (bilinear, align_corners=False), so that each image's first and last rows and columns
-    repeat (rows 0-3 and columns 0-2 here); labels with ignored pixels in image 0's first row
-    and column (equal logits, not equal validity), and class 2 absent from image 1 (a plane
-    skipped)."""
+    (bilinear, align_corners=False), so that each image's first rows and columns repeat
+    exactly (rows 0-3 and columns 0-2 here). At some size ratios the interpolation's rounding
+    leaves the far edge's pixels an ulp apart (on this project's CPUs rows 25-27 against row
+    28 here, not on every kernel): they are set an ulp apart here, and column 3 an ulp below
+    column 2. Labels with ignored pixels in image 0's first row and column (equal logits, not
+    equal validity), and class 2 absent from image 1 (a plane skipped)."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(n, c, 4, 5, generator=g) * 3
     logits = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    logits[:, :, h - 4:h - 1] = torch.nextafter(logits[:, :, h - 1:], torch.tensor(float("inf")))
+    logits[..., 3] = torch.nextafter(logits[..., 2], torch.tensor(float("-inf")))
     labels = torch.randint(0, c, (n, h, w), generator=g)
     labels[0, 0, :] = 255
     labels[0, 5:, 0] = 255
