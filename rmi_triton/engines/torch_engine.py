@@ -614,10 +614,11 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
     with every class once, for all the classes tied there (an edge of equal pixels ties in
     about every class: per tied cell it was C times the work), windows of TIED_CELL_CHUNK
     elements at a time; the first largest p in row-major order, as torch's max pooling
-    (padding never, ignored pixels at p = 0). The probabilities are `_signed_softmax`'s t,
-    exp(x - m) / (1 + rest): a log-softmax's exp rounds log p at its own scale (an ulp of 8
-    is 1.8e-15), and tied two pixels whose p differ by 8 of p's ulps, which the reference
-    ranks (found by a randomised run on upsampled logits)."""
+    (padding never, ignored pixels at p = 0). The probabilities are exp(x - m) / (1 + rest),
+    and 1 - p = rest / (1 + rest) on the high side, as `_signed_softmax` forms them: a
+    log-softmax's exp rounds log p at its own scale (an ulp of 8 is 1.8e-15), and tied two
+    pixels whose p differ by 8 of p's ulps, which the reference ranks (found by a randomised
+    run on upsampled logits)."""
     h, w = x.shape[-2:]
     h_low, w_low = p_low.shape[-2:]
     s = opts.pool_size
@@ -639,20 +640,27 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
         r = rows.clamp(0, h - 1)[:, :, None].expand(-1, -1, s)
         q = cols.clamp(0, w - 1)[:, None, :].expand(-1, s, -1)
         image = (place // (h_low * w_low))[:, None, None].expand(-1, s, s)
-        xw = x[image, :, r, q].double().permute(0, 3, 1, 2).contiguous()  # [windows, C, s, s]
-        t = torch.empty_like(xw)
-        _signed_softmax(xw, valid[image, r, q].unsqueeze(1), t)
-        t = t[window, c].flatten(1)  # [k, s * s]
-        # any high pixel beats every low one: on the high side the smallest 1 - p = t wins, on
-        # the low side the largest p = -t (0 at ignored pixels); padding never
-        high = _high(t)
+        # each pixel's classes last, so that equal logits give equal p: an op's vector loop
+        # runs along the classes of one pixel at a time (across pixels, its tail rounds apart)
+        xw = x[image, :, r, q].double()  # [windows, s, s, C]
+        m, top = xw.max(-1, keepdim=True)
+        e = xw.sub_(m).exp_().scatter_(-1, top, 0.0)  # exp(x - m), 0 at the top class
+        rest = e.sum(-1)
+        inv = rest.add(1.0).reciprocal_()
+        e, rest, inv = e[window, :, :, c].flatten(1), rest[window].flatten(1), inv[window].flatten(1)  # [k, s * s]
+        # any high pixel beats every low one: on the high side the smallest 1 - p wins, on the
+        # low side the largest p (0 at ignored pixels); padding never
+        ok = valid[image, r, q][window].flatten(1)
+        is_top = top[window, :, :, 0].flatten(1) == c[:, None]
+        high = is_top & (rest < 1.0) & ok
         inside_k = inside[window].flatten(1)
-        high_key = torch.where(high & inside_k, -t, float("-inf"))
-        low_key = torch.where(~high & inside_k, -t, float("-inf"))
+        small = torch.where(high, rest * inv, torch.where(ok, torch.where(is_top, inv, e * inv), 0.0))  # 1 - p, or p
+        high_key = torch.where(high & inside_k, -small, float("-inf"))
+        low_key = torch.where(~high & inside_k, small, float("-inf"))
         has_high = high_key.amax(1) > float("-inf")
         k = torch.where(has_high, high_key.argmax(1), low_key.argmax(1))  # the first largest
-        top = t.gather(1, k[:, None]).squeeze(1)
-        p_low[b, c, i, j] = torch.where(has_high, 1.0 - top, -top)
+        best = small.gather(1, k[:, None]).squeeze(1)
+        p_low[b, c, i, j] = torch.where(has_high, 1.0 - best, best)
         top_row = rows[window].gather(1, (k // s)[:, None]).squeeze(1)
         indices[b, c, i, j] = top_row * w + cols[window].gather(1, (k % s)[:, None]).squeeze(1)
 
