@@ -462,22 +462,45 @@ def test_max_pooling_of_upsampled_logits_meets_the_contract(backend, options):
     _assert_meets_contract(backend, logits, labels, dict(options, pool="max", probs="softmax", radius=2))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_tied_cells_are_ranked_to_the_precision_of_p(backend):
-    """Softmax with max pooling on a confident upsampled output: two pixels of a cell whose p
-    at a class of about 3e-4 differ by 8 of its float64 ulps (1.3e-15 relative, from logits
-    1e-11 apart at the other classes). Both engines' float64 passes formed such p as
-    exp((x - m) - log(1 + rest)), which rounds at that exponent's scale (an ulp of 8 is
-    1.8e-15): they tied, the first pixel won, and the gradient was 4.3e-4 off. They take
-    exp(x - m) / (1 + rest) now, as the reference's softmax does. (Found by a randomised run.)"""
+def _p_eight_ulps_apart():
+    """A confident upsampled output where two pixels of a cell have p at a class of about 3e-4
+    8 of its float64 ulps apart (1.3e-15 relative, from logits 1e-11 apart at other classes)."""
     g = torch.Generator().manual_seed(167441861)
     coarse = torch.randn(1, 6, 8, 7, generator=g) * 1e-3
     coarse += 8.0 * torch.nn.functional.one_hot(torch.randint(0, 6, (1, 8, 7), generator=g), 6).permute(0, 3, 1, 2)
     logits = torch.nn.functional.interpolate(coarse, size=(38, 32), mode="bilinear", align_corners=False)
     labels = torch.randint(0, 6, (1, 38, 32), generator=g)
     labels[torch.rand(1, 38, 32, generator=g) < 0.1] = 255
-    _assert_meets_contract(backend, logits.contiguous(), labels,
-                           dict(pool="max", pool_size=4, radius=2, probs="softmax", rmi_weight=0.0))
+    return logits.contiguous(), labels, dict(pool_size=4, radius=2)
+
+
+def _p_equal_in_float64():
+    """Two pixels of a cell a float32 ulp apart at a class of p ~ 1e-10: their top class's p
+    (0.9939) is the same float64 number, their 1 - p are not (4.6e-17 apart)."""
+    a = [-13.317755699157715, -8.361920356750488, 9.531495094299316, 16.3012752532959, -6.773244857788086,
+         10.99938678741455]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 6, 12, 12, generator=g) * 3
+    labels = torch.randint(0, 6, (1, 12, 12), generator=g)
+    logits[0, :, 5, 5] = torch.tensor(a)  # pool size 2 (padding 1): cell (3, 3) is rows and columns 5-6
+    logits[0, :, 5, 6] = torch.tensor(a)
+    logits[0, 4, 5, 6] = -6.773245334625244
+    logits[0, :, 6, 5:7] = torch.tensor(a)[:, None] - 3.0
+    return logits, labels, dict(pool_size=2, radius=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", [_p_eight_ulps_apart, _p_equal_in_float64], ids=lambda f: f.__name__.strip("_"))
+def test_tied_cells_are_ranked_by_float64_p_as_the_reference_ranks_them(backend, case):
+    """Softmax with max pooling, cells that the float32 pass finds tied. The engines' float64
+    passes formed p as exp((x - m) - log(1 + rest)), which rounds at that exponent's scale (an
+    ulp of 8 is 1.8e-15): p 8 ulps apart tied, the first pixel won, and the gradient was 4.3e-4
+    off (found by a randomised run on upsampled logits). They form exp(x - m) / (1 + rest)
+    now, and rank it as the reference does: ordering the high side by 1 - p, to its own
+    precision, had sent the cell whose top p are one float64 number to the second pixel
+    (1.1e-2 off), where the reference takes the first."""
+    logits, labels, options = case()
+    _assert_meets_contract(backend, logits, labels, dict(options, pool="max", probs="softmax", rmi_weight=0.0))
 
 
 # two pixels' logits whose softmax p at class 0 lie within 2e-8 of each other and of 1/2, the

@@ -614,8 +614,8 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
     with every class once, for all the classes tied there (an edge of equal pixels ties in
     about every class: per tied cell it was C times the work), windows of TIED_CELL_CHUNK
     elements at a time; the first largest p in row-major order, as torch's max pooling
-    (padding never, ignored pixels at p = 0). The probabilities are exp(x - m) / (1 + rest),
-    and 1 - p = rest / (1 + rest) on the high side, as `_signed_softmax` forms them: a
+    (padding never, ignored pixels at p = 0). The probabilities are exp(x - m) / (1 + rest)
+    (1 - rest / (1 + rest) at a top class above 1/2), as `_signed_softmax` forms them: a
     log-softmax's exp rounds log p at its own scale (an ulp of 8 is 1.8e-15), and tied two
     pixels whose p differ by 8 of p's ulps, which the reference ranks (found by a randomised
     run on upsampled logits)."""
@@ -643,24 +643,13 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
         # each pixel's classes last, so that equal logits give equal p: an op's vector loop
         # runs along the classes of one pixel at a time (across pixels, its tail rounds apart)
         xw = x[image, :, r, q].double()  # [windows, s, s, C]
-        m, top = xw.max(-1, keepdim=True)
-        e = xw.sub_(m).exp_().scatter_(-1, top, 0.0)  # exp(x - m), 0 at the top class
-        rest = e.sum(-1)
-        inv = rest.add(1.0).reciprocal_()
-        e, rest, inv = e[window, :, :, c].flatten(1), rest[window].flatten(1), inv[window].flatten(1)  # [k, s * s]
-        # any high pixel beats every low one: on the high side the smallest 1 - p wins, on the
-        # low side the largest p (0 at ignored pixels); padding never
+        # p = exp(x - m) / sum, as the reference's softmax forms it (and ranks it: its p near 1
+        # rounds at 1.1e-16, and ordering that side by 1 - p split pixels it takes as equal)
+        p = torch.softmax(xw, -1)[window, :, :, c].flatten(1)  # [k, s * s]
         ok = valid[image, r, q][window].flatten(1)
-        is_top = top[window, :, :, 0].flatten(1) == c[:, None]
-        high = is_top & (rest < 1.0) & ok
-        inside_k = inside[window].flatten(1)
-        small = torch.where(high, rest * inv, torch.where(ok, torch.where(is_top, inv, e * inv), 0.0))  # 1 - p, or p
-        high_key = torch.where(high & inside_k, -small, float("-inf"))
-        low_key = torch.where(~high & inside_k, small, float("-inf"))
-        has_high = high_key.amax(1) > float("-inf")
-        k = torch.where(has_high, high_key.argmax(1), low_key.argmax(1))  # the first largest
-        best = small.gather(1, k[:, None]).squeeze(1)
-        p_low[b, c, i, j] = torch.where(has_high, 1.0 - best, best)
+        key = torch.where(inside[window].flatten(1), torch.where(ok, p, 0.0), float("-inf"))  # padding never
+        k = key.argmax(1)  # the first largest
+        p_low[b, c, i, j] = key.gather(1, k[:, None]).squeeze(1)
         top_row = rows[window].gather(1, (k // s)[:, None]).squeeze(1)
         indices[b, c, i, j] = top_row * w + cols[window].gather(1, (k % s)[:, None]).squeeze(1)
 

@@ -408,17 +408,17 @@ if _HAVE_TRITON:
         (where V is a small difference of large terms): kernel A sums the two sides apart.
         Softmax: only `_top_class` can exceed 1/2; its 1 - p is top_small = rest / (1 + rest).
         EXACT (float64; log_rest is then 1 / (1 + rest), `_log_sum_exp`): the other classes' p
-        as exp(x - m) / (1 + rest), to p's own precision: from (x - m) - log(1 + rest) it was
-        rounded at that sum's scale (an ulp of 8 is 1.8e-15), and max pooling's EXACT pass
-        tied pixels whose p differ by 8 of p's ulps, which the reference ranks (found by a
-        randomised run on upsampled logits)."""
+        as exp(x - m) / (1 + rest), to p's own precision (from (x - m) - log(1 + rest) it was
+        rounded at that sum's scale: an ulp of 8 is 1.8e-15), and the third result is p
+        itself, which max pooling's EXACT pass ranks (`_pool_p`)."""
         if SOFTMAX:
             high = _top_class(x, m, rest)
-            if EXACT:
-                small = tl.where(high, top_small, tl.exp2((x - m) * LOG2E) * log_rest)
+            if EXACT:  # e: p itself, exp(x - m) / (1 + rest), as the reference forms it
+                e = tl.exp2((x - m) * LOG2E) * log_rest
+                small = tl.where(high, top_small, e)
             else:
                 small = tl.where(high, top_small, tl.exp2(((x - m) - log_rest) * LOG2E))
-            e = small
+                e = small
         else:
             high = x >= 0
             small, e = _sigmoid_small(x)
@@ -477,11 +477,18 @@ if _HAVE_TRITON:
                 S: tl.constexpr, SP: tl.constexpr, BLOCK: tl.constexpr, POOL: tl.constexpr,
                 SOFTMAX: tl.constexpr, EXACT: tl.constexpr):
         """Stores one class's pooled p' (float64) and, max pooling, the window index of its
-        maximum, from `_prob_split`'s sides (x: the logits, the sigmoid's order); padding
-        counts as zero in avg's s * s divisor."""
+        maximum, from `_prob_split`'s sides (x: the logits, the sigmoid's order; the softmax's
+        EXACT pass: p itself); padding counts as zero in avg's s * s divisor."""
         # p = sigmoid(x) v + floor is 1 - small (+ floor) on the high side
         if POOL == 2:  # the first maximum in row-major order, as torch's max pooling
-            if SOFTMAX:
+            if SOFTMAX and EXACT:
+                # float64 p ranked as the reference ranks it: ordering the high side by 1 - p,
+                # to its own precision, split pixels whose float64 p are equal, which the
+                # reference takes in row-major order (its p near 1 rounds at 1.1e-16; found by
+                # a randomised run on upsampled logits)
+                key = tl.where(pix_ok, tl.where(valid, x, 0.0), -float("inf"))
+                p_cell, arg = _cell_argmax(key, S, SP, BLOCK)
+            elif SOFTMAX:
                 # Any high pixel beats every low one; on the high side the smallest 1 - p wins,
                 # on the low side the largest p (ignored pixels: p = 0, below any valid one).
                 # Both sides to float32's relative precision: ordering by x - lse instead tied
@@ -493,21 +500,20 @@ if _HAVE_TRITON:
                 has_high = top_high > -1.0
                 p_cell = tl.where(has_high, 1.0 + top_high.to(tl.float64), tl.maximum(top_low, 0.0).to(tl.float64))
                 arg = tl.where(has_high, arg_high, arg_low)
-                if not EXACT:
-                    # A float32 p orders pixels whose p differ by less than its rounding at
-                    # random: a cell whose largest p has another within `_tie_bound` of it
-                    # sets TIE_BIT, and `_narrow_kernel` sends the cell to the EXACT pass.
-                    # Where the cell has a high pixel, the low ones on the high side's scale,
-                    # p - 1 (exact for p >= 1/2): the float32 split at 1/2 (rest < 1, a sum of
-                    # rounded terms) can put the larger of two p near 1/2 on the low side (a
-                    # review found a pair 1.5e-8 apart, 4.8e-2 off). Ignored pixels and cells
-                    # of p = 0 alone: no tie.
-                    top = tl.where(has_high, top_high, tl.maximum(top_low, 0.0))
-                    bound = _cell_columns(_tie_bound(top), SP, BLOCK)
-                    low_scale = tl.where(_cell_columns(has_high, SP, BLOCK), small - 1.0, small)
-                    key = tl.where(valid, tl.where(high, -small, low_scale), -float("inf"))
-                    near = tl.abs(key - _cell_columns(top, SP, BLOCK)) < bound
-                    arg = tl.where(_cell_sum(near.to(tl.float32), SP, BLOCK) > 1.0, arg + TIE_BIT, arg)
+                # A float32 p orders pixels whose p differ by less than its rounding at
+                # random: a cell whose largest p has another within `_tie_bound` of it
+                # sets TIE_BIT, and `_narrow_kernel` sends the cell to the EXACT pass.
+                # Where the cell has a high pixel, the low ones on the high side's scale,
+                # p - 1 (exact for p >= 1/2): the float32 split at 1/2 (rest < 1, a sum of
+                # rounded terms) can put the larger of two p near 1/2 on the low side (a
+                # review found a pair 1.5e-8 apart, 4.8e-2 off). Ignored pixels and cells
+                # of p = 0 alone: no tie.
+                top = tl.where(has_high, top_high, tl.maximum(top_low, 0.0))
+                bound = _cell_columns(_tie_bound(top), SP, BLOCK)
+                low_scale = tl.where(_cell_columns(has_high, SP, BLOCK), small - 1.0, small)
+                key = tl.where(valid, tl.where(high, -small, low_scale), -float("inf"))
+                near = tl.abs(key - _cell_columns(top, SP, BLOCK)) < bound
+                arg = tl.where(_cell_sum(near.to(tl.float32), SP, BLOCK) > 1.0, arg + TIE_BIT, arg)
             else:
                 # sigmoid is increasing: the largest logit has the largest p, exactly (a
                 # float32 p ties logits that differ: a cell's gradient went to another pixel
@@ -619,14 +625,14 @@ if _HAVE_TRITON:
                 flag = tl.load(narrow_base + c)
                 if flag != 0:
                     x = _arith(_load_pixels(x_base + x_off, pix_ok), EXACT)
-                    high, small, _exp = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX, EXACT)
+                    high, small, p = _prob_split(x, log_rest, m, rest, top_small, SOFTMAX, EXACT)
                     written = pooled
                     if POOL == 2 and SOFTMAX:  # flag 2: only the cells kernel A marked tied
                         cell_flag = flag + tl.zeros((BLOCK,), tl.int32)  # (a scalar in a block's mask: the interpreter refuses it)
                         old = tl.load(arg_ptr + low, mask=pooled & (cell_flag == 2), other=0)
                         written = pooled & ((cell_flag == 1) | ((old & TIE_BIT) != 0))
-                    _pool_p(x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, written, floor, inv_area,
-                            S, SP, BLOCK, POOL, SOFTMAX, EXACT)
+                    _pool_p(p if SOFTMAX else x, high, small, valid, pix_ok, p_low_ptr, arg_ptr, low, written,
+                            floor, inv_area, S, SP, BLOCK, POOL, SOFTMAX, EXACT)
                 x_base += sx_c
                 low += hw_low
         else:
