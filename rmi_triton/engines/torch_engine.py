@@ -614,11 +614,12 @@ def _pool_tied_cells(x, valid, opts: RMIOptions, p_low, indices, cells) -> None:
     with every class once, for all the classes tied there (an edge of equal pixels ties in
     about every class: per tied cell it was C times the work), windows of TIED_CELL_CHUNK
     elements at a time; the first largest p in row-major order, as torch's max pooling
-    (padding never, ignored pixels at p = 0). The probabilities are exp(x - m) / (1 + rest)
-    (1 - rest / (1 + rest) at a top class above 1/2), as `_signed_softmax` forms them: a
-    log-softmax's exp rounds log p at its own scale (an ulp of 8 is 1.8e-15), and tied two
-    pixels whose p differ by 8 of p's ulps, which the reference ranks (found by a randomised
-    run on upsampled logits)."""
+    (padding never, ignored pixels at p = 0). The probabilities are torch's float64 softmax
+    over each pixel's classes, exp(x - m) / sum, ranked as the reference forms and ranks them
+    (a randomised run on upsampled logits, bench/max_pool_sweep.py): a log-softmax's exp
+    rounded log p at its own scale (an ulp of 8 is 1.8e-15) and tied pixels whose p differ
+    by 8 of p's ulps; ranking the high side by 1 - p told apart pixels whose float64 p are
+    one number, which the reference takes in row-major order."""
     h, w = x.shape[-2:]
     h_low, w_low = p_low.shape[-2:]
     s = opts.pool_size
