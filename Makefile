@@ -35,11 +35,11 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-# the tests spread over the CPU cores (pytest-xdist) one by one, but for the files with
-# module-wide fixtures (the AOT compilation, the exported networks, the tiny runs): their
-# `xdist_group` mark keeps each in one worker, so that the fixtures run once
+# the tests spread over the CPU cores (pytest-xdist), one by one but for the files with module-wide
+# fixtures (the AOT compilation, the exported networks, the tiny runs), each kept whole in one
+# worker so that its fixtures run once (tests/conftest.py: WHOLE_FILES and the scheduler)
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -q

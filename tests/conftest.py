@@ -1,15 +1,45 @@
 import os
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: kernels run on CPU
+
+# Files with module-wide fixtures (a compilation, exported networks, tiny training runs, data
+# trees), the longest first: under pytest-xdist each runs whole in one worker, so that its
+# fixtures run once, and the rest go out test by test. The seconds are those of one `make test`
+# (2 workers): export 263, train 165, AOT compilation 47; checkpoint, data and gpu_check a few.
+WHOLE_FILES = ("test_export.py", "test_train.py", "test_triton_aot.py", "test_checkpoint.py", "test_data.py",
+               "test_gpu_check.py")
+
+
+def _file_of(nodeid: str) -> str:
+    return os.path.basename(nodeid.split("::", 1)[0])
 
 
 def pytest_collection_modifyitems(items):
-    """The files kept whole in one worker (their `xdist_group` mark: module-wide fixtures) first,
-    the longest of them first: `--dist loadgroup` hands work out in collection order, and a
-    long file taken up last by one worker kept the other idle at the end."""
-    def group(item):
-        mark = item.get_closest_marker("xdist_group")
-        return mark.args[0] if mark and mark.args else None
+    """The whole files first, the longest first: the scheduler below hands work out in
+    collection order, and a long file taken up last by one worker kept the other idle at the end."""
+    def rank(item):
+        name = _file_of(item.nodeid)
+        return WHOLE_FILES.index(name) if name in WHOLE_FILES else len(WHOLE_FILES)
 
-    first = ("test_train", "test_export", "test_triton_aot")  # about 250, 250 and 80 s of a run
-    items.sort(key=lambda item: first.index(group(item)) if group(item) in first else len(first))
+    items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (--dist load, or loadgroup): each of WHOLE_FILES is one unit of work, every other
+    test its own. (xdist's own `xdist_group` marks group nothing under pytest 9.2, which builds
+    node ids in a way xdist 3.8's renaming no longer reaches: every module fixture ran once in
+    each worker, the AOT compilation twice.)"""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None  # --dist each, loadscope, loadfile, worksteal: as asked
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if _file_of(nodeid) in WHOLE_FILES else nodeid
+
+    config.option.loadscopereorder = False  # collection order (above), not the units' test counts
+    return WholeFiles(config, log)

@@ -10,8 +10,7 @@ import torch
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, save_checkpoint
 from rmi_triton.models import build_model
 
-# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
-pytestmark = pytest.mark.xdist_group("test_checkpoint")
+# module-wide fixtures: under pytest-xdist this file runs whole in one worker (conftest.WHOLE_FILES)
 
 CONFIG = {"name": "deeplabv3plus", "num_classes": 3, "backbone": "resnet18", "output_stride": 16}
 

@@ -34,8 +34,7 @@ from rmi_triton.data import (
     voc_palette,
 )
 
-# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
-pytestmark = pytest.mark.xdist_group("test_data")
+# module-wide fixtures: under pytest-xdist this file runs whole in one worker (conftest.WHOLE_FILES)
 
 # ----------------------------------------------------------------------------- helpers
 

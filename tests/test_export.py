@@ -38,9 +38,9 @@ from rmi_triton.export.__main__ import main  # noqa: E402
 from rmi_triton.export.files import staged  # noqa: E402
 from rmi_triton.models import build_model  # noqa: E402
 
-# module-wide fixtures (the exported networks): `make test` (--dist loadgroup) keeps this file in one worker
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning"),
-              pytest.mark.xdist_group("test_export")]
+# module-wide fixtures (the exported networks): under pytest-xdist this file runs whole in one worker
+# (conftest.WHOLE_FILES)
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 SIZES = [(1, 3, 128, 160), (2, 3, 96, 96)]
 SMALL = (1, 3, 64, 64)  # latency size in tests: timing is reported, not judged, here

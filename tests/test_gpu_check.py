@@ -5,8 +5,7 @@ import pytest
 
 from helpers import bench_module
 
-# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
-pytestmark = pytest.mark.xdist_group("test_gpu_check")
+# module-wide fixtures: under pytest-xdist this file runs whole in one worker (conftest.WHOLE_FILES)
 
 
 @pytest.fixture(scope="module")

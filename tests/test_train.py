@@ -21,8 +21,7 @@ import rmi_triton.train as train_module
 from rmi_triton.train import (bce_pixel_loss, capture_rng, epoch_order, iterations_per_epoch, parse_args,
                               poly_lr, restore_rng, run)
 
-# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
-pytestmark = pytest.mark.xdist_group("test_train")
+# module-wide fixtures: under pytest-xdist this file runs whole in one worker (conftest.WHOLE_FILES)
 
 # A tiny run: DeepLabv3+ ResNet-18 on 32 x 32 scenes, batch 2; 6 scenes -> 3 iterations per epoch,
 # so 6 iterations cross an epoch boundary. Augmentation on: its RNG must be reproducible too.

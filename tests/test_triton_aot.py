@@ -26,8 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-# module-wide fixtures: `make test` (--dist loadgroup) keeps this file in one worker, so they run once
-pytestmark = pytest.mark.xdist_group("test_triton_aot")
+# module-wide fixtures: under pytest-xdist this file runs whole in one worker (conftest.WHOLE_FILES)
 
 TARGETS = ((80, 32), (90, 32))  # A100, H100: every case, without spills
 # other GPUs users train on, T4 (Colab, many clouds) and the RTX 50 series: the paper's setting compiles
