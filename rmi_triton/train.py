@@ -689,6 +689,24 @@ def _end_later(signum, frame) -> None:
     threading.Thread(target=lambda: (threading.Event().wait(WORKER_GRACE_S), os._exit(0)), daemon=True).start()
 
 
+@contextlib.contextmanager
+def _batches_of(loader: DataLoader) -> Iterator[Any]:
+    """The loader's iterator, whose worker processes stop when the loop ends, however it ends.
+
+    An error raised in a worker (an unreadable image) reaches the loop with a traceback through
+    the iterator's frames, which kept it, and its workers, alive: freed later within a reference
+    cycle, its shutdown waited 5 s a worker, in vain, and then stopped them with SIGTERM, which
+    they answer by ending WORKER_GRACE_S later (as at the interpreter's exit: a run that failed
+    on a bad image took a minute to return to the shell)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # workers: tells them to stop, joins them
+        if shutdown is not None:
+            shutdown()
+
+
 class _StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves and exits after the current iteration."""
 
@@ -887,8 +905,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                 return stop.signal is not None
             return bool(dist.all_sum(torch.tensor(float(stop.signal is not None))) > 0)
 
-        with _StopFlag() as stop:
-            for images, labels in loader:
+        with _StopFlag() as stop, _batches_of(loader) as batches:
+            for images, labels in batches:
                 if it >= stop_at:
                     break
                 lr = poly_lr(args.lr, it, total, args.lr_power)

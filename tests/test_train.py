@@ -777,7 +777,10 @@ def test_cross_entropy_of_a_batch_without_labelled_pixels_is_zero():
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_unreadable_training_data_is_one_line(tmp_path, workers):
     """A truncated image (or a label out of range, of another size) ended the run in a traceback
-    from PIL or the dataset, wrapped once more by a DataLoader worker."""
+    from PIL or the dataset, wrapped once more by a DataLoader worker. The workers are stopped
+    before the error returns: they outlived it, and the command then took a minute to exit."""
+    import multiprocessing
+
     from test_data import VOC_IDS, make_voc
 
     voc = make_voc(tmp_path / "data")
@@ -787,6 +790,7 @@ def test_unreadable_training_data_is_one_line(tmp_path, workers):
                                          r"decoded: [^\n]*$"):
         train_module.main(VOC_RUN + ["--data-root", voc, "--workers", workers, "--batch-size", "3",
                                      "--no-final-eval", "--out", str(tmp_path / "run")])
+    assert multiprocessing.active_children() == []
 
 
 def test_a_checkpoint_from_before_the_augmentation_was_recorded_resumes_as_it_ran(tmp_path, capsys):
