@@ -145,6 +145,8 @@ def boundary_counts(pred: torch.Tensor, target: torch.Tensor, tolerance: int = 2
     bands are filled first (`fill_ignore_bands`, module doc)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if target.numel() == 0:  # an empty image (or batch) has no boundary
+        return torch.zeros(4, dtype=torch.int64)
     if target.dim() == 2:
         pred, target = pred[None], target[None]
     pred = pred.long()

@@ -142,6 +142,15 @@ def test_update_takes_one_image_logits_and_refuses_float_indices():
         m.update(gt.float(), gt)
 
 
+def test_an_empty_image_adds_nothing():
+    m = SegmentationMetrics(2)
+    m.update(_halves(2)[None], _halves(2)[None])
+    before = m.state().clone()
+    for shape in ((1, 0, 5), (0, 5), (2, 4, 0)):
+        m.update(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long))
+    assert torch.equal(m.state(), before)
+
+
 def test_accumulator_sums_batches_and_state_round_trip():
     m = SegmentationMetrics(2, boundary_tolerance=0, class_names=["a", "b"])
     gt, pred = _halves(2)[None], _halves(3)[None]
