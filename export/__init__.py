@@ -8,23 +8,26 @@
 Command line: ``python -m rmi_triton.export CHECKPOINT OUT.onnx [--verify] [--compare OTHER]``.
 """
 
-from .base import missing, require
+from .base import import_failed, missing, require, usable
 from .errors import ExportError
 
-if missing(["onnx"]):
+if not missing(["onnx"]):
+    try:
+        from .compare import CompareReport, compare_exports
+        from .graph import GraphSummary, summarize, training_leftovers
+        from .network import find_network, model_config
+        from .onnx_export import ExportInfo, export_onnx
+        from .shapes import DimRule, InputSpec
+        from .verify import DEFAULT_SIZES, VerificationError, VerifyReport, verify_onnx
+    except Exception as err:  # onnx (or what it imports) is installed but does not import
+        import_failed(err)
+if not usable():
     # the modules import onnx: without it the package still imports (the command line answers
     # --help and names the extra), and each of its names raises an ImportError saying what to install
     def __getattr__(name: str):
         if name in __all__:
             require()
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-else:
-    from .compare import CompareReport, compare_exports
-    from .graph import GraphSummary, summarize, training_leftovers
-    from .network import find_network, model_config
-    from .onnx_export import ExportInfo, export_onnx
-    from .shapes import DimRule, InputSpec
-    from .verify import DEFAULT_SIZES, VerificationError, VerifyReport, verify_onnx
 
 __all__ = [
     "CompareReport",

@@ -25,11 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from rmi_triton.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from rmi_triton.files import remove_leftovers, same_file
 
-from .base import DEFAULT_ATOL, DEFAULT_RTOL, EXPORTING, PACKAGES, missing, require
+from .base import DEFAULT_ATOL, DEFAULT_RTOL, EXPORTING, PACKAGES, require, usable
 from .errors import ExportError
 from .files import STALE_S, check_writable, staged
 
-if not missing(["onnx"]):  # without it, --help still answers and run() names the extra
+if usable():  # (the package imported them); without, --help still answers and run() names the problem
     from .compare import comparable, compare_exports
     from .graph import summarize
     from .onnx_export import export_onnx

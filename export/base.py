@@ -33,8 +33,28 @@ def missing(packages: Sequence[str] = PACKAGES) -> List[str]:
     return [name for name in packages if importlib.util.find_spec(name) is None]
 
 
+# Why the package's modules that import onnx failed to (`__init__` records it): an install of the
+# extra that is there but broken (a partial upgrade, a wheel for another Python)
+_BROKEN: List[str] = []
+
+
+def import_failed(err: BaseException) -> None:
+    """Record why the modules that import onnx failed to import (the package's `__init__`)."""
+    text = str(err).strip().splitlines()
+    _BROKEN.append(f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": "))
+
+
+def usable() -> bool:
+    """Whether the exporter's modules are imported (onnx installed, and importing)."""
+    return not missing(["onnx"]) and not _BROKEN
+
+
 def require(packages: Sequence[str] = PACKAGES) -> None:
-    """Raise an ImportError naming those of `packages` that are absent and the extra that installs them."""
+    """Raise an ImportError naming those of `packages` that are absent and the extra that installs them,
+    or, with all of them there, saying why the exporter's modules did not import."""
     absent = missing(packages)
     if absent:
         raise ImportError(f"rmi_triton.export needs {', '.join(absent)}, not installed here: {INSTALL}")
+    if _BROKEN:
+        raise ImportError(f"rmi_triton.export cannot import the ONNX packages installed here ({_BROKEN[0]}); "
+                          f"reinstall them: {INSTALL}")

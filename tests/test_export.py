@@ -733,6 +733,34 @@ def test_without_the_export_extra_the_package_and_command_name_it(hidden, argv, 
     assert not list(tmp_path.iterdir())
 
 
+def test_an_onnx_that_is_installed_but_does_not_import_is_named(tmp_path):
+    """A broken onnx install (a partial upgrade, a wheel for another Python) made `import
+    rmi_triton.export` and every `rmi-export`, --help too, end in a traceback with exit 1."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "site" / "onnx"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('onnx_cpp2py_export: undefined symbol')\n")
+    script = (f"import sys\nsys.path.insert(0, {str(broken.parent)!r})\n"
+              "import rmi_triton.export\n"
+              "try:\n"
+              "    rmi_triton.export.export_onnx\n"
+              "except ImportError as err:\n"
+              "    print('import:', err)\n"
+              "from rmi_triton.export.__main__ import main\n"
+              "print('help:', main(['--help']) if '--help' in sys.argv else '')\n"
+              "sys.exit(main(['absent.pt', 'out.onnx']))\n")
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    said = ("rmi_triton.export cannot import the ONNX packages installed here (ImportError: onnx_cpp2py_export: "
+            "undefined symbol); reinstall them: pip install 'rmi_triton[export]'")
+    assert ran.stdout.splitlines()[0] == f"import: {said}", ran.stderr
+    assert ran.returncode == 2 and ran.stderr == f"rmi-export: error: {said}\n"
+    helped = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert helped.returncode == 0 and "usage: rmi-export" in helped.stdout, helped.stderr
+
+
 def test_verify_and_compare_name_onnxruntime_before_any_work(workdir, checkpoints, monkeypatch):
     import sys
 
