@@ -35,9 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_writer, json_safe, write_atomically
+from .files import atomic_writer, folder_problem, json_safe, write_atomically
 from .metrics import format_table
-from .train import MIN_CROP
+from .train import MIN_CROP, _check_device
 from .train import parse_args as train_args
 from .train import predict, run
 
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="default: the CPU core count")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--examples", type=int, default=4, help="validation images shown in the PNG")
+    p.add_argument("--examples", type=int, default=4,
+                   help="validation images shown in the PNG (0: the loss curves alone)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -86,7 +87,8 @@ def train_argv(loss: str, cfg: Dict[str, Any], ns: argparse.Namespace, out: str,
             "--val-length", str(cfg["val_length"]), "--batch-size", str(cfg["batch_size"]),
             "--iterations", str(cfg["iterations"]), "--loss", loss, "--seed", str(ns.seed),
             "--device", ns.device, "--threads", str(threads), "--out", out,
-            "--log-every", str(max(1, cfg["iterations"] // 10))] + (["--no-progress"] if ns.no_progress else [])
+            "--log-every", str(max(1, cfg["iterations"] // 10)),
+            "--overwrite"] + (["--no-progress"] if ns.no_progress else [])  # (each demo trains afresh)
 
 
 def _palette(num_classes: int) -> np.ndarray:
@@ -111,7 +113,7 @@ def write_figure(path: str, results: Dict[str, Dict[str, Any]], models: Dict[str
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    k = max(1, min(examples, len(val_set)))
+    k = min(examples, len(val_set))
     fig = plt.figure(figsize=(12, 3.0 + 2.25 * k))
     grid = fig.add_gridspec(1 + k, 4, height_ratios=[1.3] + [1.0] * k, hspace=0.35, wspace=0.05)
     for col, (key, title) in enumerate(RUNS):
@@ -129,8 +131,8 @@ def write_figure(path: str, results: Dict[str, Dict[str, Any]], models: Dict[str
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     items = [val_set[i] for i in range(k)]
-    images = torch.stack([x for x, _ in items])
-    preds = {key: predict(models[key], images, device).numpy() for key, _ in RUNS}
+    preds = {key: predict(models[key], torch.stack([x for x, _ in items]), device).numpy()
+             for key, _ in RUNS} if items else {}
     nc = val_set.num_classes
     headers = ["image", "ground truth", "CE prediction", "RMI prediction"]
     for r in range(k):
@@ -155,12 +157,14 @@ def _exporter_problem() -> Optional[str]:
     """Why the export step cannot run here (a package of the export extra missing, or the
     exporter failing to import), or None."""
     try:
-        from rmi_triton.export.base import INSTALL, missing
+        from rmi_triton.export.base import INSTALL, missing, require
 
         absent = missing()
         if absent:
             return f"{', '.join(absent)} not installed ({INSTALL})"
         import rmi_triton.export  # noqa: F401  (imports onnx: an install that is there but broken)
+
+        require()  # (says why, where it was broken)
     except Exception as err:
         return f"rmi_triton.export unavailable: {type(err).__name__}: {err}"
     return None
@@ -237,11 +241,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{key.replace('_', '-')} must be >= {least}, got {cfg[key]}")
     if ns.examples < 0:
         parser.error(f"--examples must be >= 0, got {ns.examples}")
+    if ns.threads is not None and ns.threads < 1:
+        parser.error(f"--threads must be >= 1, got {ns.threads}")
     if not 0 <= ns.seed < 2 ** 32:
         parser.error(f"--seed must be in [0, 2**32), got {ns.seed}")
+    problem = folder_problem(ns.out, PUBLISHED)
+    if problem:
+        parser.error(f"--out {ns.out!r} {problem}")
+    _check_device(parser, ns.device)
     threads = ns.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
     out_dir = ns.out
+    # both runs' flags checked by the trainer before anything in --out is touched
+    runs = {key: train_args(train_argv(key, cfg, ns, os.path.join(out_dir, f"{key}_run"), threads))
+            for key, _ in RUNS}
+    torch.set_num_threads(threads)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     # said before the training, not found missing after it
@@ -266,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = os.path.join(out_dir, f"{key}_run")
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)  # a fresh run each time (no stale log or checkpoint)
-        args = train_args(train_argv(key, cfg, ns, run_dir, threads))
+        args = runs[key]
         started = time.perf_counter()
         res = run(args)
         if res["status"] != "done":

@@ -76,6 +76,31 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def folder_problem(path: str | os.PathLike, files=()) -> str | None:
+    """Why `path` cannot be (made into) a folder that this process writes `files` into, or None.
+
+    Asked before a run starts, so that a mistaken output path is refused at once and not
+    after the training (the checks read the file system only: nothing is made). The first
+    folder that exists on the way up must be a writable folder; a name of `files` taken by a
+    folder inside `path` is refused too (a checkpoint could never be written there)."""
+    path = os.fspath(path)
+    if not path.strip():
+        return "is empty"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file, not a folder"
+    taken = [name for name in files if os.path.isdir(os.path.join(path, name))]
+    if taken:
+        return f"holds a folder named {taken[0]}, where the run writes that file"
+    there = os.path.abspath(path)
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        return f"cannot be made: {there} is a file, not a folder"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return "is not writable" if there == os.path.abspath(path) else f"cannot be made: {there} is not writable"
+    return None
+
+
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     with atomic_writer(path) as f:
         f.write(data)

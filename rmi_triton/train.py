@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .checkpoint import CONFIG_KEYS, CheckpointError, load_checkpoint, save_checkpoint
-from .files import atomic_writer, json_safe, remove_leftovers, same_file, write_atomically
+from .files import atomic_writer, folder_problem, json_safe, remove_leftovers, same_file, write_atomically
 from .metrics import SegmentationMetrics, format_table
 
 _AUG_TAG = 0x41554721  # keeps the augmentation streams apart from other users of the seed
@@ -240,7 +240,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _check_crop_fits(parser: argparse.ArgumentParser, args, opts) -> None:
+    """The loss's pooled map must hold one R x R region. The training images are the --crop (the
+    synthetic scenes' size, or the augmentation's crop; parse_args refuses it with --no-augment,
+    where a real dataset's images go in whole) and the networks' logits are at that size. The
+    default crops (128, 513, 360 x 480) hold the largest region at the coarsest pooling."""
+    if args.crop is None:
+        return
+    h_low, w_low = opts.pooled_size(args.crop, args.crop)
+    if h_low < opts.radius or w_low < opts.radius:
+        parser.error(f"--crop {args.crop}: --rmi-pool {opts.pool} --rmi-pool-size {opts.pool_size} makes it "
+                     f"{h_low} x {w_low}, smaller than the --rmi-radius {opts.radius} region; use a larger --crop, "
+                     "a smaller --rmi-pool-size or a smaller --rmi-radius")
+
+
+# what a run writes into its --out
+RUN_FILES = ("last.pt", "log.jsonl", "metrics.json")
+
+
 def _check_out(parser: argparse.ArgumentParser, args) -> None:
+    problem = folder_problem(args.out, RUN_FILES)
+    if problem:
+        parser.error(f"--out {args.out!r} {problem}")
     if args.overwrite and args.resume is not None:
         parser.error(f"--overwrite starts afresh and --resume {args.resume} continues: pass one of them")
     if args.resume is None and not args.overwrite and os.path.isfile(os.path.join(args.out, "last.pt")):
@@ -308,6 +329,7 @@ def _check_rmi_flags(parser: argparse.ArgumentParser, args) -> None:
             RMIOptions(**{field: options[field]})
         except (ValueError, TypeError) as e:
             parser.error(f"{_flag(dest)}: {e}")
+    _check_crop_fits(parser, args, RMIOptions(**options))
     if args.rmi_backend == "triton":
         from .engines import triton_engine
 
@@ -823,7 +845,8 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             except SystemExit as refusal:
                 problem = str(refusal.code)
         # every rank must start from the same checkpoint (each node may see its own --out)
-        dist.settle(problem, None if state is None else (int(state["iteration"]), len(state.get("losses", []))),
+        dist.settle(problem, None if state is None or problem else (int(state["iteration"]),
+                                                                    len(state.get("losses", []))),
                     f"--resume {args.resume} (the checkpoint each process continues, as (iteration, "
                     "losses logged), None for none: give every node the same --out or --resume PATH)")
         if resume:
@@ -880,7 +903,10 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         if not fresh:  # (a checkpoint from before runs were named: its run is named from now on)
             run_id = state.get("train_config", {}).get("run", run_id)
         if dist.main:
-            os.makedirs(out_dir, exist_ok=True)
+            try:  # (parse_args checked the path; what only trying tells, such as a read-only disk)
+                os.makedirs(out_dir, exist_ok=True)
+            except OSError as err:
+                raise SystemExit(f"error: --out {out_dir!r}: {err.strerror or err}") from None
             _start_files(out_dir, log_path, start, fresh)
         result: Dict[str, Any] = {"status": "done", "iteration": start, "losses": losses, "metrics": None,
                                   "model": model, "checkpoint": None, "message": "",
@@ -990,16 +1016,24 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
             return result
         if result["status"] == "done" and not args.no_final_eval:
             dist.broadcast_buffers(model)
-            m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
-                         args.boundary_tolerance, args.amp, dist, args.val_length)
-            result["metrics"] = m
-            say(format_table({args.loss: m}, train_set.class_names,
-                             [("s/iteration", [f"{result['seconds_per_iteration']:.3f}"])]))
-            if dist.main:
-                summary = {"metrics": m, "iteration": it, "loss": args.loss, "split": args.val_split,
-                           "val_length": args.val_length, "seconds_per_iteration": result["seconds_per_iteration"]}
-                write_atomically(os.path.join(out_dir, "metrics.json"),
-                                 json.dumps(json_safe(summary), indent=1).encode("utf-8"))
+            with _StopFlag() as stop:  # a signal ends the evaluation between batches, as in training
+                m = evaluate(model, val_set, device, args.eval_batch_size or args.batch_size,
+                             args.boundary_tolerance, args.amp, dist, args.val_length,
+                             interrupted=lambda: signalled(stop))
+            if m is None:
+                result.update(status="signal", message=f"stopped by {stop.name} during the final evaluation "
+                                                        f"(checkpoint {ckpt_path} written; --resume auto "
+                                                        "evaluates it)")
+            else:
+                result["metrics"] = m
+                say(format_table({args.loss: m}, train_set.class_names,
+                                 [("s/iteration", [f"{result['seconds_per_iteration']:.3f}"])]))
+                if dist.main:
+                    summary = {"metrics": m, "iteration": it, "loss": args.loss, "split": args.val_split,
+                               "val_length": args.val_length,
+                               "seconds_per_iteration": result["seconds_per_iteration"]}
+                    write_atomically(os.path.join(out_dir, "metrics.json"),
+                                     json.dumps(json_safe(summary), indent=1).encode("utf-8"))
         if result["status"] == "done":
             evaluated = "" if args.no_final_eval else f", metrics.json (the {args.val_split!r} split's scores)"
             logged = "the losses and evaluations" if evaluations_logged else "the losses"

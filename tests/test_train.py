@@ -240,6 +240,10 @@ def test_epochs_bce_and_bfloat16_autocast(tmp_path):
     (["--resume", "/no/such/last.pt"], "--resume '/no/such/last.pt' is not a file"),
     (["--train-length", "1"], "--train-length 1 does not fill one batch of --batch-size 2"),
     (["--crop", "8"], "--crop must be >= 16 px"),
+    (["--crop", "16", "--rmi-radius", "6"], "--crop 16: --rmi-pool avg --rmi-pool-size 4 makes it 5 x 5, smaller "
+                                            "than the --rmi-radius 6 region; use a larger --crop"),
+    (["--crop", "40", "--rmi-pool", "interp", "--rmi-pool-size", "8", "--rmi-radius", "6"],
+     "--crop 40: --rmi-pool interp --rmi-pool-size 8 makes it 5 x 5, smaller than the --rmi-radius 6 region"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
     (["--seed", "4294967296"], "--seed must be in [0, 2**32), got 4294967296"),
     (["--val-length", "0"], "--val-length must be >= 1, got 0 (--no-final-eval skips the evaluation)"),
@@ -290,8 +294,28 @@ def test_triton_too_old_for_the_kernels_is_named(capsys, monkeypatch):
     assert "--rmi-backend triton: triton 3.4.0 is installed and the kernels need 3.5" in capsys.readouterr().err
 
 
+def test_an_unusable_out_is_named_before_the_run(tmp_path, capsys):
+    """An --out that is a file, or holds a folder where the run writes a file, was found at the
+    first write: after the datasets and the network were built, or after the whole training."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    (tmp_path / "taken" / "last.pt").mkdir(parents=True)
+    for out, said in ((a_file, "is a file, not a folder"), (a_file / "sub", f"cannot be made: {a_file} is a file"),
+                      (tmp_path / "taken", "holds a folder named last.pt, where the run writes that file"),
+                      (" ", "is empty")):
+        with pytest.raises(SystemExit) as raised:
+            parse_args(TINY + ["--out", str(out)])
+        assert raised.value.code == 2 and f"--out {str(out)!r} {said}" in capsys.readouterr().err
+
+
 def test_unusable_resume_and_pretrained_files_are_named(tmp_path):
     """Files that exist but cannot be used end the run with one line naming the flag."""
+    weights_only = tmp_path / "weights.pt"  # a network's checkpoint (as the exporter reads), not a run's
+    save_checkpoint(weights_only, {"w": torch.zeros(1)}, {"name": "deeplabv3plus", "num_classes": 5,
+                                                          "backbone": "resnet18", "output_stride": 16})
+    with pytest.raises(SystemExit, match=f"--resume {weights_only}: checkpoint has no training state "
+                                         r"\('iteration' missing\)"):
+        run(_args(tmp_path / "w", "--resume", str(weights_only)), log=_quiet)
     not_a_checkpoint = tmp_path / "notes.json"
     not_a_checkpoint.write_text("{}")
     with pytest.raises(SystemExit, match=f"--resume {not_a_checkpoint}: .*not a complete torch.save"):
@@ -518,6 +542,31 @@ def test_a_signal_during_a_periodic_evaluation_stops_it_and_the_run(tmp_path, mo
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2 and result["metrics"] is None
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_final_evaluation_stops_it_and_resume_evaluates(tmp_path, monkeypatch, signum):
+    """Ctrl-C during the final evaluation ended in a KeyboardInterrupt traceback (and SIGTERM
+    killed the process): it now stops the evaluation at its next batch, as in training, and
+    --resume auto evaluates the written checkpoint."""
+    import rmi_triton.train as train
+
+    evaluate = train.evaluate
+
+    def evaluate_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # arrives as the evaluation starts
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate_with_a_signal)
+    argv = ["--iterations", "1", "--val-length", "2", "--eval-batch-size", "1"]
+    result = run(_args(tmp_path, *argv), log=_quiet)
+    assert result["status"] == "signal" and result["metrics"] is None
+    assert f"stopped by {signal.Signals(signum).name} during the final evaluation" in result["message"]
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1 and not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    resumed = run(_args(tmp_path, *argv, "--resume", "auto"), log=_quiet)
+    assert resumed["status"] == "done" and resumed["metrics"] is not None
+    assert json.loads((tmp_path / "metrics.json").read_text())["iteration"] == 1
+
+
 def test_metrics_file_is_strict_json(tmp_path, monkeypatch):
     """A class absent from the labels and the predictions has a NaN IoU; JSON has no NaN (jq and
     strict parsers refuse the file): it is written as null."""
@@ -622,13 +671,61 @@ def test_distributed_resume_needs_the_same_processes_and_checkpoint(tmp_path):
                                            (["--val-length", "0"], "--val-length must be >= 1, got 0"),
                                            (["--batch-size", "3", "--train-length", "2"],
                                             "--train-length must be >= 3, got 2"),
-                                           (["--seed", "-1"], "--seed must be in [0, 2**32), got -1")])
+                                           (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+                                           (["--threads", "-1"], "--threads must be >= 1, got -1")])
 def test_demo_flag_mistakes_are_named(argv, message, capsys, tmp_path):
     from rmi_triton.demo import main as demo_main
 
     with pytest.raises(SystemExit) as raised:
         demo_main(["--quick", "--out", str(tmp_path), *argv])
-    assert raised.value.code == 2 and message in capsys.readouterr().err
+    said = capsys.readouterr().err  # the demo's own usage, not the trainer's
+    assert raised.value.code == 2 and message in said and said.startswith("usage: python -m rmi_triton.demo")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="takes --device cuda for a mistake")
+def test_demo_flag_mistakes_leave_an_earlier_demos_outputs(tmp_path, capsys):
+    """The demo removed an earlier demo's files first and then met a mistake the trainer's flags
+    found (--device cuda without CUDA): the results were lost to a typo."""
+    import rmi_triton.demo as demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in demo.PUBLISHED:
+        (out / name).write_bytes(b"an earlier demo's")
+    with pytest.raises(SystemExit) as raised:
+        demo.main(["--quick", "--out", str(out), "--device", "cuda"])
+    said = capsys.readouterr().err
+    assert raised.value.code == 2 and "usage: python -m rmi_triton.demo" in said and "--device cuda: no CUDA" in said
+    assert sorted(p.name for p in out.iterdir()) == sorted(demo.PUBLISHED)
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    with pytest.raises(SystemExit):
+        demo.main(["--quick", "--out", str(a_file)])
+    assert f"--out {str(a_file)!r} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_demo_figure_without_examples_shows_the_loss_curves(tmp_path, monkeypatch):
+    """--examples 0 drew one example all the same."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from rmi_triton.data import build_dataset
+    from rmi_triton.demo import write_figure
+
+    scores = {"miou": 0.5, "boundary_f": 0.25}
+    results = {key: {"losses": [1.0, 0.8, 0.7, 0.6, 0.5, 0.45], "metrics": scores} for key in ("ce", "rmi")}
+    val_set = build_dataset("synthetic", split="val", length=2, size=32)
+    drawn = []
+    real_figure = plt.figure
+
+    def figure(*args, **kwargs):
+        drawn.append(real_figure(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(plt, "figure", figure)
+    write_figure(str(tmp_path / "d.png"), results, {}, val_set, 0, torch.device("cpu"))
+    assert len(drawn[0].axes) == 2  # the two runs' loss curves, no image panels
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
