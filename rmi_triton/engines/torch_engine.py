@@ -850,7 +850,10 @@ class _Regions(NamedTuple):
         1e-16), and what the rounding leaves (`rounding_offset`) is taken out in float64
         afterwards."""
         centre = mean.float().to(dtype)[:, None, :, :, :, None]
-        out = torch.sub(windows, centre, out=scratch.get(1, windows.shape, dtype))
+        if torch.compiler.is_compiling():  # its functional sub keeps the windows' strides (no view of them)
+            out = (windows - centre).to(dtype).contiguous()
+        else:
+            out = torch.sub(windows, centre, out=scratch.get(1, windows.shape, dtype))
         if weight is not None:
             return out.mul_(weight)
         grid_rows, grid_cols = self.grid
