@@ -171,21 +171,32 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"unknown {name} {value!r}: expected one of {allowed}")
 
 
+def _real_number(value) -> bool:
+    """A Python or numpy real number, or a 0-d real tensor; not a bool or a string."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _as_weights(weights) -> tuple:
     """A list, tuple, 1-D tensor or 1-D array of numbers, one a class, as a tuple of floats."""
     if isinstance(weights, np.ndarray):
+        if weights.dtype.kind not in "iuf":
+            raise TypeError(f"class_weights must hold real numbers, got an array of {weights.dtype}")
         weights = torch.from_numpy(weights)
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1:
             raise ValueError(f"class_weights must be 1-D [C], got shape {tuple(weights.shape)}")
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise TypeError(f"class_weights must hold real numbers, got a tensor of {weights.dtype}")
         weights = weights.detach().cpu().double().tolist()
     if isinstance(weights, (str, bytes, Mapping, Set)) or not isinstance(weights, Sequence):
         raise TypeError(f"class_weights must be a list, tuple, 1-D tensor or array of numbers, one a class, "
                         f"got {type(weights).__name__} {weights!r}")
-    try:
-        values = tuple(float(w) for w in weights)
-    except (TypeError, ValueError):
-        raise TypeError(f"class_weights must be a sequence of numbers, got {weights!r}") from None
+    odd = [w for w in weights if not _real_number(w)]
+    if odd:  # (float() would take "1" and True)
+        raise TypeError(f"class_weights must be a sequence of real numbers, got {odd[0]!r} in {weights!r}")
+    values = tuple(float(w) for w in weights)
     if not values:
         raise ValueError("class_weights must not be empty")
     if not all(math.isfinite(w) and w >= 0 for w in values):

@@ -25,11 +25,17 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, opts: RMIOptions,
         raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"labels must be int64, int32 or uint8, got {labels.dtype}")
+    for name, t in (("logits", logits), ("labels", labels)):
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {t.layout} ({name}.to_dense())")
     n, c, h, w = logits.shape
     if labels.shape != (n, h, w):
         hint = ""
         if labels.dim() == 4 and labels.shape[1] == 1:
             hint = ": one label map an image, without a channel dimension (labels.squeeze(1))"
+        elif labels.shape == logits.shape[:3]:
+            hint = (": the logits look channels-last, [N, H, W, C]; the loss takes [N, C, H, W] "
+                    "(logits.permute(0, 3, 1, 2))")
         elif labels.dim() == 3 and labels.shape[0] == n and labels.shape[1] >= h and labels.shape[2] >= w:
             hint = (": the loss takes logits at the labels' resolution; upsample them first, e.g. "
                     "F.interpolate(logits, size=labels.shape[-2:], mode='bilinear', align_corners=False)")

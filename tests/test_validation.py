@@ -1,5 +1,7 @@
 """Bad input gets a clear ValueError / TypeError that names the problem."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,18 @@ def test_labels_shape_mismatch(good):
     with pytest.raises(ValueError, match=r"got \[2, 256, 256\]: the loss takes logits at the labels' "
                                          r"resolution; upsample them first"):
         rmi_loss(logits, labels.repeat_interleave(8, 1).repeat_interleave(8, 2))
+    # channels-last logits [N, H, W, C] (as a permuted network output or a numpy array comes)
+    with pytest.raises(ValueError, match=r"the logits look channels-last, \[N, H, W, C\]; the loss takes "
+                                         r"\[N, C, H, W\] \(logits.permute\(0, 3, 1, 2\)\)"):
+        rmi_loss(logits.permute(0, 2, 3, 1), labels)
+
+
+def test_sparse_tensors_are_named(good):
+    logits, labels = good
+    with pytest.raises(TypeError, match=r"logits must be a dense tensor, got layout torch.sparse_coo"):
+        rmi_loss(logits.to_sparse(), labels)
+    with pytest.raises(TypeError, match=r"labels must be a dense tensor, got layout torch.sparse_coo"):
+        rmi_loss(logits, labels.to_sparse())
 
 
 def test_one_channel_with_binary_labels_names_two_classes():
@@ -174,7 +188,7 @@ def test_map_smaller_than_region():
     ({"class_weights": "abc"}, TypeError, "class_weights must be a list, tuple, 1-D tensor or array"),
     ({"class_weights": {0: 1.0, 1: 2.0, 2: 3.0}}, TypeError, "class_weights must be a list.*got dict"),
     ({"class_weights": {1.0, 2.0, 3.0}}, TypeError, "class_weights must be a list.*got set"),
-    ({"class_weights": [1.0, "a", 2.0]}, TypeError, "class_weights must be a sequence of numbers"),
+    ({"class_weights": [1.0, "a", 2.0]}, TypeError, "class_weights must be a sequence of real numbers"),
     ({"ignore_index": 2.0}, TypeError, "ignore_index must be an int"),
     ({"ignore_index": 2 ** 31}, ValueError, r"ignore_index must lie in \[-2147483648, 2147483647\]"),
     ({"ignore_index": 2 ** 64}, ValueError, "ignore_index must lie in"),
@@ -202,6 +216,18 @@ def test_class_weights_length(good):
         rmi_loss(logits, labels, class_weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="class_weights has 2 entries but num_classes=3"):
         RMILoss(3, class_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("weights, named", [
+    (["1", "2", "3"], "'1' in"), ([True, 1.0, 2.0], "True in"), (np.array(["a", "b", "c"]), "an array of <U1"),
+    (torch.tensor([1 + 1j, 2, 3]), "a tensor of torch.complex64"), (torch.tensor([True, False, True]),
+                                                                    "a tensor of torch.bool")])
+def test_class_weights_that_are_not_real_numbers(weights, named):
+    """float() took strings and bools, and a complex tensor lost its imaginary part with a warning."""
+    with pytest.raises(TypeError, match=f"class_weights must .*real numbers, got {re.escape(named)}"):
+        RMILoss(class_weights=weights)
+    taken = RMILoss(class_weights=[np.float32(1.5), np.int64(2), torch.tensor(0.5)]).options.class_weights
+    assert taken == (1.5, 2.0, 0.5)
 
 
 def test_empty_batch():
