@@ -89,11 +89,11 @@ class RMIOptions:
         _check_choice("pixel_loss", self.pixel_loss, PIXEL_LOSSES)
         _check_choice("probs", self.probs, PROBS)
         object.__setattr__(self, "ignore_index", check_int("ignore_index", self.ignore_index, *IGNORE_INDEX_RANGE))
-        _check_bool("exclude_ignored", self.exclude_ignored)
+        object.__setattr__(self, "exclude_ignored", _check_bool("exclude_ignored", self.exclude_ignored))
         _check_choice("class_reduction", self.class_reduction, CLASS_REDUCTIONS)
         _check_choice("combine", self.combine, COMBINES)
         _check_choice("backend", self.backend, BACKENDS)
-        _check_bool("validate", self.validate)
+        object.__setattr__(self, "validate", _check_bool("validate", self.validate))
         if isinstance(self.rmi_weight, (bool, np.bool_)) or not isinstance(self.rmi_weight, numbers.Real):
             raise TypeError(f"rmi_weight must be a number, got {self.rmi_weight!r}")
         object.__setattr__(self, "rmi_weight", float(self.rmi_weight))
@@ -161,9 +161,11 @@ def check_int(name, value, lo, hi) -> int:
     return value
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
+def _check_bool(name, value) -> bool:
+    """value as a Python bool (numpy's too, as the numbers are taken), or a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_choice(name, value, allowed):

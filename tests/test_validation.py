@@ -152,8 +152,10 @@ def test_options_must_be_rmi_options(good):
 def test_numpy_numbers_are_taken_as_python_numbers(good):
     logits, labels = good
     opts = RMIOptions(radius=np.int64(3), pool_size=np.int32(4), ignore_index=np.uint8(255),
-                      rmi_weight=np.float32(0.5), class_weights=np.array([1.0, 2.0, 0.5]))
+                      rmi_weight=np.float32(0.5), class_weights=np.array([1.0, 2.0, 0.5]),
+                      exclude_ignored=np.bool_(False), validate=np.bool_(True))
     assert type(opts.radius) is int and type(opts.pool_size) is int and type(opts.ignore_index) is int
+    assert opts.exclude_ignored is False and opts.validate is True  # (numpy's bools were refused)
     assert type(opts.rmi_weight) is float and opts.class_weights == (1.0, 2.0, 0.5)
     expected = rmi_loss(logits, labels, num_classes=3, class_weights=[1.0, 2.0, 0.5])
     assert torch.equal(rmi_loss(logits, labels, num_classes=np.int64(3), options=opts), expected)
