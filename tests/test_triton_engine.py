@@ -281,6 +281,55 @@ def test_region_grad_kernel_against_a_float64_fold(monkeypatch, h_low, w_low, ra
     assert_close_rel(got, expected, 1e-5, "dL/dp'")
 
 
+def test_every_launch_is_on_the_logits_device_and_within_cudas_grid_limits(monkeypatch):
+    """Two things only a GPU tells, asked of every launch of a step (the interpreter has
+    neither): Triton launches on the current CUDA device, not the tensors' (logits on cuda:1
+    while cuda:0 was current ran the forward's kernels on GPU 0), and CUDA allows 65535
+    programs on a grid's second and third axes, where kernel C ran a plane's frame blocks:
+    with exclude_ignored 131072 of them for a 1024 x 2048 map at R = 10. It runs them on the
+    first axis now (2**31 - 1), the planes on the second."""
+    import contextlib
+    import inspect
+    import re
+
+    logits, labels = random_inputs(1, 3, 21, 23, seed=2)
+    inside, launched = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        assert device == logits.device
+        inside.append(device)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    grid = triton_engine._grid
+
+    def checked(kernel, *dims):
+        assert inside, f"{kernel} launched outside the logits' device guard"
+        launched.append((kernel, dims))
+        return grid(kernel, *dims)
+
+    monkeypatch.setattr(triton_engine, "_device_guard", guard)
+    monkeypatch.setattr(triton_engine, "_grid", checked)
+    loss_and_grad(_triton, logits, labels, exclude_ignored=True)
+    kernels = {kernel for kernel, _ in launched}
+    assert {"kernel A", "the narrow-plane kernel", "kernel B2", "kernel B3", "kernel C0", "kernel C",
+            "kernel D"} <= kernels, kernels
+    assert all(dims[1] == 3 for kernel, dims in launched if kernel == "kernel C")  # the planes
+    assert not re.search(r"_kernel\[\(", inspect.getsource(triton_engine))  # every launch through _grid
+
+    triton_engine.use_gpu_blocks(monkeypatch.setattr)
+    layout = triton_engine._StencilLayout.of(1024, 2048, 10, weighted=True)
+    blocks = layout.n_tiles + layout.n_frame_blocks
+    assert blocks > 65535
+    assert grid("kernel C", blocks, 16 * 19) == (blocks, 16 * 19)
+    with pytest.raises(ValueError, match=r"kernel C would launch 304 x 131072 programs, past CUDA's limits .* "
+                                         r"use a larger pool_size, or backend='torch'"):
+        grid("kernel C", 16 * 19, blocks)
+
+
 @pytest.mark.parametrize("h_low,w_low,radius,weighted", REGION_GRAD_MAPS)
 def test_region_moments_against_a_float64_unfold(monkeypatch, h_low, w_low, radius, weighted):
     """Kernel B alone, with small chunks, tiles, position blocks and merge row blocks

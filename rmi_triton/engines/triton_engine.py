@@ -52,6 +52,7 @@ autograd.Function (`_EagerStatistics`), without the dispatch's host time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -214,6 +215,19 @@ def runs_on(device: torch.device) -> bool:
 def _cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers (triton.cdiv is a constexpr function: ~10 us a call)."""
     return -(-a // b)
+
+
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)  # CUDA's: the programs a launch may have on each grid axis
+
+
+def _grid(kernel: str, *dims: int) -> tuple:
+    """A launch grid, checked against CUDA's limits (which the interpreter does not have): a
+    ValueError that says what to change, not the driver's "invalid argument"."""
+    if any(size > most for size, most in zip(dims, GRID_LIMITS)):
+        raise ValueError(f"the Triton engine's {kernel} would launch {' x '.join(map(str, dims))} programs, past "
+                         f"CUDA's limits ({GRID_LIMITS[0]} on the first grid axis, {GRID_LIMITS[1]} on the "
+                         "others): the pooled map is too large for it; use a larger pool_size, or backend='torch'")
+    return dims
 
 
 def _next_pow2(x: int) -> int:
@@ -1292,10 +1306,13 @@ if _HAVE_TRITON:
         R: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_H: tl.constexpr,
         TILE_W: tl.constexpr, HAS_KEEP: tl.constexpr,
     ):
-        """Programs [0, n_tiles) of a plane take the interior's tiles, the rest
-        the frame's cells (see `_interior_grad` and `_frame_grad`)."""
-        plane = tl.program_id(0).to(tl.int64)
-        pid = tl.program_id(1)
+        """A plane's programs on the grid's first axis, the planes on its second (with
+        exclude_ignored a plane's frame blocks passed the 65535 programs CUDA allows on a
+        second axis: 131072 for a 1024 x 2048 map at R = 10; one flat axis, divided back into
+        the two, took 12 registers more on sm_80): programs [0, n_tiles) take the interior's
+        tiles, the rest the frame's cells (see `_interior_grad` and `_frame_grad`)."""
+        pid = tl.program_id(0)
+        plane = tl.program_id(1).to(tl.int64)
         if pid < n_tiles:
             _interior_grad(y_ptr, p_ptr, taps_ptr, level_ptr, out_ptr, plane, pid, H_low, W_low, H_in, W_in,
                            tiles_w,
@@ -1486,7 +1503,7 @@ def _launch_narrow(p_low, y_low, share, keep, radius: int, area: int = 1, ties=N
     ties: kernel A's arg-max (softmax with max pooling: its TIE_BIT flags a plane too) or None."""
     n, c, h_low, w_low = p_low.shape
     flags = _new((n, c), torch.int32, p_low.device, -1)
-    _narrow_kernel[(n * c,)](
+    _narrow_kernel[_grid("the narrow-plane kernel", n * c)](
         p_low, y_low, share if share is not None else p_low, keep if keep is not None else p_low,
         ties if ties is not None else p_low, flags,
         c, h_low, w_low, h_low - radius + 1, w_low - radius + 1, NARROW_SPREAD,
@@ -1514,7 +1531,7 @@ def _pool_forward(x, labels, weights, opts: RMIOptions, geo: "_Geometry", output
     n, c, h, w = x.shape
     p_low, y_low, arg, parts, share = outputs
     exact = flags is not None
-    _pool_forward_kernel[(geo.n_blocks, n)](
+    _pool_forward_kernel[_grid("kernel A", geo.n_blocks, n)](
         x, labels, weights if weights is not None else p_low, p_low, y_low, arg, parts, share,
         flags if exact else p_low,
         c, h, w, geo.h_low, geo.w_low, geo.w_cells, geo.n_cells,
@@ -1553,7 +1570,7 @@ def _window_products(maps, keep, shape, radius: int, positions: int, corners: bo
     count = _new((planes, tiles), torch.float64, dev)
     total = _new((planes, tiles, 2 * d), torch.float64, dev)
     gram = _new((planes, tiles, 2 * d, 2 * d), torch.float64, dev)
-    _window_products_kernel[(planes, tiles, nb * nb)](
+    _window_products_kernel[_grid("kernel B2", planes, tiles, nb * nb)](
         maps, keep if keep is not None else maps, count, total, gram,
         c, h_low, w_low, maps.shape[-1], h_low - radius + 1, w_low - radius + 1, positions, per_tile, tiles,
         R=radius, D=d, D_PAD=d_pad, BD=bd, BLOCK_M=block_m, HAS_KEEP=keep is not None, CORNERS=corners,
@@ -1577,7 +1594,7 @@ def _border_sums(maps, shape, radius: int):
     lanes, chunk = _border_layout(h_low, w_low, radius)
     border = _new((planes, 4, radius - 1, 3, width * width), torch.float64, dev)
     lin = _new((planes, 4, radius - 1, 2), torch.float64, dev)
-    _border_sums_kernel[(planes, 4, _cdiv(width * width, lanes))](
+    _border_sums_kernel[_grid("kernel B1b", planes, 4, _cdiv(width * width, lanes))](
         maps, border, lin, h_low, w_low, maps.shape[-1], R=radius, LANES=lanes, CHUNK=chunk,
         num_warps=NUM_WARPS["border_sums"],
     )
@@ -1620,7 +1637,7 @@ def _centred_maps(y_low, p_low, radius: int):
     maps = _new((planes, 2, stride), torch.float64, dev)
     centres = _new((planes, 2), torch.float32, dev)
     block = min(CENTRE_ELEMENTS, _next_pow2(stride))
-    _centred_maps_kernel[(planes, _cdiv(stride, block))](
+    _centred_maps_kernel[_grid("kernel B0", planes, _cdiv(stride, block))](
         y_low, p_low, centres, maps, h_low, w_low, stride, R=radius, BLOCK=block,
         num_warps=NUM_WARPS["centred_maps"],
     )
@@ -1682,7 +1699,7 @@ def _region_sums(y_low, p_low, keep, radius: int):
         _, lanes, chunk, tile_len, tiles, groups = _product_layout(h_low, w_low, radius)
         products = _new((planes, tiles, 3, width * width), torch.float64, dev)
         sums = _new((planes, tiles, 2), torch.float64, dev)
-        _shifted_products_kernel[(planes, tiles, groups)](
+        _shifted_products_kernel[_grid("kernel B1", planes, tiles, groups)](
             maps, products, sums, h_low, w_low, maps.shape[-1], tiles, tile_len,
             R=radius, LANES=lanes, CHUNK=chunk, num_warps=NUM_WARPS["shifted_products"],
         )
@@ -1710,7 +1727,7 @@ def _merge_moments(products, sums, border, b2, centres, n: int, c: int, radius: 
     joint = _new((n, c, 2 * d, 2 * d), torch.float64, dev)
     mean = _new((n, c, 2 * d), torch.float64, dev)
     j_pad, rows = _merge_layout(d)
-    _merge_moments_kernel[(planes, _cdiv(2 * d, rows))](
+    _merge_moments_kernel[_grid("kernel B3", planes, _cdiv(2 * d, rows))](
         products if shifted else dummy, sums if shifted else dummy, lines, lin, count, total, gram, centres,
         sy, sp, syp, joint, mean, products.shape[1] if shifted else 0, count.shape[1] if b2 is not None else 0,
         m, R=radius, D=d, ROWS=rows, J_PAD=j_pad, SHIFTED=shifted, HAS_B2=b2 is not None, RIDGE_A=RIDGE,
@@ -1766,13 +1783,13 @@ def _launch_region_grad(y_low, p_low, keep, mean, g_sp, g_syp, radius: int):
     shift = _new((planes, d), torch.float64, dev)
     taps = _new((planes, 2, width * width), torch.float64, dev)
     level = _new((planes, 3), torch.float64, dev)
-    _grad_constants_kernel[(planes,)](
+    _grad_constants_kernel[_grid("kernel C0", planes)](
         g_sp if g_sp is not None else dummy, g_syp if g_syp is not None else dummy, mean, g_joint, shift, taps,
         level, R=radius, D=d, D_PAD=_next_pow2(d), E_PAD=_next_pow2(width * width),
         HAS_SP=g_sp is not None, HAS_SYP=g_syp is not None, num_warps=NUM_WARPS["grad_constants"],
     )
     out = _new(p_low.shape, torch.float32, dev)
-    _region_grad_kernel[(planes, layout.n_tiles + layout.n_frame_blocks)](
+    _region_grad_kernel[_grid("kernel C", layout.n_tiles + layout.n_frame_blocks, planes)](
         y_low, p_low, keep if keep is not None else p_low, g_joint, shift, taps, level, out,
         c, h_low, w_low, h_v, w_v, h_v * w_v, layout.h_in, layout.w_in, layout.tiles_w, layout.n_tiles,
         R=radius, D_PAD=_next_pow2(d), BLOCK_Q=layout.block_q, TILE_H=layout.tile_h, TILE_W=layout.tile_w,
@@ -1792,7 +1809,7 @@ def _launch_pool_backward(x, labels, weights, opts: RMIOptions, g_low, arg, g_pi
         grad.fill_(float("nan"))
     pixel = _pixel_code(opts.pixel_loss) if g_pixel is not None else PIXEL_NONE
     dummy = torch.empty(1, dtype=torch.float32, device=x.device)
-    _pool_backward_kernel[(geo.n_blocks, n)](
+    _pool_backward_kernel[_grid("kernel D", geo.n_blocks, n)](
         x, labels, weights if weights is not None else dummy,
         g_low if g_low is not None else dummy, arg if arg is not None else dummy,
         g_pixel if g_pixel is not None else dummy, denom, grad,
@@ -1819,11 +1836,29 @@ def _options(radius, pool, pool_size, pixel_loss, probs, ignore_index, exclude_i
                       validate=validate, backend="triton")
 
 
+def _device_guard(device: torch.device):
+    """The current CUDA device set to `device` for the block: Triton launches a kernel on the
+    current device and its current stream, whatever the tensors' device is (logits on cuda:1
+    while cuda:0 was current ran the forward's kernels on GPU 0 with GPU 1's addresses)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_logits_device(fn):
+    """`fn(logits, ...)` run under `_device_guard(logits.device)`: each of the engine's halves
+    that launches kernels (autograd sets the device for a backward, not for a forward)."""
+    @functools.wraps(fn)
+    def run(logits, *args, **kwargs):
+        with _device_guard(logits.device):
+            return fn(logits, *args, **kwargs)
+    return run
+
+
 def _low_shape(logits, opts):
     n, c, h, w = logits.shape
     return (n, c, *opts.pooled_size(h, w))
 
 
+@_on_logits_device
 def _statistics_impl(logits: torch.Tensor, labels: torch.Tensor, keep: Optional[torch.Tensor],
                    weights: Optional[torch.Tensor], radius: int, pool: str, pool_size: int,
                    pixel_loss: str, probs: str, ignore_index: int, exclude_ignored: bool,
@@ -1887,6 +1922,7 @@ def _statistics_fake(logits, labels, keep, weights, radius, pool, pool_size, pix
             logits.new_empty((n, c, 2 * d), **f64), logits.new_empty((n, c, 2 * d, 2 * d), **f64))
 
 
+@_on_logits_device
 def _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts: RMIOptions):
     """Kernels C0 and C: dL/dp' from dL/dSp, dL/dSyp (None when neither is given), at
     the logits' resolution for "interp" (the interpolation's adjoint)."""
@@ -1899,6 +1935,7 @@ def _region_grad_low(logits, keep, y_low, p_low, mean, g_sp, g_syp, opts: RMIOpt
     return g_low
 
 
+@_on_logits_device
 def _logits_grad(logits, labels, weights, g_low, arg, denom, g_pixel, opts: RMIOptions):
     """Kernel D: dL/dlogits from dL/dp' (or None) and dL/d(pixel term) (or None)."""
     if opts.pixel_loss is None:
