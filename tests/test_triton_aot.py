@@ -58,7 +58,8 @@ EXACT_CASES = [dict(FULL_RES_CASES[0], exact=True), dict(FULL_RES_CASES[2], exac
 # for 6% of the bytes A moves)
 MIN_BLOCKS = {"pool_forward": 16, "pool_backward": 24, "region_grad": 4, "shifted_products": 2}
 # keep: the grid's vectors weighted (exclude_ignored); else the origins beside the corners for window_products
-REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7), dict(radius=10)]
+# y64: y' in float64, as average pooling of an area that is not a power of two makes it (3 x 3)
+REGION_CASES = [dict(radius=3), dict(radius=1), dict(radius=5, keep=True), dict(radius=7, y64=True), dict(radius=10)]
 
 
 def _specs():
@@ -148,6 +149,7 @@ def _kernel_source(spec):
     h_low = 129  # 513 x 513 input, 4 x 4 average pooling
     m = (h_low - radius + 1) ** 2
     _, lanes, chunk, _, _, _ = te._product_layout(h_low, h_low, radius)
+    y_map = "*fp64" if spec.get("y64") else "*fp32"  # p' is float64, and what C0 makes for C
     if spec["kernel"] == "narrow":
         # avg 4's counts (float32) and y' (float32); with keep, max pooling's (no share) of the
         # softmax (its arg-max's tie bits) and y' in float64, as a pool size of 3 makes it
@@ -164,7 +166,7 @@ def _kernel_source(spec):
         fn = te._centred_maps_kernel
         stride = (h_low + 2 * radius - 2) ** 2 + chunk  # B0's padded maps and B1's guard
         constexprs = dict(R=radius, BLOCK=min(te.CENTRE_ELEMENTS, te._next_pow2(stride)))
-        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", centre_ptr="*fp32", maps_ptr="*fp64")
+        pointers = dict(y_ptr=y_map, p_ptr="*fp64", centre_ptr="*fp32", maps_ptr="*fp64")
     elif spec["kernel"] == "shifted_products":
         fn = te._shifted_products_kernel
         constexprs = dict(R=radius, LANES=lanes, CHUNK=chunk)
@@ -197,16 +199,16 @@ def _kernel_source(spec):
         # keep: also the specialisation without dL/dSyp (autograd may pass None for it)
         constexprs = dict(R=radius, D=d, D_PAD=te._next_pow2(d), E_PAD=te._next_pow2(width * width),
                           HAS_SP=True, HAS_SYP=not spec.get("keep", False))
-        pointers = dict(g_sp_ptr="*fp64", g_syp_ptr="*fp64", mean_ptr="*fp64", g_ptr="*fp32", shift_ptr="*fp32",
-                        taps_ptr="*fp32", level_ptr="*fp32")
+        pointers = dict(g_sp_ptr="*fp64", g_syp_ptr="*fp64", mean_ptr="*fp64", g_ptr="*fp64", shift_ptr="*fp64",
+                        taps_ptr="*fp64", level_ptr="*fp64")
     else:
         fn = te._region_grad_kernel
         keep = spec.get("keep", False)
         layout = te._StencilLayout.of(h_low, h_low, radius, weighted=keep)
         constexprs = dict(R=radius, D_PAD=te._next_pow2(d), BLOCK_Q=layout.block_q, TILE_H=layout.tile_h,
                           TILE_W=layout.tile_w, HAS_KEEP=keep)
-        pointers = dict(y_ptr="*fp32", p_ptr="*fp32", keep_ptr="*fp32", g_ptr="*fp32", shift_ptr="*fp32",
-                        taps_ptr="*fp32", level_ptr="*fp32", out_ptr="*fp32")
+        pointers = dict(y_ptr=y_map, p_ptr="*fp64", keep_ptr="*fp32", g_ptr="*fp64", shift_ptr="*fp64",
+                        taps_ptr="*fp64", level_ptr="*fp64", out_ptr="*fp32")
     return ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs), constexprs=constexprs)
 
 
