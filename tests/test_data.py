@@ -569,6 +569,38 @@ def test_voc_error_truncated_or_deep_files_are_named(tmp_path):
         ds.raw(0)
 
 
+def test_an_image_is_turned_as_its_exif_orientation_says(tmp_path):
+    """A camera's portrait photo is stored sideways with an EXIF orientation; viewers and
+    annotation tools show it turned, and its label is drawn on it turned. Read as stored, a
+    square photo was silently off its label (a quarter of the pixels here), another one stopped
+    the run with the sizes swapped."""
+    voc = make_voc(tmp_path)
+    ds = VOCSegmentation(voc, split="val")
+    shown, label = ds.raw(0)  # the photo as a viewer shows it, and its label
+    jpeg = os.path.join(voc, "JPEGImages", f"{VOC_IDS['val'][0]}.jpg")
+    stored = np.ascontiguousarray(np.rot90(shown, 1))  # as the camera stored it: 90 degrees the other way
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(stored).save(jpeg, quality=100, subsampling=0, exif=exif.tobytes())
+    image, same_label = ds.raw(0)
+    assert image.shape == shown.shape and np.array_equal(same_label, label)
+    off = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()  # noqa: E731
+    assert off(image, shown) < 3 < off(image, shown[::-1, ::-1])  # JPEG's rounding, not a turn the wrong way
+
+
+def test_a_jpeg_label_is_refused(tmp_path):
+    """A list line naming a .jpg label read it: the compression's noise along every edge as
+    class indices, some of classes that are not in the image."""
+    voc = make_voc(tmp_path)
+    png = os.path.join(voc, "SegmentationClassAug", f"{VOC_IDS['train'][0]}.png")
+    Image.open(png).convert("L").save(png.replace(".png", ".jpg"), quality=95)
+    with open(os.path.join(voc, "train_aug.txt"), "w") as f:
+        f.write(f"/JPEGImages/{VOC_IDS['train'][0]}.jpg /SegmentationClassAug/{VOC_IDS['train'][0]}.jpg\n")
+    with pytest.raises(ValueError, match=r"label file .*\.jpg is a JPEG: its lossy compression changes class "
+                                         r"indices .*store labels as PNG"):
+        VOCSegmentation(voc, split="train_aug").raw(0)
+
+
 def test_voc_split_lists_from_windows_editors(tmp_path):
     """A byte-order mark and backslashed path pairs (as Windows tools write them) read as the
     plain list does; a list in another encoding is named, not a bare UnicodeDecodeError."""

@@ -76,14 +76,18 @@ class SegmentationDataset(Dataset):
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """Decode an image file (RGB, grayscale, palette, RGBA, CMYK) to uint8 ``[H, W, 3]`` RGB.
+    """Decode an image file (RGB, grayscale, palette, RGBA, CMYK) to uint8 ``[H, W, 3]`` RGB,
+    turned as its EXIF orientation says: as viewers show it, and as annotation tools (which
+    apply the tag) draw the labels on it; a camera's portrait photo is stored sideways.
     16-bit grayscale and float images are refused: PIL's conversion clips them to 8 bits
     (PIL reads a 48-bit RGB PNG as 8-bit RGB itself, scaled, which is kept)."""
+    from PIL import ImageOps
+
     with _decoding(path, "image") as im:
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             raise ValueError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float): converting it to "
                              "8-bit RGB would clip its values; store images with 8 bits per channel")
-        return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+        return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
 @contextlib.contextmanager
@@ -112,6 +116,9 @@ def read_index_png(path: str, colours=None) -> np.ndarray:
     colour. Other palettes (grey levels, the class colours alone) keep their indices.
     """
     with _decoding(path, "label") as im:
+        if im.format == "JPEG":
+            raise ValueError(f"label file {path} is a JPEG: its lossy compression changes class indices along "
+                             "every edge (and makes ones that are not there); store labels as PNG")
         if im.mode not in ("P", "L"):
             raise ValueError(
                 f"label file {path} has PIL mode {im.mode!r}: expected a palette ('P') or "
