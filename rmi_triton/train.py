@@ -944,7 +944,11 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                     logits = net(images)
                     if isinstance(logits, tuple):
                         logits = logits[0]
-                    loss = criterion(logits, labels)
+                    try:
+                        loss = criterion(logits, labels)
+                    except ValueError as err:  # what the loss cannot take (images too small for its regions)
+                        raise SystemExit(f"error: iteration {it + 1}, a batch of {images.shape[-2]} x "
+                                         f"{images.shape[-1]} images: {err}") from None
                 flags = dist.all_sum(torch.stack([loss.detach().float().cpu(),
                                                   torch.tensor(0.0 if torch.isfinite(loss) else 1.0),
                                                   torch.tensor(float(stop.signal is not None))]))

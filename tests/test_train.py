@@ -308,6 +308,19 @@ def test_an_unusable_out_is_named_before_the_run(tmp_path, capsys):
         assert raised.value.code == 2 and f"--out {str(out)!r} {said}" in capsys.readouterr().err
 
 
+def test_whole_images_too_small_for_the_rmi_regions_are_one_line(tmp_path):
+    """--no-augment feeds a real dataset's images whole, at sizes only the data knows: images
+    the RMI options pool below one region ended the run with the loss's traceback."""
+    from test_data import make_camvid
+
+    argv = ["--backbone", "resnet18", "--dataset", "camvid", "--data-root", make_camvid(tmp_path), "--no-augment",
+            "--batch-size", "2", "--iterations", "1", "--threads", "2", "--no-progress", "--no-final-eval",
+            "--rmi-pool-size", "8", "--rmi-radius", "5", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"^error: iteration 1, a batch of 24 x 32 images: the downsampled map is "
+                                         r"4 x 5 .* smaller than the 5 x 5 region"):
+        run(parse_args(argv), log=_quiet)
+
+
 def test_unusable_resume_and_pretrained_files_are_named(tmp_path):
     """Files that exist but cannot be used end the run with one line naming the flag."""
     weights_only = tmp_path / "weights.pt"  # a network's checkpoint (as the exporter reads), not a run's
