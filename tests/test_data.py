@@ -471,6 +471,21 @@ def test_voc_error_no_label_folder(tmp_path):
         VOCSegmentation(voc, split="train")
 
 
+def test_a_list_of_path_pairs_needs_no_label_folder_of_its_own(tmp_path):
+    """A list whose every line names its label file was refused where SegmentationClass/ (the
+    folder of a bare id's label) was missing."""
+    import shutil
+
+    voc = make_voc(tmp_path)
+    shutil.rmtree(os.path.join(voc, "SegmentationClass"))
+    with open(os.path.join(voc, "ImageSets", "Segmentation", "mylist.txt"), "w") as f:
+        f.write("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in VOC_IDS["val"]))
+    ds = VOCSegmentation(voc, split="mylist")
+    assert len(ds) == len(VOC_IDS["val"]) and ds.raw(0)[1].dtype == np.uint8
+    with pytest.raises(FileNotFoundError, match="has no SegmentationClass/ folder"):
+        VOCSegmentation(voc, split="val")  # bare ids: their labels' folder is named
+
+
 def test_voc_error_missing_split_list(tmp_path):
     voc = make_voc(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"split='test'.*test\.txt.*split lists present: \['train', 'trainval', 'val'\]"):

@@ -115,22 +115,25 @@ class VOCSegmentation(ImageLabelFolder):
     ):
         self.root = resolve_voc_root(root)
         self.split = split
-        label_dir = label_dir or ("SegmentationClassAug" if _sbd_split(split) else "SegmentationClass")
-        label_root = require_dir(
-            os.path.join(self.root, label_dir),
-            f"VOC root {self.root} has no {label_dir}/ folder: expected "
-            f"{os.path.join(self.root, label_dir)}/*.png label maps for split={split!r}; {_LAYOUT}",
-        )
+        self._label_dir = label_dir or ("SegmentationClassAug" if _sbd_split(split) else "SegmentationClass")
         list_path = _find_split_list(self.root, split)
-        samples = [self._sample(row, list_path, label_root) for row in read_split_list(list_path)]
+        samples = [self._sample(row, list_path) for row in read_split_list(list_path)]
         super().__init__(samples, transform, aug_seed)
 
-    def _sample(self, row: list[str], list_path: str, label_root: str) -> tuple[str, str]:
+    def _label_root(self) -> str:
+        """The folder of the labels of a bare id's line (a list of path pairs names its own)."""
+        return require_dir(
+            os.path.join(self.root, self._label_dir),
+            f"VOC root {self.root} has no {self._label_dir}/ folder: expected "
+            f"{os.path.join(self.root, self._label_dir)}/*.png label maps for split={self.split!r}; {_LAYOUT}",
+        )
+
+    def _sample(self, row: list[str], list_path: str) -> tuple[str, str]:
         if len(row) > 1 and os.path.isfile(os.path.join(self.root, "JPEGImages", f"{' '.join(row)}.jpg")):
             row = [" ".join(row)]  # an id with a space in it
         if len(row) == 1:
             img = os.path.join(self.root, "JPEGImages", f"{row[0]}.jpg")
-            lab = os.path.join(label_root, f"{row[0]}.png")
+            lab = os.path.join(self._label_root(), f"{row[0]}.png")
         elif len(row) == 2:
             img, lab = (os.path.join(self.root, *p.replace("\\", "/").lstrip("/").split("/")) for p in row)
         else:
