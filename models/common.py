@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .resnet import NormLayer, ResNet
+from .resnet import NormLayer, ResNet, init_norm_as_identity
 
 
 def conv_bn_relu(
@@ -78,9 +78,8 @@ def init_head_weights(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        else:
+            init_norm_as_identity(m)
 
 
 class AuxHead(nn.Sequential):
@@ -139,9 +138,11 @@ class SegmentationModel(nn.Module):
     def forward(self, x: Tensor) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         check_image(x, self.backbone.conv1.in_channels)
         weight = self.backbone.conv1.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        # (autocast converts float32 inputs to its dtype, but leaves float64 ones as they are)
+        if x.dtype != weight.dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
             raise TypeError(f"image batch is {x.dtype} but the network's weights are {weight.dtype}: convert the "
-                            f"input (x.to({weight.dtype})) or the network, or run under torch.autocast")
+                            f"input (x.to({weight.dtype})) or the network"
+                            + ("" if x.dtype == torch.float64 else ", or run under torch.autocast"))
         size = x.shape[-2:]
         features = None
         try:

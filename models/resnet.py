@@ -66,6 +66,16 @@ def check_output_stride(output_stride: int) -> None:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
 
 
+def init_norm_as_identity(m: nn.Module) -> None:
+    """A norm layer's affine part as the identity (weight 1, bias 0); one built without it
+    (``affine=False``) has nothing to set."""
+    if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution whose padding keeps the size (up to stride) for any dilation."""
     return nn.Conv2d(
@@ -237,9 +247,8 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            else:
+                init_norm_as_identity(m)
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -612,6 +612,31 @@ def test_wrong_input_is_named(name, image, error, match):
         model(image)
 
 
+def test_float64_images_are_named_under_autocast_too():
+    """autocast converts float32 inputs, not float64 ones (images from numpy): the dtype check
+    stood aside under it, and the first convolution failed with 'expected scalar type Double'."""
+    model = build_model("deeplabv3", NUM_CLASSES, backbone="resnet18").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 3, 33, 35)).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match=r"image batch is torch\.float64 but the network's weights are "
+                                            r"torch\.float32: convert the input \(x\.to\(torch\.float32\)\) or the "
+                                            r"network$"):
+            model(torch.randn(1, 3, 33, 35, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "groupnorm"])
+def test_norm_layers_without_affine_parameters_build(norm):
+    """init set every norm layer's weight to 1 and bias to 0, and those of affine=False have
+    none: building failed with AttributeError ('NoneType' object has no attribute 'fill_')."""
+    import functools
+
+    layer = (functools.partial(torch.nn.BatchNorm2d, affine=False) if norm == "batchnorm"
+             else (lambda channels: torch.nn.GroupNorm(1, channels, affine=False)))
+    model = build_model("deeplabv3plus", NUM_CLASSES, backbone="resnet18", norm_layer=layer, aux_head=True)
+    assert model.eval()(torch.randn(2, 3, 33, 35)).shape == (2, NUM_CLASSES, 33, 35)
+    assert model.build_config["norm_layer"]  # described, as a checkpoint cannot rebuild it
+
+
 def test_model_classes_exported():
     assert MODEL_NAMES == ("deeplabv3", "deeplabv3plus", "pspnet")
     assert BACKBONES == ("resnet18", "resnet34", "resnet50", "resnet101")
