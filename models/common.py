@@ -153,6 +153,12 @@ class SegmentationModel(nn.Module):
                 raise
             where = (f"the backbone (its feature maps shrink to 1 x 1 at {size[0]} x {size[1]})" if features is None
                      else "the head's global-pooling branch (ASPP's image pooling, PSP's 1 x 1 bin)")
+            if not self.training:  # BatchNorm without running statistics normalises by the batch in eval too
+                raise ValueError(
+                    f"a batch of {x.shape[0]} image: {where} gives BatchNorm one value per channel, and its "
+                    "BatchNorm layers keep no running statistics (track_running_stats=False), so they normalise "
+                    "by the batch in eval mode too; pass 2 or more images, or build the network with "
+                    "BatchNorm layers that track running statistics") from None
             raise ValueError(
                 f"a batch of {x.shape[0]} image in training mode: {where} gives BatchNorm one value per "
                 "channel, which it cannot normalise; train with 2 or more images a step (per process, "

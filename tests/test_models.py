@@ -424,6 +424,13 @@ def test_one_image_in_training_mode_is_explained(name):
                                          r"maps shrink to 1 x 1 at 8 x 8\) gives BatchNorm one value"):
         net(torch.randn(1, 3, 8, 8))  # PyTorch's bare message came from the backbone's BatchNorm here
     net.eval()(torch.randn(1, 3, 33, 47))  # inference takes one image
+    import functools  # BatchNorm without running statistics normalises by the batch in eval mode too
+
+    batch_stats = build_model(name, NUM_CLASSES, backbone="resnet18",
+                              norm_layer=functools.partial(torch.nn.BatchNorm2d, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"a batch of 1 image: .* keep no running statistics "
+                                         r"\(track_running_stats=False\), so they normalise by the batch in eval"):
+        batch_stats.eval()(torch.randn(1, 3, 33, 47))
 
 
 def test_pretrained_missing_file_names_path(tmp_path):
