@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import os
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
+import numpy as np
 from torch import nn
 
 from .common import SegmentationModel
@@ -88,7 +90,13 @@ def build_model(
     """
     check_choice("model", name, MODEL_NAMES)
     check_choice("backbone", backbone, BACKBONES)
+    # numpy's integers (a config read with numpy, a class count from np.unique) as Python ints,
+    # which the build config, and a checkpoint of it, hold
+    if isinstance(output_stride, numbers.Integral) and not isinstance(output_stride, (bool, np.bool_)):
+        output_stride = operator.index(output_stride)
     check_output_stride(output_stride)
+    if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, (bool, np.bool_)):
+        num_classes = operator.index(num_classes)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(
             f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}"
@@ -96,8 +104,9 @@ def build_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     for flag, value in (("sync_bn", sync_bn), ("aux_head", aux_head)):
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
+    sync_bn, aux_head = bool(sync_bn), bool(aux_head)
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise TypeError(f"pretrained must be a path (str or os.PathLike) or None, "
                         f"got {type(pretrained).__name__}")

@@ -644,6 +644,21 @@ def test_norm_layers_without_affine_parameters_build(norm):
     assert model.build_config["norm_layer"]  # described, as a checkpoint cannot rebuild it
 
 
+def test_numpy_integers_and_bools_are_taken_as_python_ones():
+    """A class count from np.unique or a config read with numpy was refused ('num_classes must be
+    an int, got int64'), and sync_bn=np.True_ was 'not a bool'; the build config holds Python
+    values (a checkpoint of it takes no others)."""
+    import numpy as np
+
+    model = build_model("pspnet", np.int64(3), backbone="resnet18", output_stride=np.int32(8),
+                        aux_head=np.True_)
+    assert model.build_config == {"name": "pspnet", "num_classes": 3, "backbone": "resnet18", "output_stride": 8,
+                                  "aux_head": True}
+    assert all(type(v) in (str, int, bool) for v in model.build_config.values())
+    with pytest.raises(TypeError, match="num_classes must be an int, got bool"):
+        build_model("pspnet", np.True_, backbone="resnet18")
+
+
 def test_model_classes_exported():
     assert MODEL_NAMES == ("deeplabv3", "deeplabv3plus", "pspnet")
     assert BACKBONES == ("resnet18", "resnet34", "resnet50", "resnet101")
