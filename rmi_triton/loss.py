@@ -247,6 +247,14 @@ class RMILoss(torch.nn.Module):
         self._report = CholeskyReport()
         self._warned = False
 
+    @classmethod
+    def from_options(cls, options: RMIOptions, num_classes: Optional[int] = None) -> "RMILoss":
+        """The module of an `RMIOptions` (as `rmi_loss(..., options=)` takes one): the same
+        loss, e.g. from a config that records the options as one value."""
+        if not isinstance(options, RMIOptions):
+            raise TypeError(f"options must be an RMIOptions, got {type(options).__name__}")
+        return cls(num_classes, **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+
     @property
     def cholesky_retries(self) -> int:
         self._warn_once(stacklevel=3)

@@ -155,6 +155,13 @@ def test_functional_forms_take_the_same_arguments():
         rmi_loss(logits, labels, num_classes=4, options=opts)
     with pytest.raises(TypeError, match="either options"):
         rmi_loss(logits, labels, options=opts, radius=2)
+    full = RMIOptions(backend="torch", radius=2, pool="max", exclude_ignored=True, class_weights=[1.0, 2.0, 0.5],
+                      class_reduction="mean", rmi_weight=0.3, combine="additive", validate=False)
+    module = RMILoss.from_options(full, num_classes=3)  # the module of an RMIOptions: every field
+    assert module.options == full and module.num_classes == 3
+    assert module(logits, labels).item() == rmi_loss(logits, labels, options=full).item()
+    with pytest.raises(TypeError, match="options must be an RMIOptions, got dict"):
+        RMILoss.from_options({"radius": 2})
 
 
 def test_no_grad_for_labels_and_works_without_grad():
