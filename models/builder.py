@@ -27,6 +27,15 @@ MODEL_NAMES: Tuple[str, ...] = tuple(_MODELS)
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1  # nn.BatchNorm2d's defaults, build_model's norm layers by default
 
 
+def _python_int(value):
+    """numpy's integers (a config read with numpy, a class count from np.unique) as Python ints,
+    which the build config, and a checkpoint of it, hold; anything else as it is, for the checks
+    to name."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return operator.index(value)
+    return value
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -90,13 +99,8 @@ def build_model(
     """
     check_choice("model", name, MODEL_NAMES)
     check_choice("backbone", backbone, BACKBONES)
-    # numpy's integers (a config read with numpy, a class count from np.unique) as Python ints,
-    # which the build config, and a checkpoint of it, hold
-    if isinstance(output_stride, numbers.Integral) and not isinstance(output_stride, (bool, np.bool_)):
-        output_stride = operator.index(output_stride)
+    output_stride, num_classes = _python_int(output_stride), _python_int(num_classes)
     check_output_stride(output_stride)
-    if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, (bool, np.bool_)):
-        num_classes = operator.index(num_classes)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
         raise TypeError(
             f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}"

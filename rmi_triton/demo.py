@@ -37,7 +37,7 @@ import torch
 
 from .files import atomic_writer, folder_problem, json_safe, write_atomically
 from .metrics import format_table
-from .train import MIN_CROP, _check_device
+from .train import MIN_CROP, check_device
 from .train import parse_args as train_args
 from .train import predict, run
 
@@ -248,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     problem = folder_problem(ns.out, PUBLISHED)
     if problem:
         parser.error(f"--out {ns.out!r} {problem}")
-    _check_device(parser, ns.device)
+    check_device(parser, ns.device)
     threads = ns.threads or os.cpu_count() or 1
     out_dir = ns.out
     # both runs' flags checked by the trainer before anything in --out is touched

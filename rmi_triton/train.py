@@ -234,7 +234,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--num-classes must be in 2..7 for the synthetic scenes, got {args.num_classes}")
     if args.augment is None:  # resolved here, so that checkpoints record what the run does
         args.augment = args.dataset != "synthetic"
-    _check_device(parser, args.device)
+    check_device(parser, args.device)
     _check_rmi_flags(parser, args)
     _check_out(parser, args)
     return args
@@ -294,7 +294,7 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--resume {args.resume!r} is not a file (--resume auto continues <out>/last.pt if any)")
 
 
-def _check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
+def check_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
     if device is None:
         return
     try:

@@ -81,9 +81,9 @@ def read_rgb(path: str) -> np.ndarray:
     apply the tag) draw the labels on it; a camera's portrait photo is stored sideways.
     16-bit grayscale and float images are refused: PIL's conversion clips them to 8 bits
     (PIL reads a 48-bit RGB PNG as 8-bit RGB itself, scaled, which is kept)."""
-    from PIL import ImageOps
+    with _decoding(path, "image") as im:  # (Pillow's absence named by `_pil`, before ImageOps is imported)
+        from PIL import ImageOps
 
-    with _decoding(path, "image") as im:
         if im.mode in ("I", "F") or im.mode.startswith("I;"):
             raise ValueError(f"image file {path} has PIL mode {im.mode!r} (16-bit or float): converting it to "
                              "8-bit RGB would clip its values; store images with 8 bits per channel")
